@@ -1,0 +1,395 @@
+"""The ``tale`` command: a thin client of the daemon's MCP socket.
+
+Stays thin on purpose: no ``mcp``, no ``taled``, no pydantic or rich tables on
+the hot path (``tale list``); a test checks the modules it imports.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+
+from tale_client import __version__, paths
+from tale_client.output import CliError, Exit, emit, emit_json, fail, note
+from tale_client.rpc import Connection, DaemonUnreachable, RpcError
+
+__all__ = ["app", "main"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+STATES = ("queued", "running", "waiting", "paused", "completed", "failed", "cancelled")
+FINAL = ("completed", "failed", "cancelled")
+_WAIT_POLL_SECONDS = 0.2
+
+# JSON-RPC error codes from taled/errors.py that mean "your input was wrong".
+_USAGE_CODES = {-32602, -32001, -32600, -32601, -32700}
+_UNAVAILABLE_CODES = {-32003}
+
+app = typer.Typer(
+    name="tale",
+    help="tale: a personal AI worker on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+daemon_app = typer.Typer(help="Start, stop and inspect the daemon.", no_args_is_help=True)
+app.add_typer(daemon_app, name="daemon", rich_help_panel="Daemon")
+
+
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Map client errors to messages on stderr and the CLI's exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CliError as exc:
+            fail(exc.message, exc.code)
+        except DaemonUnreachable as exc:
+            fail(f"{exc}", Exit.UNREACHABLE)
+        except RpcError as exc:
+            if exc.code in _USAGE_CODES:
+                fail(exc.message, Exit.USAGE)
+            if exc.code in _UNAVAILABLE_CODES:
+                fail(exc.message, Exit.UNREACHABLE)
+            fail(exc.message, Exit.FAILED)
+        except KeyboardInterrupt:
+            fail("interrupted", Exit.FAILED)
+
+    return wrapper
+
+
+def _connect(autostart: bool = True) -> Connection:
+    from tale_client.daemon import connect
+
+    return connect(autostart=autostart)
+
+
+def _version(value: bool) -> None:
+    if value:
+        emit(f"tale {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """tale: a personal AI worker on your own machine."""
+
+
+# -- tasks -------------------------------------------------------------------
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def submit(
+    text: Annotated[str, typer.Argument(help="What to do (1..10,000 characters).")],
+    priority: Annotated[
+        int | None, typer.Option("--priority", "-p", help="0..100, higher runs first (default 50).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the task and print its result.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Queue a task and print its id (or, with --wait, its result)."""
+    if not text.strip():
+        raise CliError("task text is empty; say what you want done", Exit.USAGE)
+    if priority is not None and not 0 <= priority <= 100:
+        raise CliError(f"priority must be between 0 and 100, not {priority}", Exit.USAGE)
+    args: dict[str, Any] = {"text": text}
+    if priority is not None:
+        args["priority"] = priority
+    with _connect() as conn:
+        task = conn.call_tool("submit_task", args)
+        if not wait:
+            emit_json({"id": task["id"]}) if json_out else emit(task["id"])
+            return
+        note(f"task {task['id']} queued")
+        task = _follow(conn, task["id"], quiet=json_out)
+    _print_final(task, json_out)
+
+
+def _follow(conn: Connection, task_id: str, quiet: bool) -> dict[str, Any]:
+    """Poll a task until it is final, reporting state changes on stderr."""
+    last_state = ""
+    started = time.monotonic()
+    while True:
+        task = conn.call_tool("get_task", {"id": task_id})
+        if task["state"] != last_state:
+            last_state = task["state"]
+            if not quiet:
+                note(f"task {task_id} {last_state} ({time.monotonic() - started:.1f} s)")
+        if task["state"] in FINAL:
+            return task
+        time.sleep(_WAIT_POLL_SECONDS)
+
+
+def _print_final(task: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        emit_json(task)
+    elif task["state"] == "completed":
+        emit(task["result"] or "")
+    if task["state"] == "failed":
+        raise CliError(
+            f"task {task['id']} failed: {task.get('error') or 'no reason recorded'}", Exit.FAILED
+        )
+    if task["state"] == "cancelled":
+        raise CliError(f"task {task['id']} was cancelled", Exit.FAILED)
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def status(
+    task_id: Annotated[
+        str | None, typer.Argument(metavar="[ID]", help="A task id; omit for a summary.")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Follow the task until it ends.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """One task (state, result, transitions, tokens) or a summary of all."""
+    with _connect() as conn:
+        if task_id is None:
+            info = conn.call_tool("daemon_status")
+            if json_out:
+                emit_json(info)
+            else:
+                _print_summary(info)
+            return
+        task = (
+            _follow(conn, task_id, quiet=json_out)
+            if watch
+            else conn.call_tool("get_task", {"id": task_id})
+        )
+    if json_out:
+        emit_json(task)
+    else:
+        _print_task(task)
+
+
+def _print_summary(info: dict[str, Any]) -> None:
+    tasks = info.get("tasks", {})
+    counts = "  ".join(f"{s} {tasks.get(s, 0)}" for s in STATES if tasks.get(s))
+    workers = info.get("workers", {})
+    emit(f"tasks    {counts or 'none yet'}")
+    emit(f"workers  {workers.get('busy', 0)}/{workers.get('limit', 0)} busy")
+    for m in info.get("models", []):
+        loaded = "loaded" if m["loaded"] else "not loaded"
+        emit(f"model    {m['role']}: {m['backend']}:{m['model']} ({loaded})")
+
+
+def _print_task(task: dict[str, Any]) -> None:
+    tokens = task.get("tokens", {})
+    emit(f"id        {task['id']}")
+    emit(f"state     {task['state']}")
+    emit(f"priority  {task['priority']}")
+    emit(f"created   {task['created_at']}")
+    emit(f"tokens    {tokens.get('prompt', 0)} prompt + {tokens.get('completion', 0)} completion")
+    emit(f"text      {task['text']}")
+    emit("history")
+    for t in task.get("transitions", []):
+        emit(f"  {t['at']}  {t['from'] or '-':>9} → {t['to']:<9} {t['reason']}")
+    if task.get("error"):
+        emit(f"error     {task['error']}")
+    if task.get("result") is not None:
+        emit("result")
+        emit(task["result"])
+
+
+@app.command("list", rich_help_panel="Tasks")
+@handle_errors
+def list_(
+    state: Annotated[
+        str | None,
+        typer.Option("--state", "-s", help=f"Only tasks in this state: {', '.join(STATES)}."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Most tasks shown (1..1000).")] = 20,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tasks, newest first."""
+    if state is not None and state not in STATES:
+        raise CliError(f"unknown state {state!r}; one of: {', '.join(STATES)}", Exit.USAGE)
+    if limit < 1:
+        raise CliError(f"--limit must be at least 1, not {limit}", Exit.USAGE)
+    args: dict[str, Any] = {"limit": limit}
+    if state is not None:
+        args["state"] = state
+    with _connect() as conn:
+        tasks = conn.call_tool("list_tasks", args)["tasks"]
+    if json_out:
+        emit_json({"tasks": tasks})
+        return
+    if not tasks:
+        emit("no tasks")
+        return
+    width = 60
+    emit(f"{'ID':<12}  {'STATE':<9}  {'PRI':>3}  {'AGE':>5}  TEXT")
+    now = datetime.now(UTC)
+    for t in tasks:
+        text = " ".join(t["text"].split())
+        text = text if len(text) <= width else text[: width - 1] + "…"
+        age = _age(t["created_at"], now)
+        emit(f"{t['id']:<12}  {t['state']:<9}  {t['priority']:>3}  {age:>5}  {text}")
+
+
+def _age(stamp: str, now: datetime) -> str:
+    seconds = (now - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(max(seconds, 0))}s"
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def cancel(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task to cancel.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel a task that has not finished (a running model call stops)."""
+    with _connect() as conn:
+        task = conn.call_tool("cancel_task", {"id": task_id})
+    emit_json(task) if json_out else emit(f"task {task['id']} {task['state']}")
+
+
+@app.command(rich_help_panel="Ledger")
+@handle_errors
+def usage(json_out: JsonOpt = False) -> None:
+    """Tokens used, by model and by role."""
+    with _connect() as conn:
+        report = conn.call_tool("usage")
+    if json_out:
+        emit_json(report)
+        return
+    total = report["total"]
+    emit(
+        f"{total['calls']} model calls, {total['total_tokens']} tokens "
+        f"({total['prompt_tokens']} prompt + {total['completion_tokens']} completion), "
+        f"{total['failures']} failed"
+    )
+    for title, rows, key in (
+        ("by model", report["by_model"], lambda r: f"{r['backend']}:{r['model']}"),
+        ("by role", report["by_role"], lambda r: r["role"]),
+    ):
+        if rows:
+            emit(title)
+            for r in rows:
+                emit(
+                    f"  {key(r):<32} {r['calls']:>6} calls {r['prompt_tokens']:>9} prompt "
+                    f"{r['completion_tokens']:>9} completion"
+                )
+
+
+# -- the bridge ----------------------------------------------------------------
+
+
+@app.command(rich_help_panel="Editors")
+@handle_errors
+def mcp() -> None:
+    """Bridge stdio to the daemon's MCP socket (for editors that launch MCP servers)."""
+    from tale_client.bridge import run_bridge
+    from tale_client.daemon import start_daemon
+
+    try:
+        run_bridge(paths.socket_path())
+    except DaemonUnreachable:
+        start_daemon()
+        run_bridge(paths.socket_path())
+
+
+# -- the daemon ------------------------------------------------------------------
+
+
+@daemon_app.command("start")
+@handle_errors
+def daemon_start() -> None:
+    """Start the daemon in the background (no-op if it runs)."""
+    from tale_client.daemon import daemon_pid, start_daemon
+
+    pid = daemon_pid()
+    if pid is not None:
+        emit(f"taled already running (pid {pid})")
+        return
+    pid = start_daemon()
+    emit(f"taled started (pid {pid}); socket {paths.socket_path()}")
+
+
+@daemon_app.command("stop")
+@handle_errors
+def daemon_stop() -> None:
+    """Stop the daemon gracefully (running tasks go back to the queue)."""
+    from tale_client.daemon import stop_daemon
+
+    pid = stop_daemon()
+    emit("taled is not running" if pid is None else f"taled stopped (pid {pid})")
+
+
+@daemon_app.command("status")
+@handle_errors
+def daemon_status(json_out: JsonOpt = False) -> None:
+    """Whether the daemon runs, and its models, workers and tasks."""
+    with _connect(autostart=False) as conn:
+        info = conn.call_tool("daemon_status")
+    if json_out:
+        emit_json(info)
+        return
+    emit(
+        f"taled {info['version']} running (pid {info['pid']}), up {info['uptime_seconds']:.0f} s, "
+        f"ready in {info['ready_seconds'] or 0:.2f} s"
+    )
+    emit(f"socket   {info['socket']}")
+    emit(f"database {info['database']}")
+    _print_summary(info)
+
+
+@daemon_app.command("install")
+@handle_errors
+def daemon_install() -> None:
+    """Write the systemd user unit for this environment's taled."""
+    from tale_client.daemon import install_unit
+
+    path = install_unit()
+    emit(f"wrote {path}")
+    emit("enable it with: systemctl --user daemon-reload && systemctl --user enable --now taled")
+
+
+@daemon_app.command("logs")
+@handle_errors
+def daemon_logs(
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines.")] = 50,
+) -> None:
+    """The end of the daemon's log (auto-started daemons log to a file)."""
+    from tale_client.daemon import journal_available, log_tail
+
+    log = paths.log_file()
+    if log.exists():
+        emit(log_tail(lines))
+    elif journal_available():
+        emit("no log file; under systemd the log is in the journal: journalctl --user -u taled")
+    else:
+        emit(f"no log yet at {log}")
+
+
+def main() -> None:
+    """Entry point of the ``tale`` console script."""
+    app(prog_name="tale")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Finding, starting and stopping the daemon, and its systemd user unit."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tale_client import paths
+from tale_client.rpc import Connection, DaemonUnreachable
+
+__all__ = [
+    "START_TIMEOUT_SECONDS",
+    "UNIT_TEMPLATE",
+    "connect",
+    "daemon_pid",
+    "install_unit",
+    "render_unit",
+    "start_daemon",
+    "stop_daemon",
+]
+
+# Loading the embedded model takes well under a second; a bigger one or a cold
+# disk can take much longer, so the wait is generous and overridable.
+START_TIMEOUT_SECONDS = float(os.environ.get("TALE_START_TIMEOUT", "60"))
+_POLL_SECONDS = 0.05
+
+UNIT_TEMPLATE = """\
+[Unit]
+Description=tale daemon: a personal AI worker (local models, task queue, MCP socket)
+After=default.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={exec_start}
+Restart=on-failure
+RestartSec=2
+# 2: invalid configuration, 3: another daemon owns the socket; restarting will not help.
+RestartPreventExitStatus=2 3
+WatchdogSec=30
+TimeoutStartSec=180
+TimeoutStopSec=60
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def render_unit(exec_start: str) -> str:
+    """The user unit text with the given ExecStart command."""
+    return UNIT_TEMPLATE.format(exec_start=exec_start)
+
+
+def unit_path() -> Path:
+    """Where ``tale daemon install`` writes the unit."""
+    return paths.config_file().parent.parent / "systemd" / "user" / "taled.service"
+
+
+def install_unit() -> Path:
+    """Write the user unit, pointing at this environment's taled."""
+    target = unit_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_unit(f"{sys.executable} -m taled"))
+    return target
+
+
+def connect(autostart: bool = True, client: str = "tale") -> Connection:
+    """An initialized connection, starting the daemon first if it is not running."""
+    sock = paths.socket_path()
+    try:
+        conn = Connection(sock)
+    except DaemonUnreachable:
+        if not autostart:
+            raise
+        start_daemon()
+        conn = Connection(sock)
+    try:
+        conn.initialize(client)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def daemon_pid() -> int | None:
+    """The pid of the daemon holding the socket's lock, or None if none holds it."""
+    try:
+        with open(paths.lock_file(), "rb") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = lock.read().decode(errors="replace").strip()
+                return int(text) if text.isdigit() else None
+            # We got the lock, so no daemon holds it (the pid inside is stale).
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            return None
+    except OSError:
+        return None
+
+
+def _socket_answers() -> bool:
+    try:
+        Connection(paths.socket_path(), timeout=2).close()
+    except DaemonUnreachable:
+        return False
+    return True
+
+
+def start_daemon(timeout: float = START_TIMEOUT_SECONDS) -> int:
+    """Start taled in the background and wait until its socket answers; returns its pid.
+
+    Raises DaemonUnreachable, with the end of the daemon's log, if it cannot start.
+    """
+    log_path = paths.log_file()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taled"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _socket_answers():
+            return proc.pid
+        code = proc.poll()
+        # Exit code 3 means another daemon won the race to start: wait for it.
+        if code is not None and code != 3:
+            raise DaemonUnreachable(
+                f"the daemon failed to start (exit {code}). From {log_path}:\n{_tail(log_path)}"
+            )
+        time.sleep(_POLL_SECONDS)
+    raise DaemonUnreachable(
+        f"the daemon did not answer within {timeout:g} s (TALE_START_TIMEOUT). "
+        f"From {log_path}:\n{_tail(log_path)}"
+    )
+
+
+def stop_daemon(timeout: float = 60.0) -> int | None:
+    """SIGTERM the running daemon and wait for it to exit; returns its pid or None."""
+    pid = daemon_pid()
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon_pid() is None or not _alive(pid):
+            return pid
+        time.sleep(_POLL_SECONDS)
+    raise DaemonUnreachable(f"the daemon (pid {pid}) did not stop within {timeout:g} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def log_tail(lines: int) -> str:
+    """The end of the auto-started daemon's log file."""
+    return _tail(paths.log_file(), lines)
+
+
+def journal_available() -> bool:
+    """Whether journalctl exists (a systemd-managed daemon logs there)."""
+    return shutil.which("journalctl") is not None

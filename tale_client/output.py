@@ -1,0 +1,84 @@
+"""The only module that writes stdout, and the one that owns stderr and exit codes.
+
+Answers go to stdout (``--json``: exactly one JSON document); progress and
+diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import IntEnum
+from typing import Any, NoReturn
+
+__all__ = [
+    "CliError",
+    "Exit",
+    "emit",
+    "emit_json",
+    "emit_raw",
+    "fail",
+    "note",
+    "stderr_is_tty",
+    "use_color",
+]
+
+
+class Exit(IntEnum):
+    """The CLI's exit codes (a contract scripts rely on)."""
+
+    OK = 0
+    FAILED = 1  # the task or the call failed
+    USAGE = 2  # bad usage or invalid input; nothing was written
+    UNREACHABLE = 3  # the daemon could not be reached or started
+
+
+class CliError(Exception):
+    """Stop the command with a message on stderr and an exit code."""
+
+    def __init__(self, message: str, code: Exit) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def emit(text: str) -> None:
+    """Write an answer line to stdout."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def emit_raw(text: str) -> None:
+    """Write text to stdout with no newline (streamed output)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def emit_json(doc: Any) -> None:
+    """Write one JSON document to stdout."""
+    json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def note(text: str) -> None:
+    """A diagnostic or progress line on stderr."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def stderr_is_tty() -> bool:
+    """Whether progress can be drawn in place on stderr."""
+    return sys.stderr.isatty()
+
+
+def use_color() -> bool:
+    """Color only on a terminal and when NO_COLOR is unset."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def fail(message: str, code: Exit) -> NoReturn:
+    """Print ``tale: message`` to stderr and exit with ``code``."""
+    note(f"tale: {message}")
+    raise SystemExit(int(code))

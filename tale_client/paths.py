@@ -1,0 +1,62 @@
+"""The client's copy of ``taled/paths.py``.
+
+The thin client must not import the daemon's package, so the path rules live
+twice; ``tests/test_paths.py`` pins the two copies equal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "config_file",
+    "data_dir",
+    "lock_file",
+    "log_file",
+    "runtime_dir",
+    "socket_path",
+]
+
+
+def _xdg(var: str, fallback: Path) -> Path:
+    value = os.environ.get(var, "")
+    # The XDG spec says relative paths are invalid and must be ignored.
+    return Path(value) if value and os.path.isabs(value) else fallback
+
+
+def runtime_dir() -> Path:
+    """The private directory that holds the socket."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if base and os.path.isabs(base):
+        return Path(base) / "tale"
+    return Path(f"/tmp/tale-{os.getuid()}")
+
+
+def socket_path() -> Path:
+    """The daemon's Unix socket: ``$TALE_SOCKET`` or ``<runtime dir>/taled.sock``."""
+    override = os.environ.get("TALE_SOCKET", "")
+    if override:
+        return Path(override)
+    return runtime_dir() / "taled.sock"
+
+
+def lock_file() -> Path:
+    """The lock a running daemon holds, next to its socket."""
+    sock = socket_path()
+    return sock.with_name(sock.name + ".lock")
+
+
+def data_dir() -> Path:
+    """The SQLite store, checkpoint repo and daemon log live here."""
+    return _xdg("XDG_DATA_HOME", Path.home() / ".local" / "share") / "tale"
+
+
+def config_file() -> Path:
+    """The user's config file, layered over the defaults."""
+    return _xdg("XDG_CONFIG_HOME", Path.home() / ".config") / "tale" / "taled.toml"
+
+
+def log_file() -> Path:
+    """Where an auto-started daemon writes its log."""
+    return data_dir() / "taled.log"

@@ -1,0 +1,134 @@
+"""A small MCP client over the daemon's Unix socket, standard library only.
+
+Importing the MCP SDK costs over a second, so the client speaks the wire
+protocol itself: newline-delimited JSON-RPC 2.0, the ``initialize`` handshake,
+then ``tools/call``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PROTOCOL_VERSION", "Connection", "DaemonUnreachable", "RpcError"]
+
+PROTOCOL_VERSION = "2025-11-25"
+
+
+class RpcError(Exception):
+    """The daemon answered with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answers on the socket (or it hung up)."""
+
+
+class Connection:
+    """One MCP session with the daemon."""
+
+    def __init__(self, path: Path, timeout: float | None = 30.0) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self._sock.close()
+            raise DaemonUnreachable(f"no daemon is listening on {path} ({exc.strerror})") from None
+        except OSError as exc:
+            self._sock.close()
+            raise DaemonUnreachable(f"cannot connect to {path}: {exc}") from None
+        self._file = self._sock.makefile("rwb")
+        self._next_id = 0
+        self.server_info: dict[str, Any] = {}
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Hang up."""
+        try:
+            self._file.close()
+        finally:
+            self._sock.close()
+
+    def initialize(self, client_name: str = "tale", version: str = "0") -> dict[str, Any]:
+        """The MCP handshake; returns the server's ``initialize`` result."""
+        result = self.request(
+            "initialize",
+            {
+                "protocolVersion": PROTOCOL_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": client_name, "version": version},
+            },
+        )
+        self.notify("notifications/initialized")
+        self.server_info = result.get("serverInfo", {})
+        return result
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a notification (no answer expected)."""
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        self._send(message)
+
+    def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send a request and wait for its answer (notifications in between are skipped)."""
+        self._next_id += 1
+        request_id = self._next_id
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self._send(message)
+        while True:
+            reply = self._receive()
+            if reply.get("id") == request_id or ("error" in reply and reply.get("id") is None):
+                break
+        if "error" in reply:
+            error = reply["error"]
+            raise RpcError(
+                int(error.get("code", -32603)), str(error.get("message", "unknown error"))
+            )
+        result = reply.get("result")
+        return result if isinstance(result, dict) else {}
+
+    def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Call one MCP tool and return its structured result."""
+        result = self.request("tools/call", {"name": name, "arguments": arguments or {}})
+        if result.get("isError"):
+            texts = [c.get("text", "") for c in result.get("content", [])]
+            raise RpcError(-32603, " ".join(texts) or f"{name} failed")
+        structured = result.get("structuredContent")
+        if isinstance(structured, dict):
+            return structured
+        return json.loads(result["content"][0]["text"])  # type: ignore[no-any-return]
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._file.write(json.dumps(message).encode() + b"\n")
+            self._file.flush()
+        except OSError as exc:
+            raise DaemonUnreachable(f"the daemon hung up ({exc})") from None
+
+    def _receive(self) -> dict[str, Any]:
+        try:
+            line = self._file.readline()
+        except TimeoutError:
+            raise DaemonUnreachable("the daemon did not answer in time") from None
+        except OSError as exc:
+            raise DaemonUnreachable(f"the daemon hung up ({exc})") from None
+        if not line:
+            raise DaemonUnreachable("the daemon closed the connection")
+        doc = json.loads(line)
+        return doc if isinstance(doc, dict) else {}

@@ -1,0 +1,153 @@
+"""The daemon: its services, wired in one place, with explicit phases.
+
+    startup   lock the socket path → open the store → requeue interrupted tasks
+              → load the models → listen → READY=1 → start the workers
+    main loop serve MCP sessions and ping the watchdog until SIGTERM/SIGINT
+    shutdown  STOPPING=1 → refuse new tasks → let running calls finish within the
+              grace period, then stop them (their tasks go back to the queue)
+              → close the socket → unload models → flush and close the store
+
+Signal handlers only set a flag; everything else happens in ``serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import anyio
+from mcp.shared._stream_protocols import ReadStream, WriteStream
+from mcp.shared.message import SessionMessage
+
+from taled import __version__, paths
+from taled.pool import ModelPool
+from taled.queue import TaskQueue
+from taled.runner import Runner
+from taled.sdnotify import Notifier
+from taled.server import build_server
+from taled.settings import Settings
+from taled.store import Store
+from taled.transport import SocketListener
+
+__all__ = ["App"]
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    """taled's services and their lifecycle."""
+
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.notifier = notifier or Notifier()
+        self.store = Store(
+            paths.data_dir() / "tale.db", settings.store, settings.queue.write_batch_max
+        )
+        self.queue = TaskQueue(self.store, settings.queue)
+        self.pool = ModelPool(settings.models, self.store)
+        self.runner = Runner(
+            self.store, self.queue, self.pool, settings.runner, settings.queue.workers
+        )
+        self.listener = SocketListener(
+            paths.socket_path(),
+            paths.lock_file(),
+            max_frame_bytes=settings.server.max_frame_bytes,
+            max_connections=settings.server.max_connections,
+        )
+        self.server = build_server(
+            self.store,
+            self.queue,
+            self.status,
+            list_limit=settings.queue.list_limit,
+            max_list_limit=settings.queue.max_list_limit,
+        )
+        self._init_options = self.server.create_initialization_options()
+        self._stop = anyio.Event()
+        self.ready_seconds: float | None = None
+        self._started_at = time.time()
+
+    async def status(self) -> dict[str, Any]:
+        """What ``tale daemon status`` shows."""
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "socket": str(self.listener.path),
+            "database": str(self.store.path),
+            "uptime_seconds": round(time.time() - self._started_at, 1),
+            "ready_seconds": self.ready_seconds,
+            "workers": {"busy": self.runner.busy, "limit": self.settings.queue.workers},
+            "tasks": await self.store.count_by_state(),
+            "models": [
+                {"role": r.role, "backend": r.backend, "model": r.model, "loaded": r.loaded}
+                for r in self.pool.status()
+            ],
+        }
+
+    def request_stop(self) -> None:
+        """Ask the daemon to shut down (safe to call from a signal handler)."""
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run the daemon until asked to stop. Start-up errors propagate."""
+        started = time.perf_counter()
+        await self._startup()
+        self.ready_seconds = time.perf_counter() - started
+        self.notifier.notify("READY=1", f"STATUS=ready in {self.ready_seconds:.2f} s")
+        log.info(
+            "taled ready in %.2f s on %s (pid %s)",
+            self.ready_seconds,
+            self.listener.path,
+            os.getpid(),
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.listener.serve, self._session)
+                tg.start_soon(self.notifier.watchdog, self.settings.daemon.watchdog_fraction)
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    tg.start_soon(self._on_signals, signals)
+                    await self._stop.wait()
+                    self.notifier.notify("STOPPING=1")
+                    log.info("shutting down")
+                    await self.runner.stop(self.settings.daemon.shutdown_grace_seconds)
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def _on_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            self.request_stop()
+
+    async def _startup(self) -> None:
+        self.listener.lock()
+        try:
+            await self.store.open()
+            requeued = await self.store.requeue_running(
+                "daemon restarted; the task was interrupted and runs again"
+            )
+            if requeued:
+                log.warning("requeued %d task(s) interrupted by a crash", len(requeued))
+            await self.pool.start()
+            await self.listener.listen()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+            raise
+        await self.runner.start()
+
+    async def _shutdown(self) -> None:
+        await self.listener.close()
+        await self.pool.stop()
+        await self.store.close()
+        log.info("taled stopped")
+
+    async def _session(
+        self,
+        read: ReadStream[SessionMessage | Exception],
+        write: WriteStream[SessionMessage],
+    ) -> None:
+        await self.server.run(read, write, self._init_options)

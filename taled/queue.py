@@ -1,0 +1,95 @@
+"""The durable task queue: validated submits, priority order, cancel.
+
+The store is the source of truth; this service adds input validation and the
+wake-up signal the runner's workers sleep on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from taled.errors import IllegalTransition, InvalidInput, Unavailable
+from taled.lifecycle import FINAL_STATES, TaskState
+from taled.settings import QueueSettings
+from taled.store import Store, TaskRecord
+
+__all__ = ["TaskQueue"]
+
+
+class TaskQueue:
+    """Accepts tasks and hands them to workers, most urgent first."""
+
+    def __init__(self, store: Store, settings: QueueSettings) -> None:
+        self._store = store
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self._accepting = True
+        self._cancel_hooks: list[Callable[[str], None]] = []
+
+    def on_cancel(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(task_id)`` after a task is cancelled (the runner stops its call)."""
+        self._cancel_hooks.append(hook)
+
+    def stop_accepting(self) -> None:
+        """Refuse new work from now on (shutdown)."""
+        self._accepting = False
+        self._wake.set()
+
+    def validate_text(self, text: str) -> str:
+        """Strip and check a task text; raise InvalidInput saying what is wrong."""
+        stripped = text.strip()
+        if not stripped:
+            raise InvalidInput("task text is empty; say what you want done")
+        if len(stripped) > self._settings.max_text_chars:
+            raise InvalidInput(
+                f"task text is {len(stripped)} characters; the limit is "
+                f"{self._settings.max_text_chars}. Shorten it or split it into several tasks"
+            )
+        return stripped
+
+    async def submit(self, text: str, priority: int | None = None) -> TaskRecord:
+        """Validate and durably enqueue a task; returns once it is on disk."""
+        if not self._accepting:
+            raise Unavailable("the daemon is shutting down and takes no new tasks; retry shortly")
+        clean = self._validate(text, priority)
+        record = await self._store.submit(clean[0], clean[1])
+        self._wake.set()
+        return record
+
+    def _validate(self, text: str, priority: int | None) -> tuple[str, int]:
+        if priority is None:
+            priority = self._settings.default_priority
+        if not 0 <= priority <= 100:
+            raise InvalidInput(
+                f"priority must be between 0 and 100 (higher runs first), not {priority}"
+            )
+        return self.validate_text(text), priority
+
+    async def next_task(self) -> TaskRecord | None:
+        """Wait for and claim the most urgent queued task; None once stopping."""
+        while self._accepting:
+            task = await self._store.claim_next()
+            if task is not None:
+                return task
+            self._wake.clear()
+            # Re-check after clearing: a submit may have landed in between.
+            task = await self._store.claim_next()
+            if task is not None:
+                return task
+            await self._wake.wait()
+        return None
+
+    def wake(self) -> None:
+        """Tell sleeping workers to look at the queue again."""
+        self._wake.set()
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """Cancel a task that has not finished; its running model call is stopped."""
+        current = await self._store.get_task(task_id)
+        if current.state in FINAL_STATES:
+            raise IllegalTransition(f"task {task_id} is already {current.state}; nothing to cancel")
+        await self._store.transition(task_id, TaskState.CANCELLED, "cancelled by the user")
+        for hook in self._cancel_hooks:
+            hook(task_id)
+        return await self._store.get_task(task_id)

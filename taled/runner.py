@@ -1,0 +1,143 @@
+"""The runner: a bounded pool of workers that execute queued tasks.
+
+A task's execution is one task-model call with the configured system prompt
+(planning, checkpoints and gates come later). A worker claims the most urgent
+queued task, runs it, and records the outcome; a cancel stops the model call at
+the next token. On shutdown, calls still running after the grace period are
+stopped and their tasks go back to ``queued`` for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from taled.backends.base import CancelToken, ChatMessage
+from taled.errors import IllegalTransition, ModelError, TaleError
+from taled.lifecycle import TaskState
+from taled.pool import ModelPool
+from taled.queue import TaskQueue
+from taled.settings import RunnerSettings
+from taled.store import Store, TaskRecord
+
+__all__ = ["Runner"]
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    """Runs tasks from the queue on the task model, ``workers`` at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        queue: TaskQueue,
+        pool: ModelPool,
+        settings: RunnerSettings,
+        workers: int,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._pool = pool
+        self._settings = settings
+        self._n_workers = workers
+        self._workers: list[asyncio.Task[None]] = []
+        self._running: dict[str, CancelToken] = {}
+        self._stopping = False
+        queue.on_cancel(self._cancel_call)
+
+    @property
+    def busy(self) -> int:
+        """Tasks being executed right now."""
+        return len(self._running)
+
+    async def start(self) -> None:
+        """Start the workers."""
+        self._workers = [
+            asyncio.create_task(self._work(i), name=f"worker-{i}") for i in range(self._n_workers)
+        ]
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let calls finish for ``grace`` seconds, then stop them."""
+        self._stopping = True
+        self._queue.stop_accepting()
+        if not self._workers:
+            return
+        _done, pending = await asyncio.wait(self._workers, timeout=grace)
+        if pending:
+            log.info("stopping %d running task(s) after %.1f s grace", len(self._running), grace)
+            for token in self._running.values():
+                token.cancel()
+            await asyncio.wait(pending)
+        self._workers = []
+
+    def _cancel_call(self, task_id: str) -> None:
+        token = self._running.get(task_id)
+        if token is not None:
+            token.cancel()
+
+    async def _work(self, index: int) -> None:
+        while not self._stopping:
+            task = await self._queue.next_task()
+            if task is None:
+                return
+            token = CancelToken()
+            self._running[task.id] = token
+            try:
+                await self._execute(task, token)
+            finally:
+                del self._running[task.id]
+        log.debug("worker %d stopped", index)
+
+    def _messages(self, task: TaskRecord) -> list[ChatMessage]:
+        return [
+            {"role": "system", "content": self._settings.system_prompt},
+            {"role": "user", "content": task.text},
+        ]
+
+    async def _execute(self, task: TaskRecord, token: CancelToken) -> None:
+        log.info("task %s started (attempt %d)", task.id, task.attempts + 1)
+        try:
+            completion = await self._pool.complete(
+                "task",
+                self._messages(task),
+                max_tokens=self._settings.max_tokens,
+                temperature=self._settings.temperature,
+                timeout=self._settings.call_timeout_seconds,
+                task_id=task.id,
+                cancel=token,
+            )
+        except ModelError as exc:
+            await self._finish(
+                task.id, TaskState.FAILED, f"model call failed: {exc.message}", error=exc.message
+            )
+            return
+        if completion.finish_reason == "cancelled":
+            if self._stopping:
+                await self._finish(
+                    task.id,
+                    TaskState.QUEUED,
+                    "daemon stopped mid-task; it will run again on the next start",
+                )
+            # Otherwise the user cancelled it and the task is already 'cancelled'.
+            return
+        reason = (
+            "answered"
+            if completion.finish_reason == "stop"
+            else (f"answer cut at max_tokens={self._settings.max_tokens}")
+        )
+        await self._finish(task.id, TaskState.COMPLETED, reason, result=completion.text)
+
+    async def _finish(self, task_id: str, target: TaskState, reason: str, **fields: str) -> None:
+        try:
+            await self._store.transition(
+                task_id, target, reason, expect=TaskState.RUNNING, **fields
+            )
+        except IllegalTransition as exc:
+            # Cancelled (or otherwise moved) while the model was answering.
+            log.info("task %s not moved to %s: %s", task_id, target, exc.message)
+        except TaleError:
+            log.exception("could not record the end of task %s", task_id)
+            raise
+        else:
+            log.info("task %s %s: %s", task_id, target, reason)

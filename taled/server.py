@@ -1,0 +1,249 @@
+"""The MCP surface: tool schemas, argument validation and dispatch.
+
+Tool arguments are validated here against pydantic models whose JSON Schemas are
+what ``tools/list`` publishes, so the schema a client sees is the one enforced.
+This module is also the one place where a ``TaleError`` becomes a JSON-RPC error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import mcp_types as types
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
+from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from taled import __version__
+from taled.errors import InvalidInput, TaleError
+from taled.lifecycle import TaskState
+from taled.queue import TaskQueue
+from taled.store import Store, TaskRecord
+
+__all__ = ["TOOLS", "build_server", "task_to_json"]
+
+log = logging.getLogger(__name__)
+
+TASK_ID_PATTERN = r"^[0-9a-f]{12}$"
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SubmitTaskArgs(_Args):
+    """Queue a task for the task model; returns its id at once."""
+
+    text: str = Field(min_length=1, description="What to do: 1..10,000 characters once trimmed.")
+    priority: int | None = Field(
+        default=None, ge=0, le=100, description="0..100, higher runs first; default 50."
+    )
+
+
+class TaskIdArgs(_Args):
+    """Arguments naming one task."""
+
+    id: str = Field(pattern=TASK_ID_PATTERN, description="A task id: 12 lowercase hex digits.")
+
+
+class ListTasksArgs(_Args):
+    """Filter and bound a task listing."""
+
+    state: (
+        Literal["queued", "running", "waiting", "paused", "completed", "failed", "cancelled"] | None
+    ) = Field(default=None, description="Only tasks in this state.")
+    limit: int | None = Field(
+        default=None, ge=1, le=100_000, description="Most tasks returned, newest first."
+    )
+
+
+class NoArgs(_Args):
+    """No arguments."""
+
+
+def task_to_json(task: TaskRecord) -> dict[str, Any]:
+    """The wire form of a task (the CLI's --json contract)."""
+    return {
+        "id": task.id,
+        "state": task.state.value,
+        "priority": task.priority,
+        "text": task.text,
+        "result": task.result,
+        "error": task.error,
+        "attempts": task.attempts,
+        "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at),
+        "transitions": [
+            {"from": t.from_state, "to": t.to_state, "at": _iso(t.at), "reason": t.reason}
+            for t in task.transitions
+        ],
+        "tokens": {
+            "prompt": task.prompt_tokens,
+            "completion": task.completion_tokens,
+            "total": task.prompt_tokens + task.completion_tokens,
+        },
+    }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+Handler = Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class _Tools:
+    def __init__(
+        self,
+        store: Store,
+        queue: TaskQueue,
+        status: StatusProvider,
+        max_list_limit: int,
+        list_limit: int,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.status = status
+        self.max_list_limit = max_list_limit
+        self.list_limit = list_limit
+
+    async def submit_task(self, args: SubmitTaskArgs) -> dict[str, Any]:
+        task = await self.queue.submit(args.text, args.priority)
+        return task_to_json(task)
+
+    async def get_task(self, args: TaskIdArgs) -> dict[str, Any]:
+        return task_to_json(await self.store.get_task(args.id))
+
+    async def list_tasks(self, args: ListTasksArgs) -> dict[str, Any]:
+        limit = args.limit if args.limit is not None else self.list_limit
+        if limit > self.max_list_limit:
+            raise InvalidInput(f"limit {limit} is above the maximum of {self.max_list_limit}")
+        state = TaskState(args.state) if args.state else None
+        tasks = await self.store.list_tasks(state, limit)
+        return {"tasks": [task_to_json(t) for t in tasks]}
+
+    async def cancel_task(self, args: TaskIdArgs) -> dict[str, Any]:
+        return task_to_json(await self.queue.cancel(args.id))
+
+    async def usage(self, _args: NoArgs) -> dict[str, Any]:
+        return await self.store.usage()
+
+    async def daemon_status(self, _args: NoArgs) -> dict[str, Any]:
+        return await self.status()
+
+
+# name -> (argument model, description)
+TOOLS: dict[str, tuple[type[_Args], str]] = {
+    "submit_task": (
+        SubmitTaskArgs,
+        "Queue a task for the task model. Returns the task (with its id) as soon as it is stored.",
+    ),
+    "get_task": (TaskIdArgs, "One task: state, priority, result, transitions and tokens."),
+    "list_tasks": (ListTasksArgs, "Tasks, newest first, optionally filtered by state."),
+    "cancel_task": (
+        TaskIdArgs,
+        "Cancel a task that has not finished; a running model call is stopped.",
+    ),
+    "usage": (NoArgs, "The token ledger: totals overall, by model and by role."),
+    "daemon_status": (
+        NoArgs,
+        "The daemon: version, pid, uptime, models, workers and tasks by state.",
+    ),
+}
+
+
+def _schema(model: type[_Args]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    schema["additionalProperties"] = False
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+        # pydantic spells Optional as anyOf [T, null]; keep the plain type for clients.
+        if "anyOf" in prop:
+            options = [o for o in prop.pop("anyOf") if o.get("type") != "null"]
+            if len(options) == 1:
+                prop.update(options[0])
+        prop.pop("default", None)
+    return schema
+
+
+def _describe_validation(tool: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "arguments"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(TOOLS[tool][0].model_fields) or "none"
+            parts.append(f"unknown argument {field!r} (allowed: {allowed})")
+        elif err["type"] == "missing":
+            parts.append(f"missing required argument {field!r}")
+        elif err["type"] == "string_pattern_mismatch" and field == "id":
+            parts.append(
+                f"{err['input']!r} is not a task id (12 lowercase hex digits, as `tale list` shows)"
+            )
+        else:
+            parts.append(
+                f"{field!r}: {err['msg']} (got {json.dumps(err.get('input'), default=str)[:80]})"
+            )
+    return f"{tool}: " + "; ".join(parts)
+
+
+def build_server(
+    store: Store,
+    queue: TaskQueue,
+    status: StatusProvider,
+    *,
+    list_limit: int,
+    max_list_limit: int,
+) -> Server[Any]:
+    """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
+    tools = _Tools(store, queue, status, max_list_limit=max_list_limit, list_limit=list_limit)
+    listed = [
+        types.Tool(name=name, description=desc, input_schema=_schema(model))
+        for name, (model, desc) in TOOLS.items()
+    ]
+
+    async def on_list_tools(
+        _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=listed)
+
+    async def on_call_tool(
+        _ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        entry = TOOLS.get(params.name)
+        if entry is None:
+            raise MCPError(
+                InvalidInput.code,
+                f"unknown tool {params.name!r}; tools: {', '.join(TOOLS)}",
+            )
+        model, _ = entry
+        try:
+            args = model.model_validate(params.arguments or {})
+        except ValidationError as exc:
+            raise MCPError(InvalidInput.code, _describe_validation(params.name, exc)) from None
+        handler: Handler = getattr(tools, params.name)
+        try:
+            result = await handler(args)
+        except TaleError as exc:
+            raise MCPError(exc.code, exc.message) from None
+        return types.CallToolResult(
+            content=[types.TextContent(text=json.dumps(result))],
+            structured_content=result,
+        )
+
+    return Server(
+        "taled",
+        version=__version__,
+        instructions="tale runs your tasks in the background on local models. "
+        "submit_task queues one; get_task and list_tasks follow them.",
+        on_list_tools=on_list_tools,
+        on_call_tool=on_call_tool,
+    )

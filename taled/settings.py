@@ -1,0 +1,239 @@
+"""The daemon's configuration: one pydantic-settings model.
+
+Precedence, highest first: explicit arguments, ``TALE_*`` environment variables
+(``__`` separates nested keys, e.g. ``TALE_QUEUE__WORKERS=4``), the user's
+``$XDG_CONFIG_HOME/tale/taled.toml``, then the defaults below. ``etc/taled.toml``
+is the commented copy of these defaults; a test pins the two equal.
+
+Every table forbids unknown keys, so a typo is an error that names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from taled.errors import ConfigError
+
+__all__ = [
+    "BackendSpec",
+    "DaemonSettings",
+    "LlamaCppSettings",
+    "ModelsSettings",
+    "QueueSettings",
+    "RunnerSettings",
+    "ServerSettings",
+    "Settings",
+    "StoreSettings",
+    "load_settings",
+    "parse_model_spec",
+]
+
+_STRICT = ConfigDict(extra="forbid", validate_default=True)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are tale, a careful assistant that completes the user's task. "
+    "Answer with the finished result only. When the task asks for code, "
+    "give complete, runnable code in one fenced block."
+)
+
+
+class DaemonSettings(BaseModel):
+    """How the daemon process behaves."""
+
+    model_config = _STRICT
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log verbosity of the daemon."""
+    shutdown_grace_seconds: float = Field(default=10.0, gt=0, le=600)
+    """On SIGTERM, how long running model calls may finish before they are cancelled."""
+    watchdog_fraction: float = Field(default=0.5, gt=0, lt=1)
+    """WATCHDOG=1 is sent every WATCHDOG_USEC times this fraction (systemd asks for < 1)."""
+
+
+class ServerSettings(BaseModel):
+    """The MCP server on the Unix socket."""
+
+    model_config = _STRICT
+
+    max_frame_bytes: int = Field(default=1_048_576, ge=4096, le=64 * 1_048_576)
+    """Longest accepted JSON-RPC line; a longer frame is answered with an error and dropped."""
+    max_connections: int = Field(default=128, ge=1, le=10_000)
+    """Concurrent client connections; more are refused with an error."""
+
+
+class QueueSettings(BaseModel):
+    """The durable task queue."""
+
+    model_config = _STRICT
+
+    workers: int = Field(default=2, ge=1, le=64)
+    """Tasks run at the same time (the worker pool bound)."""
+    default_priority: int = Field(default=50, ge=0, le=100)
+    """Priority of a task submitted without one; higher runs first (0..100)."""
+    max_text_chars: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Longest task text accepted, after stripping whitespace."""
+    list_limit: int = Field(default=50, ge=1, le=10_000)
+    """Tasks returned by list_tasks when no limit is given."""
+    max_list_limit: int = Field(default=1000, ge=1, le=100_000)
+    """Largest limit list_tasks accepts."""
+    write_batch_max: int = Field(default=1024, ge=1, le=100_000)
+    """Most queued writes group-committed in one SQLite transaction."""
+
+
+class StoreSettings(BaseModel):
+    """The SQLite store."""
+
+    model_config = _STRICT
+
+    synchronous: Literal["full", "normal"] = "full"
+    """SQLite synchronous mode: 'full' survives power loss, 'normal' only process crashes."""
+    busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
+    """How long a connection waits for a lock before failing."""
+    read_connections: int = Field(default=4, ge=1, le=64)
+    """Pooled read connections (writes go through one group-committing writer)."""
+
+
+class RunnerSettings(BaseModel):
+    """How a task is executed on the task model."""
+
+    model_config = _STRICT
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """System prompt of a task's model call."""
+    max_tokens: int = Field(default=512, ge=1, le=131_072)
+    """Most tokens a task's answer may have."""
+    temperature: float = Field(default=0.2, ge=0, le=2)
+    """Sampling temperature of task calls."""
+    call_timeout_seconds: float = Field(default=600.0, gt=0)
+    """A task's model call that runs longer is cancelled and the task fails."""
+
+
+class LlamaCppSettings(BaseModel):
+    """The embedded llama.cpp backend (llama-cpp-python)."""
+
+    model_config = _STRICT
+
+    n_ctx: int = Field(default=2048, ge=256, le=131_072)
+    """Context window; llama-cpp-python's own default (512) is too small for real tasks."""
+    n_threads: int = Field(default=0, ge=0, le=256)
+    """CPU threads per model instance; 0 means one per core."""
+    n_batch: int = Field(default=256, ge=16, le=8192)
+    """Prompt tokens evaluated per batch."""
+    seed: int = Field(default=-1, ge=-1)
+    """Sampling seed; -1 draws a random one."""
+    models: dict[str, str] = Field(default_factory=dict)
+    """Extra model names mapped to GGUF paths, e.g. {qwen = "/models/qwen.gguf"}."""
+
+
+class ModelsSettings(BaseModel):
+    """Which model serves each role, as ``backend:model``."""
+
+    model_config = _STRICT
+
+    task: str = "llamacpp:smollm2-135m"
+    """The model that executes tasks."""
+    llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    """Options of the embedded llama.cpp backend."""
+
+    @field_validator("task")
+    @classmethod
+    def _valid_spec(cls, value: str) -> str:
+        parse_model_spec(value)
+        return value
+
+
+class BackendSpec(BaseModel):
+    """A parsed ``backend:model`` role binding."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: Literal["llamacpp"]
+    model: str
+
+
+def parse_model_spec(spec: str) -> BackendSpec:
+    """Split ``backend:model``; raise ValueError naming what is wrong."""
+    backend, sep, model = spec.partition(":")
+    if not sep or not model:
+        raise ValueError(
+            f"model {spec!r} must look like 'backend:model', e.g. 'llamacpp:smollm2-135m'"
+        )
+    if backend != "llamacpp":
+        raise ValueError(f"unknown backend {backend!r} in {spec!r}; this build supports 'llamacpp'")
+    return BackendSpec(backend="llamacpp", model=model)
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TALE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _TOML_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+# pydantic-settings builds sources from the class, so the file to read is handed
+# over here for the duration of one load_settings() call.
+_TOML_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from defaults, ``config_file`` (if it exists), env and overrides.
+
+    Raises ConfigError with every problem named by its dotted key.
+    """
+    path = config_file if config_file is not None and config_file.exists() else None
+    _TOML_FILE["path"] = path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        where = f" ({path} or TALE_* environment)" if path else " (TALE_* environment)"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {_describe(err)}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{where}: {problems}") from None
+    except (OSError, ValueError) as exc:
+        # tomllib.TOMLDecodeError is a ValueError: a syntax error in the file.
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+    finally:
+        _TOML_FILE["path"] = None
+
+
+def _describe(err: Any) -> str:
+    if err.get("type") == "extra_forbidden":
+        return "unknown key (check its spelling against etc/taled.toml)"
+    return str(err.get("msg", "invalid value"))

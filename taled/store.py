@@ -1,0 +1,651 @@
+"""The SQLite store: tasks, their transitions and the token ledger.
+
+SQLAlchemy 2 (async, Core) over aiosqlite, in WAL mode. All writes go through
+one writer task that group-commits whatever is waiting in a single
+``BEGIN IMMEDIATE`` transaction, each operation inside its own savepoint, so a
+burst of submits costs one fsync instead of one each. Reads use a small pool of
+separate connections and never wait behind the writer.
+
+The schema is versioned with ``PRAGMA user_version``; ``_MIGRATIONS`` holds one
+entry per version, applied in order at open, so later versions migrate old data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from taled.errors import IllegalTransition, NotFound, TaleError, Unavailable
+from taled.lifecycle import TaskState, check_transition
+from taled.settings import StoreSettings
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CallRecord",
+    "Store",
+    "TaskRecord",
+    "Transition",
+    "new_task_id",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("result", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+transitions = sa.Table(
+    "transitions",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), nullable=False),
+    sa.Column("from_state", sa.Text),
+    sa.Column("to_state", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
+model_calls = sa.Table(
+    "model_calls",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("task_id", sa.Text),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("backend", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("load_ms", sa.Float, nullable=False),
+    sa.Column("prompt_ms", sa.Float, nullable=False),
+    sa.Column("generation_ms", sa.Float, nullable=False),
+    sa.Column("total_ms", sa.Float, nullable=False),
+    sa.Column("success", sa.Boolean, nullable=False),
+    sa.Column("error", sa.Text),
+)
+
+_V1 = [
+    """CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        text TEXT NOT NULL,
+        state TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        result TEXT,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    "CREATE INDEX tasks_by_queue ON tasks (state, priority DESC, created_at)",
+    "CREATE INDEX tasks_by_created ON tasks (created_at DESC)",
+    """CREATE TABLE transitions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        at REAL NOT NULL,
+        reason TEXT NOT NULL
+    )""",
+    "CREATE INDEX transitions_by_task ON transitions (task_id, seq)",
+    """CREATE TABLE model_calls (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        task_id TEXT,
+        role TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        model TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        load_ms REAL NOT NULL,
+        prompt_ms REAL NOT NULL,
+        generation_ms REAL NOT NULL,
+        total_ms REAL NOT NULL,
+        success BOOLEAN NOT NULL,
+        error TEXT
+    )""",
+    "CREATE INDEX model_calls_by_task ON model_calls (task_id)",
+]
+
+# Index i holds the statements that take the schema from version i to i + 1.
+_MIGRATIONS: list[list[str]] = [_V1]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def new_task_id() -> str:
+    """A short random task id: 12 lowercase hex digits."""
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One recorded state change."""
+
+    from_state: str | None
+    to_state: str
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task as stored, with its history and token totals."""
+
+    id: str
+    text: str
+    state: TaskState
+    priority: int
+    result: str | None
+    error: str | None
+    attempts: int
+    created_at: float
+    updated_at: float
+    transitions: tuple[Transition, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One model call for the token ledger."""
+
+    role: str
+    backend: str
+    model: str
+    task_id: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    load_ms: float
+    prompt_ms: float
+    generation_ms: float
+    total_ms: float
+    success: bool
+    error: str | None = None
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class _WriteOp:
+    future: asyncio.Future[Any]
+    fn: Callable[[AsyncConnection], Awaitable[Any]] | None = None
+    # Submits are batched into one executemany instead of a savepoint each.
+    submit: dict[str, Any] | None = None
+
+
+def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
+    return TaskRecord(
+        id=row.id,
+        text=row.text,
+        state=TaskState(row.state),
+        priority=row.priority,
+        result=row.result,
+        error=row.error,
+        attempts=row.attempts,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+class Store:
+    """The daemon's persistent state. ``open()`` before use, ``close()`` after."""
+
+    def __init__(self, path: Path, settings: StoreSettings, write_batch_max: int) -> None:
+        self.path = path
+        self._settings = settings
+        self._batch_max = write_batch_max
+        self._writer_engine: AsyncEngine | None = None
+        self._reader_engine: AsyncEngine | None = None
+        self._wconn: AsyncConnection | None = None
+        self._queue: asyncio.Queue[_WriteOp] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or migrate the database and start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite+aiosqlite:///{self.path}"
+        self._writer_engine = self._engine(url, begin="BEGIN IMMEDIATE", pool_size=1)
+        self._reader_engine = self._engine(
+            url, begin="BEGIN", pool_size=self._settings.read_connections
+        )
+        self._wconn = await self._writer_engine.connect()
+        await self._migrate(self._wconn)
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def close(self) -> None:
+        """Flush pending writes, stop the writer and close every connection."""
+        self._closing = True
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._wconn is not None:
+            await self._wconn.close()
+            self._wconn = None
+        for engine in (self._writer_engine, self._reader_engine):
+            if engine is not None:
+                await engine.dispose()
+
+    def _engine(self, url: str, *, begin: str, pool_size: int) -> AsyncEngine:
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+        pragmas = (
+            "PRAGMA journal_mode=WAL",
+            f"PRAGMA synchronous={self._settings.synchronous.upper()}",
+            f"PRAGMA busy_timeout={self._settings.busy_timeout_ms}",
+            "PRAGMA foreign_keys=ON",
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Take transaction control from the driver so BEGIN IMMEDIATE and
+            # SAVEPOINT behave as written (the pysqlite recipe in SQLAlchemy's docs).
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            for pragma in pragmas:
+                cursor.execute(pragma)
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql(begin)
+
+        return engine
+
+    async def _migrate(self, conn: AsyncConnection) -> None:
+        async with conn.begin():
+            version = (await conn.exec_driver_sql("PRAGMA user_version")).scalar_one()
+            if version > SCHEMA_VERSION:
+                raise TaleError(
+                    f"database {self.path} has schema version {version}, newer than this "
+                    f"tale understands ({SCHEMA_VERSION}); upgrade tale"
+                )
+            for target in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[target]:
+                    await conn.exec_driver_sql(statement)
+                log.info("store migrated to schema version %d", target + 1)
+            await conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    async def schema_version(self) -> int:
+        """The schema version recorded in the database file."""
+        async with self._read() as conn:
+            return int((await conn.exec_driver_sql("PRAGMA user_version")).scalar_one())
+
+    # -- the writer --------------------------------------------------------
+
+    async def _enqueue(self, op: _WriteOp) -> Any:
+        if self._closing or self._writer is None:
+            raise Unavailable("the store is closed; the daemon is shutting down")
+        self._queue.put_nowait(op)
+        return await op.future
+
+    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``fn`` inside the next group commit, in its own savepoint."""
+        loop = asyncio.get_running_loop()
+        result: T = await self._enqueue(_WriteOp(future=loop.create_future(), fn=fn))
+        return result
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit_batch(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit_batch(self, batch: list[_WriteOp]) -> None:
+        conn = self._wconn
+        assert conn is not None
+        results: list[tuple[_WriteOp, Any, BaseException | None]] = []
+        try:
+            async with conn.begin():
+                submits = [op for op in batch if op.submit is not None]
+                if submits:
+                    await self._insert_submits(conn, [op.submit for op in submits if op.submit])
+                    results.extend((op, None, None) for op in submits)
+                for op in batch:
+                    if op.fn is None:
+                        continue
+                    savepoint = await conn.begin_nested()
+                    try:
+                        value = await op.fn(conn)
+                    except (TaleError, SQLAlchemyError) as exc:
+                        await savepoint.rollback()
+                        results.append((op, None, exc))
+                    else:
+                        await savepoint.commit()
+                        results.append((op, value, None))
+        except SQLAlchemyError as exc:
+            log.exception("group commit of %d writes failed", len(batch))
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(TaleError(f"the store could not commit: {exc}"))
+            return
+        # Only now is everything durable: answer the callers.
+        for op, value, error in results:
+            if op.future.done():
+                continue
+            if error is not None:
+                op.future.set_exception(error)
+            else:
+                op.future.set_result(value)
+
+    @staticmethod
+    async def _insert_submits(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        await conn.execute(tasks.insert(), list(rows))
+        await conn.execute(
+            transitions.insert(),
+            [
+                {
+                    "task_id": r["id"],
+                    "from_state": None,
+                    "to_state": TaskState.QUEUED.value,
+                    "at": r["created_at"],
+                    "reason": "submitted",
+                }
+                for r in rows
+            ],
+        )
+
+    # -- tasks -------------------------------------------------------------
+
+    async def submit(self, text: str, priority: int) -> TaskRecord:
+        """Persist a new queued task; returns once it is committed to disk."""
+        now = time.time()
+        task_id = new_task_id()
+        row: dict[str, Any] = {
+            "id": task_id,
+            "text": text,
+            "state": TaskState.QUEUED.value,
+            "priority": priority,
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        loop = asyncio.get_running_loop()
+        await self._enqueue(_WriteOp(future=loop.create_future(), submit=row))
+        return TaskRecord(
+            id=task_id,
+            text=text,
+            state=TaskState.QUEUED,
+            priority=priority,
+            result=None,
+            error=None,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+            transitions=(Transition(None, TaskState.QUEUED.value, now, "submitted"),),
+        )
+
+    async def transition(
+        self,
+        task_id: str,
+        target: TaskState,
+        reason: str,
+        *,
+        expect: TaskState | None = None,
+        **fields: Any,
+    ) -> TaskState:
+        """Move a task to ``target`` (checked by the state machine); returns the old state.
+
+        ``expect`` makes the change conditional: if the task is no longer in that
+        state (say it was cancelled meanwhile), IllegalTransition is raised.
+        """
+
+        async def apply(conn: AsyncConnection) -> TaskState:
+            current = await _current_state(conn, task_id)
+            if expect is not None and current != expect:
+                raise IllegalTransition(
+                    f"task {task_id} is {current}, no longer {expect}; it was not moved to {target}"
+                )
+            check_transition(task_id, current, target)
+            await _move(conn, task_id, current, target, reason, **fields)
+            return current
+
+        return await self.write(apply)
+
+    async def claim_next(self) -> TaskRecord | None:
+        """Move the most urgent queued task to running and return it, or None."""
+
+        async def apply(conn: AsyncConnection) -> TaskRecord | None:
+            row = (
+                await conn.execute(
+                    sa.select(tasks)
+                    .where(tasks.c.state == TaskState.QUEUED.value)
+                    .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
+                    .limit(1)
+                )
+            ).first()
+            if row is None:
+                return None
+            await _move(
+                conn,
+                row.id,
+                TaskState.QUEUED,
+                TaskState.RUNNING,
+                "picked up by a worker",
+                attempts=row.attempts + 1,
+            )
+            return _row_to_task(row)
+
+        return await self.write(apply)
+
+    async def requeue_running(self, reason: str) -> list[str]:
+        """Put every running or waiting task back in the queue (crash recovery)."""
+
+        async def apply(conn: AsyncConnection) -> list[str]:
+            rows = (
+                await conn.execute(
+                    sa.select(tasks.c.id, tasks.c.state).where(
+                        tasks.c.state.in_([TaskState.RUNNING.value, TaskState.WAITING.value])
+                    )
+                )
+            ).all()
+            moved = []
+            for row in rows:
+                current = TaskState(row.state)
+                if current == TaskState.WAITING:
+                    await _move(conn, row.id, current, TaskState.RUNNING, reason)
+                    current = TaskState.RUNNING
+                await _move(conn, row.id, current, TaskState.QUEUED, reason)
+                moved.append(row.id)
+            return moved
+
+        return await self.write(apply)
+
+    async def get_task(self, task_id: str) -> TaskRecord:
+        """One task with its transitions and token totals; NotFound if unknown."""
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(tasks).where(tasks.c.id == task_id))).first()
+            if row is None:
+                raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
+            history = (
+                await conn.execute(
+                    sa.select(transitions)
+                    .where(transitions.c.task_id == task_id)
+                    .order_by(transitions.c.seq)
+                )
+            ).all()
+            tokens = (
+                await conn.execute(
+                    sa.select(
+                        sa.func.coalesce(sa.func.sum(model_calls.c.prompt_tokens), 0),
+                        sa.func.coalesce(sa.func.sum(model_calls.c.completion_tokens), 0),
+                    ).where(model_calls.c.task_id == task_id)
+                )
+            ).one()
+        return replace(
+            _row_to_task(row),
+            transitions=tuple(
+                Transition(h.from_state, h.to_state, h.at, h.reason) for h in history
+            ),
+            prompt_tokens=int(tokens[0]),
+            completion_tokens=int(tokens[1]),
+        )
+
+    async def list_tasks(self, state: TaskState | None, limit: int) -> list[TaskRecord]:
+        """Tasks newest first, optionally only those in ``state``."""
+        query = sa.select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.id).limit(limit)
+        if state is not None:
+            query = query.where(tasks.c.state == state.value)
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+            ids = [r.id for r in rows]
+            token_rows = (
+                (
+                    await conn.execute(
+                        sa.select(
+                            model_calls.c.task_id,
+                            sa.func.sum(model_calls.c.prompt_tokens),
+                            sa.func.sum(model_calls.c.completion_tokens),
+                        )
+                        .where(model_calls.c.task_id.in_(ids))
+                        .group_by(model_calls.c.task_id)
+                    )
+                ).all()
+                if ids
+                else []
+            )
+        totals = {t[0]: (int(t[1]), int(t[2])) for t in token_rows}
+        out = []
+        for r in rows:
+            p, c = totals.get(r.id, (0, 0))
+            out.append(replace(_row_to_task(r), prompt_tokens=p, completion_tokens=c))
+        return out
+
+    async def count_by_state(self) -> dict[str, int]:
+        """How many tasks are in each state."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(tasks.c.state, sa.func.count()).group_by(tasks.c.state)
+                )
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # -- the token ledger --------------------------------------------------
+
+    async def record_call(self, call: CallRecord) -> None:
+        """Append one model call to the ledger."""
+
+        async def apply(conn: AsyncConnection) -> None:
+            await conn.execute(model_calls.insert().values(**call.__dict__))
+
+        await self.write(apply)
+
+    async def usage(self) -> dict[str, Any]:
+        """Ledger totals overall, by model and by role."""
+        c = model_calls.c
+        cols = (
+            sa.func.count().label("calls"),
+            sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
+            sa.func.coalesce(sa.func.sum(c.completion_tokens), 0).label("completion_tokens"),
+            sa.func.coalesce(sa.func.sum(sa.case((c.success, 0), else_=1)), 0).label("failures"),
+            sa.func.coalesce(sa.func.sum(c.total_ms), 0.0).label("total_ms"),
+        )
+        async with self._read() as conn:
+            total = (await conn.execute(sa.select(*cols))).one()
+            by_model = (
+                await conn.execute(
+                    sa.select(c.backend, c.model, *cols)
+                    .group_by(c.backend, c.model)
+                    .order_by(c.backend, c.model)
+                )
+            ).all()
+            by_role = (
+                await conn.execute(sa.select(c.role, *cols).group_by(c.role).order_by(c.role))
+            ).all()
+        return {
+            "total": _totals(total),
+            "by_model": [{"backend": r.backend, "model": r.model, **_totals(r)} for r in by_model],
+            "by_role": [{"role": r.role, **_totals(r)} for r in by_role],
+        }
+
+    async def calls_for_task(self, task_id: str) -> list[CallRecord]:
+        """Every ledger row of one task, oldest first."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(model_calls)
+                    .where(model_calls.c.task_id == task_id)
+                    .order_by(model_calls.c.seq)
+                )
+            ).all()
+        return [CallRecord(**{k: v for k, v in r._mapping.items() if k != "seq"}) for r in rows]
+
+    # -- helpers -----------------------------------------------------------
+
+    def _read(self) -> Any:
+        if self._reader_engine is None:
+            raise Unavailable("the store is not open")
+        return self._reader_engine.connect()
+
+
+def _totals(row: Any) -> dict[str, Any]:
+    return {
+        "calls": int(row.calls),
+        "prompt_tokens": int(row.prompt_tokens),
+        "completion_tokens": int(row.completion_tokens),
+        "total_tokens": int(row.prompt_tokens) + int(row.completion_tokens),
+        "failures": int(row.failures),
+        "total_ms": round(float(row.total_ms), 1),
+    }
+
+
+async def _current_state(conn: AsyncConnection, task_id: str) -> TaskState:
+    state = (
+        await conn.execute(sa.select(tasks.c.state).where(tasks.c.id == task_id))
+    ).scalar_one_or_none()
+    if state is None:
+        raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
+    return TaskState(state)
+
+
+async def _move(
+    conn: AsyncConnection,
+    task_id: str,
+    current: TaskState,
+    target: TaskState,
+    reason: str,
+    **fields: Any,
+) -> None:
+    now = time.time()
+    await conn.execute(
+        tasks.update()
+        .where(tasks.c.id == task_id)
+        .values(state=target.value, updated_at=now, **fields)
+    )
+    await conn.execute(
+        transitions.insert().values(
+            task_id=task_id, from_state=current.value, to_state=target.value, at=now, reason=reason
+        )
+    )
