@@ -1,0 +1,111 @@
+"""Configuration: documented defaults, layering, and typos that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taled.errors import ConfigError
+from taled.settings import Settings, load_settings
+from tests.harness import Home
+
+ETC = Path(__file__).resolve().parent.parent / "etc" / "taled.toml"
+
+
+def _defaults() -> dict[str, Any]:
+    return Settings().model_dump()
+
+
+def test_etc_taled_toml_equals_the_settings_defaults() -> None:
+    """etc/taled.toml documents exactly the settings model's defaults."""
+    assert tomllib.loads(ETC.read_text()) == _defaults()
+
+
+def test_every_setting_is_documented_in_etc() -> None:
+    """Every key in etc/taled.toml has a comment line right above it."""
+    lines = ETC.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.startswith(("#", "[")):
+            assert lines[i - 1].startswith("#"), f"undocumented setting: {line}"
+
+
+def test_user_file_overrides_defaults(tmp_path: Path) -> None:
+    """A value in the user's taled.toml replaces the default."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text("[queue]\nworkers = 5\n")
+    assert load_settings(cfg).queue.workers == 5
+
+
+def test_environment_overrides_user_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TALE_QUEUE__WORKERS wins over the user's file."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text("[queue]\nworkers = 5\n")
+    monkeypatch.setenv("TALE_QUEUE__WORKERS", "7")
+    assert load_settings(cfg).queue.workers == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[queue]\nworkerz = 3\n", "queue.workerz"),
+        ("[models.llamacpp]\nn_ctxx = 1024\n", "models.llamacpp.n_ctxx"),
+        ("[daemon]\nlog_levle = 'info'\n", "daemon.log_levle"),
+        ("bogus = 1\n", "bogus"),
+        ("[nope]\nx = 1\n", "nope"),
+    ],
+)
+def test_a_typo_in_any_table_is_an_error_naming_the_key(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    """An unknown key, at any depth, is rejected with its dotted name."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(cfg)
+
+
+def test_a_typo_in_an_environment_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TALE_QUEUE__WORKERZ is rejected, not ignored."""
+    monkeypatch.setenv("TALE_QUEUE__WORKERZ", "3")
+    with pytest.raises(ConfigError, match=r"queue\.workerz"):
+        load_settings(None)
+
+
+def test_an_out_of_range_value_is_an_error(tmp_path: Path) -> None:
+    """workers = 0 is rejected with the field's name and bound."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text("[queue]\nworkers = 0\n")
+    with pytest.raises(ConfigError, match=r"queue\.workers.*greater than or equal to 1"):
+        load_settings(cfg)
+
+
+def test_an_unknown_backend_is_an_error(tmp_path: Path) -> None:
+    """A role bound to a backend this build lacks is rejected at load."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text('[models]\ntask = "nosuch:model"\n')
+    with pytest.raises(ConfigError, match="unknown backend 'nosuch'"):
+        load_settings(cfg)
+
+
+def test_broken_toml_is_an_error_with_the_file(tmp_path: Path) -> None:
+    """A syntax error names the file."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text("[queue\n")
+    with pytest.raises(ConfigError, match=str(cfg)):
+        load_settings(cfg)
+
+
+def test_taled_exits_2_naming_the_bad_key(home: Home) -> None:
+    """taled refuses to start on a typo in the user's file, exit code 2, key named."""
+    home.write_config("[runner]\nmax_tokenz = 5\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "taled"], env=home.env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "runner.max_tokenz" in proc.stderr
+    assert not home.socket.exists()

@@ -1,0 +1,88 @@
+"""Editors' path: the official MCP SDK client talks to the daemon through `tale mcp`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import anyio
+import mcp_types as types
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.exceptions import MCPError
+
+from tests.harness import Daemon
+
+
+def _bridge(daemon: Daemon) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "tale_client.cli", "mcp"], env=daemon.home.env
+    )
+
+
+async def _with_session(daemon: Daemon, body: Any) -> Any:
+    async with (
+        stdio_client(_bridge(daemon)) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        return await body(session)
+
+
+def run(daemon: Daemon, body: Any) -> Any:
+    return anyio.run(_with_session, daemon, body)
+
+
+def test_sdk_client_lists_tools_with_real_schemas(shared_daemon: Daemon) -> None:
+    """tools/list over `tale mcp` publishes every tool with an object schema."""
+
+    async def body(session: ClientSession) -> types.ListToolsResult:
+        return await session.list_tools()
+
+    result = run(shared_daemon, body)
+    tools = {t.name: t for t in result.tools}
+    assert {"submit_task", "get_task", "list_tasks", "cancel_task", "usage"} <= set(tools)
+    submit = tools["submit_task"].input_schema
+    assert submit["type"] == "object"
+    assert submit["required"] == ["text"]
+    assert submit["properties"]["priority"]["minimum"] == 0
+    assert submit["additionalProperties"] is False
+
+
+def test_sdk_client_submits_and_reads_a_task(shared_daemon: Daemon) -> None:
+    """submit_task then get_task through the SDK returns the stored task."""
+
+    async def body(session: ClientSession) -> tuple[Any, Any]:
+        submitted = await session.call_tool("submit_task", {"text": "Name a colour", "priority": 7})
+        assert submitted.structured_content is not None
+        task_id = submitted.structured_content["id"]
+        got = await session.call_tool("get_task", {"id": task_id})
+        return submitted.structured_content, got.structured_content
+
+    submitted, got = run(shared_daemon, body)
+    assert got["id"] == submitted["id"]
+    assert got["priority"] == 7
+    assert got["text"] == "Name a colour"
+
+
+def test_sdk_client_gets_invalid_params_for_bad_arguments(shared_daemon: Daemon) -> None:
+    """Bad arguments reach an SDK client as a JSON-RPC -32602 error naming the field."""
+
+    async def body(session: ClientSession) -> MCPError:
+        with pytest.raises(MCPError) as info:
+            await session.call_tool("submit_task", {"text": "x", "priority": -3})
+        return info.value
+
+    error = run(shared_daemon, body)
+    assert error.code == -32602
+    assert "priority" in error.message
+
+
+def test_sdk_client_pings(shared_daemon: Daemon) -> None:
+    """ping is answered."""
+
+    async def body(session: ClientSession) -> object:
+        return await session.send_ping()
+
+    run(shared_daemon, body)
