@@ -57,6 +57,14 @@ def _error_frame(code: int, message: str, request_id: Any = None) -> bytes:
     return (json.dumps(body) + "\n").encode()
 
 
+def _has_id(line: bytes) -> bool:
+    try:
+        doc = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "id" in doc
+
+
 class SocketListener:
     """Owns the socket file, its lock and the accept loop."""
 
@@ -78,10 +86,11 @@ class SocketListener:
 
     def lock(self) -> None:
         """Take the one-daemon-per-socket lock; DaemonError if another daemon holds it."""
-        if len(os.fsencode(self.path)) > _MAX_SOCKET_PATH:
+        size = len(os.fsencode(self.path))
+        if size > _MAX_SOCKET_PATH:
             raise DaemonError(
-                f"socket path {self.path} is {len(os.fsencode(self.path))} bytes; Unix sockets "
-                f"allow {_MAX_SOCKET_PATH}. Set TALE_SOCKET or XDG_RUNTIME_DIR to a shorter path"
+                f"socket path {self.path} is too long ({size} bytes; Unix sockets allow "
+                f"{_MAX_SOCKET_PATH}). Set TALE_SOCKET or XDG_RUNTIME_DIR to a shorter path"
             )
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -130,7 +139,12 @@ class SocketListener:
 
         async def on_connection(stream: SocketStream) -> None:
             async with stream:
-                await self._session(stream, handler)
+                try:
+                    await self._session(stream, handler)
+                except Exception:
+                    # One broken session must never take the daemon (and every
+                    # other client) down with it.
+                    log.exception("a client session failed; the connection was closed")
 
         await self._listener.serve(on_connection)
 
@@ -227,17 +241,30 @@ class SocketListener:
             return
         try:
             message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
-        except ValidationError:
-            await send_bytes(_error_frame(*self._diagnose(line)))
+        except ValidationError as exc:
+            await send_bytes(_error_frame(*self._diagnose(line, exc)))
+            return
+        if isinstance(message, types.JSONRPCNotification) and _has_id(line):
+            # pydantic reads {"id": 1.5 | null | true, "method": ...} as a notification
+            # (it ignores the bad id), so the caller would wait forever for an answer.
+            await send_bytes(
+                _error_frame(
+                    -32600, "invalid request: 'id' must be a string or an integer (not null)"
+                )
+            )
             return
         await in_send.send(SessionMessage(message))
 
     @staticmethod
-    def _diagnose(line: bytes) -> tuple[int, str, Any]:
+    def _diagnose(line: bytes, exc: ValidationError) -> tuple[int, str, Any]:
+        for err in exc.errors():
+            if err["type"] == "json_invalid":
+                return -32700, f"parse error: the frame is not JSON ({err['msg']})", None
         try:
             doc = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return -32700, f"parse error: the frame is not JSON ({exc})", None
+        except (ValueError, RecursionError):
+            # pydantic parsed it but the stdlib cannot (too deep): no id to answer with.
+            doc = None
         request_id = doc.get("id") if isinstance(doc, dict) else None
         if not isinstance(request_id, str | int) or isinstance(request_id, bool):
             request_id = None

@@ -20,6 +20,8 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 
 UNKNOWN_ID = "0123456789ab"
+# Greedy decoding answers this in a couple of tokens: a task that completes fast.
+SHORT_ANSWER = "Answer yes or no: is 2 > 1?"
 
 
 def _sqlite_task_rows(daemon: Daemon) -> int:
@@ -322,7 +324,7 @@ def test_client_that_hangs_up_mid_call_does_not_disturb_the_daemon(
 def test_cli_submit_empty_text_exits_2_with_message_on_stderr_only(
     shared_daemon: Daemon,
 ) -> None:
-    """`tale submit ""` exits 2, says the text is empty on stderr, prints nothing, stores nothing."""
+    """`tale submit ""` exits 2 saying the text is empty on stderr; no output, nothing stored."""
     with _nothing_written(shared_daemon):
         proc = shared_daemon.home.tale("submit", "")
     assert proc.returncode == 2
@@ -349,7 +351,7 @@ def test_cli_list_with_unknown_state_exits_2_listing_the_states(shared_daemon: D
 
 def test_cli_cancel_of_a_completed_task_exits_1(shared_daemon: Daemon) -> None:
     """`tale cancel` of a completed task exits 1 saying the task is already completed."""
-    task_id = shared_daemon.call("submit_task", text="Say hi", priority=100)["id"]
+    task_id = shared_daemon.call("submit_task", text=SHORT_ANSWER, priority=100)["id"]
     assert shared_daemon.wait_for(task_id)["state"] == "completed"
     proc = shared_daemon.home.tale("cancel", task_id)
     assert proc.returncode == 1

@@ -46,7 +46,6 @@ _json_fragments = st.sampled_from(
 )
 
 
-
 def _giant_line(pattern: bytes, frames: int) -> bytes:
     """A line of ``pattern`` just over ``frames`` times the frame limit."""
     size = MAX_FRAME * frames + 1
@@ -56,6 +55,12 @@ def _giant_line(pattern: bytes, frames: int) -> bytes:
 _line = st.one_of(
     st.binary(max_size=200),
     st.lists(_json_fragments, max_size=20).map(b"".join),
+    # Deeply nested JSON (deeper than any parser's recursion limit), within the frame limit.
+    st.builds(
+        lambda opener, fill: opener * int(fill * (MAX_FRAME - 1) // len(opener)),
+        st.sampled_from([b"[", b'{"a":', b'{"params": ']),
+        st.floats(min_value=0.0, max_value=1.0),
+    ),
     st.builds(
         _giant_line,
         st.binary(min_size=1, max_size=16).filter(lambda b: b"\n" not in b),
@@ -111,7 +116,7 @@ def _healthy(daemon: Daemon) -> None:
 )
 @given(payload=frames)
 def test_random_frames_never_kill_the_daemon(small_frame_daemon: Daemon, payload: bytes) -> None:
-    """Whatever bytes a client sends, every answer is a JSON-RPC object and a fresh client is served."""
+    """Whatever bytes a client sends, it gets only JSON-RPC objects back and others are served."""
     answer = _exchange(small_frame_daemon, payload)
     for line in answer.splitlines():
         doc = json.loads(line)
