@@ -15,10 +15,12 @@ from tale_client import paths
 from tale_client.rpc import Connection, DaemonUnreachable
 
 __all__ = [
+    "CHECKED_IN_EXEC_START",
     "START_TIMEOUT_SECONDS",
     "UNIT_TEMPLATE",
     "connect",
     "daemon_pid",
+    "exec_start_line",
     "install_unit",
     "render_unit",
     "start_daemon",
@@ -33,11 +35,14 @@ _POLL_SECONDS = 0.05
 UNIT_TEMPLATE = """\
 [Unit]
 Description=tale daemon: a personal AI worker (local models, task queue, MCP socket)
-After=default.target
 
 [Service]
+# READY=1 once the models are loaded and the socket listens; WATCHDOG=1 pings.
 Type=notify
 NotifyAccess=main
+# `tale daemon install` writes this unit with the interpreter of the environment
+# tale is installed in; the repository's systemd/taled.service assumes
+# `pipx install tale` (or `pip install --user`), which puts taled in ~/.local/bin.
 ExecStart={exec_start}
 Restart=on-failure
 RestartSec=2
@@ -45,16 +50,39 @@ RestartSec=2
 RestartPreventExitStatus=2 3
 WatchdogSec=30
 TimeoutStartSec=180
+# Longer than the daemon's default shutdown grace (daemon.shutdown_grace_seconds).
 TimeoutStopSec=60
 
 [Install]
 WantedBy=default.target
 """
 
+# ExecStart of the repository's systemd/taled.service (a test pins the two equal).
+CHECKED_IN_EXEC_START = "%h/.local/bin/taled"
+
 
 def render_unit(exec_start: str) -> str:
-    """The user unit text with the given ExecStart command."""
+    """The user unit text with the given ExecStart command line (already escaped)."""
     return UNIT_TEMPLATE.format(exec_start=exec_start)
+
+
+def exec_start_line(argv: list[str]) -> str:
+    """``argv`` as an ExecStart command line that systemd splits back into ``argv``.
+
+    ``%`` (specifiers) is escaped everywhere, ``$`` (variables) in the arguments
+    (systemd does not expand it in the executable's name), ``\\`` and ``"`` too;
+    a word that needed escaping, is empty or holds a space or a quote is
+    double-quoted, so a venv under "~/My Projects" still works. (systemd refuses
+    executable names that contain quotes or backslashes however they are written.)
+    """
+    words = []
+    for i, arg in enumerate(argv):
+        escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+        if i > 0:
+            escaped = escaped.replace("$", "$$")
+        plain = bool(arg) and escaped == arg and not any(c.isspace() or c == "'" for c in arg)
+        words.append(arg if plain else f'"{escaped}"')
+    return " ".join(words)
 
 
 def unit_path() -> Path:
@@ -66,7 +94,7 @@ def install_unit() -> Path:
     """Write the user unit, pointing at this environment's taled."""
     target = unit_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_unit(f"{sys.executable} -m taled"))
+    target.write_text(render_unit(exec_start_line([sys.executable, "-m", "taled"])))
     return target
 
 

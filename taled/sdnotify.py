@@ -43,7 +43,8 @@ class Notifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto("\n".join(fields).encode(), self._address)
+                # Never block the event loop, even if the manager's queue is full.
+                sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
             log.warning("sd_notify to %r failed: %s", self._address, exc)
             return False

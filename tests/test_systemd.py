@@ -115,7 +115,7 @@ def test_systemd_analyze_accepts_the_installed_unit(home: Home) -> None:
 
 @needs_systemd_analyze
 def test_systemd_analyze_accepts_the_checked_in_unit(tmp_path: Path) -> None:
-    """`systemd-analyze --user verify` accepts systemd/taled.service when ~/.local/bin/taled exists."""
+    """`systemd-analyze --user verify` accepts systemd/taled.service given ~/.local/bin/taled."""
     user_home = tmp_path / "home"
     (user_home / ".local" / "bin").mkdir(parents=True)
     (user_home / ".local" / "bin" / "taled").symlink_to(Path(sys.executable).parent / "taled")
