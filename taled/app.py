@@ -12,10 +12,12 @@ Signal handlers only set a flag; everything else happens in ``serve``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -23,6 +25,7 @@ from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 
 from taled import __version__, paths
+from taled.errors import TaleError
 from taled.pool import ModelPool
 from taled.queue import TaskQueue
 from taled.runner import Runner
@@ -35,6 +38,17 @@ from taled.transport import SocketListener
 __all__ = ["App"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _unwrap_one() -> Iterator[None]:
+    """Re-raise a task group's lone TaleError as itself (start-up errors have exit codes)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], TaleError):
+            raise group.exceptions[0] from None
+        raise
 
 
 class App:
@@ -93,29 +107,31 @@ class App:
     async def serve(self) -> None:
         """Run the daemon until asked to stop. Start-up errors propagate."""
         started = time.perf_counter()
-        await self._startup()
-        self.ready_seconds = time.perf_counter() - started
-        self.notifier.notify("READY=1", f"STATUS=ready in {self.ready_seconds:.2f} s")
-        log.info(
-            "taled ready in %.2f s on %s (pid %s)",
-            self.ready_seconds,
-            self.listener.path,
-            os.getpid(),
-        )
-        try:
+        # Signals are caught from the first instant: a SIGTERM during start-up (or
+        # right after READY=1) must still end in a graceful stop, not a kill.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, _unwrap_one():
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self.listener.serve, self._session)
-                tg.start_soon(self.notifier.watchdog, self.settings.daemon.watchdog_fraction)
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    tg.start_soon(self._on_signals, signals)
+                tg.start_soon(self._on_signals, signals)
+                try:
+                    await self._startup()
+                    self.ready_seconds = time.perf_counter() - started
+                    self.notifier.notify("READY=1", f"STATUS=ready in {self.ready_seconds:.2f} s")
+                    log.info(
+                        "taled ready in %.2f s on %s (pid %s)",
+                        self.ready_seconds,
+                        self.listener.path,
+                        os.getpid(),
+                    )
+                    tg.start_soon(self.listener.serve, self._session)
+                    tg.start_soon(self.notifier.watchdog, self.settings.daemon.watchdog_fraction)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")
                     await self.runner.stop(self.settings.daemon.shutdown_grace_seconds)
+                finally:
                     tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._shutdown()
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown()
 
     async def _on_signals(self, signals: Any) -> None:
         async for signum in signals:
@@ -124,22 +140,20 @@ class App:
 
     async def _startup(self) -> None:
         self.listener.lock()
-        try:
-            await self.store.open()
-            requeued = await self.store.requeue_running(
-                "daemon restarted; the task was interrupted and runs again"
-            )
-            if requeued:
-                log.warning("requeued %d task(s) interrupted by a crash", len(requeued))
-            await self.pool.start()
-            await self.listener.listen()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._shutdown()
-            raise
+        await self.store.open()
+        requeued = await self.store.requeue_running(
+            "daemon restarted; the task was interrupted and runs again"
+        )
+        if requeued:
+            log.warning("requeued %d task(s) interrupted by a crash", len(requeued))
+        await self.pool.start()
+        await self.listener.listen()
+        if self._stop.is_set():
+            return
         await self.runner.start()
 
     async def _shutdown(self) -> None:
+        # Each step undoes only what start-up got to, so this runs after any failure.
         await self.listener.close()
         await self.pool.stop()
         await self.store.close()

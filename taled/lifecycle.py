@@ -1,13 +1,17 @@
 """The task state machine: which state changes are legal.
 
     queued ──► running ──► completed | failed | cancelled
-      │  ▲        │ ▲ │
-      │  └────────┘ │ └──► waiting (blocked on subtasks) ──► running
-      ▼             ▼
-    paused ◄──────►(running)         any non-final state ──► cancelled
+      ▲  │      │  ▲  │
+      │  │      │  │  └──► waiting (blocked on subtasks) ──► running | paused | failed
+      │  ▼      ▼  │
+      └─ paused ◄──┘  (pause from queued, running or waiting)
 
-``running → queued`` is how a task interrupted by a crash or shutdown goes back
-to the queue. ``completed``, ``failed`` and ``cancelled`` are final.
+    any non-final state ──► cancelled
+
+Resuming a paused task puts it back in the queue (``paused → queued``), where it
+waits for a free worker like any other; ``running → queued`` is how a task
+interrupted by a crash or shutdown goes back too. ``completed``, ``failed`` and
+``cancelled`` are final.
 """
 
 from __future__ import annotations

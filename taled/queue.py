@@ -77,6 +77,9 @@ class TaskQueue:
             task = await self._store.claim_next()
             if task is not None:
                 return task
+            if not self._accepting:
+                # stop_accepting() ran while we were claiming; its wake-up is spent.
+                break
             await self._wake.wait()
         return None
 

@@ -182,6 +182,8 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(TOOLS[tool][0].model_fields) or "none"
             parts.append(f"unknown argument {field!r} (allowed: {allowed})")
+        elif err["type"] == "string_too_short" and field == "text":
+            parts.append("task text is empty; say what you want done")
         elif err["type"] == "missing":
             parts.append(f"missing required argument {field!r}")
         elif err["type"] == "string_pattern_mismatch" and field == "id":

@@ -149,10 +149,13 @@ class SocketListener:
         await self._listener.serve(on_connection)
 
     async def close(self) -> None:
-        """Stop listening, remove the socket and release the lock."""
+        """Stop listening, remove the socket and release the lock (if we hold them)."""
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
+        if self._lock_file is None:
+            # Never ours: the socket there (if any) belongs to another daemon.
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         if self._lock_file is not None:

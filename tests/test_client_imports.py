@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.harness import Daemon
 
@@ -33,7 +34,7 @@ FORBIDDEN = (
 
 
 def test_tale_list_imports_no_heavy_modules(shared_daemon: Daemon, tmp_path: object) -> None:
-    """`tale list` loads none of mcp, taled, pydantic, textual, rich.table (nor the daemon's stack)."""
+    """`tale list` imports none of mcp, taled, pydantic, textual, rich.table, sqlalchemy."""
     out = f"{tmp_path}/modules.json"
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, out],
@@ -43,7 +44,7 @@ def test_tale_list_imports_no_heavy_modules(shared_daemon: Daemon, tmp_path: obj
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    modules = json.loads(open(out).read())
+    modules = json.loads(Path(out).read_text())
     loaded = sorted(m for m in modules if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN)
     assert loaded == [], f"`tale list` imported {loaded}"
     assert "tale_client.rpc" in modules

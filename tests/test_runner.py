@@ -129,6 +129,7 @@ def test_kill_9_mid_task_loses_nothing(long_daemon: Daemon) -> None:
         assert "restarted" in history[2]["reason"]
     finally:
         restarted.stop()
+        home.cleanup()
 
 
 def test_a_submit_is_on_disk_before_its_id_is_returned(daemon: Daemon) -> None:
@@ -143,7 +144,7 @@ def test_a_submit_is_on_disk_before_its_id_is_returned(daemon: Daemon) -> None:
 
 
 def test_sigterm_requeues_a_running_task_and_exits_cleanly() -> None:
-    """SIGTERM stops the running call after the grace period, requeues it, and removes the socket."""
+    """SIGTERM stops the running call after the grace, requeues the task, removes the socket."""
     home = Home({**LONG_ENV, "TALE_DAEMON__SHUTDOWN_GRACE_SECONDS": "0.5"})
     daemon = Daemon(home).start()
     try:

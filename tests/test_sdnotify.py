@@ -185,11 +185,6 @@ def test_sigterm_sends_stopping_then_exits_zero_and_removes_its_socket(
         home.cleanup()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="taled/app.py opens its signal receiver only after sending READY=1, so a "
-    "SIGTERM in between kills the daemon with the default action (exit -15)",
-)
 def test_sigterm_right_after_ready_still_stops_gracefully(listener: NotifyListener) -> None:
     """A SIGTERM sent the moment READY=1 arrives still gets STOPPING=1 and exit code 0."""
     home = Home(extra_env={"NOTIFY_SOCKET": listener.address})

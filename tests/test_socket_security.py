@@ -87,11 +87,10 @@ def test_stale_socket_of_a_killed_daemon_is_replaced(daemon: Daemon) -> None:
     daemon.kill9()
     sock = daemon.home.socket
     assert stat.S_ISSOCK(sock.lstat().st_mode), "kill -9 leaves the socket file"
-    stale_inode = sock.lstat().st_ino
     successor = Daemon(daemon.home).start()
     try:
         assert "tasks" in successor.call("list_tasks")
-        assert sock.lstat().st_ino != stale_inode
+        # (Inode numbers are reused after unlink, so the log is the witness here.)
         assert stat.S_IMODE(sock.lstat().st_mode) == 0o600
         assert "removing stale socket" in successor.log_text()
     finally:
