@@ -13,6 +13,7 @@ entry per version, applied in order at open, so later versions migrate old data.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -231,8 +232,10 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite+aiosqlite:///{self.path}"
         self._writer_engine = self._engine(url, begin="BEGIN IMMEDIATE", pool_size=1)
+        # Reads are single statements, so they need no BEGIN (and no ROLLBACK on
+        # return to the pool): each is its own consistent snapshot under WAL.
         self._reader_engine = self._engine(
-            url, begin="BEGIN", pool_size=self._settings.read_connections
+            url, begin=None, pool_size=self._settings.read_connections
         )
         self._wconn = await self._writer_engine.connect()
         await self._migrate(self._wconn)
@@ -253,8 +256,13 @@ class Store:
             if engine is not None:
                 await engine.dispose()
 
-    def _engine(self, url: str, *, begin: str, pool_size: int) -> AsyncEngine:
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+    def _engine(self, url: str, *, begin: str | None, pool_size: int) -> AsyncEngine:
+        engine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_reset_on_return="rollback" if begin else None,
+        )
         pragmas = (
             "PRAGMA journal_mode=WAL",
             f"PRAGMA synchronous={self._settings.synchronous.upper()}",
@@ -272,9 +280,11 @@ class Store:
                 cursor.execute(pragma)
             cursor.close()
 
-        @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql(begin)
+        if begin is not None:
+
+            @event.listens_for(engine.sync_engine, "begin")
+            def _on_begin(conn: Any) -> None:
+                conn.exec_driver_sql(begin)
 
         return engine
 
@@ -485,62 +495,19 @@ class Store:
     async def get_task(self, task_id: str) -> TaskRecord:
         """One task with its transitions and token totals; NotFound if unknown."""
         async with self._read() as conn:
-            row = (await conn.execute(sa.select(tasks).where(tasks.c.id == task_id))).first()
-            if row is None:
-                raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
-            history = (
-                await conn.execute(
-                    sa.select(transitions)
-                    .where(transitions.c.task_id == task_id)
-                    .order_by(transitions.c.seq)
-                )
-            ).all()
-            tokens = (
-                await conn.execute(
-                    sa.select(
-                        sa.func.coalesce(sa.func.sum(model_calls.c.prompt_tokens), 0),
-                        sa.func.coalesce(sa.func.sum(model_calls.c.completion_tokens), 0),
-                    ).where(model_calls.c.task_id == task_id)
-                )
-            ).one()
-        return replace(
-            _row_to_task(row),
-            transitions=tuple(
-                Transition(h.from_state, h.to_state, h.at, h.reason) for h in history
-            ),
-            prompt_tokens=int(tokens[0]),
-            completion_tokens=int(tokens[1]),
-        )
+            row = (await conn.execute(_full_tasks().where(tasks.c.id == task_id))).first()
+        if row is None:
+            raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
+        return _full_row_to_task(row)
 
     async def list_tasks(self, state: TaskState | None, limit: int) -> list[TaskRecord]:
         """Tasks newest first, optionally only those in ``state``."""
-        query = sa.select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.id).limit(limit)
+        query = _full_tasks().order_by(tasks.c.created_at.desc(), tasks.c.id).limit(limit)
         if state is not None:
             query = query.where(tasks.c.state == state.value)
         async with self._read() as conn:
             rows = (await conn.execute(query)).all()
-            ids = [r.id for r in rows]
-            token_rows = (
-                (
-                    await conn.execute(
-                        sa.select(
-                            model_calls.c.task_id,
-                            sa.func.sum(model_calls.c.prompt_tokens),
-                            sa.func.sum(model_calls.c.completion_tokens),
-                        )
-                        .where(model_calls.c.task_id.in_(ids))
-                        .group_by(model_calls.c.task_id)
-                    )
-                ).all()
-                if ids
-                else []
-            )
-        totals = {t[0]: (int(t[1]), int(t[2])) for t in token_rows}
-        out = []
-        for r in rows:
-            p, c = totals.get(r.id, (0, 0))
-            out.append(replace(_row_to_task(r), prompt_tokens=p, completion_tokens=c))
-        return out
+        return [_full_row_to_task(r) for r in rows]
 
     async def count_by_state(self) -> dict[str, int]:
         """How many tasks are in each state."""
@@ -608,6 +575,56 @@ class Store:
         if self._reader_engine is None:
             raise Unavailable("the store is not open")
         return self._reader_engine.connect()
+
+
+def _full_tasks() -> sa.Select[Any]:
+    """Tasks with their history and token totals in one statement.
+
+    Every statement is a thread hop through aiosqlite (~1 ms here), so a task's
+    transitions (as a JSON array) and ledger sums come back in the same row.
+    """
+    history = (
+        sa.select(
+            sa.func.json_group_array(
+                sa.func.json_array(
+                    transitions.c.seq,
+                    transitions.c.from_state,
+                    transitions.c.to_state,
+                    transitions.c.at,
+                    transitions.c.reason,
+                )
+            )
+        )
+        .where(transitions.c.task_id == tasks.c.id)
+        .scalar_subquery()
+    )
+    prompt = (
+        sa.select(sa.func.coalesce(sa.func.sum(model_calls.c.prompt_tokens), 0))
+        .where(model_calls.c.task_id == tasks.c.id)
+        .scalar_subquery()
+    )
+    completion = (
+        sa.select(sa.func.coalesce(sa.func.sum(model_calls.c.completion_tokens), 0))
+        .where(model_calls.c.task_id == tasks.c.id)
+        .scalar_subquery()
+    )
+    return sa.select(
+        tasks,
+        history.label("history"),
+        prompt.label("prompt_total"),
+        completion.label("completion_total"),
+    )
+
+
+def _full_row_to_task(row: sa.Row[Any]) -> TaskRecord:
+    # SQLite 3.40 has no ORDER BY inside aggregates: sort by seq here.
+    history = sorted(json.loads(row.history)) if row.history else []
+    return replace(
+        _row_to_task(row),
+        transitions=tuple(Transition(f, t, at, reason) for _seq, f, t, at, reason in history),
+        prompt_tokens=int(row.prompt_total),
+        completion_tokens=int(row.completion_total),
+    )
 
 
 def _totals(row: Any) -> dict[str, Any]:

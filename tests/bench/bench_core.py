@@ -1,0 +1,224 @@
+"""Core benchmarks of issue #2, run on demand (not part of the test suite).
+
+    python tests/bench/bench_core.py [--quick]
+
+Measures, against a real taled in a throw-away XDG home:
+  - `tale list` wall time vs `python -c pass` (p50, same run)
+  - durable submits/s over the socket (one sequential client; several pipelined clients)
+  - get_task latency p50/p99 over one connection
+  - time to READY=1 (spawn to the sd_notify datagram), embedded model
+and prints a Markdown block for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tale_client.rpc import Connection  # noqa: E402
+from tests.harness import Daemon, Home  # noqa: E402
+
+# The runner executes what the benchmark submits; one-token answers on one
+# thread keep it from competing with the socket for both cores.
+BENCH_ENV = {
+    "TALE_RUNNER__MAX_TOKENS": "1",
+    "TALE_QUEUE__WORKERS": "1",
+    "TALE_MODELS__LLAMACPP__N_THREADS": "1",
+    "TALE_DAEMON__LOG_LEVEL": "warning",
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def wall(cmd: list[str], env: dict[str, str], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
+        )
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_cli(home: Home, runs: int) -> dict[str, float]:
+    tale = str(Path(sys.executable).with_name("tale"))
+    baseline = wall([sys.executable, "-c", "pass"], home.env, runs)
+    listing = wall([tale, "list"], home.env, runs)
+    return {
+        "python_pass_p50_ms": statistics.median(baseline) * 1000,
+        "tale_list_p50_ms": statistics.median(listing) * 1000,
+        "tale_list_p95_ms": pct(listing, 95) * 1000,
+    }
+
+
+def _pipelined_submits(path: str, count: int, window: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    conn = Connection(Path(path))
+    conn.initialize("bench")
+    sock = conn._sock
+    f = conn._file
+    sent = received = 0
+    start = time.perf_counter()
+    while received < count:
+        while sent < count and sent - received < window:
+            sent += 1
+            msg = {
+                "jsonrpc": "2.0",
+                "id": sent,
+                "method": "tools/call",
+                "params": {"name": "submit_task", "arguments": {"text": f"bench {sent}"}},
+            }
+            f.write(json.dumps(msg).encode() + b"\n")
+        f.flush()
+        reply = json.loads(f.readline())
+        assert "result" in reply, reply
+        received += 1
+    out.put((count, time.perf_counter() - start))
+    sock.close()
+
+
+def bench_submits(
+    daemon: Daemon, sequential: int, clients: int, per_client: int
+) -> dict[str, float]:
+    with daemon.client() as conn:
+        start = time.perf_counter()
+        for i in range(sequential):
+            conn.call_tool("submit_task", {"text": f"sequential {i}"})
+        seq_rate = sequential / (time.perf_counter() - start)
+    out: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    procs = [
+        multiprocessing.Process(
+            target=_pipelined_submits, args=(str(daemon.home.socket), per_client, 64, out)
+        )
+        for _ in range(clients)
+    ]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=600) for _ in procs]
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    total = sum(n for n, _ in results)
+    return {
+        "sequential_submits_per_s": seq_rate,
+        "pipelined_submits_per_s": total / elapsed,
+        "pipelined_clients": clients,
+        "pipelined_total": total,
+    }
+
+
+def bench_get_task(daemon: Daemon, calls: int) -> dict[str, float]:
+    with daemon.client() as conn:
+        task_id = conn.call_tool("submit_task", {"text": "status probe"})["id"]
+        for _ in range(50):  # warm-up
+            conn.call_tool("get_task", {"id": task_id})
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            conn.call_tool("get_task", {"id": task_id})
+            times.append(time.perf_counter() - start)
+    return {"get_task_p50_ms": pct(times, 50) * 1000, "get_task_p99_ms": pct(times, 99) * 1000}
+
+
+def bench_ready(runs: int) -> dict[str, float]:
+    times = []
+    for _ in range(runs):
+        home = Home(BENCH_ENV)
+        notify = str(home.root / "n.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(notify)
+            sock.settimeout(60)
+            env = {**home.env, "NOTIFY_SOCKET": notify}
+            start = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "taled"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            while b"READY=1" not in sock.recv(4096):
+                pass
+            times.append(time.perf_counter() - start)
+            proc.terminate()
+            proc.wait(30)
+        home.cleanup()
+    return {"ready_p50_s": statistics.median(times), "ready_max_s": max(times)}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    q = args.quick
+    home = Home(BENCH_ENV)
+    daemon = Daemon(home).start()
+    try:
+        results = {
+            **bench_cli(home, 10 if q else 40),
+            **bench_get_task(daemon, 300 if q else 2000),
+            **bench_submits(daemon, 300 if q else 2000, 4, 500 if q else 3000),
+        }
+    finally:
+        daemon.stop()
+        home.cleanup()
+    results.update(bench_ready(3 if q else 10))
+    r = results
+    print(f"### Core benchmarks — {datetime.now(UTC):%Y-%m-%d} — {machine()}\n")
+    print("| what | measured | target |")
+    print("| --- | --- | --- |")
+    print(
+        f"| `tale list` wall, p50 (daemon up) | {r['tale_list_p50_ms']:.0f} ms (p95 {r['tale_list_p95_ms']:.0f} ms); "
+        f"`python -c pass` {r['python_pass_p50_ms']:.0f} ms, ratio {r['tale_list_p50_ms'] / r['python_pass_p50_ms']:.1f}× | ≤ 150 ms |"
+    )
+    print(
+        f"| durable submits/s, {r['pipelined_clients']} pipelined clients ({r['pipelined_total']} tasks) | "
+        f"{r['pipelined_submits_per_s']:.0f}/s | ≥ 1,000/s |"
+    )
+    print(
+        f"| durable submits/s, one sequential client | {r['sequential_submits_per_s']:.0f}/s | — |"
+    )
+    print(
+        f"| `get_task` over one connection | p50 {r['get_task_p50_ms']:.2f} ms, p99 {r['get_task_p99_ms']:.2f} ms | p99 ≤ 5 ms |"
+    )
+    print(
+        f"| spawn → READY=1, embedded model | p50 {r['ready_p50_s']:.2f} s, max {r['ready_max_s']:.2f} s | ≤ 3 s |"
+    )
+    print()
+    print("```json")
+    print(
+        json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, indent=1)
+    )
+    print("```")
+
+
+if __name__ == "__main__":
+    main()
