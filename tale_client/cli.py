@@ -119,7 +119,6 @@ def submit(
         if not wait:
             emit_json({"id": task["id"]}) if json_out else emit(task["id"])
             return
-        note(f"task {task['id']} queued")
         task = _follow(conn, task["id"], quiet=json_out)
     _print_final(task, json_out)
 
@@ -128,15 +127,22 @@ def _follow(conn: Connection, task_id: str, quiet: bool) -> dict[str, Any]:
     """Poll a task until it is final, reporting state changes on stderr."""
     last_state = ""
     started = time.monotonic()
-    while True:
-        task = conn.call_tool("get_task", {"id": task_id})
-        if task["state"] != last_state:
-            last_state = task["state"]
-            if not quiet:
-                note(f"task {task_id} {last_state} ({time.monotonic() - started:.1f} s)")
-        if task["state"] in FINAL:
-            return task
-        time.sleep(_WAIT_POLL_SECONDS)
+    try:
+        while True:
+            task = conn.call_tool("get_task", {"id": task_id})
+            if task["state"] != last_state:
+                last_state = task["state"]
+                if not quiet:
+                    note(f"task {task_id} {last_state} ({time.monotonic() - started:.1f} s)")
+            if task["state"] in FINAL:
+                return task
+            time.sleep(_WAIT_POLL_SECONDS)
+    except KeyboardInterrupt:
+        raise CliError(
+            f"stopped following; task {task_id} goes on in the background "
+            f"(`tale status {task_id}`)",
+            Exit.FAILED,
+        ) from None
 
 
 def _print_final(task: dict[str, Any], json_out: bool) -> None:

@@ -1,0 +1,116 @@
+"""The CLI contract: daemon life, status, usage, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from tests.harness import Daemon, Home
+
+
+def test_version_prints_the_version(home: Home) -> None:
+    """`tale --version` prints `tale X.Y.Z` and starts no daemon."""
+    proc = home.tale("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("tale 0.")
+    assert not home.socket.exists()
+
+
+def test_daemon_status_without_a_daemon_exits_3(home: Home) -> None:
+    """`tale daemon status` reports a missing daemon with exit 3 and does not start one."""
+    proc = home.tale("daemon", "status")
+    assert proc.returncode == 3
+    assert "no daemon" in proc.stderr
+    assert not home.socket.exists()
+
+
+def test_daemon_start_status_stop_round_trip(home: Home) -> None:
+    """start brings the daemon up, status describes it, stop ends it and removes the socket."""
+    started = home.tale("daemon", "start")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "started" in started.stdout
+        again = home.tale("daemon", "start")
+        assert "already running" in again.stdout
+        status = json.loads(home.tale("daemon", "status", "--json").stdout)
+        assert status["models"] == [
+            {"role": "task", "backend": "llamacpp", "model": "smollm2-135m", "loaded": True}
+        ]
+        assert status["workers"]["limit"] == 2
+        assert status["socket"] == str(home.socket)
+    finally:
+        stopped = home.tale("daemon", "stop")
+    assert stopped.returncode == 0
+    assert "stopped" in stopped.stdout
+    assert not home.socket.exists()
+    assert "not running" in home.tale("daemon", "stop").stdout
+
+
+def test_autostart_failure_exits_3_with_the_daemons_reason(home: Home) -> None:
+    """When the daemon cannot start, the client exits 3 and shows why (from the daemon's log)."""
+    home.write_config("[queue]\nworkerz = 2\n")
+    proc = home.tale("list")
+    assert proc.returncode == 3
+    assert "failed to start" in proc.stderr
+    assert "queue.workerz" in proc.stderr
+
+
+def test_status_watch_follows_a_task_to_its_end(daemon: Daemon) -> None:
+    """`tale status ID --watch --json` returns once the task is final, with its result."""
+    task_id = daemon.call("submit_task", text="Answer yes or no: is 2 > 1?")["id"]
+    proc = daemon.home.tale("status", task_id, "--watch", "--json")
+    assert proc.returncode == 0, proc.stderr
+    task = json.loads(proc.stdout)
+    assert task["state"] == "completed"
+    assert task["result"]
+    assert [t["to"] for t in task["transitions"]] == ["queued", "running", "completed"]
+
+
+def test_status_json_has_the_contract_fields(daemon: Daemon) -> None:
+    """A task in --json has id, state, priority, text, result, timestamps, transitions, tokens."""
+    task_id = daemon.call("submit_task", text="Say hi", priority=3)["id"]
+    task = json.loads(daemon.home.tale("status", task_id, "--json").stdout)
+    required = {
+        "id",
+        "state",
+        "priority",
+        "text",
+        "result",
+        "created_at",
+        "updated_at",
+        "transitions",
+        "tokens",
+    }
+    assert required <= set(task)
+    assert task["priority"] == 3
+
+
+def test_status_without_id_summarises(daemon: Daemon) -> None:
+    """`tale status` with no id shows tasks by state, workers and models."""
+    daemon.call("submit_task", text="Say hi")
+    proc = daemon.home.tale("status")
+    assert proc.returncode == 0
+    assert "workers" in proc.stdout
+    assert "llamacpp:smollm2-135m" in proc.stdout
+
+
+def test_usage_json_totals_match_the_tasks(daemon: Daemon) -> None:
+    """`tale usage --json` totals equal the sum of the tasks' token counts."""
+    ids = [daemon.call("submit_task", text=f"Say the number {i}")["id"] for i in range(2)]
+    tasks = [daemon.wait_for(i) for i in ids]
+    usage = json.loads(daemon.home.tale("usage", "--json").stdout)
+    assert usage["total"]["calls"] == 2
+    assert usage["total"]["prompt_tokens"] == sum(t["tokens"]["prompt"] for t in tasks)
+    assert usage["total"]["completion_tokens"] == sum(t["tokens"]["completion"] for t in tasks)
+    [by_role] = usage["by_role"]
+    assert by_role["role"] == "task"
+
+
+def test_list_filters_by_state_and_limits(daemon: Daemon) -> None:
+    """`tale list --state --limit --json` returns `{"tasks": [...]}`, newest first, filtered."""
+    first = daemon.call("submit_task", text="Say one")["id"]
+    second = daemon.call("submit_task", text="Say two")["id"]
+    daemon.call("cancel_task", id=second)
+    listed = json.loads(daemon.home.tale("list", "--json", "--limit", "5").stdout)["tasks"]
+    assert [t["id"] for t in listed][:2] == [second, first]
+    cancelled = json.loads(daemon.home.tale("list", "--json", "--state", "cancelled").stdout)
+    assert [t["id"] for t in cancelled["tasks"]] == [second]
