@@ -495,18 +495,19 @@ class Store:
     async def get_task(self, task_id: str) -> TaskRecord:
         """One task with its transitions and token totals; NotFound if unknown."""
         async with self._read() as conn:
-            row = (await conn.execute(_full_tasks().where(tasks.c.id == task_id))).first()
+            row = (await conn.execute(_TASK_BY_ID, {"task_id": task_id})).first()
         if row is None:
             raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
         return _full_row_to_task(row)
 
     async def list_tasks(self, state: TaskState | None, limit: int) -> list[TaskRecord]:
         """Tasks newest first, optionally only those in ``state``."""
-        query = _full_tasks().order_by(tasks.c.created_at.desc(), tasks.c.id).limit(limit)
+        params: dict[str, Any] = {"limit": limit}
+        query = _TASKS_NEWEST
         if state is not None:
-            query = query.where(tasks.c.state == state.value)
+            query, params["state"] = _TASKS_NEWEST_IN_STATE, state.value
         async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(query, params)).all()
         return [_full_row_to_task(r) for r in rows]
 
     async def count_by_state(self) -> dict[str, int]:
@@ -614,6 +615,17 @@ def _full_tasks() -> sa.Select[Any]:
         prompt.label("prompt_total"),
         completion.label("completion_total"),
     )
+
+
+# Built once: constructing and cache-keying these statements per call cost more
+# than running them (profiled on get_task).
+_TASK_BY_ID = _full_tasks().where(tasks.c.id == sa.bindparam("task_id"))
+_TASKS_NEWEST = (
+    _full_tasks()
+    .order_by(tasks.c.created_at.desc(), tasks.c.id)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+_TASKS_NEWEST_IN_STATE = _TASKS_NEWEST.where(tasks.c.state == sa.bindparam("state"))
 
 
 def _full_row_to_task(row: sa.Row[Any]) -> TaskRecord:
