@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Daemon, Home
+from tests.harness import Daemon, Home, running_daemon
 
 
 @pytest.fixture
@@ -22,18 +22,11 @@ def daemon(home: Home) -> Iterator[Daemon]:
     """A real taled, with the embedded model loaded, listening in ``home``."""
     d = Daemon(home).start()
     yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait(10)
+    d.kill_if_running()
 
 
 @pytest.fixture(scope="module")
 def shared_daemon() -> Iterator[Daemon]:
     """One real taled for a module's read-mostly tests (saves start-ups)."""
-    h = Home()
-    d = Daemon(h).start()
-    yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait(10)
-    h.cleanup()
+    with running_daemon() as d:
+        yield d

@@ -5,6 +5,8 @@ Socket paths are limited to ~108 bytes, so homes live in short /tmp paths.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -67,6 +69,16 @@ class Home:
         self.config_file.write_text(text)
 
     def cleanup(self) -> None:
+        """Kill any daemon still holding this home's socket lock, then delete the home."""
+        lock = self.socket.with_name(self.socket.name + ".lock")
+        with contextlib.suppress(OSError), open(lock, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = f.read().decode().strip()
+                if pid.isdigit():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def tale(
@@ -150,6 +162,12 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def kill_if_running(self) -> None:
+        """Tear-down: make sure no daemon outlives its test."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.kill()
@@ -177,7 +195,5 @@ def running_daemon(extra_env: Mapping[str, str] | None = None) -> Iterator[Daemo
     try:
         yield daemon
     finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
+        daemon.kill_if_running()
         home.cleanup()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, Home
+from tests.harness import Daemon, Home, running_daemon
 
 # At temperature 0 SmolLM2 writes until max_tokens on this prompt: a task that
 # stays running long enough to be interrupted.
@@ -35,13 +35,8 @@ def _ledger(home: Home, task_id: str) -> list[sqlite3.Row]:
 @pytest.fixture
 def long_daemon() -> Iterator[Daemon]:
     """A daemon whose task answers may run to 1,500 tokens, with one worker."""
-    home = Home({**LONG_ENV, "TALE_QUEUE__WORKERS": "1"})
-    d = Daemon(home).start()
-    yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait(10)
-    home.cleanup()
+    with running_daemon({**LONG_ENV, "TALE_QUEUE__WORKERS": "1"}) as d:
+        yield d
 
 
 def test_higher_priority_runs_first(long_daemon: Daemon) -> None:

@@ -97,9 +97,7 @@ def _sigterm(daemon: Daemon, listener: NotifyListener) -> int:
 
 
 def _kill(daemon: Daemon) -> None:
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.proc.kill()
-        daemon.proc.wait(10)
+    daemon.kill_if_running()
 
 
 @pytest.fixture
