@@ -85,6 +85,9 @@ class Runner:
             self._running[task.id] = token
             try:
                 await self._execute(task, token)
+            except TaleError:
+                # The task stays 'running' in the store; the next start requeues it.
+                log.exception("worker %d could not finish task %s", index, task.id)
             finally:
                 del self._running[task.id]
         log.debug("worker %d stopped", index)

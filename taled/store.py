@@ -328,6 +328,13 @@ class Store:
                 batch.append(self._queue.get_nowait())
             try:
                 await self._commit_batch(batch)
+            except Exception as exc:
+                # A bug in one write must not stop every later write: its callers
+                # get the error, the batch is rolled back, the writer goes on.
+                log.exception("a batch of %d writes failed", len(batch))
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(TaleError(f"internal error while writing: {exc}"))
             finally:
                 for _ in batch:
                     self._queue.task_done()

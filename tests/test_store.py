@@ -115,3 +115,29 @@ def test_a_failing_write_does_not_spoil_its_batch(tmp_path: Path) -> None:
     assert isinstance(outcomes[1], NotFound)
     assert outcomes[2] == TaskState.QUEUED
     assert other_state == TaskState.CANCELLED
+
+
+def test_the_writer_outlives_a_write_that_raises_unexpectedly(tmp_path: Path) -> None:
+    """A write that raises a non-store error fails alone; later writes still commit."""
+
+    async def broken(_conn: object) -> None:
+        raise RuntimeError("boom")
+
+    async def run() -> tuple[BaseException | None, str]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            failure: BaseException | None = None
+            try:
+                await store.write(broken)  # type: ignore[arg-type]
+            except TaleError as exc:
+                failure = exc
+            task = await asyncio.wait_for(store.submit("after", 50), timeout=10)
+            return failure, (await store.get_task(task.id)).text
+        finally:
+            # Without the fix the writer is dead and close() would wait forever.
+            await asyncio.wait_for(store.close(), timeout=10)
+
+    failure, text = asyncio.run(run())
+    assert failure is not None and "boom" in str(failure)
+    assert text == "after"
