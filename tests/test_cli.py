@@ -114,3 +114,14 @@ def test_list_filters_by_state_and_limits(daemon: Daemon) -> None:
     assert [t["id"] for t in listed][:2] == [second, first]
     cancelled = json.loads(daemon.home.tale("list", "--json", "--state", "cancelled").stdout)
     assert [t["id"] for t in cancelled["tasks"]] == [second]
+
+
+def test_daemon_logs_shows_the_auto_started_daemons_log(home: Home) -> None:
+    """After an auto-start, `tale daemon logs` prints the daemon's own log lines."""
+    assert home.tale("list").returncode == 0
+    try:
+        proc = home.tale("daemon", "logs", "--lines", "20")
+        assert proc.returncode == 0
+        assert "taled ready in" in proc.stdout
+    finally:
+        home.tale("daemon", "stop")
