@@ -7,7 +7,6 @@ diagnostics go to stderr.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from enum import IntEnum
 from typing import Any, NoReturn
@@ -17,11 +16,8 @@ __all__ = [
     "Exit",
     "emit",
     "emit_json",
-    "emit_raw",
     "fail",
     "note",
-    "stderr_is_tty",
-    "use_color",
 ]
 
 
@@ -49,12 +45,6 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
-def emit_raw(text: str) -> None:
-    """Write text to stdout with no newline (streamed output)."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 def emit_json(doc: Any) -> None:
     """Write one JSON document to stdout."""
     json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
@@ -66,16 +56,6 @@ def note(text: str) -> None:
     """A diagnostic or progress line on stderr."""
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
-
-
-def stderr_is_tty() -> bool:
-    """Whether progress can be drawn in place on stderr."""
-    return sys.stderr.isatty()
-
-
-def use_color() -> bool:
-    """Color only on a terminal and when NO_COLOR is unset."""
-    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
 def fail(message: str, code: Exit) -> NoReturn:

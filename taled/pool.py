@@ -21,11 +21,9 @@ from taled.errors import InvalidInput, ModelError, ModelTimeout
 from taled.settings import ModelsSettings, parse_model_spec
 from taled.store import CallRecord, Store
 
-__all__ = ["ROLES", "ModelPool", "RoleStatus"]
+__all__ = ["ModelPool", "RoleStatus"]
 
 log = logging.getLogger(__name__)
-
-ROLES = ("task",)
 
 
 @dataclass(frozen=True)

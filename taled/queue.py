@@ -83,10 +83,6 @@ class TaskQueue:
             await self._wake.wait()
         return None
 
-    def wake(self) -> None:
-        """Tell sleeping workers to look at the queue again."""
-        self._wake.set()
-
     async def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a task that has not finished; its running model call is stopped."""
         current = await self._store.get_task(task_id)

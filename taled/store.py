@@ -565,18 +565,6 @@ class Store:
             "by_role": [{"role": r.role, **_totals(r)} for r in by_role],
         }
 
-    async def calls_for_task(self, task_id: str) -> list[CallRecord]:
-        """Every ledger row of one task, oldest first."""
-        async with self._read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(model_calls)
-                    .where(model_calls.c.task_id == task_id)
-                    .order_by(model_calls.c.seq)
-                )
-            ).all()
-        return [CallRecord(**{k: v for k, v in r._mapping.items() if k != "seq"}) for r in rows]
-
     # -- helpers -----------------------------------------------------------
 
     def _read(self) -> Any:
