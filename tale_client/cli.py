@@ -15,7 +15,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from tale_client import __version__, paths
-from tale_client.output import CliError, Exit, emit, emit_json, fail, note
+from tale_client.output import CliError, Exit, emit, emit_json, emit_piece, fail, note
 from tale_client.rpc import Connection, DaemonUnreachable, RpcError
 
 __all__ = ["app", "main"]
@@ -300,6 +300,54 @@ def usage(json_out: JsonOpt = False) -> None:
                     f"  {key(r):<32} {r['calls']:>6} calls {r['prompt_tokens']:>9} prompt "
                     f"{r['completion_tokens']:>9} completion"
                 )
+
+
+# -- talking ------------------------------------------------------------------
+
+
+@app.command(rich_help_panel="Conversation")
+@handle_errors
+def ask(
+    text: Annotated[str, typer.Argument(help="What you say (1..4,000 characters).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """One chat turn with the UX model; the reply streams to stdout."""
+    if not text.strip():
+        raise CliError("chat message is empty; say something", Exit.USAGE)
+    with _connect() as conn:
+        if json_out:
+            emit_json(conn.call_tool("chat", {"text": text}))
+            return
+        reply = conn.call_tool("chat", {"text": text}, on_progress=emit_piece)
+    if not reply["text"].endswith("\n"):
+        emit("")  # end the streamed line
+
+
+@app.command(rich_help_panel="Models")
+@handle_errors
+def models(json_out: JsonOpt = False) -> None:
+    """The model pool: each role's model, whether it is loaded, calls and tokens."""
+    with _connect() as conn:
+        report = conn.call_tool("models_status")
+    if json_out:
+        emit_json(report)
+        return
+    emit(
+        f"{'ROLE':<5} {'MODEL':<28} {'PINNED':<6} {'LOADED':<6} {'SIZE':>8} {'CALLS':>6} "
+        f"{'TOKENS':>8}  LAST ERROR"
+    )
+    for r in report["roles"]:
+        size = f"{r['model_bytes'] / 2**20:.0f} MiB" if r["model_bytes"] else "-"
+        tokens = r["prompt_tokens"] + r["completion_tokens"]
+        emit(
+            f"{r['role']:<5} {r['backend'] + ':' + r['model']:<28} {_yes(r['pinned']):<6} "
+            f"{_yes(r['loaded']):<6} {size:>8} {r['calls']:>6} {tokens:>8}  "
+            f"{r['last_error'] or '-'}"
+        )
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 # -- the bridge ----------------------------------------------------------------

@@ -16,6 +16,7 @@ __all__ = [
     "Exit",
     "emit",
     "emit_json",
+    "emit_piece",
     "fail",
     "note",
 ]
@@ -42,6 +43,12 @@ class CliError(Exception):
 def emit(text: str) -> None:
     """Write an answer line to stdout."""
     sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def emit_piece(text: str) -> None:
+    """Write streamed text to stdout as it arrives (no newline)."""
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 

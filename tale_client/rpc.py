@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,13 @@ class Connection:
             message["params"] = params
         self._send(message)
 
-    def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send a request and wait for its answer (notifications in between are skipped)."""
+    def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        on_notification: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Send a request and wait for its answer, handing notifications to ``on_notification``."""
         self._next_id += 1
         request_id = self._next_id
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
@@ -95,6 +101,8 @@ class Connection:
             reply = self._receive()
             if reply.get("id") == request_id or ("error" in reply and reply.get("id") is None):
                 break
+            if "method" in reply and "id" not in reply and on_notification is not None:
+                on_notification(reply)
         if "error" in reply:
             error = reply["error"]
             raise RpcError(
@@ -103,9 +111,32 @@ class Connection:
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
 
-    def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Call one MCP tool and return its structured result."""
-        result = self.request("tools/call", {"name": name, "arguments": arguments or {}})
+    def call_tool(
+        self,
+        name: str,
+        arguments: dict[str, Any] | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Call one MCP tool and return its structured result.
+
+        With ``on_progress``, the call carries a progress token and each progress
+        notification's message (a streamed piece of text) is handed over as it comes.
+        """
+        params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
+        on_notification = None
+        if on_progress is not None:
+            token = f"p{self._next_id + 1}"
+            params["_meta"] = {"progressToken": token}
+
+            def on_notification(note: dict[str, Any]) -> None:
+                body = note.get("params") or {}
+                if (
+                    note.get("method") == "notifications/progress"
+                    and body.get("progressToken") == token
+                ):
+                    on_progress(str(body.get("message") or ""))
+
+        result = self.request("tools/call", params, on_notification)
         if result.get("isError"):
             texts = [c.get("text", "") for c in result.get("content", [])]
             raise RpcError(-32603, " ".join(texts) or f"{name} failed")

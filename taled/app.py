@@ -26,6 +26,7 @@ from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 
 from taled import __version__, paths
+from taled.chat import ChatService
 from taled.errors import TaleError
 from taled.pool import ModelPool
 from taled.queue import TaskQueue
@@ -72,10 +73,13 @@ class App:
             max_frame_bytes=settings.server.max_frame_bytes,
             max_connections=settings.server.max_connections,
         )
+        self.chat = ChatService(self.pool, settings.chat)
         self.server = build_server(
             self.store,
             self.queue,
             self.status,
+            self.models_status,
+            self.chat,
             list_limit=settings.queue.list_limit,
             max_list_limit=settings.queue.max_list_limit,
         )
@@ -99,6 +103,27 @@ class App:
                 {"role": r.role, "backend": r.backend, "model": r.model, "loaded": r.loaded}
                 for r in self.pool.status()
             ],
+        }
+
+    async def models_status(self) -> dict[str, Any]:
+        """What ``tale models`` shows: the pool joined with the ledger, by role."""
+        usage = {row["role"]: row for row in (await self.store.usage())["by_role"]}
+        errors = await self.store.last_errors()
+        zero = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "failures": 0}
+        return {
+            "roles": [
+                {
+                    "role": r.role,
+                    "backend": r.backend,
+                    "model": r.model,
+                    "pinned": r.pinned,
+                    "loaded": r.loaded,
+                    "model_bytes": r.model_bytes,
+                    **{k: usage.get(r.role, zero)[k] for k in zero},
+                    "last_error": errors.get(r.role),
+                }
+                for r in self.pool.status()
+            ]
         }
 
     def request_stop(self) -> None:

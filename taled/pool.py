@@ -1,9 +1,11 @@
 """The model pool: which loaded model serves which role, and every call's ledger row.
 
-This first pool has one role, ``task``, on the embedded backend; the dual-model
-pool (``ux`` + ``task``, more backends, health, fallback) grows from here. All
-model calls go through ``ModelPool.stream``/``complete`` so each one is timed
-out, cancellable and recorded in the token ledger in exactly one place.
+Two pinned roles: ``ux`` answers people, ``task`` does the work. Each has its own
+backend instance, loaded at start and never unloaded, so a chat reply never
+waits behind a running task. (More backends, health checks, fallback and
+optional models grow from here.) All model calls go through
+``ModelPool.stream``/``complete``, so each one is timed out, cancellable and
+recorded in the token ledger in exactly one place.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RoleStatus:
-    """What ``tale models`` will show for one role."""
+    """What ``tale models`` shows for one role."""
 
     role: str
     backend: str
     model: str
+    pinned: bool
     loaded: bool
+    model_bytes: int | None
 
 
 def _make_backend(spec: str, settings: ModelsSettings) -> Backend:
@@ -48,7 +52,10 @@ class ModelPool:
     def __init__(self, settings: ModelsSettings, store: Store) -> None:
         self._settings = settings
         self._store = store
-        self._backends: dict[str, Backend] = {"task": _make_backend(settings.task, settings)}
+        self._backends: dict[str, Backend] = {
+            "ux": _make_backend(settings.ux, settings),
+            "task": _make_backend(settings.task, settings),
+        }
 
     async def start(self) -> None:
         """Load every role's model; raises ModelError if one cannot load."""
@@ -71,8 +78,11 @@ class ModelPool:
             ) from None
 
     def status(self) -> list[RoleStatus]:
-        """Role bindings and whether each model is loaded."""
-        return [RoleStatus(role, b.kind, b.model, b.loaded) for role, b in self._backends.items()]
+        """Role bindings and whether each model is loaded (both roles are pinned)."""
+        return [
+            RoleStatus(role, b.kind, b.model, True, b.loaded, b.model_bytes())
+            for role, b in self._backends.items()
+        ]
 
     async def stream(
         self,
@@ -89,7 +99,7 @@ class ModelPool:
         """Stream one call's text; it lands in the ledger however it ends."""
         backend = self.backend(role)
         cancel = cancel or CancelToken()
-        out = result if result is not None else _empty()
+        out = result if result is not None else Completion.empty()
         started = time.perf_counter()
         error: str | None = None
         pieces = backend.stream(
@@ -152,7 +162,7 @@ class ModelPool:
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings."""
-        out = _empty()
+        out = Completion.empty()
         async for piece in self.stream(
             role,
             messages,
@@ -166,15 +176,3 @@ class ModelPool:
             if on_text is not None:
                 on_text(piece)
         return out
-
-
-def _empty() -> Completion:
-    return Completion(
-        text="",
-        prompt_tokens=0,
-        completion_tokens=0,
-        load_ms=0.0,
-        prompt_ms=0.0,
-        generation_ms=0.0,
-        finish_reason="stop",
-    )

@@ -20,6 +20,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taled import __version__
+from taled.chat import ChatService
 from taled.errors import InvalidInput, TaleError
 from taled.lifecycle import TaskState
 from taled.queue import TaskQueue
@@ -66,6 +67,12 @@ class NoArgs(_Args):
     """No arguments."""
 
 
+class ChatArgs(_Args):
+    """One chat message for the UX model."""
+
+    text: str = Field(min_length=1, description="What you say: 1..4,000 characters once trimmed.")
+
+
 def task_to_json(task: TaskRecord) -> dict[str, Any]:
     """The wire form of a task (the CLI's --json contract)."""
     return {
@@ -94,7 +101,10 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-Handler = Callable[[Any], Awaitable[dict[str, Any]]]
+# Streams text to the caller as MCP progress notifications (a no-op when the
+# caller sent no progress token).
+Report = Callable[[float, str], Awaitable[None]]
+Handler = Callable[[Any, Report], Awaitable[dict[str, Any]]]
 
 
 StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
@@ -106,23 +116,27 @@ class _Tools:
         store: Store,
         queue: TaskQueue,
         status: StatusProvider,
+        models: StatusProvider,
+        chat: ChatService,
         max_list_limit: int,
         list_limit: int,
     ) -> None:
         self.store = store
         self.queue = queue
         self.status = status
+        self.models = models
+        self.chat_service = chat
         self.max_list_limit = max_list_limit
         self.list_limit = list_limit
 
-    async def submit_task(self, args: SubmitTaskArgs) -> dict[str, Any]:
+    async def submit_task(self, args: SubmitTaskArgs, _report: Report) -> dict[str, Any]:
         task = await self.queue.submit(args.text, args.priority)
         return task_to_json(task)
 
-    async def get_task(self, args: TaskIdArgs) -> dict[str, Any]:
+    async def get_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
         return task_to_json(await self.store.get_task(args.id))
 
-    async def list_tasks(self, args: ListTasksArgs) -> dict[str, Any]:
+    async def list_tasks(self, args: ListTasksArgs, _report: Report) -> dict[str, Any]:
         limit = args.limit if args.limit is not None else self.list_limit
         if limit > self.max_list_limit:
             raise InvalidInput(f"limit {limit} is above the maximum of {self.max_list_limit}")
@@ -130,14 +144,36 @@ class _Tools:
         tasks = await self.store.list_tasks(state, limit)
         return {"tasks": [task_to_json(t) for t in tasks]}
 
-    async def cancel_task(self, args: TaskIdArgs) -> dict[str, Any]:
+    async def cancel_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
         return task_to_json(await self.queue.cancel(args.id))
 
-    async def usage(self, _args: NoArgs) -> dict[str, Any]:
+    async def usage(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
         return await self.store.usage()
 
-    async def daemon_status(self, _args: NoArgs) -> dict[str, Any]:
+    async def daemon_status(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
         return await self.status()
+
+    async def models_status(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+        return await self.models()
+
+    async def chat(self, args: ChatArgs, report: Report) -> dict[str, Any]:
+        tokens = 0
+
+        async def on_text(piece: str) -> None:
+            nonlocal tokens
+            tokens += 1
+            await report(tokens, piece)
+
+        reply = await self.chat_service.reply(args.text, on_text)
+        return {
+            "text": reply.text,
+            "finish_reason": reply.finish_reason,
+            "tokens": {
+                "prompt": reply.prompt_tokens,
+                "completion": reply.completion_tokens,
+                "total": reply.prompt_tokens + reply.completion_tokens,
+            },
+        }
 
 
 # name -> (argument model, description)
@@ -153,6 +189,16 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
         "Cancel a task that has not finished; a running model call is stopped.",
     ),
     "usage": (NoArgs, "The token ledger: totals overall, by model and by role."),
+    "chat": (
+        ChatArgs,
+        "One chat turn on the UX model. With a progress token, the reply streams as "
+        "notifications/progress whose message is the next piece of text.",
+    ),
+    "models_status": (
+        NoArgs,
+        "The model pool: each role's backend, model, pinned/loaded, size, calls, tokens, "
+        "last error.",
+    ),
     "daemon_status": (
         NoArgs,
         "The daemon: version, pid, uptime, models, workers and tasks by state.",
@@ -183,7 +229,11 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
             allowed = ", ".join(TOOLS[tool][0].model_fields) or "none"
             parts.append(f"unknown argument {field!r} (allowed: {allowed})")
         elif err["type"] == "string_too_short" and field == "text":
-            parts.append("task text is empty; say what you want done")
+            parts.append(
+                "chat message is empty; say something"
+                if tool == "chat"
+                else "task text is empty; say what you want done"
+            )
         elif err["type"] == "missing":
             parts.append(f"missing required argument {field!r}")
         elif err["type"] == "string_pattern_mismatch" and field == "id":
@@ -201,12 +251,16 @@ def build_server(
     store: Store,
     queue: TaskQueue,
     status: StatusProvider,
+    models: StatusProvider,
+    chat: ChatService,
     *,
     list_limit: int,
     max_list_limit: int,
 ) -> Server[Any]:
     """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
-    tools = _Tools(store, queue, status, max_list_limit=max_list_limit, list_limit=list_limit)
+    tools = _Tools(
+        store, queue, status, models, chat, max_list_limit=max_list_limit, list_limit=list_limit
+    )
     listed = [
         types.Tool(name=name, description=desc, input_schema=_schema(model))
         for name, (model, desc) in TOOLS.items()
@@ -218,7 +272,7 @@ def build_server(
         return types.ListToolsResult(tools=listed)
 
     async def on_call_tool(
-        _ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+        ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         entry = TOOLS.get(params.name)
         if entry is None:
@@ -232,8 +286,12 @@ def build_server(
         except ValidationError as exc:
             raise MCPError(InvalidInput.code, _describe_validation(params.name, exc)) from None
         handler: Handler = getattr(tools, params.name)
+
+        async def report(progress: float, message: str) -> None:
+            await ctx.session.report_progress(progress, None, message)
+
         try:
-            result = await handler(args)
+            result = await handler(args, report)
         except TaleError as exc:
             raise MCPError(exc.code, exc.message) from None
         return types.CallToolResult(

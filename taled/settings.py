@@ -25,6 +25,7 @@ from taled.errors import ConfigError
 
 __all__ = [
     "BackendSpec",
+    "ChatSettings",
     "DaemonSettings",
     "LlamaCppSettings",
     "ModelsSettings",
@@ -134,17 +135,38 @@ class LlamaCppSettings(BaseModel):
     """Extra model names mapped to GGUF paths, e.g. {qwen = "/models/qwen.gguf"}."""
 
 
+class ChatSettings(BaseModel):
+    """Conversation turns on the UX model (the ``chat`` tool, ``tale ask``)."""
+
+    model_config = _STRICT
+
+    system_prompt: str = (
+        "You are tale, a friendly assistant on the user's own machine. Answer briefly and plainly."
+    )
+    """System prompt of a chat turn."""
+    max_tokens: int = Field(default=256, ge=1, le=131_072)
+    """Most tokens a chat reply may have."""
+    temperature: float = Field(default=0.3, ge=0, le=2)
+    """Sampling temperature of chat replies."""
+    call_timeout_seconds: float = Field(default=60.0, gt=0)
+    """A chat reply that takes longer is stopped with an error."""
+    max_text_chars: int = Field(default=4000, ge=1, le=1_000_000)
+    """Longest chat message accepted, after stripping whitespace."""
+
+
 class ModelsSettings(BaseModel):
     """Which model serves each role, as ``backend:model``."""
 
     model_config = _STRICT
 
+    ux: str = "llamacpp:smollm2-135m"
+    """The small, fast model that answers people (chat); always loaded."""
     task: str = "llamacpp:smollm2-135m"
-    """The model that executes tasks."""
+    """The model that executes tasks; always loaded (its own instance, even if the same file)."""
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     """Options of the embedded llama.cpp backend."""
 
-    @field_validator("task")
+    @field_validator("ux", "task")
     @classmethod
     def _valid_spec(cls, value: str) -> str:
         parse_model_spec(value)
@@ -187,6 +209,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
 
     @classmethod

@@ -565,6 +565,20 @@ class Store:
             "by_role": [{"role": r.role, **_totals(r)} for r in by_role],
         }
 
+    async def last_errors(self) -> dict[str, str]:
+        """The most recent failed call's error, by role."""
+        c = model_calls.c
+        latest = (
+            sa.select(c.role, sa.func.max(c.seq).label("seq"))
+            .where(c.success.is_(False))
+            .group_by(c.role)
+            .subquery()
+        )
+        query = sa.select(c.role, c.error).join(latest, latest.c.seq == c.seq)
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return {r.role: r.error or "" for r in rows}
+
     # -- helpers -----------------------------------------------------------
 
     def _read(self) -> Any:

@@ -23,10 +23,6 @@ MESSAGES: list[ChatMessage] = [
 ]
 
 
-def _empty() -> Completion:
-    return Completion("", 0, 0, 0.0, 0.0, 0.0, "stop")
-
-
 @pytest.fixture(scope="module")
 def backend() -> LlamaCppBackend:
     b = LlamaCppBackend("smollm2-135m", LlamaCppSettings(seed=1))
@@ -40,7 +36,7 @@ async def _collect(pieces: AsyncIterator[str]) -> str:
 
 def test_streamed_counts_agree_with_llama_cpp_usage(backend: LlamaCppBackend) -> None:
     """Tokens counted for a streamed answer equal llama-cpp-python's non-streamed usage."""
-    out = _empty()
+    out = Completion.empty()
     text = asyncio.run(
         _collect(
             backend.stream(MESSAGES, max_tokens=60, temperature=0, cancel=CancelToken(), result=out)
@@ -56,7 +52,7 @@ def test_streamed_counts_agree_with_llama_cpp_usage(backend: LlamaCppBackend) ->
 
 def test_max_tokens_cuts_the_answer_and_says_so(backend: LlamaCppBackend) -> None:
     """An answer stopped by max_tokens has exactly that many tokens and finish_reason 'length'."""
-    out = _empty()
+    out = Completion.empty()
     story: list[ChatMessage] = [{"role": "user", "content": "Write a long story about a dragon."}]
     asyncio.run(
         _collect(
@@ -69,7 +65,7 @@ def test_max_tokens_cuts_the_answer_and_says_so(backend: LlamaCppBackend) -> Non
 
 def test_cancel_stops_the_stream_at_the_next_token(backend: LlamaCppBackend) -> None:
     """A cancel from another task stops generation early and reports 'cancelled'."""
-    out = _empty()
+    out = Completion.empty()
     token = CancelToken()
     story: list[ChatMessage] = [{"role": "user", "content": "Write a long story about a dragon."}]
 

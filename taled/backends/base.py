@@ -45,6 +45,11 @@ class Completion:
     generation_ms: float
     finish_reason: Literal["stop", "length", "cancelled"]
 
+    @classmethod
+    def empty(cls) -> Completion:
+        """A result to be filled in by a stream."""
+        return cls("", 0, 0, 0.0, 0.0, 0.0, "stop")
+
 
 class Backend(Protocol):
     """A loaded model that can answer chats. One instance serves one role."""
@@ -77,4 +82,8 @@ class Backend(Protocol):
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by the model's own tokenizer."""
+        ...
+
+    def model_bytes(self) -> int | None:
+        """Size of the loaded weights, if the backend knows it."""
         ...

@@ -138,6 +138,12 @@ class LlamaCppBackend:
             raise ModelError(f"{self.model} is not loaded")
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
+    def model_bytes(self) -> int | None:
+        """Size of the loaded weights (llama.cpp's own figure)."""
+        if self._llm is None:
+            return None
+        return int(self._llm._model.size())
+
     def render_prompt(self, messages: list[ChatMessage]) -> tuple[str, list[str]]:
         """The prompt text the chat template makes of ``messages``, and its stop strings."""
         response = self._formatter(messages=messages)

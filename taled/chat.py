@@ -1,0 +1,54 @@
+"""One conversation turn on the UX model, streamed.
+
+The full conversation agent (memory, intent detection, hand-off to tasks) grows
+from here; this turn is stateless: the user's text and the chat system prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from taled.backends.base import ChatMessage, Completion
+from taled.errors import InvalidInput
+from taled.pool import ModelPool
+from taled.settings import ChatSettings
+
+__all__ = ["ChatService"]
+
+
+class ChatService:
+    """Answers a message on the ``ux`` role, text delivered as it is generated."""
+
+    def __init__(self, pool: ModelPool, settings: ChatSettings) -> None:
+        self._pool = pool
+        self._settings = settings
+
+    def validate(self, text: str) -> str:
+        """Strip and check a chat message; InvalidInput says what is wrong."""
+        stripped = text.strip()
+        if not stripped:
+            raise InvalidInput("chat message is empty; say something")
+        if len(stripped) > self._settings.max_text_chars:
+            raise InvalidInput(
+                f"chat message is {len(stripped)} characters; the limit is "
+                f"{self._settings.max_text_chars} (submit long work as a task instead)"
+            )
+        return stripped
+
+    async def reply(self, text: str, on_text: Callable[[str], Awaitable[None]]) -> Completion:
+        """Stream the UX model's reply to ``on_text``; return the whole of it."""
+        messages: list[ChatMessage] = [
+            {"role": "system", "content": self._settings.system_prompt},
+            {"role": "user", "content": self.validate(text)},
+        ]
+        result = Completion.empty()
+        async for piece in self._pool.stream(
+            "ux",
+            messages,
+            max_tokens=self._settings.max_tokens,
+            temperature=self._settings.temperature,
+            timeout=self._settings.call_timeout_seconds,
+            result=result,
+        ):
+            await on_text(piece)
+        return result
