@@ -82,6 +82,7 @@ class App:
             self.chat,
             list_limit=settings.queue.list_limit,
             max_list_limit=settings.queue.max_list_limit,
+            stream_interval=settings.chat.stream_interval_ms / 1000,
         )
         self._init_options = self.server.create_initialization_options()
         self._stop = anyio.Event()

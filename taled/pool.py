@@ -131,23 +131,22 @@ class ModelPool:
             total_ms = (time.perf_counter() - started) * 1000
             if error is None and out.finish_reason == "cancelled":
                 error = "cancelled"
-            with anyio.CancelScope(shield=True):
-                await self._store.record_call(
-                    CallRecord(
-                        role=role,
-                        backend=backend.kind,
-                        model=backend.model,
-                        task_id=task_id,
-                        prompt_tokens=out.prompt_tokens,
-                        completion_tokens=out.completion_tokens,
-                        load_ms=out.load_ms,
-                        prompt_ms=out.prompt_ms,
-                        generation_ms=out.generation_ms,
-                        total_ms=total_ms,
-                        success=error is None,
-                        error=error,
-                    )
+            self._store.record_call(
+                CallRecord(
+                    role=role,
+                    backend=backend.kind,
+                    model=backend.model,
+                    task_id=task_id,
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    load_ms=out.load_ms,
+                    prompt_ms=out.prompt_ms,
+                    generation_ms=out.generation_ms,
+                    total_ms=total_ms,
+                    success=error is None,
+                    error=error,
                 )
+            )
 
     async def complete(
         self,

@@ -152,6 +152,8 @@ class ChatSettings(BaseModel):
     """A chat reply that takes longer is stopped with an error."""
     max_text_chars: int = Field(default=4000, ge=1, le=1_000_000)
     """Longest chat message accepted, after stripping whitespace."""
+    stream_interval_ms: int = Field(default=40, ge=0, le=10_000)
+    """Streamed text is sent at most this often (the first piece at once); 0 sends every token."""
 
 
 class ModelsSettings(BaseModel):

@@ -224,6 +224,7 @@ class Store:
         self._queue: asyncio.Queue[_WriteOp] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._ledger_pending: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -529,16 +530,39 @@ class Store:
 
     # -- the token ledger --------------------------------------------------
 
-    async def record_call(self, call: CallRecord) -> None:
-        """Append one model call to the ledger."""
+    def record_call(self, call: CallRecord) -> None:
+        """Append one model call to the ledger, without waiting for the commit.
+
+        A reply must not wait for the ledger's fsync. Nothing is lost by not
+        waiting: the writer is FIFO, so the row commits before any later write
+        (a task's completion, say), ``close()`` drains it, and the ledger's own
+        reads (``usage``, ``last_errors``) wait for rows still in flight.
+        """
 
         async def apply(conn: AsyncConnection) -> None:
             await conn.execute(model_calls.insert().values(**call.__dict__))
 
-        await self.write(apply)
+        loop = asyncio.get_running_loop()
+        op = _WriteOp(future=loop.create_future(), fn=apply)
+        if self._closing or self._writer is None:
+            log.error("ledger row for %s:%s dropped: the store is closed", call.backend, call.model)
+            return
+        self._queue.put_nowait(op)
+        self._ledger_pending.add(op.future)
+        op.future.add_done_callback(self._ledger_done)
+
+    def _ledger_done(self, future: asyncio.Future[Any]) -> None:
+        self._ledger_pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("a ledger row could not be written: %s", future.exception())
+
+    async def _ledger_settled(self) -> None:
+        if self._ledger_pending:
+            await asyncio.wait(set(self._ledger_pending))
 
     async def usage(self) -> dict[str, Any]:
         """Ledger totals overall, by model and by role."""
+        await self._ledger_settled()
         c = model_calls.c
         cols = (
             sa.func.count().label("calls"),
@@ -567,6 +591,7 @@ class Store:
 
     async def last_errors(self) -> dict[str, str]:
         """The most recent failed call's error, by role."""
+        await self._ledger_settled()
         c = model_calls.c
         latest = (
             sa.select(c.role, sa.func.max(c.seq).label("seq"))

@@ -108,3 +108,27 @@ def test_models_shows_both_roles_pinned_and_loaded_with_their_calls(
         assert role["model_bytes"] > 50_000_000
         assert role["calls"] >= 1
         assert role["last_error"] is None
+
+
+def test_stream_interval_gathers_pieces() -> None:
+    """With a long stream interval the first piece comes at once and the rest together."""
+    with running_daemon({"TALE_CHAT__STREAM_INTERVAL_MS": "10000"}) as daemon:
+        pieces: list[str] = []
+        with daemon.client() as conn:
+            reply = conn.call_tool(
+                "chat", {"text": "Name three colours."}, on_progress=pieces.append
+            )
+        assert reply["tokens"]["completion"] > 2
+        assert len(pieces) == 2
+        assert "".join(pieces) == reply["text"]
+
+
+def test_usage_right_after_a_reply_includes_it(shared_daemon: Daemon) -> None:
+    """The reply does not wait for its ledger row, but the ledger's reads do."""
+    with shared_daemon.client() as conn:
+        before = conn.call_tool("usage")["total"]["calls"]
+        reply = conn.call_tool("chat", {"text": "Say yes."})
+        after = conn.call_tool("usage")
+    assert after["total"]["calls"] == before + 1
+    ux = next(r for r in after["by_role"] if r["role"] == "ux")
+    assert ux["completion_tokens"] >= reply["tokens"]["completion"]

@@ -191,14 +191,27 @@ class LlamaCppBackend:
             result.prompt_tokens = prompt_tokens
             worker.start()
             try:
-                while True:
-                    item = await chunks.get()
-                    if item is _DONE:
-                        break
-                    if isinstance(item, BaseException):
-                        raise ModelError(f"{self.model} failed while generating: {item}") from item
-                    assert isinstance(item, str)
-                    yield item
+                finished = False
+                while not finished:
+                    # Hand over everything generated since we last looked as one piece:
+                    # when the consumer keeps up that is one token, when it lags (a slow
+                    # client, a busy loop) pieces merge instead of queueing up.
+                    items = [await chunks.get()]
+                    while not chunks.empty():
+                        items.append(chunks.get_nowait())
+                    text: list[str] = []
+                    for item in items:
+                        if item is _DONE:
+                            finished = True
+                        elif isinstance(item, BaseException):
+                            raise ModelError(
+                                f"{self.model} failed while generating: {item}"
+                            ) from item
+                        else:
+                            assert isinstance(item, str)
+                            text.append(item)
+                    if text:
+                        yield "".join(text)
             finally:
                 if not done.is_set():
                     # Our consumer went away (cancelled, timed out): stop the thread

@@ -1,0 +1,160 @@
+"""Model-pool benchmarks (issue #3), run on demand.
+
+    python tests/bench/bench_pool.py [--quick]
+
+Against a real taled with both embedded roles loaded:
+  - UX first-token latency (socket request to the first streamed piece), p50/p95,
+    idle and while the task role generates a long answer
+  - end-to-end short reply time
+  - daemon overhead: the same chat on llama-cpp-python directly vs through the socket
+  - daemon RSS with both roles loaded
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import psutil
+
+from taled.backends.llamacpp import embedded_model_path
+from taled.settings import ChatSettings, LlamaCppSettings
+from tests.bench.bench_core import LONG_TASK, machine, pct
+from tests.harness import Daemon, Home
+
+SHORT = "Say yes."
+ENV = {"TALE_RUNNER__MAX_TOKENS": "4000", "TALE_DAEMON__LOG_LEVEL": "warning"}
+
+
+def first_token_and_total(daemon: Daemon, text: str) -> tuple[float, float]:
+    """Seconds to the first streamed piece and to the full reply, over one connection."""
+    with daemon.client() as conn:
+        start = time.perf_counter()
+        first: list[float] = []
+
+        def on_piece(_piece: str) -> None:
+            if not first:
+                first.append(time.perf_counter() - start)
+
+        conn.call_tool("chat", {"text": text}, on_progress=on_piece)
+        total = time.perf_counter() - start
+    return (first[0] if first else total), total
+
+
+def latencies(daemon: Daemon, runs: int) -> dict[str, float]:
+    firsts, totals = zip(*(first_token_and_total(daemon, SHORT) for _ in range(runs)), strict=True)
+    return {
+        "first_p50_ms": pct(list(firsts), 50) * 1000,
+        "first_p95_ms": pct(list(firsts), 95) * 1000,
+        "reply_p50_ms": pct(list(totals), 50) * 1000,
+        "reply_p95_ms": pct(list(totals), 95) * 1000,
+    }
+
+
+def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
+    """The same chat turn through the socket and on llama-cpp-python directly, interleaved.
+
+    One persistent connection (the daemon's cost, not connection set-up), streaming
+    on; the direct side is a second instance of the same GGUF in this process, with
+    the same prompt, n_ctx, threads and greedy sampling, so both produce the same tokens.
+    """
+    from llama_cpp import Llama
+
+    chat = ChatSettings()
+    s = LlamaCppSettings()
+    llm = Llama(
+        model_path=str(embedded_model_path()),
+        n_ctx=s.n_ctx,
+        n_batch=s.n_batch,
+        n_threads=psutil.cpu_count() or 1,
+        verbose=False,
+    )
+    messages = [
+        {"role": "system", "content": chat.system_prompt},
+        {"role": "user", "content": text},
+    ]
+    via_socket, direct = [], []
+    with daemon.client() as conn:
+        conn.call_tool("chat", {"text": text}, on_progress=lambda _p: None)  # warm-up
+        for _ in range(runs):
+            start = time.perf_counter()
+            conn.call_tool("chat", {"text": text}, on_progress=lambda _p: None)
+            via_socket.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for _chunk in llm.create_chat_completion(
+                messages, max_tokens=chat.max_tokens, temperature=0, stream=True
+            ):
+                pass
+            direct.append(time.perf_counter() - start)
+    llm.close()
+    diffs = [a - b for a, b in zip(via_socket, direct, strict=True)]
+    return {
+        "reply_via_socket_p50_s": statistics.median(via_socket),
+        "reply_direct_p50_s": statistics.median(direct),
+        "daemon_overhead_pct": statistics.median(diffs) / statistics.median(direct) * 100,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    runs = 12 if parser.parse_args().quick else 30
+    overhead_text = "Name the planets of the solar system."
+    home = Home({**ENV, "TALE_CHAT__TEMPERATURE": "0"})
+    daemon = Daemon(home).start()
+    try:
+        assert daemon.proc is not None
+        rss_mb = psutil.Process(daemon.proc.pid).memory_info().rss / 2**20
+        idle = latencies(daemon, runs)
+        overhead = paired_overhead(daemon, overhead_text, runs)
+        task_id = daemon.call("submit_task", text=LONG_TASK)["id"]
+        daemon.wait_for(task_id, ("running",))
+        busy = latencies(daemon, runs)
+        still_running = daemon.call("get_task", id=task_id)["state"] == "running"
+        daemon.call("cancel_task", id=task_id)
+    finally:
+        daemon.stop()
+        home.cleanup()
+    r = {
+        "rss_mb_both_roles": rss_mb,
+        **{f"idle_{k}": v for k, v in idle.items()},
+        **{f"busy_{k}": v for k, v in busy.items()},
+        "task_still_running_during_busy": still_running,
+        **overhead,
+    }
+    print(f"### Pool benchmarks, {time.strftime('%Y-%m-%d')}, {machine()}\n")
+    print("| what | measured | target |")
+    print("| --- | --- | --- |")
+    print(
+        f"| UX first token, idle | p50 {r['idle_first_p50_ms']:.0f} ms, p95 "
+        f"{r['idle_first_p95_ms']:.0f} ms | p95 <= 250 ms |"
+    )
+    print(
+        f"| UX first token, task role generating | p50 {r['busy_first_p50_ms']:.0f} ms, p95 "
+        f"{r['busy_first_p95_ms']:.0f} ms | p95 <= 250 ms |"
+    )
+    print(
+        f"| short reply end to end, idle / busy (p95) | {r['idle_reply_p95_ms']:.0f} ms / "
+        f"{r['busy_reply_p95_ms']:.0f} ms | <= 1 s |"
+    )
+    print(
+        f"| daemon overhead on a chat reply | {r['daemon_overhead_pct']:+.1f} % "
+        f"({r['reply_via_socket_p50_s']:.3f} s vs {r['reply_direct_p50_s']:.3f} s direct) "
+        "| <= 5 % |"
+    )
+    print(f"| daemon RSS, both roles loaded | {r['rss_mb_both_roles']:.0f} MB | <= 500 MB |")
+    print("\n```json")
+    print(
+        json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, indent=1)
+    )
+    print("```")
+
+
+if __name__ == "__main__":
+    main()
