@@ -333,15 +333,16 @@ def models(json_out: JsonOpt = False) -> None:
         emit_json(report)
         return
     emit(
-        f"{'ROLE':<5} {'MODEL':<28} {'PINNED':<6} {'LOADED':<6} {'SIZE':>8} {'CALLS':>6} "
-        f"{'TOKENS':>8}  LAST ERROR"
+        f"{'ROLE':<5} {'MODEL':<28} {'PINNED':<6} {'LOADED':<6} {'SIZE':>8} {'THR':>3} "
+        f"{'CALLS':>6} {'TOKENS':>8}  LAST ERROR"
     )
     for r in report["roles"]:
         size = f"{r['model_bytes'] / 2**20:.0f} MiB" if r["model_bytes"] else "-"
         tokens = r["prompt_tokens"] + r["completion_tokens"]
+        threads = r["threads"] or "-"
         emit(
             f"{r['role']:<5} {r['backend'] + ':' + r['model']:<28} {_yes(r['pinned']):<6} "
-            f"{_yes(r['loaded']):<6} {size:>8} {r['calls']:>6} {tokens:>8}  "
+            f"{_yes(r['loaded']):<6} {size:>8} {threads:>3} {r['calls']:>6} {tokens:>8}  "
             f"{r['last_error'] or '-'}"
         )
 

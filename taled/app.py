@@ -120,6 +120,7 @@ class App:
                     "pinned": r.pinned,
                     "loaded": r.loaded,
                     "model_bytes": r.model_bytes,
+                    "threads": r.threads,
                     **{k: usage.get(r.role, zero)[k] for k in zero},
                     "last_error": errors.get(r.role),
                 }

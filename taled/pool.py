@@ -20,7 +20,7 @@ import anyio
 from taled.backends.base import Backend, CancelToken, ChatMessage, Completion
 from taled.backends.llamacpp import LlamaCppBackend
 from taled.errors import InvalidInput, ModelError, ModelTimeout
-from taled.settings import ModelsSettings, parse_model_spec
+from taled.settings import ModelsSettings, Role, parse_model_spec
 from taled.store import CallRecord, Store
 
 __all__ = ["ModelPool", "RoleStatus"]
@@ -38,12 +38,14 @@ class RoleStatus:
     pinned: bool
     loaded: bool
     model_bytes: int | None
+    threads: int | None
 
 
-def _make_backend(spec: str, settings: ModelsSettings) -> Backend:
+def _make_backend(role: Role, spec: str, settings: ModelsSettings) -> Backend:
     parsed = parse_model_spec(spec)
     # parse_model_spec only admits backends this build has.
-    return LlamaCppBackend(parsed.model, settings.llamacpp)
+    threads = settings.llamacpp.role_threads.get(role, 0)
+    return LlamaCppBackend(parsed.model, settings.llamacpp, n_threads=threads)
 
 
 class ModelPool:
@@ -53,8 +55,8 @@ class ModelPool:
         self._settings = settings
         self._store = store
         self._backends: dict[str, Backend] = {
-            "ux": _make_backend(settings.ux, settings),
-            "task": _make_backend(settings.task, settings),
+            "ux": _make_backend("ux", settings.ux, settings),
+            "task": _make_backend("task", settings.task, settings),
         }
 
     async def start(self) -> None:
@@ -80,7 +82,7 @@ class ModelPool:
     def status(self) -> list[RoleStatus]:
         """Role bindings and whether each model is loaded (both roles are pinned)."""
         return [
-            RoleStatus(role, b.kind, b.model, True, b.loaded, b.model_bytes())
+            RoleStatus(role, b.kind, b.model, True, b.loaded, b.model_bytes(), b.threads())
             for role, b in self._backends.items()
         ]
 

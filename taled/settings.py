@@ -11,7 +11,7 @@ Every table forbids unknown keys, so a typo is an error that names the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -30,6 +30,7 @@ __all__ = [
     "LlamaCppSettings",
     "ModelsSettings",
     "QueueSettings",
+    "Role",
     "RunnerSettings",
     "ServerSettings",
     "Settings",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 _STRICT = ConfigDict(extra="forbid", validate_default=True)
+
+Role = Literal["ux", "task"]
+"""The model roles: ``ux`` answers people, ``task`` does the work."""
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are tale, a careful assistant that completes the user's task. "
@@ -127,6 +131,8 @@ class LlamaCppSettings(BaseModel):
     """Context window; llama-cpp-python's own default (512) is too small for real tasks."""
     n_threads: int = Field(default=0, ge=0, le=256)
     """CPU threads per model instance; 0 means one per core."""
+    role_threads: dict[Role, Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
+    """Threads for one role's instance, overriding n_threads, e.g. {ux = 1, task = 1}."""
     n_batch: int = Field(default=256, ge=16, le=8192)
     """Prompt tokens evaluated per batch."""
     seed: int = Field(default=-1, ge=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 from typing import Any
@@ -132,3 +133,11 @@ def test_usage_right_after_a_reply_includes_it(shared_daemon: Daemon) -> None:
     assert after["total"]["calls"] == before + 1
     ux = next(r for r in after["by_role"] if r["role"] == "ux")
     assert ux["completion_tokens"] >= reply["tokens"]["completion"]
+
+
+def test_role_threads_sets_each_instances_threads() -> None:
+    """models.llamacpp.role_threads gives each role's instance its own thread count."""
+    with running_daemon({"TALE_MODELS__LLAMACPP__ROLE_THREADS": '{"ux": 1}'}) as daemon:
+        roles = {r["role"]: r for r in daemon.call("models_status")["roles"]}
+    assert roles["ux"]["threads"] == 1
+    assert roles["task"]["threads"] == os.cpu_count()

@@ -109,3 +109,16 @@ def test_taled_exits_2_naming_the_bad_key(home: Home) -> None:
     assert proc.returncode == 2
     assert "runner.max_tokenz" in proc.stderr
     assert not home.socket.exists()
+
+
+def test_role_threads_accepts_known_roles_only(tmp_path: Path) -> None:
+    """role_threads takes ux/task with a positive count; another key is an error naming it."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text("[models.llamacpp.role_threads]\nux = 1\ntask = 1\n")
+    assert load_settings(cfg).models.llamacpp.role_threads == {"ux": 1, "task": 1}
+    cfg.write_text("[models.llamacpp.role_threads]\nuxx = 1\n")
+    with pytest.raises(ConfigError, match="role_threads"):
+        load_settings(cfg)
+    cfg.write_text("[models.llamacpp.role_threads]\nux = 0\n")
+    with pytest.raises(ConfigError, match="greater than or equal to 1"):
+        load_settings(cfg)

@@ -87,3 +87,7 @@ class Backend(Protocol):
     def model_bytes(self) -> int | None:
         """Size of the loaded weights, if the backend knows it."""
         ...
+
+    def threads(self) -> int | None:
+        """CPU threads this instance computes with (None for remote backends)."""
+        ...

@@ -77,9 +77,11 @@ class LlamaCppBackend:
 
     kind = "llamacpp"
 
-    def __init__(self, model: str, settings: LlamaCppSettings) -> None:
+    def __init__(self, model: str, settings: LlamaCppSettings, n_threads: int = 0) -> None:
         self.model = model
         self._settings = settings
+        # 0: the settings' n_threads, whose 0 means one per core.
+        self._threads = n_threads or settings.n_threads or os.cpu_count() or 1
         self._llm: Any = None
         self._formatter: Any = None
         self._lock = asyncio.Lock()
@@ -109,7 +111,7 @@ class LlamaCppBackend:
         llm = Llama(
             model_path=str(path),
             n_ctx=s.n_ctx,
-            n_threads=s.n_threads or os.cpu_count() or 1,
+            n_threads=self._threads,
             n_batch=s.n_batch,
             seed=s.seed if s.seed >= 0 else 0xFFFFFFFF,
             verbose=False,
@@ -137,6 +139,10 @@ class LlamaCppBackend:
         if self._llm is None:
             raise ModelError(f"{self.model} is not loaded")
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def threads(self) -> int | None:
+        """CPU threads llama.cpp computes this instance with."""
+        return self._threads
 
     def model_bytes(self) -> int | None:
         """Size of the loaded weights (llama.cpp's own figure)."""
