@@ -59,6 +59,14 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
             if exc.code in _UNAVAILABLE_CODES:
                 fail(exc.message, Exit.UNREACHABLE)
             fail(exc.message, Exit.FAILED)
+        except (KeyError, TypeError) as exc:
+            # The daemon's answer lacks what this client expects: usually a daemon
+            # started from an older tale that is still running.
+            fail(
+                f"unexpected answer from the daemon (missing {exc}); if it was started by an "
+                "older tale, restart it: tale daemon stop",
+                Exit.FAILED,
+            )
         except KeyboardInterrupt:
             fail("interrupted", Exit.FAILED)
 
@@ -339,7 +347,7 @@ def models(json_out: JsonOpt = False) -> None:
     for r in report["roles"]:
         size = f"{r['model_bytes'] / 2**20:.0f} MiB" if r["model_bytes"] else "-"
         tokens = r["prompt_tokens"] + r["completion_tokens"]
-        threads = r["threads"] or "-"
+        threads = r.get("threads") or "-"
         emit(
             f"{r['role']:<5} {r['backend'] + ':' + r['model']:<28} {_yes(r['pinned']):<6} "
             f"{_yes(r['loaded']):<6} {size:>8} {threads:>3} {r['calls']:>6} {tokens:>8}  "
