@@ -90,12 +90,12 @@ def task_to_json(task: TaskRecord) -> dict[str, Any]:
             {"from": t.from_state, "to": t.to_state, "at": _iso(t.at), "reason": t.reason}
             for t in task.transitions
         ],
-        "tokens": {
-            "prompt": task.prompt_tokens,
-            "completion": task.completion_tokens,
-            "total": task.prompt_tokens + task.completion_tokens,
-        },
+        "tokens": _tokens(task.prompt_tokens, task.completion_tokens),
     }
+
+
+def _tokens(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt": prompt, "completion": completion, "total": prompt + completion}
 
 
 def _iso(ts: float) -> str:
@@ -185,11 +185,7 @@ class _Tools:
         return {
             "text": reply.text,
             "finish_reason": reply.finish_reason,
-            "tokens": {
-                "prompt": reply.prompt_tokens,
-                "completion": reply.completion_tokens,
-                "total": reply.prompt_tokens + reply.completion_tokens,
-            },
+            "tokens": _tokens(reply.prompt_tokens, reply.completion_tokens),
         }
 
 
