@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from taled.backends.base import ChatMessage, Completion
-from taled.errors import InvalidInput
 from taled.pool import ModelPool
 from taled.settings import ChatSettings
+from taled.text import clean_text
 
 __all__ = ["ChatService"]
 
@@ -25,15 +25,13 @@ class ChatService:
 
     def validate(self, text: str) -> str:
         """Strip and check a chat message; InvalidInput says what is wrong."""
-        stripped = text.strip()
-        if not stripped:
-            raise InvalidInput("chat message is empty; say something")
-        if len(stripped) > self._settings.max_text_chars:
-            raise InvalidInput(
-                f"chat message is {len(stripped)} characters; the limit is "
-                f"{self._settings.max_text_chars} (submit long work as a task instead)"
-            )
-        return stripped
+        return clean_text(
+            text,
+            what="chat message",
+            limit=self._settings.max_text_chars,
+            empty_hint="say something",
+            too_long_hint=" (submit long work as a task instead)",
+        )
 
     async def reply(self, text: str, on_text: Callable[[str], Awaitable[None]]) -> Completion:
         """Stream the UX model's reply to ``on_text``; return the whole of it."""

@@ -13,6 +13,7 @@ from taled.errors import IllegalTransition, InvalidInput, Unavailable
 from taled.lifecycle import FINAL_STATES, TaskState
 from taled.settings import QueueSettings
 from taled.store import Store, TaskRecord
+from taled.text import clean_text
 
 __all__ = ["TaskQueue"]
 
@@ -38,15 +39,13 @@ class TaskQueue:
 
     def validate_text(self, text: str) -> str:
         """Strip and check a task text; raise InvalidInput saying what is wrong."""
-        stripped = text.strip()
-        if not stripped:
-            raise InvalidInput("task text is empty; say what you want done")
-        if len(stripped) > self._settings.max_text_chars:
-            raise InvalidInput(
-                f"task text is {len(stripped)} characters; the limit is "
-                f"{self._settings.max_text_chars}. Shorten it or split it into several tasks"
-            )
-        return stripped
+        return clean_text(
+            text,
+            what="task text",
+            limit=self._settings.max_text_chars,
+            empty_hint="say what you want done",
+            too_long_hint=". Shorten it or split it into several tasks",
+        )
 
     async def submit(self, text: str, priority: int | None = None) -> TaskRecord:
         """Validate and durably enqueue a task; returns once it is on disk."""

@@ -1,0 +1,19 @@
+"""Checking text that people send (task texts, chat messages)."""
+
+from __future__ import annotations
+
+from taled.errors import InvalidInput
+
+__all__ = ["clean_text"]
+
+
+def clean_text(text: str, *, what: str, limit: int, empty_hint: str, too_long_hint: str) -> str:
+    """``text`` stripped; InvalidInput naming ``what`` if it is empty or over ``limit``."""
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidInput(f"{what} is empty; {empty_hint}")
+    if len(stripped) > limit:
+        raise InvalidInput(
+            f"{what} is {len(stripped)} characters; the limit is {limit}{too_long_hint}"
+        )
+    return stripped
