@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
@@ -160,11 +160,10 @@ class ModelPool:
         timeout: float,
         task_id: str | None = None,
         cancel: CancelToken | None = None,
-        on_text: Callable[[str], None] | None = None,
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings."""
         out = Completion.empty()
-        async for piece in self.stream(
+        async for _piece in self.stream(
             role,
             messages,
             max_tokens=max_tokens,
@@ -174,6 +173,5 @@ class ModelPool:
             cancel=cancel,
             result=out,
         ):
-            if on_text is not None:
-                on_text(piece)
+            pass  # the text accumulates in ``out``
         return out

@@ -139,8 +139,5 @@ class Runner:
         except IllegalTransition as exc:
             # Cancelled (or otherwise moved) while the model was answering.
             log.info("task %s not moved to %s: %s", task_id, target, exc.message)
-        except TaleError:
-            log.exception("could not record the end of task %s", task_id)
-            raise
         else:
             log.info("task %s %s: %s", task_id, target, reason)

@@ -85,7 +85,6 @@ class LlamaCppBackend:
         self._llm: Any = None
         self._formatter: Any = None
         self._lock = asyncio.Lock()
-        self.load_ms = 0.0
 
     @property
     def loaded(self) -> bool:
@@ -100,8 +99,8 @@ class LlamaCppBackend:
             self._llm, self._formatter = await anyio.to_thread.run_sync(self._load_sync, path)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"cannot load {path}: {exc}") from exc
-        self.load_ms = (time.perf_counter() - started) * 1000
-        log.info("loaded %s (%s) in %.0f ms", self.model, path.name, self.load_ms)
+        load_ms = (time.perf_counter() - started) * 1000
+        log.info("loaded %s (%s) in %.0f ms", self.model, path.name, load_ms)
 
     def _load_sync(self, path: Path) -> tuple[Any, Any]:
         from llama_cpp import Llama
