@@ -23,6 +23,9 @@ def test_tale_ask_streams_the_ux_models_reply(shared_daemon: Daemon) -> None:
     proc = shared_daemon.home.tale("ask", "Hello, who are you?")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+    # Ledger rows are group-committed after the reply; `tale usage` waits for them.
+    usage = json.loads(shared_daemon.home.tale("usage", "--json").stdout)
+    assert any(r["role"] == "ux" and r["calls"] >= 1 for r in usage["by_role"])
     db = shared_daemon.home.data / "tale.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute(
