@@ -9,7 +9,8 @@ act on. ``taled/server.py`` converts them to protocol errors in one place.
     ├── IllegalTransition          -32002  the task's state does not allow that
     ├── Unavailable                -32003  the daemon is shutting down or a role is down
     ├── ModelError                 -32010  a backend failed
-    │   └── ModelTimeout           -32011  a model call ran past its deadline
+    │   ├── ModelTimeout           -32011  a model call ran past its deadline
+    │   └── BackendDown            -32012  the backend is unreachable, crashed or hung
     ├── ConfigError                -32020  the configuration is invalid
     └── DaemonError                -32030  start-up failed (bad socket path, ...)
         └── AlreadyRunning         -32031  another daemon owns the socket
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyRunning",
+    "BackendDown",
     "ConfigError",
     "DaemonError",
     "IllegalTransition",
@@ -75,6 +77,16 @@ class ModelTimeout(ModelError):
     """A model call did not finish within its deadline."""
 
     code = -32011
+
+
+class BackendDown(ModelError):
+    """The backend itself is broken (server gone, process crashed, probe hung).
+
+    Unlike a plain ModelError, which is about one request, this makes the pool
+    reload the model and send the role's calls to its fallback meanwhile.
+    """
+
+    code = -32012
 
 
 class ConfigError(TaleError):

@@ -43,7 +43,15 @@ class RoleStatus:
 
 def _make_backend(role: Role, spec: str, settings: ModelsSettings) -> Backend:
     parsed = parse_model_spec(spec)
-    # parse_model_spec only admits backends this build has.
+    if parsed.backend == "ollama":
+        from taled.backends.ollama import OllamaBackend
+
+        return OllamaBackend(parsed.model, settings.ollama, pinned=True)
+    if parsed.backend == "openai":
+        from taled.backends.openai import OpenAIBackend
+
+        assert parsed.base_url is not None
+        return OpenAIBackend(parsed.base_url, parsed.model, settings.openai)
     threads = settings.llamacpp.role_threads.get(role, 0)
     return LlamaCppBackend(parsed.model, settings.llamacpp, n_threads=threads)
 
@@ -82,7 +90,7 @@ class ModelPool:
     def status(self) -> list[RoleStatus]:
         """Role bindings and whether each model is loaded (both roles are pinned)."""
         return [
-            RoleStatus(role, b.kind, b.model, True, b.loaded, b.model_bytes(), b.threads())
+            RoleStatus(role, b.kind, b.model, True, b.loaded, b.memory().bytes, b.threads())
             for role, b in self._backends.items()
         ]
 

@@ -29,6 +29,9 @@ __all__ = [
     "DaemonSettings",
     "LlamaCppSettings",
     "ModelsSettings",
+    "OllamaSettings",
+    "OpenAISettings",
+    "PoolSettings",
     "QueueSettings",
     "Role",
     "RunnerSettings",
@@ -162,17 +165,85 @@ class ChatSettings(BaseModel):
     """Streamed text is sent at most this often (the first piece at once); 0 sends every token."""
 
 
+class OllamaSettings(BaseModel):
+    """The Ollama backend (the official ``ollama`` client, native API)."""
+
+    model_config = _STRICT
+
+    host: str = ""
+    """Ollama's URL; empty means $OLLAMA_HOST, else http://127.0.0.1:11434."""
+    num_ctx: int = Field(default=4096, ge=256, le=1_048_576)
+    """Context window sent with every call; kept constant because a change makes Ollama reload."""
+    model_num_ctx: dict[str, Annotated[int, Field(ge=256, le=1_048_576)]] = Field(
+        default_factory=dict
+    )
+    """Context window for one model, overriding num_ctx, e.g. {"qwen2.5:14b" = 8192}."""
+    optional_keep_alive: str = "5m"
+    """How long Ollama keeps an optional (unpinned) model loaded after a call; pinned use -1."""
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    """Connecting to Ollama longer than this counts as the backend being down."""
+    read_timeout_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    """Longest silence between streamed chunks (a cold model load happens inside it)."""
+
+
+class OpenAISettings(BaseModel):
+    """The OpenAI-compatible backend (vLLM, llama.cpp's server, LM Studio) over httpx."""
+
+    model_config = _STRICT
+
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the bearer token; unset or empty sends none."""
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    """Connecting longer than this counts as the server being down."""
+    read_timeout_seconds: float = Field(default=120.0, gt=0, le=86_400)
+    """Longest silence between streamed events."""
+
+
+class PoolSettings(BaseModel):
+    """Pinning, optional models, health checks and fallback."""
+
+    model_config = _STRICT
+
+    memory_floor_mb: int = Field(default=1024, ge=0)
+    """Evict optional models, least recently used first, while available memory is below this."""
+    health_interval_seconds: float = Field(default=15.0, gt=0, le=86_400)
+    """How often each loaded model is probed."""
+    probe_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """A probe that takes longer counts as a hung backend."""
+    reload_backoff_seconds: float = Field(default=1.0, gt=0, le=3600)
+    """First wait before reloading a failed model; doubles after each failed attempt."""
+    reload_backoff_max_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """Longest wait between reload attempts."""
+    down_wait_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """With no fallback, how long a call waits for its role to come back before failing."""
+    unexpected_load_ms: float = Field(default=1000.0, ge=0)
+    """A pinned model's call that reports a load longer than this was unloaded behind our back."""
+
+
 class ModelsSettings(BaseModel):
-    """Which model serves each role, as ``backend:model``."""
+    """Which model serves each role, as ``backend:model``.
+
+    Forms: ``llamacpp:NAME`` (embedded; NAME is smollm2-135m, a name under
+    [models.llamacpp.models] or a GGUF path), ``ollama:NAME[:TAG]``,
+    ``openai:URL#MODEL`` (an OpenAI-compatible server's base URL and model id).
+    """
 
     model_config = _STRICT
 
     ux: str = "llamacpp:smollm2-135m"
-    """The small, fast model that answers people (chat); always loaded."""
+    """The small, fast model that answers people (chat); pinned, always loaded."""
     task: str = "llamacpp:smollm2-135m"
-    """The model that executes tasks; always loaded (its own instance, even if the same file)."""
+    """The model that executes tasks; pinned (its own instance, even if the same file)."""
+    fallback: str = ""
+    """Serves a role's calls while its model is down; loaded on demand. Empty: calls wait."""
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    """Pinning, eviction, health and fallback."""
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     """Options of the embedded llama.cpp backend."""
+    ollama: OllamaSettings = Field(default_factory=OllamaSettings)
+    """Options of the Ollama backend."""
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    """Options of the OpenAI-compatible backend."""
 
     @field_validator("ux", "task")
     @classmethod
@@ -180,26 +251,62 @@ class ModelsSettings(BaseModel):
         parse_model_spec(value)
         return value
 
+    @field_validator("fallback")
+    @classmethod
+    def _valid_fallback(cls, value: str) -> str:
+        if value:
+            parse_model_spec(value)
+        return value
+
+
+BACKENDS = ("llamacpp", "ollama", "openai")
+
 
 class BackendSpec(BaseModel):
-    """A parsed ``backend:model`` role binding."""
+    """A parsed ``backend:model`` binding."""
 
     model_config = ConfigDict(frozen=True)
 
-    backend: Literal["llamacpp"]
+    backend: Literal["llamacpp", "ollama", "openai"]
     model: str
+    base_url: str | None = None
+    """The server of an ``openai:`` spec."""
+
+    @property
+    def label(self) -> str:
+        """The spec as written in config (``backend:model``)."""
+        if self.base_url is not None:
+            return f"{self.backend}:{self.base_url}#{self.model}"
+        return f"{self.backend}:{self.model}"
 
 
 def parse_model_spec(spec: str) -> BackendSpec:
     """Split ``backend:model``; raise ValueError naming what is wrong."""
-    backend, sep, model = spec.partition(":")
+    backend, sep, model = spec.strip().partition(":")
     if not sep or not model:
         raise ValueError(
-            f"model {spec!r} must look like 'backend:model', e.g. 'llamacpp:smollm2-135m'"
+            f"model {spec!r} must look like 'backend:model', e.g. 'llamacpp:smollm2-135m', "
+            "'ollama:qwen2.5:14b' or 'openai:http://host:8000/v1#MODEL'"
         )
-    if backend != "llamacpp":
-        raise ValueError(f"unknown backend {backend!r} in {spec!r}; this build supports 'llamacpp'")
-    return BackendSpec(backend="llamacpp", model=model)
+    if backend == "llamacpp":
+        return BackendSpec(backend="llamacpp", model=model)
+    if backend == "ollama":
+        if any(c.isspace() for c in model) or model.startswith(":") or model.endswith(":"):
+            raise ValueError(f"ollama model {model!r} in {spec!r} must look like NAME or NAME:TAG")
+        return BackendSpec(backend="ollama", model=model)
+    if backend == "openai":
+        url, hash_, name = model.partition("#")
+        if not hash_ or not name.strip():
+            raise ValueError(
+                f"{spec!r} must name the model after '#', e.g. "
+                "'openai:http://gpu-box:8000/v1#Qwen2.5-32B-Instruct'"
+            )
+        if not url.startswith(("http://", "https://")) or len(url) <= len("https://"):
+            raise ValueError(f"{spec!r}: the server URL must start with http:// or https://")
+        return BackendSpec(backend="openai", model=name.strip(), base_url=url.rstrip("/"))
+    raise ValueError(
+        f"unknown backend {backend!r} in {spec!r}; backends: {', '.join(BACKENDS)}"
+    )
 
 
 class Settings(BaseSettings):

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict
 
-__all__ = ["Backend", "CancelToken", "ChatMessage", "Completion"]
+__all__ = ["Backend", "CancelToken", "ChatMessage", "Completion", "Memory"]
 
 
 class ChatMessage(TypedDict):
@@ -44,6 +44,8 @@ class Completion:
     prompt_ms: float
     generation_ms: float
     finish_reason: Literal["stop", "length", "cancelled"]
+    counts_exact: bool = True
+    """False when a remote server reported no usage and the counts are estimates."""
 
     @classmethod
     def empty(cls) -> Completion:
@@ -51,8 +53,25 @@ class Completion:
         return cls("", 0, 0, 0.0, 0.0, 0.0, "stop")
 
 
+@dataclass(frozen=True)
+class Memory:
+    """What a loaded model occupies, as far as its backend can tell."""
+
+    bytes: int | None
+    """Weights in memory (llama.cpp's model size; Ollama's ``size``)."""
+    vram_bytes: int | None = None
+    """Of which in GPU memory (Ollama's ``size_vram``); None when unknown."""
+    local: bool = True
+    """Whether the memory is this machine's (False for a remote server)."""
+
+
 class Backend(Protocol):
-    """A loaded model that can answer chats. One instance serves one role."""
+    """A loaded model that can answer chats. One instance serves one role.
+
+    Errors: raise ``BackendDown`` when the backend itself is broken or unreachable
+    (the pool then reloads it and fails over), ``ModelError`` for a problem with
+    this one request (a prompt over the context, an unknown model).
+    """
 
     kind: str
     model: str
@@ -80,12 +99,15 @@ class Backend(Protocol):
         """Yield the answer's text as it is generated; fill ``result`` when done."""
         ...
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens in ``text`` by the model's own tokenizer."""
-        ...
+    async def probe(self) -> None:
+        """A cheap health check; raise BackendDown if the model cannot serve.
 
-    def model_bytes(self) -> int | None:
-        """Size of the loaded weights, if the backend knows it."""
+        The pool calls it periodically under a timeout (a hang counts as down).
+        It must not wait behind a call in progress.
+        """
+
+    def memory(self) -> Memory:
+        """What the loaded model occupies (zeros/None when not loaded or unknown)."""
         ...
 
     def threads(self) -> int | None:

@@ -25,8 +25,8 @@ from typing import Any
 
 import anyio
 
-from taled.backends.base import CancelToken, ChatMessage, Completion
-from taled.errors import ModelError
+from taled.backends.base import CancelToken, ChatMessage, Completion, Memory
+from taled.errors import BackendDown, ModelError
 from taled.settings import LlamaCppSettings
 
 __all__ = ["EMBEDDED_MODEL", "LlamaCppBackend", "embedded_model_path", "resolve_model_path"]
@@ -70,6 +70,8 @@ def resolve_model_path(model: str, settings: LlamaCppSettings) -> Path:
 
 
 _DONE = object()
+# How often a probe looks for a busy instance's next token (a token takes ~25 ms).
+_PROBE_POLL_SECONDS = 0.02
 
 
 class LlamaCppBackend:
@@ -85,6 +87,9 @@ class LlamaCppBackend:
         self._llm: Any = None
         self._formatter: Any = None
         self._lock = asyncio.Lock()
+        # Tokens generated so far by this instance; a probe during a call waits
+        # for it to move, so a hung generation thread fails its probe.
+        self._beats = 0
 
     @property
     def loaded(self) -> bool:
@@ -133,6 +138,18 @@ class LlamaCppBackend:
             if llm is not None:
                 await anyio.to_thread.run_sync(llm.close)
 
+    async def probe(self) -> None:
+        """Idle: tokenize a word. Busy: wait for the running call's next token."""
+        if self._llm is None:
+            raise BackendDown(f"{self.model} is not loaded")
+        if not self._lock.locked():
+            llm = self._llm
+            await anyio.to_thread.run_sync(lambda: llm.tokenize(b"ping", add_bos=False))
+            return
+        seen = self._beats
+        while self._lock.locked() and self._beats == seen:
+            await asyncio.sleep(_PROBE_POLL_SECONDS)
+
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by this model's tokenizer."""
         if self._llm is None:
@@ -143,11 +160,11 @@ class LlamaCppBackend:
         """CPU threads llama.cpp computes this instance with."""
         return self._threads
 
-    def model_bytes(self) -> int | None:
-        """Size of the loaded weights (llama.cpp's own figure)."""
+    def memory(self) -> Memory:
+        """Size of the loaded weights (llama.cpp's own figure), in this process."""
         if self._llm is None:
-            return None
-        return int(self._llm._model.size())
+            return Memory(bytes=None)
+        return Memory(bytes=int(self._llm._model.size()))
 
     def render_prompt(self, messages: list[ChatMessage]) -> tuple[str, list[str]]:
         """The prompt text the chat template makes of ``messages``, and its stop strings."""
@@ -172,7 +189,7 @@ class LlamaCppBackend:
     ) -> AsyncGenerator[str, None]:
         """Yield text as it is generated; ``result`` holds counts and timings after."""
         if self._llm is None:
-            raise ModelError(f"{self.model} is not loaded")
+            raise BackendDown(f"{self.model} is not loaded")
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
         async with self._lock:
@@ -209,7 +226,9 @@ class LlamaCppBackend:
                         if item is _DONE:
                             finished = True
                         elif isinstance(item, BaseException):
-                            raise ModelError(
+                            # llama.cpp failing mid-generation leaves the context in an
+                            # unknown state: the pool reloads the instance.
+                            raise BackendDown(
                                 f"{self.model} failed while generating: {item}"
                             ) from item
                         else:
@@ -259,6 +278,7 @@ class LlamaCppBackend:
                 choice = piece["choices"][0]
                 if first is None:
                     first = time.perf_counter()
+                self._beats += 1
                 if choice["text"]:
                     text.append(choice["text"])
                     put(choice["text"])
