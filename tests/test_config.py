@@ -12,6 +12,7 @@ import pytest
 
 from taled.errors import ConfigError
 from taled.settings import Settings, load_settings
+from tests import etc_toml
 from tests.harness import Home
 
 ETC = Path(__file__).resolve().parent.parent / "etc" / "taled.toml"
@@ -24,6 +25,11 @@ def _defaults() -> dict[str, Any]:
 def test_etc_taled_toml_equals_the_settings_defaults() -> None:
     """etc/taled.toml documents exactly the settings model's defaults."""
     assert tomllib.loads(ETC.read_text()) == _defaults()
+
+
+def test_etc_taled_toml_is_rendered_from_the_settings_docstrings() -> None:
+    """The comments are the settings' docstrings (regenerate: python -m tests.etc_toml)."""
+    assert ETC.read_text() == etc_toml.render()
 
 
 def test_every_setting_is_documented_in_etc() -> None:
