@@ -112,6 +112,15 @@ def submit(
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the task and print its result.")
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Run on this model instead of the task model: backend:model, e.g. "
+            "ollama:qwen2.5:14b (loaded on demand).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Queue a task and print its id (or, with --wait, its result)."""
@@ -122,6 +131,8 @@ def submit(
     args: dict[str, Any] = {"text": text}
     if priority is not None:
         args["priority"] = priority
+    if model is not None:
+        args["model"] = model
     with _connect() as conn:
         task = conn.call_tool("submit_task", args)
         if not wait:
@@ -334,29 +345,62 @@ def ask(
 @app.command(rich_help_panel="Models")
 @handle_errors
 def models(json_out: JsonOpt = False) -> None:
-    """The model pool: each role's model, whether it is loaded, calls and tokens."""
+    """The model pool: every model, its health, memory, and calls and tokens since start."""
     with _connect() as conn:
         report = conn.call_tool("models_status")
     if json_out:
         emit_json(report)
         return
+    rows = report["models"]
+    width = max([len("MODEL"), *(len(r["spec"]) for r in rows)])
     emit(
-        f"{'ROLE':<5} {'MODEL':<28} {'PINNED':<6} {'LOADED':<6} {'SIZE':>8} {'THR':>3} "
-        f"{'CALLS':>6} {'TOKENS':>8}  LAST ERROR"
+        f"{'ROLE':<8} {'MODEL':<{width}} {'PINNED':<6} {'HEALTH':<8} {'MEMORY':>9} "
+        f"{'CALLS':>6} {'TOKENS':>8}"
     )
-    for r in report["roles"]:
-        size = f"{r['model_bytes'] / 2**20:.0f} MiB" if r["model_bytes"] else "-"
+    for r in rows:
         tokens = r["prompt_tokens"] + r["completion_tokens"]
-        threads = r.get("threads") or "-"
         emit(
-            f"{r['role']:<5} {r['backend'] + ':' + r['model']:<28} {_yes(r['pinned']):<6} "
-            f"{_yes(r['loaded']):<6} {size:>8} {threads:>3} {r['calls']:>6} {tokens:>8}  "
-            f"{r['last_error'] or '-'}"
+            f"{r['role']:<8} {r['spec']:<{width}} {'yes' if r['pinned'] else 'no':<6} "
+            f"{r['health']:<8} {_memory(r):>9} {r['calls']:>6} {tokens:>8}"
         )
+        for line in _model_details(r):
+            emit(f"{'':<8} - {line}")
 
 
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
+def _memory(r: dict[str, Any]) -> str:
+    if not r["memory_bytes"]:
+        return "-" if r["memory_local"] else "remote"
+    size = f"{r['memory_bytes'] / 2**20:.0f} MiB"
+    return size if r["memory_local"] else f"{size} rem"
+
+
+def _model_details(r: dict[str, Any]) -> list[str]:
+    """Lines under a model's row: what is wrong with it and what tale does about it."""
+    lines = []
+    if r["serving"]:
+        since = (
+            time.strftime("%H:%M:%S", time.localtime(r["down_since"])) if r["down_since"] else ""
+        )
+        who = "calls wait for it" if r["serving"] == "waiting" else f"served by {r['serving']}"
+        lines.append(f"down since {since}: {r['last_error']}; {who}")
+        if r["next_reload_at"]:
+            lines.append(f"next reload in {max(r['next_reload_at'] - time.time(), 0):.0f} s")
+    elif r["last_error"]:
+        lines.append(f"last error: {r['last_error']}")
+    if r["vram_bytes"]:
+        lines.append(f"{r['vram_bytes'] / 2**20:.0f} MiB of it in VRAM")
+    events = [
+        f"{r[key]} {label}"
+        for key, label in (
+            ("reloads", "reload(s)"),
+            ("unexpected_loads", "unexpected backend reload(s)"),
+            ("evictions", "eviction(s)"),
+        )
+        if r[key]
+    ]
+    if events:
+        lines.append(", ".join(events))
+    return lines
 
 
 # -- the bridge ----------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ from taled.chat import ChatService
 from taled.errors import TaleError
 from taled.pool import ModelPool
 from taled.queue import TaskQueue
+from taled.routing import Router
 from taled.runner import Runner
 from taled.sdnotify import Notifier
 from taled.server import build_server
@@ -64,8 +66,10 @@ class App:
         )
         self.queue = TaskQueue(self.store, settings.queue)
         self.pool = ModelPool(settings.models, self.store)
+        # The learning engine will install its advisor on this router.
+        self.router = Router()
         self.runner = Runner(
-            self.store, self.queue, self.pool, settings.runner, settings.queue.workers
+            self.store, self.queue, self.pool, settings.runner, settings.queue.workers, self.router
         )
         self.listener = SocketListener(
             paths.socket_path(),
@@ -73,7 +77,7 @@ class App:
             max_frame_bytes=settings.server.max_frame_bytes,
             max_connections=settings.server.max_connections,
         )
-        self.chat = ChatService(self.pool, settings.chat)
+        self.chat = ChatService(self.pool, settings.chat, self.router)
         self.server = build_server(
             self.store,
             self.queue,
@@ -101,32 +105,20 @@ class App:
             "workers": {"busy": self.runner.busy, "limit": self.settings.queue.workers},
             "tasks": await self.store.count_by_state(),
             "models": [
-                {"role": r.role, "backend": r.backend, "model": r.model, "loaded": r.loaded}
+                {
+                    "role": r.role,
+                    "backend": r.backend,
+                    "model": r.model,
+                    "loaded": r.loaded,
+                    "health": r.health,
+                }
                 for r in self.pool.status()
             ],
         }
 
     async def models_status(self) -> dict[str, Any]:
-        """What ``tale models`` shows: the pool joined with the ledger, by role."""
-        usage = {row["role"]: row for row in (await self.store.usage())["by_role"]}
-        errors = await self.store.last_errors()
-        zero = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "failures": 0}
-        return {
-            "roles": [
-                {
-                    "role": r.role,
-                    "backend": r.backend,
-                    "model": r.model,
-                    "pinned": r.pinned,
-                    "loaded": r.loaded,
-                    "model_bytes": r.model_bytes,
-                    "threads": r.threads,
-                    **{k: usage.get(r.role, zero)[k] for k in zero},
-                    "last_error": errors.get(r.role),
-                }
-                for r in self.pool.status()
-            ]
-        }
+        """What ``tale models`` shows: every model the pool knows, with its health."""
+        return {"models": [asdict(r) for r in self.pool.status()]}
 
     def request_stop(self) -> None:
         """Ask the daemon to shut down (safe to call from a signal handler)."""

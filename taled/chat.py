@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from taled.backends.base import ChatMessage, Completion
 from taled.pool import ModelPool
+from taled.routing import Router
 from taled.settings import ChatSettings
 from taled.text import clean_text
 
@@ -19,9 +20,10 @@ __all__ = ["ChatService"]
 class ChatService:
     """Answers a message on the ``ux`` role, text delivered as it is generated."""
 
-    def __init__(self, pool: ModelPool, settings: ChatSettings) -> None:
+    def __init__(self, pool: ModelPool, settings: ChatSettings, router: Router) -> None:
         self._pool = pool
         self._settings = settings
+        self._router = router
 
     def validate(self, text: str) -> str:
         """Strip and check a chat message; InvalidInput says what is wrong."""
@@ -41,7 +43,7 @@ class ChatService:
         ]
         result = Completion.empty()
         async for piece in self._pool.stream(
-            "ux",
+            self._router.for_chat().role,
             messages,
             max_tokens=self._settings.max_tokens,
             temperature=self._settings.temperature,

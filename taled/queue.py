@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from taled.errors import IllegalTransition, InvalidInput, Unavailable
 from taled.lifecycle import FINAL_STATES, TaskState
-from taled.settings import QueueSettings
+from taled.settings import QueueSettings, parse_model_spec
 from taled.store import Store, TaskRecord
 from taled.text import clean_text
 
@@ -47,12 +47,23 @@ class TaskQueue:
             too_long_hint=". Shorten it or split it into several tasks",
         )
 
-    async def submit(self, text: str, priority: int | None = None) -> TaskRecord:
-        """Validate and durably enqueue a task; returns once it is on disk."""
+    async def submit(
+        self, text: str, priority: int | None = None, model: str | None = None
+    ) -> TaskRecord:
+        """Validate and durably enqueue a task; returns once it is on disk.
+
+        ``model`` (``backend:model``) runs this task on that model instead of the
+        task role's; it is checked for form here and loaded when the task runs.
+        """
         if not self._accepting:
             raise Unavailable("the daemon is shutting down and takes no new tasks; retry shortly")
         clean = self._validate(text, priority)
-        record = await self._store.submit(clean[0], clean[1])
+        if model is not None:
+            try:
+                model = parse_model_spec(model).label
+            except ValueError as exc:
+                raise InvalidInput(f"model: {exc}") from None
+        record = await self._store.submit(clean[0], clean[1], model)
         self._wake.set()
         return record
 

@@ -13,10 +13,11 @@ import asyncio
 import logging
 
 from taled.backends.base import CancelToken, ChatMessage
-from taled.errors import IllegalTransition, ModelError, TaleError
+from taled.errors import IllegalTransition, ModelError, TaleError, Unavailable
 from taled.lifecycle import TaskState
 from taled.pool import ModelPool
 from taled.queue import TaskQueue
+from taled.routing import Router
 from taled.settings import RunnerSettings
 from taled.store import Store, TaskRecord
 
@@ -35,10 +36,12 @@ class Runner:
         pool: ModelPool,
         settings: RunnerSettings,
         workers: int,
+        router: Router,
     ) -> None:
         self._store = store
         self._queue = queue
         self._pool = pool
+        self._router = router
         self._settings = settings
         self._n_workers = workers
         self._workers: list[asyncio.Task[None]] = []
@@ -99,18 +102,26 @@ class Runner:
         ]
 
     async def _execute(self, task: TaskRecord, token: CancelToken) -> None:
-        log.info("task %s started (attempt %d)", task.id, task.attempts + 1)
+        route = self._router.for_task(task)
+        log.info(
+            "task %s started (attempt %d) on %s: %s",
+            task.id,
+            task.attempts + 1,
+            route.model or route.role,
+            route.reason,
+        )
         try:
             completion = await self._pool.complete(
-                "task",
+                route.role,
                 self._messages(task),
+                model=route.model,
                 max_tokens=self._settings.max_tokens,
                 temperature=self._settings.temperature,
                 timeout=self._settings.call_timeout_seconds,
                 task_id=task.id,
                 cancel=token,
             )
-        except ModelError as exc:
+        except (ModelError, Unavailable) as exc:
             await self._finish(
                 task.id, TaskState.FAILED, f"model call failed: {exc.message}", error=exc.message
             )

@@ -45,6 +45,13 @@ class SubmitTaskArgs(_Args):
     priority: int | None = Field(
         default=None, ge=0, le=100, description="0..100, higher runs first; default 50."
     )
+    model: str | None = Field(
+        default=None,
+        min_length=3,
+        max_length=2000,
+        description="Run on this model instead of the task role's, as backend:model "
+        "(llamacpp:NAME, ollama:NAME[:TAG], openai:URL#MODEL); loaded on demand.",
+    )
 
 
 class TaskIdArgs(_Args):
@@ -80,6 +87,7 @@ def task_to_json(task: TaskRecord) -> dict[str, Any]:
         "id": task.id,
         "state": task.state.value,
         "priority": task.priority,
+        "model": task.model,
         "text": task.text,
         "result": task.result,
         "error": task.error,
@@ -133,7 +141,7 @@ class _Tools:
         self.list_limit = list_limit
 
     async def submit_task(self, args: SubmitTaskArgs, _report: Report) -> dict[str, Any]:
-        task = await self.queue.submit(args.text, args.priority)
+        task = await self.queue.submit(args.text, args.priority, args.model)
         return task_to_json(task)
 
     async def get_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
@@ -209,8 +217,9 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     ),
     "models_status": (
         NoArgs,
-        "The model pool: each role's backend, model, pinned/loaded, size, calls, tokens, "
-        "last error.",
+        "The model pool: each role's and optional model's backend, model, pinned, loaded, "
+        "health, who serves a role that is down, memory, calls and tokens since start, "
+        "reloads, evictions, last error.",
     ),
     "daemon_status": (
         NoArgs,

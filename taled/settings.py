@@ -304,9 +304,7 @@ def parse_model_spec(spec: str) -> BackendSpec:
         if not url.startswith(("http://", "https://")) or len(url) <= len("https://"):
             raise ValueError(f"{spec!r}: the server URL must start with http:// or https://")
         return BackendSpec(backend="openai", model=name.strip(), base_url=url.rstrip("/"))
-    raise ValueError(
-        f"unknown backend {backend!r} in {spec!r}; backends: {', '.join(BACKENDS)}"
-    )
+    raise ValueError(f"unknown backend {backend!r} in {spec!r}; backends: {', '.join(BACKENDS)}")
 
 
 class Settings(BaseSettings):

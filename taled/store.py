@@ -58,6 +58,7 @@ tasks = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("model", sa.Text),
 )
 
 transitions = sa.Table(
@@ -88,6 +89,9 @@ model_calls = sa.Table(
     sa.Column("total_ms", sa.Float, nullable=False),
     sa.Column("success", sa.Boolean, nullable=False),
     sa.Column("error", sa.Text),
+    sa.Column("route", sa.Text, nullable=False, server_default="role"),
+    sa.Column("note", sa.Text),
+    sa.Column("counts_exact", sa.Boolean, nullable=False, server_default="1"),
 )
 
 _V1 = [
@@ -132,8 +136,19 @@ _V1 = [
     "CREATE INDEX model_calls_by_task ON model_calls (task_id)",
 ]
 
+# Version 2 (the dual-model pool): a task may name its model; a ledger row says how
+# its model was chosen (the role's own, a per-task override, the fallback while the
+# role was down), notes events such as an unexpected reload, and whether its
+# counts are exact (a remote server may report no usage).
+_V2 = [
+    "ALTER TABLE tasks ADD COLUMN model TEXT",
+    "ALTER TABLE model_calls ADD COLUMN route TEXT NOT NULL DEFAULT 'role'",
+    "ALTER TABLE model_calls ADD COLUMN note TEXT",
+    "ALTER TABLE model_calls ADD COLUMN counts_exact BOOLEAN NOT NULL DEFAULT 1",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1]
+_MIGRATIONS: list[list[str]] = [_V1, _V2]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -168,6 +183,8 @@ class TaskRecord:
     transitions: tuple[Transition, ...] = ()
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    model: str | None = None
+    """A per-task model override (``backend:model``); None runs on the routed role."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +203,10 @@ class CallRecord:
     total_ms: float
     success: bool
     error: str | None = None
+    route: str = "role"
+    """How the model was chosen: 'role', 'override' or 'fallback'."""
+    note: str | None = None
+    counts_exact: bool = True
     at: float = field(default_factory=time.time)
 
 
@@ -208,6 +229,7 @@ def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
         attempts=row.attempts,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        model=row.model,
     )
 
 
@@ -396,7 +418,7 @@ class Store:
 
     # -- tasks -------------------------------------------------------------
 
-    async def submit(self, text: str, priority: int) -> TaskRecord:
+    async def submit(self, text: str, priority: int, model: str | None = None) -> TaskRecord:
         """Persist a new queued task; returns once it is committed to disk."""
         now = time.time()
         task_id = new_task_id()
@@ -408,6 +430,7 @@ class Store:
             "attempts": 0,
             "created_at": now,
             "updated_at": now,
+            "model": model,
         }
         loop = asyncio.get_running_loop()
         await self._enqueue(_WriteOp(future=loop.create_future(), submit=row))
@@ -422,6 +445,7 @@ class Store:
             created_at=now,
             updated_at=now,
             transitions=(Transition(None, TaskState.QUEUED.value, now, "submitted"),),
+            model=model,
         )
 
     async def transition(
@@ -536,7 +560,7 @@ class Store:
         A reply must not wait for the ledger's fsync. Nothing is lost by not
         waiting: the writer is FIFO, so the row commits before any later write
         (a task's completion, say), ``close()`` drains it, and the ledger's own
-        reads (``usage``, ``last_errors``) wait for rows still in flight.
+        read (``usage``) waits for rows still in flight.
         """
 
         async def apply(conn: AsyncConnection) -> None:
@@ -588,21 +612,6 @@ class Store:
             "by_model": [{"backend": r.backend, "model": r.model, **_totals(r)} for r in by_model],
             "by_role": [{"role": r.role, **_totals(r)} for r in by_role],
         }
-
-    async def last_errors(self) -> dict[str, str]:
-        """The most recent failed call's error, by role."""
-        await self._ledger_settled()
-        c = model_calls.c
-        latest = (
-            sa.select(c.role, sa.func.max(c.seq).label("seq"))
-            .where(c.success.is_(False))
-            .group_by(c.role)
-            .subquery()
-        )
-        query = sa.select(c.role, c.error).join(latest, latest.c.seq == c.seq)
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
-        return {r.role: r.error or "" for r in rows}
 
     # -- helpers -----------------------------------------------------------
 

@@ -104,12 +104,15 @@ def test_models_shows_both_roles_pinned_and_loaded_with_their_calls(
     shared_daemon.call("chat", text="Hi")
     proc = shared_daemon.home.tale("models", "--json")
     assert proc.returncode == 0, proc.stderr
-    roles = {r["role"]: r for r in json.loads(proc.stdout)["roles"]}
+    roles = {r["role"]: r for r in json.loads(proc.stdout)["models"]}
     assert set(roles) == {"ux", "task"}
     for role in roles.values():
         assert role["pinned"] and role["loaded"]
+        assert role["health"] == "ok"
+        assert role["serving"] is None
         assert role["backend"] == "llamacpp"
-        assert role["model_bytes"] > 50_000_000
+        assert role["memory_bytes"] > 50_000_000
+        assert role["memory_local"]
         assert role["calls"] >= 1
         assert role["last_error"] is None
 
@@ -141,6 +144,6 @@ def test_usage_right_after_a_reply_includes_it(shared_daemon: Daemon) -> None:
 def test_role_threads_sets_each_instances_threads() -> None:
     """models.llamacpp.role_threads gives each role's instance its own thread count."""
     with running_daemon({"TALE_MODELS__LLAMACPP__ROLE_THREADS": '{"ux": 1}'}) as daemon:
-        roles = {r["role"]: r for r in daemon.call("models_status")["roles"]}
+        roles = {r["role"]: r for r in daemon.call("models_status")["models"]}
     assert roles["ux"]["threads"] == 1
     assert roles["task"]["threads"] == os.cpu_count()

@@ -33,7 +33,13 @@ def test_daemon_start_status_stop_round_trip(home: Home) -> None:
         assert "already running" in again.stdout
         status = json.loads(home.tale("daemon", "status", "--json").stdout)
         assert status["models"] == [
-            {"role": role, "backend": "llamacpp", "model": "smollm2-135m", "loaded": True}
+            {
+                "role": role,
+                "backend": "llamacpp",
+                "model": "smollm2-135m",
+                "loaded": True,
+                "health": "ok",
+            }
             for role in ("ux", "task")
         ]
         assert status["workers"]["limit"] == 2

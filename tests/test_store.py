@@ -11,7 +11,7 @@ import pytest
 from taled.errors import NotFound, TaleError
 from taled.lifecycle import TaskState
 from taled.settings import StoreSettings
-from taled.store import SCHEMA_VERSION, Store
+from taled.store import _MIGRATIONS, SCHEMA_VERSION, Store
 
 
 def _store(path: Path) -> Store:
@@ -50,6 +50,37 @@ def test_a_database_from_a_newer_tale_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(TaleError, match="upgrade tale"):
         asyncio.run(run())
+
+
+def test_a_version_1_database_migrates_without_losing_data(tmp_path: Path) -> None:
+    """A database written by the first release opens at the current version, rows intact."""
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for statement in _MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute(
+            "INSERT INTO tasks (id, text, state, priority, result, created_at, updated_at) "
+            "VALUES ('aaaaaaaaaaaa', 'old task', 'completed', 50, 'done', 1.0, 2.0)"
+        )
+        db.execute(
+            "INSERT INTO model_calls (at, task_id, role, backend, model, prompt_tokens, "
+            "completion_tokens, load_ms, prompt_ms, generation_ms, total_ms, success) "
+            "VALUES (1.5, 'aaaaaaaaaaaa', 'task', 'llamacpp', 'smollm2-135m', 7, 9, 0, 1, 2, 3, 1)"
+        )
+        db.execute("PRAGMA user_version=1")
+
+    async def run() -> tuple[int, str | None, str | None, int]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            task = await store.get_task("aaaaaaaaaaaa")
+            usage = await store.usage()
+            return await store.schema_version(), task.result, task.model, usage["total"]["calls"]
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == (SCHEMA_VERSION, "done", None, 1)
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute("SELECT route, counts_exact FROM model_calls").fetchall() == [("role", 1)]
 
 
 def test_reopening_keeps_every_task(tmp_path: Path) -> None:
