@@ -204,9 +204,22 @@ class LlamaCppBackend:
                 )
             budget = min(max_tokens, self._settings.n_ctx - prompt_tokens)
             done = threading.Event()
+            # Stops the thread when our consumer goes away, without touching the
+            # caller's token (whose state means "the user cancelled").
+            abandon = CancelToken()
             worker = threading.Thread(
                 target=self._generate,
-                args=(prompt, stop, budget, temperature, cancel, result, chunks, loop, done),
+                args=(
+                    prompt,
+                    stop,
+                    budget,
+                    temperature,
+                    (cancel, abandon),
+                    result,
+                    chunks,
+                    loop,
+                    done,
+                ),
                 name=f"llama-{self.model}",
                 daemon=True,
             )
@@ -240,7 +253,7 @@ class LlamaCppBackend:
                 if not done.is_set():
                     # Our consumer went away (cancelled, timed out): stop the thread
                     # and wait for it, so the lock guards the model until it is idle.
-                    cancel.cancel()
+                    abandon.cancel()
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(done.wait)
 
@@ -250,7 +263,7 @@ class LlamaCppBackend:
         stop: list[str],
         max_tokens: int,
         temperature: float,
-        cancel: CancelToken,
+        tokens: tuple[CancelToken, CancelToken],
         result: Completion,
         chunks: asyncio.Queue[object],
         loop: asyncio.AbstractEventLoop,
@@ -260,6 +273,9 @@ class LlamaCppBackend:
 
         def put(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+        def stopped() -> bool:
+            return any(t.cancelled for t in tokens)
 
         started = time.perf_counter()
         first: float | None = None
@@ -272,7 +288,7 @@ class LlamaCppBackend:
                 temperature=temperature,
                 stop=stop,
                 stream=True,
-                stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: cancel.cancelled]),
+                stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: stopped()]),
             )
             for piece in pieces:
                 choice = piece["choices"][0]
@@ -295,7 +311,7 @@ class LlamaCppBackend:
             result.prompt_ms = (first - started) * 1000
             result.generation_ms = (end - first) * 1000
             result.finish_reason = (
-                "cancelled" if cancel.cancelled else ("length" if finish == "length" else "stop")
+                "cancelled" if stopped() else ("length" if finish == "length" else "stop")
             )
             put(_DONE)
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine, which raises it
