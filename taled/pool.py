@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,8 +48,17 @@ _MIB = 1024 * 1024
 ROLES: tuple[Role, ...] = ("ux", "task")
 
 
-def make_backend(role: str, spec: BackendSpec, pinned: bool, settings: ModelsSettings) -> Backend:
-    """A fresh, unloaded backend instance for ``spec``."""
+def make_backend(
+    role: str,
+    spec: BackendSpec,
+    pinned: bool,
+    settings: ModelsSettings,
+    yield_to: threading.Event | None = None,
+) -> Backend:
+    """A fresh, unloaded backend instance for ``spec``.
+
+    ``yield_to`` pauses an embedded model's generation while clear (UX priority).
+    """
     if spec.backend == "ollama":
         from taled.backends.ollama import OllamaBackend
 
@@ -59,7 +69,7 @@ def make_backend(role: str, spec: BackendSpec, pinned: bool, settings: ModelsSet
         assert spec.base_url is not None
         return OpenAIBackend(spec.base_url, spec.model, settings.openai)
     threads = settings.llamacpp.role_threads.get(role, 0) if role in ROLES else 0
-    return LlamaCppBackend(spec.model, settings.llamacpp, n_threads=threads)
+    return LlamaCppBackend(spec.model, settings.llamacpp, n_threads=threads, yield_to=yield_to)
 
 
 @dataclass(eq=False)
@@ -128,10 +138,15 @@ class ModelPool:
         self._settings = settings
         self._pool = settings.pool
         self._store = store
+        # Set while no UX call is generating on the ux model; embedded models of
+        # other roles pause between tokens while it is clear (models.pool.ux_priority).
+        self._ux_idle = threading.Event()
+        self._ux_idle.set()
+        self._ux_calls = 0
         self._roles: dict[str, _Slot] = {}
         for role in ROLES:
             spec = parse_model_spec(getattr(settings, role))
-            self._roles[role] = _Slot(role, spec, True, make_backend(role, spec, True, settings))
+            self._roles[role] = _Slot(role, spec, True, self._backend(role, spec, True))
         self._fallback = parse_model_spec(settings.fallback) if settings.fallback else None
         self._optional: dict[str, _Slot] = {}
         if self._fallback is not None:
@@ -168,6 +183,10 @@ class ModelPool:
         await asyncio.gather(*tasks, *self._discarding, return_exceptions=True)
         for slot in self._slots():
             await slot.backend.unload()
+
+    def _backend(self, key: str, spec: BackendSpec, pinned: bool) -> Backend:
+        yield_to = None if key == "ux" or not self._pool.ux_priority else self._ux_idle
+        return make_backend(key, spec, pinned, self._settings, yield_to)
 
     def _slots(self) -> list[_Slot]:
         return [*self._roles.values(), *self._optional.values()]
@@ -224,7 +243,7 @@ class ModelPool:
         return slot
 
     def _new_optional(self, spec: BackendSpec) -> _Slot:
-        backend = make_backend("optional", spec, False, self._settings)
+        backend = self._backend("optional", spec, False)
         return _Slot(spec.label, spec, False, backend)
 
     async def evict(self, keep: _Slot | None = None) -> list[str]:
@@ -296,7 +315,7 @@ class ModelPool:
         # Never reuse a broken instance: a fresh one loads, the old one is released
         # once its calls end (or abandoned if it is hung).
         self._discard(slot.backend)
-        slot.backend = make_backend(slot.key, slot.spec, slot.pinned, self._settings)
+        slot.backend = self._backend(slot.key, slot.spec, slot.pinned)
         if slot.pinned:
             self._start_reload(slot)
 
@@ -335,7 +354,7 @@ class ModelPool:
                 slot.last_error = f"reload failed: {problem}"
                 log.warning("reloading %s model %s failed: %s", slot.key, slot.spec.label, problem)
                 self._discard(slot.backend)
-                slot.backend = make_backend(slot.key, slot.spec, True, self._settings)
+                slot.backend = self._backend(slot.key, slot.spec, True)
                 delay = min(delay * 2, self._pool.reload_backoff_max_seconds)
                 continue
             slot.reloads += 1
@@ -467,6 +486,11 @@ class ModelPool:
         while True:
             slot, route = await self._acquire(role, model)
             delivered = False
+            # A person is waiting on this reply: other embedded models pause meanwhile.
+            priority = role == "ux" and slot is self._roles["ux"]
+            if priority:
+                self._ux_calls += 1
+                self._ux_idle.clear()
             try:
                 async for piece in self._call(
                     slot,
@@ -493,6 +517,10 @@ class ModelPool:
             finally:
                 slot.in_use -= 1
                 slot.last_used = time.monotonic()
+                if priority:
+                    self._ux_calls -= 1
+                    if not self._ux_calls:
+                        self._ux_idle.set()
 
     async def _call(
         self,

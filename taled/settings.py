@@ -218,6 +218,8 @@ class PoolSettings(BaseModel):
     """With no fallback, how long a call waits for its role to come back before failing."""
     unexpected_load_ms: float = Field(default=1000.0, ge=0)
     """A pinned model's call that reports a load longer than this was unloaded behind our back."""
+    ux_priority: bool = True
+    """While the UX model answers someone, embedded models of other roles pause between tokens."""
 
 
 class ModelsSettings(BaseModel):

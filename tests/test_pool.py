@@ -324,3 +324,43 @@ def test_the_learning_engine_hook_can_send_a_task_to_ux() -> None:
     router.set_advisor(_Simple())
     assert router.for_task(_task()) == Route("ux", None, "advised by the learning engine")
     assert router.for_task(_task("ollama:qwen2.5:14b")).model == "ollama:qwen2.5:14b"
+
+
+# -- UX priority ----------------------------------------------------------------
+
+STORY: list[ChatMessage] = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+
+def _task_tokens_during_a_reply(tmp_path: Path, ux_priority: bool) -> tuple[int, str]:
+    """Tokens the task model generated while a UX reply streamed, and the task's end."""
+
+    async def run() -> tuple[int, str]:
+        async with _pool(tmp_path, ux_priority=ux_priority) as (pool, _store):
+            task_backend = pool._roles["task"].backend
+            work = asyncio.create_task(
+                pool.complete("task", STORY, max_tokens=400, temperature=0, timeout=120)
+            )
+            await _until(lambda: task_backend._beats > 5)  # type: ignore[attr-defined]
+            pieces = pool.stream("ux", HELLO, max_tokens=24, temperature=0, timeout=60)
+            first = await anext(pieces)
+            before = task_backend._beats  # type: ignore[attr-defined]
+            rest = [p async for p in pieces]
+            during = task_backend._beats - before  # type: ignore[attr-defined]
+            assert first and rest
+            out = await work
+            return during, out.finish_reason
+
+    return asyncio.run(run())
+
+
+def test_the_task_model_pauses_while_the_ux_model_answers(tmp_path: Path) -> None:
+    """With ux_priority, the task model generates (almost) nothing during a reply, then resumes."""
+    during, finish = _task_tokens_during_a_reply(tmp_path, ux_priority=True)
+    assert during <= 1  # at most the token already being decoded
+    assert finish in ("stop", "length")
+
+
+def test_without_ux_priority_both_models_generate_at_once(tmp_path: Path) -> None:
+    """With ux_priority off, the task model keeps generating during the reply."""
+    during, _finish = _task_tokens_during_a_reply(tmp_path, ux_priority=False)
+    assert during > 1

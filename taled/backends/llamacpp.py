@@ -72,6 +72,8 @@ def resolve_model_path(model: str, settings: LlamaCppSettings) -> Path:
 _DONE = object()
 # How often a probe looks for a busy instance's next token (a token takes ~25 ms).
 _PROBE_POLL_SECONDS = 0.02
+# While paused for the UX model, how often a generation checks for a cancel.
+_YIELD_POLL_SECONDS = 0.05
 
 
 class LlamaCppBackend:
@@ -79,9 +81,21 @@ class LlamaCppBackend:
 
     kind = "llamacpp"
 
-    def __init__(self, model: str, settings: LlamaCppSettings, n_threads: int = 0) -> None:
+    def __init__(
+        self,
+        model: str,
+        settings: LlamaCppSettings,
+        n_threads: int = 0,
+        yield_to: threading.Event | None = None,
+    ) -> None:
+        """``yield_to``: while it is clear, generation pauses between tokens.
+
+        The pool clears it while the UX model answers someone, so on a small
+        machine the person's reply gets the cores instead of sharing them.
+        """
         self.model = model
         self._settings = settings
+        self._yield_to = yield_to
         # 0: the settings' n_threads, whose 0 means one per core.
         self._threads = n_threads or settings.n_threads or os.cpu_count() or 1
         self._llm: Any = None
@@ -147,8 +161,12 @@ class LlamaCppBackend:
             await anyio.to_thread.run_sync(lambda: llm.tokenize(b"ping", add_bos=False))
             return
         seen = self._beats
-        while self._lock.locked() and self._beats == seen:
+        while self._lock.locked() and self._beats == seen and not self._yielding():
             await asyncio.sleep(_PROBE_POLL_SECONDS)
+
+    def _yielding(self) -> bool:
+        # Paused on purpose for the UX model: not a hang.
+        return self._yield_to is not None and not self._yield_to.is_set()
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by this model's tokenizer."""
@@ -275,6 +293,11 @@ class LlamaCppBackend:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
         def stopped() -> bool:
+            # Called by llama.cpp between tokens, in this thread: the place to pause.
+            if self._yield_to is not None:
+                while not self._yield_to.wait(_YIELD_POLL_SECONDS):
+                    if any(t.cancelled for t in tokens):
+                        return True
             return any(t.cancelled for t in tokens)
 
         started = time.perf_counter()

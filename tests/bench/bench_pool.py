@@ -8,6 +8,10 @@ Against a real taled with both embedded roles loaded:
   - end-to-end short reply time
   - daemon overhead: the same chat on llama-cpp-python directly vs through the socket
   - daemon RSS with both roles loaded
+  - the same busy measurements with models.pool.ux_priority off, in the same run
+  - model switch overhead: loading an optional model on demand (cold) vs running on it
+    once loaded (warm), alternating two optional models under a memory floor that
+    evicts each one as the other loads
 """
 
 from __future__ import annotations
@@ -101,6 +105,56 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
     }
 
 
+def busy_latencies(daemon: Daemon, runs: int) -> tuple[dict[str, float], bool]:
+    """Reply latencies while the task role generates a long answer, and whether it still was."""
+    task_id = daemon.call("submit_task", text=LONG_TASK)["id"]
+    daemon.wait_for(task_id, ("running",))
+    busy = latencies(daemon, runs)
+    still_running = daemon.call("get_task", id=task_id)["state"] == "running"
+    daemon.call("cancel_task", id=task_id)
+    return busy, still_running
+
+
+def switch_overhead(runs: int) -> dict[str, float]:
+    """Task wall time on an optional model that must load first vs one already loaded."""
+    gguf = str(embedded_model_path())
+    env = {
+        **ENV,
+        "TALE_RUNNER__MAX_TOKENS": "8",
+        "TALE_RUNNER__TEMPERATURE": "0",
+        "TALE_MODELS__LLAMACPP__MODELS": json.dumps({"alt-a": gguf, "alt-b": gguf}),
+        "TALE_MODELS__POOL__MEMORY_FLOOR_MB": str(1 << 30),
+        "TALE_MODELS__POOL__HEALTH_INTERVAL_SECONDS": "3600",
+    }
+    home = Home(env)
+    daemon = Daemon(home).start()
+
+    def run_on(model: str) -> float:
+        start = time.perf_counter()
+        task_id = daemon.call("submit_task", text=SHORT, model=f"llamacpp:{model}")["id"]
+        assert daemon.wait_for(task_id)["state"] == "completed"
+        return time.perf_counter() - start
+
+    cold, warm, loads = [], [], []
+    try:
+        for i in range(runs):
+            model = ("alt-a", "alt-b")[i % 2]
+            cold.append(run_on(model))  # the other one was evicted to load this one
+            warm.append(run_on(model))
+            status = daemon.call("models_status")["models"]
+            loads.append(next(m["load_ms"] for m in status if m["spec"] == f"llamacpp:{model}"))
+    finally:
+        daemon.stop()
+        home.cleanup()
+    return {
+        "switch_load_p50_ms": pct(loads, 50),
+        "switch_load_p95_ms": pct(loads, 95),
+        "task_cold_p50_ms": pct(cold, 50) * 1000,
+        "task_warm_p50_ms": pct(warm, 50) * 1000,
+        "switch_overhead_p50_ms": (pct(cold, 50) - pct(warm, 50)) * 1000,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -113,20 +167,27 @@ def main() -> None:
         rss_mb = psutil.Process(daemon.proc.pid).memory_info().rss / 2**20
         idle = latencies(daemon, runs)
         overhead = paired_overhead(daemon, overhead_text, runs)
-        task_id = daemon.call("submit_task", text=LONG_TASK)["id"]
-        daemon.wait_for(task_id, ("running",))
-        busy = latencies(daemon, runs)
-        still_running = daemon.call("get_task", id=task_id)["state"] == "running"
-        daemon.call("cancel_task", id=task_id)
+        busy, still_running = busy_latencies(daemon, runs)
     finally:
         daemon.stop()
         home.cleanup()
+    home = Home({**ENV, "TALE_CHAT__TEMPERATURE": "0", "TALE_MODELS__POOL__UX_PRIORITY": "false"})
+    daemon = Daemon(home).start()
+    try:
+        shared, shared_running = busy_latencies(daemon, runs)
+    finally:
+        daemon.stop()
+        home.cleanup()
+    switch = switch_overhead(max(runs // 3, 4))
     r = {
         "rss_mb_both_roles": rss_mb,
         **{f"idle_{k}": v for k, v in idle.items()},
         **{f"busy_{k}": v for k, v in busy.items()},
         "task_still_running_during_busy": still_running,
+        **{f"no_priority_busy_{k}": v for k, v in shared.items()},
+        "task_still_running_without_priority": shared_running,
         **overhead,
+        **switch,
     }
     print(f"### Pool benchmarks, {time.strftime('%Y-%m-%d')}, {machine()}\n")
     print("| what | measured | target |")
@@ -148,7 +209,16 @@ def main() -> None:
         f"({r['reply_via_socket_p50_s']:.3f} s vs {r['reply_direct_p50_s']:.3f} s direct) "
         "| <= 5 % |"
     )
+    print(
+        f"| same, busy, ux_priority off (p50 / p95) | {r['no_priority_busy_reply_p50_ms']:.0f} ms"
+        f" / {r['no_priority_busy_reply_p95_ms']:.0f} ms | (comparison) |"
+    )
     print(f"| daemon RSS, both roles loaded | {r['rss_mb_both_roles']:.0f} MB | <= 500 MB |")
+    print(
+        f"| model switch: on-demand load p50 / p95 | {r['switch_load_p50_ms']:.0f} ms / "
+        f"{r['switch_load_p95_ms']:.0f} ms (task cold {r['task_cold_p50_ms']:.0f} ms vs warm "
+        f"{r['task_warm_p50_ms']:.0f} ms) | < 500 ms |"
+    )
     print("\n```json")
     print(
         json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, indent=1)
