@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from taled.backends.base import ChatMessage
@@ -364,3 +365,108 @@ def test_without_ux_priority_both_models_generate_at_once(tmp_path: Path) -> Non
     """With ux_priority off, the task model keeps generating during the reply."""
     during, _finish = _task_tokens_during_a_reply(tmp_path, ux_priority=False)
     assert during > 1
+
+
+# -- remote backends: failure, fallback, recovery, unexpected reloads ----------------
+
+
+def _wait_model(daemon: Daemon, role: str, check: Callable[[dict[str, Any]], bool]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        row = next(m for m in _model_rows(daemon) if m["role"] == role)
+        if check(row):
+            return
+        assert time.monotonic() < deadline, f"{role} never reached the state: {row}"
+        time.sleep(0.2)
+
+
+def test_a_killed_openai_server_fails_over_to_the_fallback_and_recovers() -> None:
+    """Task role on llama_cpp.server, SIGKILLed mid-answer: the task finishes on the fallback,
+    `tale models` shows the role down and who serves it; the server back, the role recovers."""
+    from tests.llama_server import ALIAS, LlamaServer
+
+    server = LlamaServer().start()
+    env = {
+        "TALE_MODELS__TASK": f"openai:{server.base_url}#{ALIAS}",
+        "TALE_MODELS__FALLBACK": "llamacpp:smollm2-135m",
+        "TALE_RUNNER__MAX_TOKENS": "400",
+        "TALE_MODELS__POOL__HEALTH_INTERVAL_SECONDS": "0.5",
+        "TALE_MODELS__POOL__RELOAD_BACKOFF_SECONDS": "0.5",
+        "TALE_MODELS__POOL__RELOAD_BACKOFF_MAX_SECONDS": "1",
+    }
+    try:
+        with running_daemon(env) as d:
+            task_id = d.call("submit_task", text="Write a long story about a dragon.")["id"]
+            d.wait_for(task_id, ("running",))
+            time.sleep(1.5)  # the server is streaming the answer
+            server.kill()
+            assert d.wait_for(task_id)["state"] == "completed"
+            calls = [(r["backend"], r["route"], r["success"]) for r in _ledger(d, task_id)]
+            assert calls == [("openai", "role", 0), ("llamacpp", "fallback", 1)]
+            task_role = next(m for m in _model_rows(d) if m["role"] == "task")
+            assert task_role["health"] in ("down", "loading")
+            assert task_role["serving"] == "llamacpp:smollm2-135m"
+            assert "served by llamacpp:smollm2-135m" in d.home.tale("models").stdout
+
+            server.start()  # same port
+            _wait_model(d, "task", lambda m: m["health"] == "ok" and m["reloads"] >= 1)
+            again = d.call("submit_task", text="Say yes")["id"]
+            assert d.wait_for(again)["state"] == "completed"
+            [call] = _ledger(d, again)
+            assert (call["backend"], call["route"], call["success"]) == ("openai", "role", 1)
+    finally:
+        server.stop()
+
+
+def test_an_ollama_model_unloaded_behind_our_back_is_noticed_in_the_ledger() -> None:
+    """Another client unloads the pinned task model: the next call's load is flagged."""
+    from tests.standins.ollama_server import OllamaStandIn
+
+    with OllamaStandIn(["smollm2:135m"]) as ollama:
+        env = {
+            "TALE_MODELS__TASK": "ollama:smollm2:135m",
+            "TALE_MODELS__OLLAMA__HOST": ollama.url,
+            # The stand-in loads the small GGUF in ~0.2 s; a real model takes seconds.
+            "TALE_MODELS__POOL__UNEXPECTED_LOAD_MS": "20",
+            "TALE_MODELS__POOL__HEALTH_INTERVAL_SECONDS": "3600",
+        }
+        with running_daemon(env) as d:
+            first = d.call("submit_task", text="Say yes")["id"]
+            assert d.wait_for(first)["state"] == "completed"
+            # What `ollama stop` or another client's keep_alive=0 does:
+            httpx.post(
+                f"{ollama.url}/api/generate",
+                json={"model": "smollm2:135m", "keep_alive": 0},
+                timeout=30,
+            ).raise_for_status()
+            second = d.call("submit_task", text="Say no")["id"]
+            assert d.wait_for(second)["state"] == "completed"
+            [call] = _ledger(d, second)
+            assert "unloaded behind tale's back" in call["note"]
+            assert call["load_ms"] > 20
+            task_role = next(m for m in _model_rows(d) if m["role"] == "task")
+            assert task_role["unexpected_loads"] == 1
+
+
+def test_an_ollama_probe_notices_the_unload_and_the_pool_reloads_the_pin() -> None:
+    """With health checks on, /api/ps missing the pinned model marks it down; it is reloaded."""
+    from tests.standins.ollama_server import OllamaStandIn
+
+    with OllamaStandIn(["smollm2:135m"]) as ollama:
+        env = {
+            "TALE_MODELS__TASK": "ollama:smollm2:135m",
+            "TALE_MODELS__OLLAMA__HOST": ollama.url,
+            "TALE_MODELS__POOL__HEALTH_INTERVAL_SECONDS": "0.3",
+            "TALE_MODELS__POOL__RELOAD_BACKOFF_SECONDS": "0.2",
+        }
+        with running_daemon(env) as d:
+            httpx.post(
+                f"{ollama.url}/api/generate",
+                json={"model": "smollm2:135m", "keep_alive": 0},
+                timeout=30,
+            ).raise_for_status()
+            _wait_model(d, "task", lambda m: m["reloads"] >= 1 and m["health"] == "ok")
+            ps = httpx.get(f"{ollama.url}/api/ps", timeout=10).json()["models"]
+            assert [m["name"] for m in ps] == ["smollm2:135m"]
+            task_role = next(m for m in _model_rows(d) if m["role"] == "task")
+            assert "unloaded behind tale's back" in task_role["last_error"]
