@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import socket
 import threading
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict
+from urllib.parse import urlsplit
 
-__all__ = ["Backend", "CancelToken", "ChatMessage", "Completion", "Memory"]
+__all__ = [
+    "Backend",
+    "CancelToken",
+    "ChatMessage",
+    "Completion",
+    "Memory",
+    "estimate_tokens",
+    "is_local_host",
+]
+
+# The usual rule of thumb for English with BPE tokenizers, used only where a
+# backend gives no count (such counts are marked counts_exact = False).
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count for ``text`` (about four characters a token)."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def is_local_host(url: str) -> bool:
+    """Whether a server URL (or bare host[:port]) is this machine."""
+    hostname = urlsplit(url if "://" in url else f"http://{url}").hostname or "127.0.0.1"
+    if hostname in ("localhost", socket.gethostname()) or hostname.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    # 0.0.0.0 is how a server's own address is often written (OLLAMA_HOST);
+    # connecting to it reaches this machine.
+    return address.is_loopback or address.is_unspecified
 
 
 class ChatMessage(TypedDict):

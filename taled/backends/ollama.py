@@ -21,22 +21,25 @@ Ollama loads the model again on the next call, which then reports a load time.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import math
 import os
-import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import anyio
 import httpx
 from ollama import AsyncClient, ChatResponse, ProcessResponse, ResponseError
 
-from taled.backends.base import CancelToken, ChatMessage, Completion, Memory
+from taled.backends.base import (
+    CancelToken,
+    ChatMessage,
+    Completion,
+    Memory,
+    estimate_tokens,
+    is_local_host,
+)
 from taled.errors import BackendDown, ModelError
 from taled.settings import OllamaSettings
 
@@ -74,20 +77,6 @@ def _canonical(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
-def _is_local(host: str) -> bool:
-    """Whether ``host`` (a URL or host[:port]) is this machine."""
-    hostname = urlsplit(host if "://" in host else f"http://{host}").hostname or "127.0.0.1"
-    if hostname in ("localhost", socket.gethostname()):
-        return True
-    try:
-        address = ipaddress.ip_address(hostname)
-    except ValueError:
-        return False
-    # 0.0.0.0 is how OLLAMA_HOST is often written for the server; connecting to it
-    # reaches this machine.
-    return address.is_loopback or address.is_unspecified
-
-
 class OllamaBackend:
     """One model served by an Ollama server."""
 
@@ -102,7 +91,7 @@ class OllamaBackend:
         self._keep_alive: float | str = (
             -1 if pinned else _parse_keep_alive(settings.optional_keep_alive)
         )
-        self._local = _is_local(self.host)
+        self._local = is_local_host(self.host)
         # Made by load(): an httpx client belongs to the event loop it first ran in.
         self._client: AsyncClient | None = None
         self._size: int | None = None
@@ -320,7 +309,7 @@ class OllamaBackend:
         # Ollama streams one chunk per token; a prompt is about four characters a token.
         first = first if first is not None else end
         result.completion_tokens = chunks
-        result.prompt_tokens = math.ceil(sum(len(m["content"]) for m in messages) / 4)
+        result.prompt_tokens = estimate_tokens("".join(m["content"] for m in messages))
         result.load_ms = 0.0
         result.prompt_ms = (first - started) * 1000
         result.generation_ms = (end - first) * 1000

@@ -37,10 +37,8 @@ server that went silent.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -48,7 +46,14 @@ from typing import Any
 
 import httpx
 
-from taled.backends.base import CancelToken, ChatMessage, Completion, Memory
+from taled.backends.base import (
+    CancelToken,
+    ChatMessage,
+    Completion,
+    Memory,
+    estimate_tokens,
+    is_local_host,
+)
 from taled.errors import BackendDown, ModelError
 from taled.settings import OpenAISettings
 
@@ -151,7 +156,7 @@ class OpenAIBackend:
 
     def memory(self) -> Memory:
         """Unknown size; local when the server is on this machine's loopback."""
-        return Memory(bytes=None, local=_is_loopback(httpx.URL(self.base_url).host))
+        return Memory(bytes=None, local=is_local_host(self.base_url))
 
     def threads(self) -> int | None:
         """None: the server computes with its own threads."""
@@ -256,9 +261,9 @@ class OpenAIBackend:
             log.warning("cannot count tokens on %s, estimating: %s", self.base_url, exc.message)
         result.counts_exact = prompt is not None and completion is not None
         if prompt is None:
-            prompt = _estimate("\n".join(m["content"] for m in messages))
+            prompt = estimate_tokens("\n".join(m["content"] for m in messages))
         if completion is None:
-            completion = _estimate(result.text)
+            completion = estimate_tokens(result.text)
         result.prompt_tokens = prompt
         result.completion_tokens = completion
 
@@ -436,20 +441,6 @@ async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
             data.append(value[1:] if value.startswith(" ") else value)
     if data:
         yield "\n".join(data)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _estimate(text: str) -> int:
-    # The usual rule of thumb for English with BPE tokenizers: ~4 characters a token.
-    return math.ceil(len(text) / 4)
 
 
 def _describe(exc: Exception) -> str:
