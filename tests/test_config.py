@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -9,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from taled.errors import ConfigError
-from taled.settings import Settings, load_settings
+from taled.settings import Settings, load_settings, parse_model_spec
 from tests import etc_toml
 from tests.harness import Home
 
@@ -63,6 +66,9 @@ def test_environment_overrides_user_file(tmp_path: Path, monkeypatch: pytest.Mon
         ("[daemon]\nlog_levle = 'info'\n", "daemon.log_levle"),
         ("bogus = 1\n", "bogus"),
         ("[nope]\nx = 1\n", "nope"),
+        ("[models.pool]\nmemory_floor = 1\n", "models.pool.memory_floor"),
+        ("[models.ollama]\nnumctx = 1\n", "models.ollama.numctx"),
+        ("[models.openai]\napi_key = 'x'\n", "models.openai.api_key"),
     ],
 )
 def test_a_typo_in_any_table_is_an_error_naming_the_key(
@@ -96,6 +102,56 @@ def test_an_unknown_backend_is_an_error(tmp_path: Path) -> None:
     cfg.write_text('[models]\ntask = "nosuch:model"\n')
     with pytest.raises(ConfigError, match="unknown backend 'nosuch'"):
         load_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ('fallback = "gpt:4"', "unknown backend 'gpt'"),
+        ('task = "openai:http://gpu-box:8000/v1"', "must name the model after '#'"),
+        ('task = "openai:gpu-box:8000/v1#m"', "must start with http:// or https://"),
+        ('ux = "ollama:qwen2.5:"', "must look like NAME or NAME:TAG"),
+        ('ux = "smollm2"', "must look like 'backend:model'"),
+    ],
+)
+def test_a_malformed_model_binding_is_an_error_that_shows_the_form(
+    tmp_path: Path, spec: str, problem: str
+) -> None:
+    """Each backend's spec form is checked at load, with what is wrong and an example."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text(f"[models]\n{spec}\n")
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_settings(cfg)
+
+
+@given(
+    st.one_of(
+        st.builds(lambda m: f"llamacpp:{m}", st.text(min_size=1).filter(lambda t: t.strip())),
+        st.builds(
+            lambda n, t: f"ollama:{n}:{t}",
+            st.from_regex(r"[a-z0-9.\-]{1,12}", fullmatch=True),
+            st.from_regex(r"[a-z0-9.\-]{1,8}", fullmatch=True),
+        ),
+        st.builds(
+            lambda h, m: f"openai:http://{h}:8000/v1#{m}",
+            st.from_regex(r"[a-z0-9\-]{1,12}", fullmatch=True),
+            st.from_regex(r"[A-Za-z0-9.\-]{1,20}", fullmatch=True),
+        ),
+    )
+)
+def test_a_parsed_model_spec_round_trips_through_its_label(spec: str) -> None:
+    """parse(spec).label parses to the same binding: what `tale models` shows is config."""
+    parsed = parse_model_spec(spec)
+    assert parse_model_spec(parsed.label) == parsed
+
+
+@given(st.text(max_size=60))
+def test_any_text_as_a_model_spec_parses_or_raises_value_error(spec: str) -> None:
+    """No input crashes the spec parser with anything but a ValueError that says why."""
+    try:
+        parse_model_spec(spec)
+    except ValueError as exc:
+        assert str(exc)
 
 
 def test_broken_toml_is_an_error_with_the_file(tmp_path: Path) -> None:
