@@ -184,3 +184,14 @@ def test_role_threads_accepts_known_roles_only(tmp_path: Path) -> None:
     cfg.write_text("[models.llamacpp.role_threads]\nux = 0\n")
     with pytest.raises(ConfigError, match="greater than or equal to 1"):
         load_settings(cfg)
+
+
+def test_the_readme_example_config_is_valid(tmp_path: Path) -> None:
+    """The model configuration shown in the README loads as written."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    match = re.search(r"```toml\n# ~/.config/tale/taled.toml\n(.*?)```", readme, re.S)
+    assert match, "the README's example config block is missing"
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text(match.group(1))
+    models = load_settings(cfg).models
+    assert (models.task, models.fallback) == ("ollama:qwen2.5:14b", "llamacpp:smollm2-135m")
