@@ -8,6 +8,7 @@ act on. ``taled/server.py`` converts them to protocol errors in one place.
     ├── NotFound                   -32001  no such task
     ├── IllegalTransition          -32002  the task's state does not allow that
     ├── Unavailable                -32003  the daemon is shutting down or a role is down
+    │   └── RoleDown               -32003  a role's model is down and nothing serves it
     ├── ModelError                 -32010  a backend failed
     │   ├── ModelTimeout           -32011  a model call ran past its deadline
     │   └── BackendDown            -32012  the backend is unreachable, crashed or hung
@@ -28,6 +29,7 @@ __all__ = [
     "ModelError",
     "ModelTimeout",
     "NotFound",
+    "RoleDown",
     "TaleError",
     "Unavailable",
 ]
@@ -65,6 +67,10 @@ class Unavailable(TaleError):
     """The daemon cannot take this request right now (shutting down, role down)."""
 
     code = -32003
+
+
+class RoleDown(Unavailable):
+    """A role's model is down, no fallback serves it, and it did not come back in time."""
 
 
 class ModelError(TaleError):

@@ -33,7 +33,7 @@ import psutil
 
 from taled.backends.base import Backend, CancelToken, ChatMessage, Completion
 from taled.backends.llamacpp import LlamaCppBackend
-from taled.errors import BackendDown, InvalidInput, ModelError, ModelTimeout, Unavailable
+from taled.errors import BackendDown, InvalidInput, ModelError, ModelTimeout, RoleDown
 from taled.settings import BackendSpec, ModelsSettings, Role, parse_model_spec
 from taled.store import CallRecord, Store
 
@@ -45,6 +45,8 @@ Health = Literal["ok", "loading", "down", "unloaded"]
 RouteKind = Literal["role", "override", "fallback"]
 
 _MIB = 1024 * 1024
+# How often a call waiting for a down role looks at its cancel token.
+_CANCEL_POLL_SECONDS = 0.1
 ROLES: tuple[Role, ...] = ("ux", "task")
 
 
@@ -369,7 +371,9 @@ class ModelPool:
             return own
         return next((s for s in self._roles.values() if s.spec == spec), None)
 
-    async def _acquire(self, role: str, model: str | None) -> tuple[_Slot, RouteKind]:
+    async def _acquire(
+        self, role: str, model: str | None, cancel: CancelToken
+    ) -> tuple[_Slot, RouteKind]:
         """The slot that serves this call, with ``in_use`` taken."""
         if role not in self._roles:
             raise InvalidInput(f"unknown role {role!r}; roles: {', '.join(self._roles)}")
@@ -391,15 +395,32 @@ class ModelPool:
                 log.warning("the fallback %s is unavailable too: %s", self._fallback.label, exc)
         if slot.health != "ok":
             with anyio.move_on_after(self._pool.down_wait_seconds):
-                await slot.up.wait()
+                await self._until_up(slot, cancel)
         if slot.health != "ok":
-            raise Unavailable(
+            raise RoleDown(
                 f"the {slot.key} model {slot.spec.label} is down ({slot.last_error}); "
                 f"tale is reloading it. Waited {self._pool.down_wait_seconds:g} s "
                 "(models.pool.down_wait_seconds); set models.fallback to keep working meanwhile"
             )
         slot.in_use += 1
         return slot, "role"
+
+    @staticmethod
+    async def _until_up(slot: _Slot, cancel: CancelToken) -> None:
+        # The cancel token is a thread-safe flag, not awaitable: look at it often.
+        while slot.health != "ok" and not cancel.cancelled:
+            with anyio.move_on_after(_CANCEL_POLL_SECONDS):
+                await slot.up.wait()
+
+    async def wait_until_served(self, role: str, cancel: CancelToken) -> bool:
+        """Wait until ``role``'s calls can be served (its model is up, or a fallback is set).
+
+        Returns False if ``cancel`` was set first.
+        """
+        slot = self._roles[role]
+        if self._fallback is None:
+            await self._until_up(slot, cancel)
+        return not cancel.cancelled
 
     # -- calls ---------------------------------------------------------------
 
@@ -484,7 +505,7 @@ class ModelPool:
     ) -> AsyncIterator[str]:
         retried = False
         while True:
-            slot, route = await self._acquire(role, model)
+            slot, route = await self._acquire(role, model, cancel)
             delivered = False
             # A person is waiting on this reply: other embedded models pause meanwhile.
             priority = role == "ux" and slot is self._roles["ux"]

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from taled.backends.base import CancelToken, ChatMessage
-from taled.errors import IllegalTransition, ModelError, TaleError, Unavailable
+from taled.backends.base import CancelToken, ChatMessage, Completion
+from taled.errors import IllegalTransition, ModelError, RoleDown, TaleError
 from taled.lifecycle import TaskState
 from taled.pool import ModelPool
 from taled.queue import TaskQueue
-from taled.routing import Router
+from taled.routing import Route, Router
 from taled.settings import RunnerSettings
 from taled.store import Store, TaskRecord
 
@@ -110,21 +110,8 @@ class Runner:
             route.model or route.role,
             route.reason,
         )
-        try:
-            completion = await self._pool.complete(
-                route.role,
-                self._messages(task),
-                model=route.model,
-                max_tokens=self._settings.max_tokens,
-                temperature=self._settings.temperature,
-                timeout=self._settings.call_timeout_seconds,
-                task_id=task.id,
-                cancel=token,
-            )
-        except (ModelError, Unavailable) as exc:
-            await self._finish(
-                task.id, TaskState.FAILED, f"model call failed: {exc.message}", error=exc.message
-            )
+        completion = await self._call(task, route, token)
+        if completion is None:
             return
         if completion.finish_reason == "cancelled":
             if self._stopping:
@@ -142,13 +129,66 @@ class Runner:
         )
         await self._finish(task.id, TaskState.COMPLETED, reason, result=completion.text)
 
-    async def _finish(self, task_id: str, target: TaskState, reason: str, **fields: str) -> None:
+    async def _call(self, task: TaskRecord, route: Route, token: CancelToken) -> Completion | None:
+        """The task's model call, or None if the task ended without one (failed, cancelled).
+
+        While the role's model is down and nothing serves it, the task is
+        ``waiting`` (with the reason in its history) rather than failed.
+        """
+        while True:
+            try:
+                return await self._pool.complete(
+                    route.role,
+                    self._messages(task),
+                    model=route.model,
+                    max_tokens=self._settings.max_tokens,
+                    temperature=self._settings.temperature,
+                    timeout=self._settings.call_timeout_seconds,
+                    task_id=task.id,
+                    cancel=token,
+                )
+            except RoleDown as exc:
+                down = exc.message
+            except ModelError as exc:
+                await self._finish(
+                    task.id,
+                    TaskState.FAILED,
+                    f"model call failed: {exc.message}",
+                    error=exc.message,
+                )
+                return None
+            if not token.cancelled:
+                if not await self._finish(
+                    task.id, TaskState.WAITING, f"{down}; the task waits for it"
+                ):
+                    return None
+                served = await self._pool.wait_until_served(route.role, token)
+                back = "the model is back" if served else "stopped while waiting for the model"
+                if not await self._finish(task.id, TaskState.RUNNING, back, TaskState.WAITING):
+                    return None  # cancelled while waiting
+            if token.cancelled:
+                if self._stopping:
+                    await self._finish(
+                        task.id,
+                        TaskState.QUEUED,
+                        "daemon stopped; it will run again on the next start",
+                    )
+                return None
+
+    async def _finish(
+        self,
+        task_id: str,
+        target: TaskState,
+        reason: str,
+        expect: TaskState = TaskState.RUNNING,
+        **fields: str,
+    ) -> bool:
+        """Move the task unless it left ``expect`` meanwhile (say, cancelled); True if moved."""
         try:
-            await self._store.transition(
-                task_id, target, reason, expect=TaskState.RUNNING, **fields
-            )
+            await self._store.transition(task_id, target, reason, expect=expect, **fields)
         except IllegalTransition as exc:
             # Cancelled (or otherwise moved) while the model was answering.
             log.info("task %s not moved to %s: %s", task_id, target, exc.message)
-        else:
-            log.info("task %s %s: %s", task_id, target, reason)
+            return False
+        log.info("task %s %s: %s", task_id, target, reason)
+        return True

@@ -123,7 +123,7 @@ def test_a_prompt_longer_than_the_context_is_refused(tmp_path: Path) -> None:
 
 def test_a_call_past_its_deadline_fails_the_task_with_the_setting_named() -> None:
     """A task whose model call exceeds runner.call_timeout_seconds fails and says why."""
-    home = Home({"TALE_RUNNER__CALL_TIMEOUT_SECONDS": "0.3", "TALE_RUNNER__MAX_TOKENS": "1500"})
+    home = Home({"TALE_RUNNER__CALL_TIMEOUT_SECONDS": "2", "TALE_RUNNER__MAX_TOKENS": "1500"})
     daemon = Daemon(home).start()
     try:
         task_id = daemon.call("submit_task", text="Write a very long story about a dragon.")["id"]

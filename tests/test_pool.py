@@ -184,7 +184,7 @@ def test_a_backend_that_raises_is_reloaded_and_its_calls_go_to_the_fallback(
     """A task call whose backend raises is answered by the fallback; the role comes back."""
 
     async def run() -> tuple[str, ModelStatus, ModelStatus]:
-        async with _pool(tmp_path, fallback="llamacpp:smollm2-135m", reload_backoff_seconds=3) as (
+        async with _pool(tmp_path, fallback="llamacpp:smollm2-135m", reload_backoff_seconds=6) as (
             pool,
             _store,
         ):
@@ -470,3 +470,38 @@ def test_an_ollama_probe_notices_the_unload_and_the_pool_reloads_the_pin() -> No
             assert [m["name"] for m in ps] == ["smollm2:135m"]
             task_role = next(m for m in _model_rows(d) if m["role"] == "task")
             assert "unloaded behind tale's back" in task_role["last_error"]
+
+
+def test_without_a_fallback_a_task_waits_for_its_model_and_runs_when_it_is_back() -> None:
+    """Task model down, no fallback: the task is `waiting` (history says why), not failed;
+    once the server is back it runs to completion; a waiting task can be cancelled."""
+    from tests.llama_server import ALIAS, LlamaServer
+
+    server = LlamaServer().start()
+    env = {
+        "TALE_MODELS__TASK": f"openai:{server.base_url}#{ALIAS}",
+        "TALE_MODELS__POOL__HEALTH_INTERVAL_SECONDS": "0.3",
+        "TALE_MODELS__POOL__RELOAD_BACKOFF_SECONDS": "0.3",
+        "TALE_MODELS__POOL__RELOAD_BACKOFF_MAX_SECONDS": "0.5",
+        "TALE_MODELS__POOL__DOWN_WAIT_SECONDS": "0.5",
+    }
+    try:
+        with running_daemon(env) as d:
+            server.kill()
+            _wait_model(d, "task", lambda m: m["health"] != "ok")
+            assert "calls wait for it" in d.home.tale("models").stdout
+            kept = d.call("submit_task", text="Say yes")["id"]
+            dropped = d.call("submit_task", text="Say no")["id"]
+            waiting = d.wait_for(kept, ("waiting",), timeout=30)
+            assert "is down" in waiting["transitions"][-1]["reason"]
+            d.wait_for(dropped, ("waiting",), timeout=30)
+            assert d.home.tale("cancel", dropped).returncode == 0
+
+            server.start()
+            done = d.wait_for(kept, timeout=60)
+            assert done["state"] == "completed", done
+            path = [t["to"] for t in done["transitions"]]
+            assert path[:4] == ["queued", "running", "waiting", "running"]
+            assert d.call("get_task", id=dropped)["state"] == "cancelled"
+    finally:
+        server.stop()
