@@ -215,8 +215,9 @@ def _print_summary(info: dict[str, Any]) -> None:
     emit(f"tasks    {counts or 'none yet'}")
     emit(f"workers  {workers.get('busy', 0)}/{workers.get('limit', 0)} busy")
     for m in info.get("models", []):
-        loaded = "loaded" if m["loaded"] else "not loaded"
-        emit(f"model    {m['role']}: {m['backend']}:{m['model']} ({loaded})")
+        # An older daemon reports no health, only whether the model is loaded.
+        health = m.get("health") or ("ok" if m["loaded"] else "not loaded")
+        emit(f"model    {m['role']}: {m['backend']}:{m['model']} ({health})")
 
 
 def _print_task(task: dict[str, Any]) -> None:
