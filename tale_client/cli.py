@@ -297,7 +297,7 @@ def cancel(
 @app.command(rich_help_panel="Ledger")
 @handle_errors
 def usage(json_out: JsonOpt = False) -> None:
-    """Tokens used, by model and by role."""
+    """Tokens used, by model and by role (and calls served by a fallback or an override)."""
     with _connect() as conn:
         report = conn.call_tool("usage")
     if json_out:
@@ -309,9 +309,12 @@ def usage(json_out: JsonOpt = False) -> None:
         f"({total['prompt_tokens']} prompt + {total['completion_tokens']} completion), "
         f"{total['failures']} failed"
     )
+    # Calls on the role's own model are the by-role rows already; show the others.
+    rerouted = [r for r in report.get("by_route", []) if r["route"] != "role"]
     for title, rows, key in (
         ("by model", report["by_model"], lambda r: f"{r['backend']}:{r['model']}"),
         ("by role", report["by_role"], lambda r: r["role"]),
+        ("served elsewhere", rerouted, lambda r: f"{r['role']} via {r['route']}"),
     ):
         if rows:
             emit(title)

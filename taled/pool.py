@@ -611,7 +611,12 @@ class ModelPool:
                 CallRecord(
                     role=role,
                     backend=backend.kind,
-                    model=slot.spec.label if slot.spec.backend == "openai" else backend.model,
+                    # A model id alone does not say which server answered.
+                    model=(
+                        f"{slot.spec.base_url}#{slot.spec.model}"
+                        if slot.spec.backend == "openai"
+                        else backend.model
+                    ),
                     task_id=task_id,
                     prompt_tokens=out.prompt_tokens,
                     completion_tokens=out.completion_tokens,

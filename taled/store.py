@@ -585,7 +585,11 @@ class Store:
             await asyncio.wait(set(self._ledger_pending))
 
     async def usage(self) -> dict[str, Any]:
-        """Ledger totals overall, by model and by role."""
+        """Ledger totals overall, by model, by role, and by role and route.
+
+        The route says how a call's model was chosen: the role's own ('role'),
+        a per-task override, or the fallback while the role was down.
+        """
         await self._ledger_settled()
         c = model_calls.c
         cols = (
@@ -607,10 +611,18 @@ class Store:
             by_role = (
                 await conn.execute(sa.select(c.role, *cols).group_by(c.role).order_by(c.role))
             ).all()
+            by_route = (
+                await conn.execute(
+                    sa.select(c.role, c.route, *cols)
+                    .group_by(c.role, c.route)
+                    .order_by(c.role, c.route)
+                )
+            ).all()
         return {
             "total": _totals(total),
             "by_model": [{"backend": r.backend, "model": r.model, **_totals(r)} for r in by_model],
             "by_role": [{"role": r.role, **_totals(r)} for r in by_role],
+            "by_route": [{"role": r.role, "route": r.route, **_totals(r)} for r in by_route],
         }
 
     # -- helpers -----------------------------------------------------------

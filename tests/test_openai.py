@@ -477,7 +477,7 @@ def test_a_task_completes_end_to_end_on_an_openai_task_model(server: LlamaServer
         usage = d.home.tale("usage", "--json")
         assert usage.returncode == 0, usage.stderr
         [row] = [m for m in json.loads(usage.stdout)["by_model"] if m["backend"] == "openai"]
-        assert row["model"] == f"openai:{server.base_url}#{ALIAS}"
+        assert row["model"] == f"{server.base_url}#{ALIAS}"
         assert row["calls"] >= 1
         assert row["prompt_tokens"] > 0
         assert row["completion_tokens"] > 0

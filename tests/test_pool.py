@@ -403,6 +403,7 @@ def test_a_killed_openai_server_fails_over_to_the_fallback_and_recovers() -> Non
             assert d.wait_for(task_id)["state"] == "completed"
             calls = [(r["backend"], r["route"], r["success"]) for r in _ledger(d, task_id)]
             assert calls == [("openai", "role", 0), ("llamacpp", "fallback", 1)]
+            assert "task via fallback" in d.home.tale("usage").stdout
             task_role = next(m for m in _model_rows(d) if m["role"] == "task")
             assert task_role["health"] in ("down", "loading")
             assert task_role["serving"] == "llamacpp:smollm2-135m"
