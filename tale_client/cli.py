@@ -289,9 +289,55 @@ def cancel(
     json_out: JsonOpt = False,
 ) -> None:
     """Cancel a task that has not finished (a running model call stops)."""
+    _task_action("cancel_task", {"id": task_id}, json_out)
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def pause(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task to pause.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Pause a queued, running or waiting task (a running answer starts again on resume)."""
+    _task_action("pause_task", {"id": task_id}, json_out)
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def resume(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The paused task.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Put a paused task back in the queue."""
+    _task_action("resume_task", {"id": task_id}, json_out)
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def priority(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task.")],
+    value: Annotated[int, typer.Argument(metavar="N", help="0..100, higher runs first.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Change an unfinished task's priority."""
+    if not 0 <= value <= 100:
+        raise CliError(f"priority must be between 0 and 100, not {value}", Exit.USAGE)
+    task = _task_action("set_priority", {"id": task_id, "priority": value}, json_out, quiet=True)
+    if not json_out:
+        emit(f"task {task['id']} {task['state']}, priority {task['priority']}")
+
+
+def _task_action(
+    tool: str, args: dict[str, Any], json_out: bool, quiet: bool = False
+) -> dict[str, Any]:
+    """Call a tool that acts on one task and print the task's new state."""
     with _connect() as conn:
-        task = conn.call_tool("cancel_task", {"id": task_id})
-    emit_json(task) if json_out else emit(f"task {task['id']} {task['state']}")
+        task = conn.call_tool(tool, args)
+    if json_out:
+        emit_json(task)
+    elif not quiet:
+        emit(f"task {task['id']} {task['state']}")
+    return task
 
 
 @app.command(rich_help_panel="Ledger")

@@ -17,6 +17,8 @@ from taled.text import clean_text
 
 __all__ = ["TaskQueue"]
 
+_PAUSABLE = frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING})
+
 
 class TaskQueue:
     """Accepts tasks and hands them to workers, most urgent first."""
@@ -26,11 +28,11 @@ class TaskQueue:
         self._settings = settings
         self._wake = asyncio.Event()
         self._accepting = True
-        self._cancel_hooks: list[Callable[[str], None]] = []
+        self._stop_hooks: list[Callable[[str], None]] = []
 
-    def on_cancel(self, hook: Callable[[str], None]) -> None:
-        """Call ``hook(task_id)`` after a task is cancelled (the runner stops its call)."""
-        self._cancel_hooks.append(hook)
+    def on_stop(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(task_id)`` after a task is cancelled or paused (the runner stops it)."""
+        self._stop_hooks.append(hook)
 
     def stop_accepting(self) -> None:
         """Refuse new work from now on (shutdown)."""
@@ -70,11 +72,15 @@ class TaskQueue:
     def _validate(self, text: str, priority: int | None) -> tuple[str, int]:
         if priority is None:
             priority = self._settings.default_priority
+        self._validate_priority(priority)
+        return self.validate_text(text), priority
+
+    @staticmethod
+    def _validate_priority(priority: int) -> None:
         if not 0 <= priority <= 100:
             raise InvalidInput(
                 f"priority must be between 0 and 100 (higher runs first), not {priority}"
             )
-        return self.validate_text(text), priority
 
     async def next_task(self) -> TaskRecord | None:
         """Wait for and claim the most urgent queued task; None once stopping."""
@@ -99,6 +105,51 @@ class TaskQueue:
         if current.state in FINAL_STATES:
             raise IllegalTransition(f"task {task_id} is already {current.state}; nothing to cancel")
         await self._store.transition(task_id, TaskState.CANCELLED, "cancelled by the user")
-        for hook in self._cancel_hooks:
+        return await self._stopped(task_id)
+
+    async def pause(self, task_id: str) -> TaskRecord:
+        """Pause a queued, running or waiting task; a running model call is stopped.
+
+        A paused task is not picked up until resumed; one paused mid-answer
+        starts its answer again when resumed.
+        """
+        current = await self._store.get_task(task_id)
+        if current.state not in _PAUSABLE:
+            raise IllegalTransition(
+                f"task {task_id} is {current.state}; only queued, running or waiting tasks "
+                "can be paused"
+            )
+        reason = "paused by the user"
+        if current.state != TaskState.QUEUED:
+            reason += f" while {current.state}; its answer starts again when resumed"
+        await self._store.transition(task_id, TaskState.PAUSED, reason, expect=current.state)
+        return await self._stopped(task_id)
+
+    async def resume(self, task_id: str) -> TaskRecord:
+        """Put a paused task back in the queue, in its priority order."""
+        current = await self._store.get_task(task_id)
+        if current.state != TaskState.PAUSED:
+            raise IllegalTransition(
+                f"task {task_id} is {current.state}; only a paused task can be resumed"
+            )
+        await self._store.transition(
+            task_id, TaskState.QUEUED, "resumed by the user", expect=TaskState.PAUSED
+        )
+        self._wake.set()
+        return await self._store.get_task(task_id)
+
+    async def set_priority(self, task_id: str, priority: int) -> TaskRecord:
+        """Change an unfinished task's priority (0..100, higher runs first)."""
+        self._validate_priority(priority)
+        current = await self._store.get_task(task_id)
+        if current.state in FINAL_STATES:
+            raise IllegalTransition(
+                f"task {task_id} is already {current.state}; its priority no longer matters"
+            )
+        await self._store.set_priority(task_id, priority)
+        return await self._store.get_task(task_id)
+
+    async def _stopped(self, task_id: str) -> TaskRecord:
+        for hook in self._stop_hooks:
             hook(task_id)
         return await self._store.get_task(task_id)

@@ -47,7 +47,7 @@ class Runner:
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[str, CancelToken] = {}
         self._stopping = False
-        queue.on_cancel(self._cancel_call)
+        queue.on_stop(self._cancel_call)
 
     @property
     def busy(self) -> int:
@@ -120,7 +120,7 @@ class Runner:
                     TaskState.QUEUED,
                     "daemon stopped mid-task; it will run again on the next start",
                 )
-            # Otherwise the user cancelled it and the task is already 'cancelled'.
+            # Otherwise the user cancelled or paused it: the task is already moved.
             return
         reason = (
             "answered"

@@ -71,6 +71,12 @@ class ListTasksArgs(_Args):
     )
 
 
+class SetPriorityArgs(TaskIdArgs):
+    """A task and its new priority."""
+
+    priority: int = Field(ge=0, le=100, description="0..100, higher runs first.")
+
+
 class NoArgs(_Args):
     """No arguments."""
 
@@ -158,6 +164,15 @@ class _Tools:
     async def cancel_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
         return task_to_json(await self.queue.cancel(args.id))
 
+    async def pause_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        return task_to_json(await self.queue.pause(args.id))
+
+    async def resume_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        return task_to_json(await self.queue.resume(args.id))
+
+    async def set_priority(self, args: SetPriorityArgs, _report: Report) -> dict[str, Any]:
+        return task_to_json(await self.queue.set_priority(args.id, args.priority))
+
     async def usage(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
         return await self.store.usage()
 
@@ -208,6 +223,16 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "cancel_task": (
         TaskIdArgs,
         "Cancel a task that has not finished; a running model call is stopped.",
+    ),
+    "pause_task": (
+        TaskIdArgs,
+        "Pause a queued, running or waiting task; a running model call is stopped and the "
+        "answer starts again on resume.",
+    ),
+    "resume_task": (TaskIdArgs, "Put a paused task back in the queue."),
+    "set_priority": (
+        SetPriorityArgs,
+        "Change an unfinished task's priority (0..100, higher runs first).",
     ),
     "usage": (NoArgs, "The token ledger: totals overall, by model and by role."),
     "chat": (

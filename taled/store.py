@@ -475,6 +475,19 @@ class Store:
 
         return await self.write(apply)
 
+    async def set_priority(self, task_id: str, priority: int) -> None:
+        """Change a task's priority (its place in the queue); NotFound if unknown."""
+
+        async def apply(conn: AsyncConnection) -> None:
+            await _current_state(conn, task_id)
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id)
+                .values(priority=priority, updated_at=time.time())
+            )
+
+        await self.write(apply)
+
     async def claim_next(self) -> TaskRecord | None:
         """Move the most urgent queued task to running and return it, or None."""
 
