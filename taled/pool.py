@@ -302,12 +302,15 @@ class ModelPool:
             )
         else:
             return
-        if slot.backend is backend:
-            self._mark_down(slot, problem)
+        self._mark_down(slot, problem, backend)
 
-    def _mark_down(self, slot: _Slot, problem: str) -> None:
-        """Take a model out of service; a pinned one starts reloading."""
-        if slot.health in ("down", "unloaded"):
+    def _mark_down(self, slot: _Slot, problem: str, backend: Backend) -> None:
+        """Take a model out of service; a pinned one starts reloading.
+
+        ``backend`` is the instance that failed: if the slot has moved on to a
+        fresh one meanwhile (a late failure of a replaced instance), nothing changes.
+        """
+        if slot.backend is not backend or slot.health in ("down", "unloaded"):
             return
         log.warning("%s model %s is down: %s", slot.key, slot.spec.label, problem)
         slot.health = "down" if slot.pinned else "unloaded"
@@ -506,6 +509,7 @@ class ModelPool:
         retried = False
         while True:
             slot, route = await self._acquire(role, model, cancel)
+            backend = slot.backend
             delivered = False
             # A person is waiting on this reply: other embedded models pause meanwhile.
             priority = role == "ux" and slot is self._roles["ux"]
@@ -515,6 +519,7 @@ class ModelPool:
             try:
                 async for piece in self._call(
                     slot,
+                    backend,
                     role,
                     route,
                     messages,
@@ -529,7 +534,7 @@ class ModelPool:
                     yield piece
                 return
             except BackendDown as exc:
-                self._mark_down(slot, exc.message)
+                self._mark_down(slot, exc.message, backend)
                 if retried or (delivered and not restartable) or cancel.cancelled:
                     raise
                 log.warning("retrying the %s call after: %s", role, exc.message)
@@ -546,6 +551,7 @@ class ModelPool:
     async def _call(
         self,
         slot: _Slot,
+        backend: Backend,
         role: str,
         route: RouteKind,
         messages: list[ChatMessage],
@@ -557,7 +563,6 @@ class ModelPool:
         cancel: CancelToken,
         out: Completion,
     ) -> AsyncIterator[str]:
-        backend = slot.backend
         started = time.perf_counter()
         error: str | None = None
         note = None
