@@ -52,7 +52,7 @@ class InvalidInput(TaleError):
 
 
 class NotFound(TaleError):
-    """A task id that is well formed but unknown."""
+    """A task id or checkpoint that is well formed but unknown."""
 
     code = -32001
 
