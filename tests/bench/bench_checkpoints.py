@@ -20,14 +20,13 @@ import resource
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from taled.checkpoints import CheckpointStore
-from tests.bench.bench_core import machine, pct
+from tests.bench.bench_core import pct, print_report
 
 TASK = "0123456789ab"
 
@@ -208,17 +207,7 @@ def main() -> None:
         ),
         ("commit after gc", lat("full_commit_after_gc"), "p95 <= 20 ms"),
     ]
-    print(f"### Checkpoint benchmarks, {datetime.now(UTC):%Y-%m-%d}, {machine()}\n")
-    print("| what | measured | target |")
-    print("| --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
-    print("```json")
-    print(
-        json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, indent=1)
-    )
-    print("```")
+    print_report("Checkpoint benchmarks", rows, r)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,23 @@ def bench_ready(runs: int) -> dict[str, float]:
     return {"ready_p50_s": statistics.median(times), "ready_max_s": max(times)}
 
 
+def print_report(title: str, rows: list[tuple[str, str, str]], raw: dict[str, Any]) -> None:
+    """Print a benchmark's Markdown table (what, measured, target) and its raw numbers."""
+    print(f"### {title}, {datetime.now(UTC):%Y-%m-%d}, {machine()}\n")
+    print("| what | measured | target |")
+    print("| --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print("```json")
+    print(
+        json.dumps(
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in raw.items()}, indent=1
+        )
+    )
+    print("```")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -258,17 +275,7 @@ def main() -> None:
             "<= 3 s",
         ),
     ]
-    print(f"### Core benchmarks, {datetime.now(UTC):%Y-%m-%d}, {machine()}\n")
-    print("| what | measured | target |")
-    print("| --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
-    print("```json")
-    print(
-        json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, indent=1)
-    )
-    print("```")
+    print_report("Core benchmarks", rows, r)
 
 
 if __name__ == "__main__":
