@@ -102,6 +102,20 @@ class _Slot:
 
 
 @dataclass(frozen=True)
+class _Request:
+    """One model call as asked for, carried unchanged through a retry."""
+
+    role: str
+    messages: list[ChatMessage]
+    max_tokens: int
+    temperature: float
+    timeout: float
+    task_id: str | None
+    cancel: CancelToken
+    model: str | None
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """What ``tale models`` shows for one model."""
 
@@ -446,18 +460,18 @@ class ModelPool:
         once more wherever the role now routes (the fallback, or the reloaded
         model). Once text has been delivered, the failure is raised.
         """
-        return self._run(
+        request = _Request(
             role,
             messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            timeout=timeout,
-            task_id=task_id,
-            cancel=cancel or CancelToken(),
-            out=result if result is not None else Completion.empty(),
-            model=model,
-            restartable=False,
+            max_tokens,
+            temperature,
+            timeout,
+            task_id,
+            cancel or CancelToken(),
+            model,
         )
+        out = result if result is not None else Completion.empty()
+        return self._run(request, out, restartable=False)
 
     async def complete(
         self,
@@ -476,39 +490,28 @@ class ModelPool:
         Nobody has seen partial text, so a backend failing mid-answer restarts the
         call (once) on wherever the role now routes.
         """
-        out = Completion.empty()
-        async for _piece in self._run(
+        request = _Request(
             role,
             messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            timeout=timeout,
-            task_id=task_id,
-            cancel=cancel or CancelToken(),
-            out=out,
-            model=model,
-            restartable=True,
-        ):
+            max_tokens,
+            temperature,
+            timeout,
+            task_id,
+            cancel or CancelToken(),
+            model,
+        )
+        out = Completion.empty()
+        async for _piece in self._run(request, out, restartable=True):
             pass  # the text accumulates in ``out``
         return out
 
     async def _run(
-        self,
-        role: str,
-        messages: list[ChatMessage],
-        *,
-        max_tokens: int,
-        temperature: float,
-        timeout: float,
-        task_id: str | None,
-        cancel: CancelToken,
-        out: Completion,
-        model: str | None,
-        restartable: bool,
+        self, request: _Request, out: Completion, *, restartable: bool
     ) -> AsyncIterator[str]:
+        role, cancel = request.role, request.cancel
         retried = False
         while True:
-            slot, route = await self._acquire(role, model, cancel)
+            slot, route = await self._acquire(role, request.model, cancel)
             backend = slot.backend
             delivered = False
             # A person is waiting on this reply: other embedded models pause meanwhile.
@@ -517,19 +520,7 @@ class ModelPool:
                 self._ux_calls += 1
                 self._ux_idle.clear()
             try:
-                async for piece in self._call(
-                    slot,
-                    backend,
-                    role,
-                    route,
-                    messages,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    timeout=timeout,
-                    task_id=task_id,
-                    cancel=cancel,
-                    out=out,
-                ):
+                async for piece in self._call(request, slot, backend, route, out):
                     delivered = True
                     yield piece
                 return
@@ -549,20 +540,9 @@ class ModelPool:
                         self._ux_idle.set()
 
     async def _call(
-        self,
-        slot: _Slot,
-        backend: Backend,
-        role: str,
-        route: RouteKind,
-        messages: list[ChatMessage],
-        *,
-        max_tokens: int,
-        temperature: float,
-        timeout: float,
-        task_id: str | None,
-        cancel: CancelToken,
-        out: Completion,
+        self, request: _Request, slot: _Slot, backend: Backend, route: RouteKind, out: Completion
     ) -> AsyncIterator[str]:
+        role, timeout = request.role, request.timeout
         started = time.perf_counter()
         error: str | None = None
         note = None
@@ -570,7 +550,11 @@ class ModelPool:
             down = self._roles[role]
             note = f"{role} model {down.spec.label} was down: {down.last_error}"
         pieces = backend.stream(
-            messages, max_tokens=max_tokens, temperature=temperature, cancel=cancel, result=out
+            request.messages,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            cancel=request.cancel,
+            result=out,
         )
         deadline = time.monotonic() + timeout
         try:
@@ -622,7 +606,7 @@ class ModelPool:
                         if slot.spec.backend == "openai"
                         else backend.model
                     ),
-                    task_id=task_id,
+                    task_id=request.task_id,
                     prompt_tokens=out.prompt_tokens,
                     completion_tokens=out.completion_tokens,
                     load_ms=out.load_ms,
