@@ -26,15 +26,19 @@ from taled.errors import ConfigError
 __all__ = [
     "BackendSpec",
     "ChatSettings",
+    "CheckpointSettings",
     "DaemonSettings",
+    "GateSettings",
     "LlamaCppSettings",
     "ModelsSettings",
     "OllamaSettings",
     "OpenAISettings",
+    "PlannerSettings",
     "PoolSettings",
     "QueueSettings",
     "Role",
     "RunnerSettings",
+    "SandboxSettings",
     "ServerSettings",
     "Settings",
     "StoreSettings",
@@ -123,6 +127,84 @@ class RunnerSettings(BaseModel):
     """Sampling temperature of task calls."""
     call_timeout_seconds: float = Field(default=600.0, gt=0)
     """A task's model call that runs longer is cancelled and the task fails."""
+
+
+class PlannerSettings(BaseModel):
+    """How a complex task is decomposed into subtasks (a DAG) and aggregated."""
+
+    model_config = _STRICT
+
+    decompose: bool = True
+    """Plan tasks classified as complex into subtasks; off runs every task as one step."""
+    complex_min_score: float = Field(default=0.6, ge=0, le=1)
+    """Complexity score (0..1, from the classifier) at or above which a task is planned."""
+    max_steps: int = Field(default=6, ge=2, le=50)
+    """Most subtasks a plan may have; longer plans are cut at this many."""
+    plan_max_tokens: int = Field(default=256, ge=32, le=8192)
+    """Most tokens the task model may spend writing a plan."""
+    plan_attempts: int = Field(default=2, ge=1, le=5)
+    """Times the model is asked for a plan before the runner builds one itself."""
+    context_chars: int = Field(default=1500, ge=100, le=100_000)
+    """Most characters of dependency results passed to a subtask (context passing)."""
+
+
+class SandboxSettings(BaseModel):
+    """The sandbox that runs a result's Python code for the default done-gate."""
+
+    model_config = _STRICT
+
+    python: str = ""
+    """Interpreter that runs gated code; empty means the daemon's own."""
+    timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """Wall-clock limit of one run; the process group is killed after it."""
+    cpu_seconds: int = Field(default=5, ge=1, le=3600)
+    """CPU-time limit (RLIMIT_CPU)."""
+    memory_mb: int = Field(default=256, ge=16, le=65_536)
+    """Address-space limit (RLIMIT_AS) in MiB."""
+    max_processes: int = Field(default=1, ge=1, le=4096)
+    """Processes the sandboxed code may have (RLIMIT_NPROC; 1 refuses fork), where enforceable."""
+    max_file_mb: int = Field(default=16, ge=1, le=65_536)
+    """Largest file the code may write (RLIMIT_FSIZE) in MiB."""
+    max_output_chars: int = Field(default=4000, ge=100, le=1_000_000)
+    """Stdout/stderr kept from a run (the rest is cut) and fed back on failure."""
+    network: Literal["namespace", "off"] = "namespace"
+    """'namespace' runs code in a fresh network namespace (no network) where the kernel
+    allows it, refusing sockets otherwise; 'off' only refuses sockets in Python."""
+
+
+class GateSettings(BaseModel):
+    """Done-gates: checks a result must pass, and how failures are recovered."""
+
+    model_config = _STRICT
+
+    python_code: bool = True
+    """The default gate: run a result's Python code blocks in the sandbox."""
+    attempts: int = Field(default=2, ge=1, le=10)
+    """Attempts per recovery stage (the gate's error is fed back each time)."""
+    more_tokens_factor: float = Field(default=2.0, ge=1, le=16)
+    """'Retry with more tokens' multiplies the step's max_tokens by this."""
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+
+
+class CheckpointSettings(BaseModel):
+    """Task checkpoints in a bare git repository under the data directory."""
+
+    model_config = _STRICT
+
+    fsync: bool = True
+    """Make every checkpoint durable before its ref moves (off only for throwaway data)."""
+    contention_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """How long a checkpoint keeps retrying while another writer holds the ref."""
+    max_state_bytes: int = Field(default=4 * 2**20, ge=4096, le=2**30)
+    """Largest serialized task state one checkpoint may hold."""
+    keep_finished: int = Field(default=3, ge=0, le=10_000)
+    """Checkpoints kept per finished task by compaction (0 keeps only the last)."""
+    compact_after_seconds: float = Field(default=3600.0, ge=0)
+    """A finished task's checkpoints are compacted this long after it finished."""
+    maintenance_interval_seconds: float = Field(default=600.0, gt=0)
+    """How often compaction (and an occasional repack) runs."""
+    gc_every: int = Field(default=6, ge=1, le=10_000)
+    """Repack and prune the repository every this many maintenance rounds."""
 
 
 class LlamaCppSettings(BaseModel):
@@ -326,6 +408,9 @@ class Settings(BaseSettings):
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
 
     @classmethod
     def settings_customise_sources(
