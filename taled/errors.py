@@ -13,8 +13,9 @@ act on. ``taled/server.py`` converts them to protocol errors in one place.
     │   ├── ModelTimeout           -32011  a model call ran past its deadline
     │   └── BackendDown            -32012  the backend is unreachable, crashed or hung
     ├── ConfigError                -32020  the configuration is invalid
-    └── DaemonError                -32030  start-up failed (bad socket path, ...)
-        └── AlreadyRunning         -32031  another daemon owns the socket
+    ├── DaemonError                -32030  start-up failed (bad socket path, ...)
+    │   └── AlreadyRunning         -32031  another daemon owns the socket
+    └── PlanError                  -32040  no usable plan (a model's answer, a saved plan)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "ModelError",
     "ModelTimeout",
     "NotFound",
+    "PlanError",
     "RoleDown",
     "TaleError",
     "Unavailable",
@@ -111,3 +113,12 @@ class AlreadyRunning(DaemonError):
     """Another live daemon holds the socket's lock."""
 
     code = -32031
+
+
+class PlanError(TaleError):
+    """A task plan is unusable: a model's answer held no plan, or a saved plan is corrupt.
+
+    The runner catches it and asks again or builds a plan itself.
+    """
+
+    code = -32040
