@@ -7,6 +7,7 @@ the hot path (``tale list``); a test checks the modules it imports.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,7 +26,6 @@ R = TypeVar("R")
 
 STATES = ("queued", "running", "waiting", "paused", "completed", "failed", "cancelled")
 FINAL = ("completed", "failed", "cancelled")
-_WAIT_POLL_SECONDS = 0.2
 
 # JSON-RPC error codes from taled/errors.py that mean "your input was wrong".
 _USAGE_CODES = {-32602, -32001, -32600, -32601, -32700}
@@ -121,9 +121,18 @@ def submit(
             "ollama:qwen2.5:14b (loaded on demand).",
         ),
     ] = None,
+    done: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--done",
+            "-d",
+            help="A done criterion the result must pass (repeatable): python, contains:TEXT, "
+            "regex:PATTERN, assert:CODE, output:TEXT.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Queue a task and print its id (or, with --wait, its result)."""
+    """Queue a task and print its id (or, with --wait, follow it and print its result)."""
     if not text.strip():
         raise CliError("task text is empty; say what you want done", Exit.USAGE)
     if priority is not None and not 0 <= priority <= 100:
@@ -133,6 +142,8 @@ def submit(
         args["priority"] = priority
     if model is not None:
         args["model"] = model
+    if done:
+        args["criteria"] = done
     with _connect() as conn:
         task = conn.call_tool("submit_task", args)
         if not wait:
@@ -143,25 +154,53 @@ def submit(
 
 
 def _follow(conn: Connection, task_id: str, quiet: bool) -> dict[str, Any]:
-    """Poll a task until it is final, reporting state changes on stderr."""
-    last_state = ""
-    started = time.monotonic()
+    """Follow a task until it ends; live progress on stderr (a bar on a terminal)."""
+    show = _progress_view(task_id, quiet)
     try:
-        while True:
-            task = conn.call_tool("get_task", {"id": task_id})
-            if task["state"] != last_state:
-                last_state = task["state"]
-                if not quiet:
-                    note(f"task {task_id} {last_state} ({time.monotonic() - started:.1f} s)")
-            if task["state"] in FINAL:
-                return task
-            time.sleep(_WAIT_POLL_SECONDS)
+        with show:
+            return conn.call_tool("watch_task", {"id": task_id}, on_event=show.update)
     except KeyboardInterrupt:
         raise CliError(
             f"stopped following; task {task_id} goes on in the background "
             f"(`tale status {task_id}`)",
             Exit.FAILED,
         ) from None
+    except TimeoutError:
+        raise CliError(
+            f"the daemon stopped reporting on task {task_id}; `tale status {task_id}` "
+            "shows where it is",
+            Exit.FAILED,
+        ) from None
+
+
+class _Lines:
+    """Progress as plain lines on stderr, one per change of state (logs, pipes)."""
+
+    def __init__(self, task_id: str, quiet: bool) -> None:
+        self._task_id = task_id
+        self._quiet = quiet
+        self._state = ""
+
+    def __enter__(self) -> _Lines:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def update(self, _step: float, _total: float | None, message: str) -> None:
+        state = message.split(" · ", 1)[0]
+        if state != self._state and not self._quiet:
+            self._state = state
+            note(f"task {self._task_id} {message}")
+
+
+def _progress_view(task_id: str, quiet: bool) -> Any:
+    if quiet or not sys.stderr.isatty():
+        return _Lines(task_id, quiet)
+    # Imported here: rich's progress machinery is only worth loading for a live bar.
+    from tale_client.live import ProgressBar
+
+    return ProgressBar(task_id)
 
 
 def _print_final(task: dict[str, Any], json_out: bool) -> None:
@@ -228,6 +267,19 @@ def _print_task(task: dict[str, Any]) -> None:
     emit(f"created   {task['created_at']}")
     emit(f"tokens    {tokens.get('prompt', 0)} prompt + {tokens.get('completion', 0)} completion")
     emit(f"text      {task['text']}")
+    if task.get("criteria"):
+        emit(f"done when {'; '.join(task['criteria'])}")
+    progress = task.get("progress")
+    if progress and task["state"] not in FINAL:
+        eta = progress.get("eta_seconds")
+        emit(
+            f"progress  step {min(progress['step'] + 1, progress['steps'])}/{progress['steps']}"
+            f" · {progress['doing']} · {progress['tokens']} tokens"
+            f" · {progress['elapsed_seconds']:.0f} s" + (f" · ETA {eta:.0f} s" if eta else "")
+        )
+    if task.get("subtasks"):
+        emit("subtasks")
+        _print_tree(task["subtasks"], "  ")
     emit("history")
     for t in task.get("transitions", []):
         emit(f"  {t['at']}  {t['from'] or '-':>9} → {t['to']:<9} {t['reason']}")
@@ -236,6 +288,22 @@ def _print_task(task: dict[str, Any]) -> None:
     if task.get("result") is not None:
         emit("result")
         emit(task["result"])
+
+
+def _print_tree(subtasks: list[dict[str, Any]], indent: str) -> None:
+    steps = {t["id"]: t.get("step") or t["id"] for t in subtasks}
+    for t in subtasks:
+        needs = ", ".join(sorted(steps.get(n, n) for n in t.get("needs", [])))
+        after = f"  (after {needs})" if needs else ""
+        emit(
+            f"{indent}{t.get('step') or '-':<4} {t['id']}  {t['state']:<9} {t.get('title') or ''}"
+            f"{after}"
+        )
+        last = (t.get("transitions") or [{}])[-1]
+        if last.get("reason"):
+            emit(f"{indent}     {last.get('at', '')}  {last['reason']}")
+        if t.get("subtasks"):
+            _print_tree(t["subtasks"], indent + "  ")
 
 
 @app.command("list", rich_help_panel="Tasks")
@@ -284,6 +352,61 @@ def _age(stamp: str, now: datetime) -> str:
 
 @app.command(rich_help_panel="Tasks")
 @handle_errors
+def checkpoints(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task.")],
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", help="Most checkpoints shown.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """A task's checkpoints, newest first: commit, time, step, message."""
+    if limit is not None and limit < 1:
+        raise CliError(f"--limit must be at least 1, not {limit}", Exit.USAGE)
+    args: dict[str, Any] = {"id": task_id}
+    if limit is not None:
+        args["limit"] = limit
+    with _connect() as conn:
+        found = conn.call_tool("list_checkpoints", args)
+    if json_out:
+        emit_json(found)
+        return
+    if not found["checkpoints"]:
+        emit(f"task {task_id} has no checkpoints yet")
+        return
+    emit(f"{'COMMIT':<12}  {'TIME':<24}  {'STEP':<14}  MESSAGE")
+    for c in found["checkpoints"]:
+        emit(f"{c['commit'][:12]:<12}  {c['at']:<24}  {c['step']:<14}  {c['message']}")
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def restore(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="A paused or failed task.")],
+    commit: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[COMMIT]",
+            help="A checkpoint from `tale checkpoints ID` (default: the newest that is not "
+            "a failed attempt).",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rewind a paused or failed task to a checkpoint and queue it again."""
+    args: dict[str, Any] = {"id": task_id}
+    if commit is not None:
+        args["commit"] = commit
+    with _connect() as conn:
+        done = conn.call_tool("restore_checkpoint", args)
+    if json_out:
+        emit_json(done)
+        return
+    c = done["checkpoint"]
+    emit(f"task {task_id} {done['task']['state']}: {c['message']} (checkpoint {c['commit'][:12]})")
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
 def cancel(
     task_id: Annotated[str, typer.Argument(metavar="ID", help="The task to cancel.")],
     json_out: JsonOpt = False,
@@ -298,7 +421,7 @@ def pause(
     task_id: Annotated[str, typer.Argument(metavar="ID", help="The task to pause.")],
     json_out: JsonOpt = False,
 ) -> None:
-    """Pause a queued, running or waiting task (a running answer starts again on resume)."""
+    """Pause a queued, running or waiting task (a running answer stops; resume continues it)."""
     _task_action("pause_task", {"id": task_id}, json_out)
 
 

@@ -116,25 +116,33 @@ class Connection:
         name: str,
         arguments: dict[str, Any] | None = None,
         on_progress: Callable[[str], None] | None = None,
+        on_event: Callable[[float, float | None, str], None] | None = None,
     ) -> dict[str, Any]:
         """Call one MCP tool and return its structured result.
 
         With ``on_progress``, the call carries a progress token and each progress
-        notification's message (a streamed piece of text) is handed over as it comes.
+        notification's message (a streamed piece of text) is handed over as it comes;
+        ``on_event`` gets the whole notification: progress, total (or None), message.
         """
         params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
         on_notification = None
-        if on_progress is not None:
+        if on_progress is not None or on_event is not None:
             token = f"p{self._next_id + 1}"
             params["_meta"] = {"progressToken": token}
 
             def on_notification(note: dict[str, Any]) -> None:
                 body = note.get("params") or {}
                 if (
-                    note.get("method") == "notifications/progress"
-                    and body.get("progressToken") == token
+                    note.get("method") != "notifications/progress"
+                    or body.get("progressToken") != token
                 ):
-                    on_progress(str(body.get("message") or ""))
+                    return
+                message = str(body.get("message") or "")
+                if on_progress is not None:
+                    on_progress(message)
+                if on_event is not None:
+                    total = body.get("total")
+                    on_event(float(body.get("progress") or 0), total, message)
 
         result = self.request("tools/call", params, on_notification)
         if result.get("isError"):

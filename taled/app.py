@@ -1,6 +1,7 @@
 """The daemon: its services, wired in one place, with explicit phases.
 
-    startup   lock the socket path → open the store → requeue interrupted tasks
+    startup   lock the socket path → open the store and the checkpoint repository
+              → requeue interrupted tasks (each resumes from its latest checkpoint)
               → load the models → listen → READY=1 → start the workers
     main loop serve MCP sessions and ping the watchdog until SIGTERM/SIGINT
     shutdown  STOPPING=1 → refuse new tasks → let running calls finish within the
@@ -28,9 +29,12 @@ from mcp.shared.message import SessionMessage
 
 from taled import __version__, paths
 from taled.chat import ChatService
+from taled.checkpoints import CheckpointStore
 from taled.errors import TaleError
 from taled.pool import ModelPool
+from taled.progress import ProgressHub
 from taled.queue import TaskQueue
+from taled.retention import Retention
 from taled.routing import Router
 from taled.runner import Runner
 from taled.sdnotify import Notifier
@@ -68,8 +72,28 @@ class App:
         self.pool = ModelPool(settings.models, self.store)
         # The learning engine will install its advisor on this router.
         self.router = Router()
+        cp = settings.checkpoints
+        self.checkpoints = CheckpointStore(
+            paths.data_dir() / "checkpoints.git",
+            fsync=cp.fsync,
+            contention_timeout_seconds=cp.contention_timeout_seconds,
+            max_state_bytes=cp.max_state_bytes,
+        )
+        self.retention = Retention(self.store, self.checkpoints, cp)
+        self.progress = ProgressHub()
         self.runner = Runner(
-            self.store, self.queue, self.pool, settings.runner, settings.queue.workers, self.router
+            self.store,
+            self.queue,
+            self.pool,
+            self.checkpoints,
+            self.progress,
+            self.router,
+            settings=settings.runner,
+            planning=settings.planner,
+            gating=settings.gates,
+            workers=settings.queue.workers,
+            fallback=settings.models.fallback or None,
+            scratch=paths.data_dir() / "scratch",
         )
         self.listener = SocketListener(
             paths.socket_path(),
@@ -84,6 +108,9 @@ class App:
             self.status,
             self.models_status,
             self.chat,
+            self.runner,
+            self.checkpoints,
+            self.progress,
             list_limit=settings.queue.list_limit,
             max_list_limit=settings.queue.max_list_limit,
             stream_interval=settings.chat.stream_interval_ms / 1000,
@@ -148,6 +175,7 @@ class App:
                     )
                     tg.start_soon(self.listener.serve, self._session)
                     tg.start_soon(self.notifier.watchdog, self.settings.daemon.watchdog_fraction)
+                    tg.start_soon(self.retention.run)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")
@@ -165,11 +193,16 @@ class App:
     async def _startup(self) -> None:
         self.listener.lock()
         await self.store.open()
+        await self.checkpoints.open()
         requeued = await self.store.requeue_running(
             "daemon restarted; the task was interrupted and runs again"
         )
         if requeued:
-            log.warning("requeued %d task(s) interrupted by a crash", len(requeued))
+            log.warning(
+                "requeued %d task(s) interrupted by a crash; each resumes from its latest "
+                "checkpoint",
+                len(requeued),
+            )
         await self.pool.start()
         await self.listener.listen()
         if self._stop.is_set():
@@ -180,6 +213,7 @@ class App:
         # Each step undoes only what start-up got to, so this runs after any failure.
         await self.listener.close()
         await self.pool.stop()
+        await self.checkpoints.close()
         await self.store.close()
         log.info("taled stopped")
 

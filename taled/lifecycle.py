@@ -6,12 +6,14 @@
       │  ▼      ▼  │
       └─ paused ◄──┘  (pause from queued, running or waiting)
 
+    waiting ──► queued   (its subtasks finished: it queues to aggregate them)
+
     any non-final state ──► cancelled
 
 Resuming a paused task puts it back in the queue (``paused → queued``), where it
 waits for a free worker like any other; ``running → queued`` is how a task
 interrupted by a crash or shutdown goes back too. ``completed``, ``failed`` and
-``cancelled`` are final.
+``cancelled`` are final, except that restoring a checkpoint re-queues a failed task.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from enum import StrEnum
 
 from taled.errors import IllegalTransition
 
-__all__ = ["FINAL_STATES", "TRANSITIONS", "TaskState", "check_transition"]
+__all__ = ["FINAL_STATES", "RESTORE_TRANSITIONS", "TRANSITIONS", "TaskState", "check_transition"]
 
 
 class TaskState(StrEnum):
@@ -40,7 +42,7 @@ S = TaskState
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     S.QUEUED: frozenset({S.RUNNING, S.PAUSED, S.CANCELLED}),
     S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.PAUSED, S.WAITING, S.QUEUED}),
-    S.WAITING: frozenset({S.RUNNING, S.PAUSED, S.FAILED, S.CANCELLED}),
+    S.WAITING: frozenset({S.RUNNING, S.QUEUED, S.PAUSED, S.FAILED, S.CANCELLED}),
     S.PAUSED: frozenset({S.QUEUED, S.CANCELLED}),
     S.COMPLETED: frozenset(),
     S.FAILED: frozenset(),
@@ -49,9 +51,23 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 
 FINAL_STATES = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
+# Restoring a checkpoint is the one way back out of a final state: a failed task
+# rewound to a checkpoint is queued again (so is a paused one, as usual).
+RESTORE_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    S.FAILED: frozenset({S.QUEUED}),
+    S.PAUSED: frozenset({S.QUEUED}),
+}
 
-def check_transition(task_id: str, current: TaskState, target: TaskState) -> None:
-    """Raise IllegalTransition unless ``current → target`` is allowed."""
+
+def check_transition(
+    task_id: str, current: TaskState, target: TaskState, *, restoring: bool = False
+) -> None:
+    """Raise IllegalTransition unless ``current → target`` is allowed.
+
+    ``restoring`` also allows the moves of a checkpoint restore (failed → queued).
+    """
+    if restoring and target in RESTORE_TRANSITIONS.get(current, frozenset()):
+        return
     if target not in TRANSITIONS[current]:
         if current in FINAL_STATES:
             raise IllegalTransition(

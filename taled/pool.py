@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,6 +113,8 @@ class _Request:
     task_id: str | None
     cancel: CancelToken
     model: str | None
+    step: str | None = None
+    on_piece: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -484,11 +486,15 @@ class ModelPool:
         task_id: str | None = None,
         cancel: CancelToken | None = None,
         model: str | None = None,
+        step: str | None = None,
+        on_piece: Callable[[str], None] | None = None,
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings.
 
         Nobody has seen partial text, so a backend failing mid-answer restarts the
-        call (once) on wherever the role now routes.
+        call (once) on wherever the role now routes. ``on_piece`` sees each piece
+        as it arrives (for progress); ``step`` names the task's step in the ledger.
+        A cancelled call returns what it had produced, with finish_reason 'cancelled'.
         """
         request = _Request(
             role,
@@ -499,10 +505,14 @@ class ModelPool:
             task_id,
             cancel or CancelToken(),
             model,
+            step,
+            on_piece,
         )
         out = Completion.empty()
-        async for _piece in self._run(request, out, restartable=True):
-            pass  # the text accumulates in ``out``
+        async for piece in self._run(request, out, restartable=True):
+            # The text accumulates in ``out``; the callback only watches.
+            if request.on_piece is not None:
+                request.on_piece(piece)
         return out
 
     async def _run(
@@ -618,6 +628,7 @@ class ModelPool:
                     route=route,
                     note=note,
                     counts_exact=out.counts_exact,
+                    step=request.step,
                 )
             )
 

@@ -7,8 +7,10 @@ wake-up signal the runner's workers sleep on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 
+from taled import gates
 from taled.errors import IllegalTransition, InvalidInput, Unavailable
 from taled.lifecycle import FINAL_STATES, TaskState
 from taled.settings import QueueSettings, parse_model_spec
@@ -18,6 +20,7 @@ from taled.text import clean_text
 __all__ = ["TaskQueue"]
 
 _PAUSABLE = frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING})
+_LIVE = frozenset(set(TaskState) - FINAL_STATES)
 
 
 class TaskQueue:
@@ -28,11 +31,15 @@ class TaskQueue:
         self._settings = settings
         self._wake = asyncio.Event()
         self._accepting = True
-        self._stop_hooks: list[Callable[[str], None]] = []
+        self._stop_hooks: list[Callable[[TaskRecord], Awaitable[None]]] = []
 
-    def on_stop(self, hook: Callable[[str], None]) -> None:
-        """Call ``hook(task_id)`` after a task is cancelled or paused (the runner stops it)."""
+    def on_stop(self, hook: Callable[[TaskRecord], Awaitable[None]]) -> None:
+        """Await ``hook(task)`` after a task is cancelled or paused (the runner stops it)."""
         self._stop_hooks.append(hook)
+
+    def wake(self) -> None:
+        """Tell sleeping workers that a task may have become ready."""
+        self._wake.set()
 
     def stop_accepting(self) -> None:
         """Refuse new work from now on (shutdown)."""
@@ -50,12 +57,17 @@ class TaskQueue:
         )
 
     async def submit(
-        self, text: str, priority: int | None = None, model: str | None = None
+        self,
+        text: str,
+        priority: int | None = None,
+        model: str | None = None,
+        criteria: list[str] | None = None,
     ) -> TaskRecord:
         """Validate and durably enqueue a task; returns once it is on disk.
 
         ``model`` (``backend:model``) runs this task on that model instead of the
         task role's; it is checked for form here and loaded when the task runs.
+        ``criteria`` are done criteria (see taled.gates), checked for form here.
         """
         if not self._accepting:
             raise Unavailable("the daemon is shutting down and takes no new tasks; retry shortly")
@@ -65,7 +77,9 @@ class TaskQueue:
                 model = parse_model_spec(model).label
             except ValueError as exc:
                 raise InvalidInput(f"model: {exc}") from None
-        record = await self._store.submit(clean[0], clean[1], model)
+        if criteria:
+            gates.parse_criteria(criteria)
+        record = await self._store.submit(clean[0], clean[1], model, criteria or ())
         self._wake.set()
         return record
 
@@ -99,12 +113,13 @@ class TaskQueue:
             await self._wake.wait()
         return None
 
-    async def cancel(self, task_id: str) -> TaskRecord:
-        """Cancel a task that has not finished; its running model call is stopped."""
+    async def cancel(self, task_id: str, reason: str = "cancelled by the user") -> TaskRecord:
+        """Cancel a task that has not finished, and its subtasks; running calls are stopped."""
         current = await self._store.get_task(task_id)
         if current.state in FINAL_STATES:
             raise IllegalTransition(f"task {task_id} is already {current.state}; nothing to cancel")
-        await self._store.transition(task_id, TaskState.CANCELLED, "cancelled by the user")
+        await self._store.transition(task_id, TaskState.CANCELLED, reason)
+        await self._cascade(task_id, TaskState.CANCELLED, _LIVE, "its parent was cancelled")
         return await self._stopped(task_id)
 
     async def pause(self, task_id: str) -> TaskRecord:
@@ -121,8 +136,12 @@ class TaskQueue:
             )
         reason = "paused by the user"
         if current.state != TaskState.QUEUED:
-            reason += f" while {current.state}; its answer starts again when resumed"
+            reason += (
+                f" while {current.state}; its partial answer is checkpointed and continued "
+                "on resume"
+            )
         await self._store.transition(task_id, TaskState.PAUSED, reason, expect=current.state)
+        await self._cascade(task_id, TaskState.PAUSED, _PAUSABLE, "its parent was paused")
         return await self._stopped(task_id)
 
     async def resume(self, task_id: str) -> TaskRecord:
@@ -135,6 +154,7 @@ class TaskQueue:
         await self._store.transition(
             task_id, TaskState.QUEUED, "resumed by the user", expect=TaskState.PAUSED
         )
+        await self._cascade(task_id, TaskState.QUEUED, {TaskState.PAUSED}, "its parent was resumed")
         self._wake.set()
         return await self._store.get_task(task_id)
 
@@ -147,9 +167,24 @@ class TaskQueue:
                 f"task {task_id} is already {current.state}; its priority no longer matters"
             )
         await self._store.set_priority(task_id, priority)
+        for child in await self._store.descendants(task_id):
+            if child.state not in FINAL_STATES:
+                await self._store.set_priority(child.id, priority)
         return await self._store.get_task(task_id)
 
+    async def _cascade(
+        self, task_id: str, target: TaskState, sources: Iterable[TaskState], reason: str
+    ) -> None:
+        """Move a task's subtasks along with it; running ones have their calls stopped."""
+        moved = await self._store.move_descendants(task_id, target, list(sources), reason)
+        if target == TaskState.QUEUED:
+            return
+        for child in moved:
+            for hook in self._stop_hooks:
+                await hook(replace(child, state=target))
+
     async def _stopped(self, task_id: str) -> TaskRecord:
+        task = await self._store.get_task(task_id)
         for hook in self._stop_hooks:
-            hook(task_id)
-        return await self._store.get_task(task_id)
+            await hook(task)
+        return task

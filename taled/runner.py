@@ -1,53 +1,127 @@
-"""The runner: a bounded pool of workers that execute queued tasks.
+"""The runner: a bounded pool of workers that carry tasks through their steps.
 
-A task's execution is one task-model call with the configured system prompt
-(planning, checkpoints and gates come later). A worker claims the most urgent
-queued task, runs it, and records the outcome; a cancel stops the model call at
-the next token. On shutdown, calls still running after the grace period are
-stopped and their tasks go back to ``queued`` for the next start.
+A worker claims the most urgent ready task and continues it from its latest
+checkpoint (a fresh task has none). A task the classifier calls simple is
+answered in one step; a complex one is planned by the task model into subtasks
+(a DAG), which run as tasks of their own, in parallel up to the worker limit,
+each given a summary of its dependencies' results; the parent then aggregates.
+
+Every step's result is checkpointed (``WorkState`` in the task's git ref)
+before the runner acts on it, so after a crash the task resumes at the next
+unfinished step and never repeats a checkpointed one. Each result passes the
+task's done-gates; a failure is fed back and recovered in order: retry with
+more tokens → fallback model → decompose and retry → fail, saying what was
+tried. Pausing stops the model call at the next token and checkpoints the
+partial answer, which the resumed attempt continues.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+from taled import gates, planner
 from taled.backends.base import CancelToken, ChatMessage, Completion
-from taled.errors import IllegalTransition, ModelError, RoleDown, TaleError
-from taled.lifecycle import TaskState
+from taled.checkpoints import Checkpoint, CheckpointStore
+from taled.errors import (
+    IllegalTransition,
+    InvalidInput,
+    ModelError,
+    RoleDown,
+    TaleError,
+    Unavailable,
+)
+from taled.lifecycle import FINAL_STATES, TaskState
 from taled.pool import ModelPool
+from taled.progress import ProgressHub
 from taled.queue import TaskQueue
 from taled.routing import Route, Router
-from taled.settings import RunnerSettings
-from taled.store import Store, TaskRecord
+from taled.settings import GateSettings, PlannerSettings, RunnerSettings
+from taled.store import Store, SubtaskSpec, TaskRecord
+from taled.workstate import Attempt, WorkState
 
 __all__ = ["Runner"]
 
 log = logging.getLogger(__name__)
 
+_CONTINUE = "Continue exactly where you stopped. Do not repeat what you already wrote."
+
+
+class _Stopped(Exception):
+    """The task left ``running`` (paused, cancelled, daemon stopping): drop it quietly."""
+
+
+class _Decompose(Exception):
+    """Every direct attempt failed: plan the task into subtasks and try again."""
+
+
+class _Failed(Exception):
+    """The step could not be done; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class _Stage:
+    name: str
+    max_tokens: int
+    model: str | None
+
+
+def _next_stage(stages: list[_Stage], attempts: list[Attempt]) -> int:
+    """Index of the recovery stage the next attempt uses (``len(stages)``: none left).
+
+    Each attempt uses up one stage; after a model error (or timeout), more tokens
+    from the same model will not help, so its remaining stages are skipped.
+    """
+    at = 0
+    for attempt in attempts:
+        at += 1
+        if attempt.finish == "error":
+            while at < len(stages) and stages[at].model == attempt.model:
+                at += 1
+    return at
+
 
 class Runner:
-    """Runs tasks from the queue on the task model, ``workers`` at a time."""
+    """Runs tasks from the queue, ``workers`` at a time, checkpointing every step."""
 
     def __init__(
         self,
         store: Store,
         queue: TaskQueue,
         pool: ModelPool,
-        settings: RunnerSettings,
-        workers: int,
+        checkpoints: CheckpointStore,
+        progress: ProgressHub,
         router: Router,
+        *,
+        settings: RunnerSettings,
+        planning: PlannerSettings,
+        gating: GateSettings,
+        workers: int,
+        fallback: str | None,
+        scratch: Path,
     ) -> None:
         self._store = store
         self._queue = queue
         self._pool = pool
+        self._checkpoints = checkpoints
+        self._progress = progress
         self._router = router
         self._settings = settings
+        self._planning = planning
+        self._gating = gating
         self._n_workers = workers
+        self._fallback = fallback
+        self._scratch = scratch
         self._workers: list[asyncio.Task[None]] = []
-        self._running: dict[str, CancelToken] = {}
+        # task id -> (its call's cancel token, set once its worker let go of it)
+        self._running: dict[str, tuple[CancelToken, asyncio.Event]] = {}
+        self._parent_locks: dict[str, asyncio.Lock] = {}
         self._stopping = False
-        queue.on_stop(self._cancel_call)
+        queue.on_stop(self._on_stop)
 
     @property
     def busy(self) -> int:
@@ -56,6 +130,7 @@ class Runner:
 
     async def start(self) -> None:
         """Start the workers."""
+        self._scratch.mkdir(parents=True, exist_ok=True)
         self._workers = [
             asyncio.create_task(self._work(i), name=f"worker-{i}") for i in range(self._n_workers)
         ]
@@ -69,111 +144,545 @@ class Runner:
         _done, pending = await asyncio.wait(self._workers, timeout=grace)
         if pending:
             log.info("stopping %d running task(s) after %.1f s grace", len(self._running), grace)
-            for token in self._running.values():
+            for token, _released in self._running.values():
                 token.cancel()
             await asyncio.wait(pending)
         self._workers = []
 
-    def _cancel_call(self, task_id: str) -> None:
-        token = self._running.get(task_id)
-        if token is not None:
+    async def _on_stop(self, task: TaskRecord) -> None:
+        """A task was paused or cancelled: stop its call and wait until its partial answer
+        is checkpointed (bounded by ``stop_wait_seconds``); a cancelled subtask settles
+        its parent."""
+        running = self._running.get(task.id)
+        if running is not None:
+            token, released = running
             token.cancel()
+            try:
+                await asyncio.wait_for(released.wait(), self._settings.stop_wait_seconds)
+            except TimeoutError:
+                log.warning("task %s: its worker has not let go after being stopped", task.id)
+        if task.state == TaskState.CANCELLED and task.parent_id is not None:
+            await self._settle_parent(task.parent_id)
 
     async def _work(self, index: int) -> None:
         while not self._stopping:
             task = await self._queue.next_task()
             if task is None:
                 return
-            token = CancelToken()
-            self._running[task.id] = token
+            token, released = CancelToken(), asyncio.Event()
+            self._running[task.id] = (token, released)
             try:
                 await self._execute(task, token)
-            except TaleError:
-                # The task stays 'running' in the store; the next start requeues it.
+            except _Stopped:
+                pass
+            except TaleError as exc:
                 log.exception("worker %d could not finish task %s", index, task.id)
+                if not self._stopping:
+                    why = f"internal error: {exc.message}"
+                    await self._finish(task.id, TaskState.FAILED, why, error=why)
+                # When stopping, the task stays 'running'; the next start requeues it.
             finally:
                 del self._running[task.id]
+                released.set()
         log.debug("worker %d stopped", index)
 
-    def _messages(self, task: TaskRecord) -> list[ChatMessage]:
-        return [
-            {"role": "system", "content": self._settings.system_prompt},
-            {"role": "user", "content": task.text},
-        ]
+    # -- one task ----------------------------------------------------------
 
     async def _execute(self, task: TaskRecord, token: CancelToken) -> None:
-        route = self._router.for_task(task)
-        log.info(
-            "task %s started (attempt %d) on %s: %s",
-            task.id,
-            task.attempts + 1,
-            route.model or route.role,
-            route.reason,
-        )
-        completion = await self._call(task, route, token)
-        if completion is None:
-            return
-        if completion.finish_reason == "cancelled":
-            if self._stopping:
-                await self._finish(
-                    task.id,
-                    TaskState.QUEUED,
-                    "daemon stopped mid-task; it will run again on the next start",
-                )
-            # Otherwise the user cancelled or paused it: the task is already moved.
-            return
-        reason = (
-            "answered"
-            if completion.finish_reason == "stop"
-            else (f"answer cut at max_tokens={self._settings.max_tokens}")
-        )
-        await self._finish(task.id, TaskState.COMPLETED, reason, result=completion.text)
+        latest = await self._checkpoints.latest(task.id)
+        if latest is None:
+            ws = WorkState(task.id, round=task.round)
+        else:
+            ws = WorkState.from_json(await self._checkpoints.load(task.id, latest.commit))
+            log.info(
+                "task %s resumes from checkpoint %s (%s, phase %s)",
+                task.id,
+                latest.commit[:12],
+                latest.step,
+                ws.phase,
+            )
+        self._progress.start(task.id, self._steps(ws, task), self._doing(ws, task))
+        self._progress.update(task.id, step=self._steps_done(ws), tokens=ws.tokens)
+        try:
+            if task.parent_id is not None:
+                await self._run_subtask(task, ws, token)
+            else:
+                await self._run_task(task, ws, token)
+        except _Failed as exc:
+            await self._finish(task.id, TaskState.FAILED, str(exc), error=str(exc))
+            if task.parent_id is not None:
+                await self._settle_parent(task.parent_id)
+        finally:
+            current = await self._store.get_task(task.id)
+            if current.state in FINAL_STATES:
+                self._progress.forget(task.id)
+                self._parent_locks.pop(task.id, None)
 
-    async def _call(self, task: TaskRecord, route: Route, token: CancelToken) -> Completion | None:
-        """The task's model call, or None if the task ended without one (failed, cancelled).
+    async def _run_task(self, task: TaskRecord, ws: WorkState, token: CancelToken) -> None:
+        route = self._router.for_task(task)
+        criteria = gates.parse_criteria(list(task.criteria))
+        if ws.phase == "start":
+            complexity = planner.classify(task.text)
+            ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
+            planned = self._planning.decompose and complexity.score >= (
+                self._planning.complex_min_score
+            )
+            ws.phase = "plan" if planned else "answer"
+            await self._save(ws, "start", f"classified {complexity.level} ({complexity.score:.2f})")
+        if ws.phase == "answer":
+            messages = self._messages(task.text)
+            try:
+                ws.result = await self._produce(
+                    task, ws, "answer", messages, criteria, route, token, can_decompose=True
+                )
+            except _Decompose:
+                ws.phase, ws.decomposed = "plan", True
+                await self._save(ws, "decompose", "direct answers failed: decomposing")
+            else:
+                await self._complete(task, ws)
+                return
+        if ws.phase == "plan":
+            await self._plan(task, ws, route, token)
+        if ws.phase == "subtasks" and not await self._gather(task, ws):
+            return  # waiting for its subtasks; the last one to finish queues it again
+        if ws.phase == "aggregate":
+            plan = planner.Plan.from_json(ws.plan or {})
+            messages = planner.aggregate_messages(
+                task.text,
+                plan,
+                ws.outputs,
+                self._planning.context_chars * 2,
+                self._settings.system_prompt,
+            )
+            ws.result = await self._produce(
+                task, ws, "aggregate", messages, criteria, route, token, can_decompose=False
+            )
+            await self._complete(task, ws)
+
+    async def _run_subtask(self, task: TaskRecord, ws: WorkState, token: CancelToken) -> None:
+        assert task.parent_id is not None and task.step is not None
+        if ws.phase != "done":
+            parent_state = await self._parent_state(task.parent_id)
+            plan = planner.Plan.from_json(parent_state.plan or {})
+            outputs = {
+                c.step: c.result or ""
+                for c in await self._store.children(task.parent_id, task.round)
+                if c.state == TaskState.COMPLETED and c.step is not None
+            }
+            outputs.update(parent_state.outputs)
+            context = planner.dependency_context(
+                plan, task.step, outputs, self._planning.context_chars
+            )
+            parent = await self._store.get_task(task.parent_id)
+            messages = planner.step_messages(
+                parent.text, plan, task.step, context, self._settings.system_prompt
+            )
+            ws.result = await self._produce(
+                task,
+                ws,
+                task.step,
+                messages,
+                gates.parse_criteria([]),
+                self._router.for_task(task),
+                token,
+                can_decompose=False,
+            )
+            ws.phase = "done"
+            await self._save(ws, f"{task.step} done", "subtask finished")
+        await self._record_in_parent(task, ws.result or "")
+        if await self._finish(task.id, TaskState.COMPLETED, "step done", result=ws.result or ""):
+            await self._settle_parent(task.parent_id)
+
+    async def _complete(self, task: TaskRecord, ws: WorkState) -> None:
+        ws.phase = "done"
+        await self._save(ws, "done", "task finished")
+        await self._finish(task.id, TaskState.COMPLETED, self._why_done(ws), result=ws.result or "")
+
+    @staticmethod
+    def _why_done(ws: WorkState) -> str:
+        final = "aggregate" if ws.plan is not None else "answer"
+        attempts = ws.attempts.get(final, [])
+        how = "answered"
+        if ws.plan is not None:
+            how = f"aggregated {len(ws.outputs)} subtask results"
+            if ws.decomposed:
+                how = "decomposed after failed attempts; " + how
+        if len(attempts) > 1:
+            how += f" (passed on attempt {len(attempts)}: {attempts[-1].stage})"
+        if attempts and attempts[-1].finish == "length":
+            how += f"; answer cut at max_tokens={attempts[-1].max_tokens}"
+        return how
+
+    # -- planning and subtasks ---------------------------------------------
+
+    async def _plan(
+        self, task: TaskRecord, ws: WorkState, route: Route, token: CancelToken
+    ) -> None:
+        attempts = ws.attempts.setdefault("plan", [])
+        plan: planner.Plan | None = None
+        messages = planner.plan_messages(task.text, self._planning.max_steps)
+        while plan is None and len(attempts) < self._planning.plan_attempts:
+            key = "plan" if not attempts else f"plan#{len(attempts) + 1}"
+            self._progress.update(task.id, doing="planning")
+            try:
+                completion = await self._call(
+                    task,
+                    route,
+                    messages,
+                    self._planning.plan_max_tokens,
+                    key,
+                    token,
+                )
+            except ModelError as exc:
+                attempts.append(
+                    Attempt(
+                        key,
+                        "plan",
+                        route.model,
+                        self._planning.plan_max_tokens,
+                        "",
+                        "error",
+                        False,
+                        exc.message,
+                    )
+                )
+                continue
+            try:
+                plan = planner.parse_plan(completion.text, self._planning.max_steps)
+                detail = ""
+            except planner.PlanError as exc:
+                detail = str(exc)
+            attempts.append(
+                Attempt(
+                    key,
+                    "plan",
+                    route.model,
+                    self._planning.plan_max_tokens,
+                    completion.text,
+                    completion.finish_reason,
+                    plan is not None,
+                    detail,
+                    completion.completion_tokens,
+                )
+            )
+            ws.tokens += completion.completion_tokens
+        if plan is None:
+            plan = planner.heuristic_plan(task.text, self._planning.max_steps)
+        ws.plan, ws.phase = plan.to_json(), "subtasks"
+        ws.done_at["plan"] = time.time()
+        notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""
+        await self._save(ws, "plan", f"planned {len(plan.steps)} steps from {plan.source}{notes}")
+        self._progress.update(task.id, steps=self._steps(ws, task), step=1)
+
+    async def _gather(self, task: TaskRecord, ws: WorkState) -> bool:
+        """Collect finished subtasks; create missing ones and wait. True when all are done."""
+        plan = planner.Plan.from_json(ws.plan or {})
+        while True:
+            children = {c.step: c for c in await self._store.children(task.id, ws.round)}
+            before = len(ws.outputs)
+            for step in plan.steps:
+                child = children.get(step.id)
+                if step.id in ws.outputs or child is None:
+                    continue
+                if child.state == TaskState.COMPLETED:
+                    ws.outputs[step.id] = child.result or ""
+                elif child.state in (TaskState.FAILED, TaskState.CANCELLED):
+                    why = child.error or child.state.value
+                    raise _Failed(f"subtask {step.id} ({step.title}) {child.state.value}: {why}")
+            if len(ws.outputs) == len(plan.steps):
+                ws.phase = "aggregate"
+                await self._save(ws, "subtasks done", "every step finished; aggregating")
+                return True
+            if len(ws.outputs) != before:
+                await self._save(
+                    ws, "subtasks", f"{len(ws.outputs)} of {len(plan.steps)} steps done"
+                )
+            specs = [
+                SubtaskSpec(step=s.id, title=s.title, text=s.instruction, needs=tuple(s.needs))
+                for s in plan.steps
+                if s.id not in ws.outputs
+            ]
+            try:
+                waiting = await self._store.add_subtasks(
+                    task,
+                    ws.round,
+                    specs,
+                    f"waiting for {len(specs)} of {len(plan.steps)} subtasks",
+                )
+            except IllegalTransition as exc:
+                log.info("task %s not moved to waiting: %s", task.id, exc.message)
+                raise _Stopped from None
+            if waiting:
+                self._queue.wake()
+                self._progress.update(task.id, doing=f"waiting for {len(specs)} subtasks")
+                return False
+            # Every subtask finished meanwhile: collect them again.
+
+    async def _parent_state(self, parent_id: str) -> WorkState:
+        return WorkState.from_json(await self._checkpoints.load(parent_id))
+
+    async def _record_in_parent(self, task: TaskRecord, result: str) -> None:
+        """Add a finished subtask's output to its parent's checkpoint (once)."""
+        assert task.parent_id is not None and task.step is not None
+        lock = self._parent_locks.setdefault(task.parent_id, asyncio.Lock())
+        async with lock:
+            ws = await self._parent_state(task.parent_id)
+            if ws.round != task.round or task.step in ws.outputs:
+                return
+            ws.outputs[task.step] = result
+            plan_steps = len((ws.plan or {}).get("steps", []))
+            await self._save(
+                ws,
+                f"{task.step} done",
+                f"subtask {task.id} finished ({len(ws.outputs)}/{plan_steps})",
+            )
+            self._progress.update(task.parent_id, step=1 + len(ws.outputs))
+
+    async def _settle_parent(self, parent_id: str) -> None:
+        """After a subtask ends: queue its parent when all are done, fail it if one failed."""
+        parent = await self._store.get_task(parent_id)
+        if parent.state != TaskState.WAITING:
+            return
+        children = await self._store.children(parent_id, parent.round)
+        failed = [c for c in children if c.state in (TaskState.FAILED, TaskState.CANCELLED)]
+        if failed:
+            bad = failed[0]
+            why = f"subtask {bad.step} ({bad.title}) {bad.state.value}: {bad.error or 'no reason'}"
+            if await self._finish(parent_id, TaskState.FAILED, why, TaskState.WAITING, error=why):
+                for child in children:
+                    if child.state not in FINAL_STATES:
+                        await self._queue.cancel(child.id, reason=f"its parent failed: {why}")
+            return
+        if await self._store.wake_parent(parent_id, "all subtasks done; queued to aggregate"):
+            self._queue.wake()
+
+    # -- one step, with gates and recovery ---------------------------------
+
+    def _stages(self, route: Route, base_tokens: int) -> list[_Stage]:
+        g = self._gating
+        bigger = min(int(base_tokens * g.more_tokens_factor), 131_072)
+        stages = [_Stage("first", base_tokens, route.model)]
+        stages += [_Stage("more tokens", bigger, route.model)] * (g.attempts - 1)
+        if self._fallback is not None and self._fallback != route.model:
+            stages += [_Stage("fallback model", bigger, self._fallback)] * g.attempts
+        return stages
+
+    async def _produce(
+        self,
+        task: TaskRecord,
+        ws: WorkState,
+        step: str,
+        messages: list[ChatMessage],
+        criteria: list[gates.Criterion],
+        route: Route,
+        token: CancelToken,
+        *,
+        can_decompose: bool,
+    ) -> str:
+        """The step's gated output: from its checkpoint, or by attempts in recovery order."""
+        done = ws.passed(step)
+        if done is not None:
+            return done.output
+        attempts = ws.attempts.setdefault(step, [])
+        stages = self._stages(route, self._settings.max_tokens)
+        while (at := _next_stage(stages, attempts)) < len(stages):
+            stage = stages[at]
+            i = len(attempts)
+            key = step if i == 0 else f"{step}#{i + 1}"
+            prompt = list(messages)
+            if attempts and attempts[-1].output and attempts[-1].detail:
+                prompt += [
+                    {"role": "assistant", "content": attempts[-1].output},
+                    {"role": "user", "content": attempts[-1].detail},
+                ]
+            partial = ws.partial["text"] if ws.partial and ws.partial["key"] == key else ""
+            if partial:
+                prompt += [
+                    {"role": "assistant", "content": partial},
+                    {"role": "user", "content": _CONTINUE},
+                ]
+            self._progress.update(task.id, doing=self._doing_step(step, stage))
+            try:
+                completion = await self._call(
+                    task,
+                    Route(route.role, stage.model, route.reason),
+                    prompt,
+                    stage.max_tokens,
+                    key,
+                    token,
+                    partial_of=(ws, key, partial),
+                )
+            except ModelError as exc:
+                attempt = Attempt(
+                    key,
+                    stage.name,
+                    stage.model,
+                    stage.max_tokens,
+                    "",
+                    "error",
+                    False,
+                    f"model error: {exc.message}",
+                )
+
+            else:
+                output = partial + completion.text
+                passed, detail = await self._gate(output, criteria)
+                attempt = Attempt(
+                    key,
+                    stage.name,
+                    stage.model,
+                    stage.max_tokens,
+                    output,
+                    completion.finish_reason,
+                    passed,
+                    detail,
+                    completion.completion_tokens,
+                )
+                ws.tokens += completion.completion_tokens
+            attempts.append(attempt)
+            ws.partial = None
+            ws.done_at[key] = time.time()
+            verdict = "passed" if attempt.passed else f"failed: {attempt.detail[:200]}"
+            await self._save(ws, key, f"{stage.name} attempt {verdict}")
+            if attempt.passed:
+                return attempt.output
+        if can_decompose and not ws.decomposed and self._planning.decompose:
+            raise _Decompose
+        tried = "; ".join(
+            f"{a.key} ({a.stage}, {a.max_tokens} tokens"
+            f"{', ' + a.model if a.model else ''}): {a.detail[:160]}"
+            for a in attempts
+        )
+        if can_decompose and ws.decomposed:
+            tried += "; decomposed and retried"
+        raise _Failed(f"every recovery step failed. Tried: {tried}")
+
+    async def _call(
+        self,
+        task: TaskRecord,
+        route: Route,
+        messages: list[ChatMessage],
+        max_tokens: int,
+        key: str,
+        token: CancelToken,
+        *,
+        partial_of: tuple[WorkState, str, str] | None = None,
+    ) -> Completion:
+        """One model call of a step. Raises _Stopped if the task stops meanwhile.
 
         While the role's model is down and nothing serves it, the task is
         ``waiting`` (with the reason in its history) rather than failed.
         """
+
+        def counted(_piece: str) -> None:
+            self._progress.update(task.id, add_tokens=1)
+            if task.parent_id is not None:
+                self._progress.update(task.parent_id, add_tokens=1)
+
         while True:
             try:
-                return await self._pool.complete(
+                completion = await self._pool.complete(
                     route.role,
-                    self._messages(task),
+                    messages,
                     model=route.model,
-                    max_tokens=self._settings.max_tokens,
+                    max_tokens=max_tokens,
                     temperature=self._settings.temperature,
                     timeout=self._settings.call_timeout_seconds,
                     task_id=task.id,
                     cancel=token,
+                    step=key,
+                    on_piece=counted,
                 )
             except RoleDown as exc:
                 down = exc.message
-            except ModelError as exc:
-                await self._finish(
-                    task.id,
-                    TaskState.FAILED,
-                    f"model call failed: {exc.message}",
-                    error=exc.message,
-                )
-                return None
+            else:
+                if completion.finish_reason != "cancelled":
+                    return completion
+                await self._stopped_mid_call(task, completion, partial_of)
+                raise _Stopped
             if not token.cancelled:
                 if not await self._finish(
                     task.id, TaskState.WAITING, f"{down}; the task waits for it"
                 ):
-                    return None
+                    raise _Stopped
                 served = await self._pool.wait_until_served(route.role, token)
                 back = "the model is back" if served else "stopped while waiting for the model"
                 if not await self._finish(task.id, TaskState.RUNNING, back, TaskState.WAITING):
-                    return None  # cancelled while waiting
+                    raise _Stopped  # cancelled or paused while waiting
             if token.cancelled:
-                if self._stopping:
-                    await self._finish(
-                        task.id,
-                        TaskState.QUEUED,
-                        "daemon stopped; it will run again on the next start",
-                    )
-                return None
+                await self._stopped_mid_call(task, None, partial_of)
+                raise _Stopped
+
+    async def _stopped_mid_call(
+        self,
+        task: TaskRecord,
+        completion: Completion | None,
+        partial_of: tuple[WorkState, str, str] | None,
+    ) -> None:
+        """Checkpoint what a stopped call had written; requeue the task on shutdown."""
+        if partial_of is not None and completion is not None and completion.text:
+            ws, key, earlier = partial_of
+            ws.partial = {"key": key, "text": earlier + completion.text}
+            why = "daemon stopping" if self._stopping else "paused or cancelled"
+            await self._save(
+                ws, "pause", f"{why} during {key}: {len(ws.partial['text'])} chars kept"
+            )
+        if self._stopping:
+            await self._finish(
+                task.id,
+                TaskState.QUEUED,
+                "daemon stopped mid-task; it resumes from its checkpoint on the next start",
+            )
+
+    async def _gate(self, output: str, criteria: list[gates.Criterion]) -> tuple[bool, str]:
+        """Whether the output passes its gates, and the feedback for the model if not."""
+        try:
+            outcome = await gates.check(output, criteria, self._gating, scratch_root=self._scratch)
+        except Unavailable as exc:
+            # Never run the code unprotected: the gate fails, saying how to turn it off.
+            return False, (
+                f"the code gate could not run: {exc.message}; set gates.python_code = false "
+                "in taled.toml to accept code unchecked"
+            )
+        return outcome.passed, "" if outcome.passed else outcome.feedback
+
+    # -- helpers -----------------------------------------------------------
+
+    async def _save(self, ws: WorkState, step: str, message: str) -> Checkpoint:
+        return await self._checkpoints.commit(ws.task_id, ws.to_json(), step=step, message=message)
+
+    def _messages(self, text: str) -> list[ChatMessage]:
+        return [
+            {"role": "system", "content": self._settings.system_prompt},
+            {"role": "user", "content": text},
+        ]
+
+    @staticmethod
+    def _steps(ws: WorkState, task: TaskRecord) -> int:
+        if task.parent_id is not None or ws.plan is None:
+            return 1
+        return len(ws.plan.get("steps", [])) + 2  # plan, the steps, aggregate
+
+    @staticmethod
+    def _steps_done(ws: WorkState) -> int:
+        if ws.phase == "done":
+            return 1 if ws.plan is None else len(ws.plan.get("steps", [])) + 2
+        if ws.plan is None:
+            return 0
+        return 1 + len(ws.outputs) + (1 if ws.phase == "aggregate" and ws.result else 0)
+
+    @staticmethod
+    def _doing(ws: WorkState, task: TaskRecord) -> str:
+        if task.parent_id is not None:
+            return task.title or f"step {task.step}"
+        return {"start": "starting", "answer": "answering", "plan": "planning"}.get(
+            ws.phase, "working"
+        )
+
+    @staticmethod
+    def _doing_step(step: str, stage: _Stage) -> str:
+        what = {"answer": "answering", "aggregate": "aggregating"}.get(step, f"step {step}")
+        return what if stage.name == "first" else f"{what} ({stage.name})"
 
     async def _finish(
         self,
@@ -181,7 +690,7 @@ class Runner:
         target: TaskState,
         reason: str,
         expect: TaskState = TaskState.RUNNING,
-        **fields: str,
+        **fields: Any,
     ) -> bool:
         """Move the task unless it left ``expect`` meanwhile (say, cancelled); True if moved."""
         try:
@@ -192,3 +701,59 @@ class Runner:
             return False
         log.info("task %s %s: %s", task_id, target, reason)
         return True
+
+    # -- restore -------------------------------------------------------------
+
+    async def restore(self, task_id: str, commit: str | None) -> tuple[TaskRecord, Checkpoint]:
+        """Rewind a paused or failed task to a checkpoint and queue it again.
+
+        Without ``commit``, the newest checkpoint that is not a failed attempt.
+        Subtasks of the abandoned plan round are cancelled; finished steps in
+        the restored state are kept.
+        """
+        task = await self._store.get_task(task_id)
+        if task.state not in (TaskState.PAUSED, TaskState.FAILED):
+            hint = "" if task.state in FINAL_STATES else f" (`tale pause {task_id}` first)"
+            raise IllegalTransition(
+                f"task {task_id} is {task.state}; only a paused or failed task can be "
+                f"restored{hint}"
+            )
+        history = await self._checkpoints.list(task_id)
+        if not history:
+            raise InvalidInput(f"task {task_id} has no checkpoints to restore")
+        if commit is None:
+            target = next((c for c in history if "failed" not in c.message), history[-1])
+        else:
+            matches = [c for c in history if c.commit.startswith(commit.lower())]
+            if len(matches) != 1:
+                problem = "no checkpoint" if not matches else "more than one checkpoint matching"
+                raise InvalidInput(
+                    f"task {task_id} has {problem} {commit}; `tale checkpoints {task_id}` "
+                    "lists them"
+                )
+            target = matches[0]
+        current = WorkState.from_json(await self._checkpoints.load(task_id))
+        ws = WorkState.from_json(await self._checkpoints.load(task_id, target.commit))
+        ws.round = current.round + 1
+        for child in await self._store.descendants(task_id):
+            if child.state not in FINAL_STATES:
+                await self._store.transition(
+                    child.id,
+                    TaskState.CANCELLED,
+                    f"superseded: its parent was restored to {target.commit[:12]}",
+                )
+        saved = await self._save(
+            ws, "restore", f"restored to {target.commit[:12]} ({target.step}: {target.message})"
+        )
+        await self._store.transition(
+            task_id,
+            TaskState.QUEUED,
+            f"restored to checkpoint {target.commit[:12]} ({target.step})",
+            expect=task.state,
+            restoring=True,
+            error=None,
+            result=None,
+            round=ws.round,
+        )
+        self._queue.wake()
+        return await self._store.get_task(task_id), saved

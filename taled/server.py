@@ -7,12 +7,13 @@ This module is also the one place where a ``TaleError`` becomes a JSON-RPC error
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
@@ -22,9 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taled import __version__
 from taled.chat import ChatService
+from taled.checkpoints import Checkpoint, CheckpointStore
 from taled.errors import InvalidInput, TaleError
-from taled.lifecycle import TaskState
+from taled.lifecycle import FINAL_STATES, TaskState
+from taled.progress import Progress, ProgressHub
 from taled.queue import TaskQueue
+from taled.runner import Runner
 from taled.store import Store, TaskRecord
 
 __all__ = ["TOOLS", "build_server", "task_to_json"]
@@ -52,6 +56,13 @@ class SubmitTaskArgs(_Args):
         description="Run on this model instead of the task role's, as backend:model "
         "(llamacpp:NAME, ollama:NAME[:TAG], openai:URL#MODEL); loaded on demand.",
     )
+    criteria: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
+        default=None,
+        max_length=20,
+        description="Done criteria the result must pass: 'python' (its code runs), "
+        "'contains:TEXT', 'regex:PATTERN', 'assert:CODE' (its code then CODE runs), "
+        "'output:TEXT' (running its code prints TEXT).",
+    )
 
 
 class TaskIdArgs(_Args):
@@ -71,6 +82,23 @@ class ListTasksArgs(_Args):
     )
 
 
+class CheckpointsArgs(TaskIdArgs):
+    """A task and how many of its checkpoints to list."""
+
+    limit: int | None = Field(default=None, ge=1, le=100_000, description="Newest first.")
+
+
+class RestoreArgs(TaskIdArgs):
+    """A task and the checkpoint to rewind it to."""
+
+    commit: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{7,40}$",
+        description="A checkpoint's commit (7..40 hex digits); default: the newest "
+        "checkpoint that is not a failed attempt.",
+    )
+
+
 class SetPriorityArgs(TaskIdArgs):
     """A task and its new priority."""
 
@@ -87,10 +115,16 @@ class ChatArgs(_Args):
     text: str = Field(min_length=1, description="What you say: 1..4,000 characters once trimmed.")
 
 
-def task_to_json(task: TaskRecord) -> dict[str, Any]:
+def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str, Any]:
     """The wire form of a task (the CLI's --json contract)."""
     return {
         "id": task.id,
+        "parent_id": task.parent_id,
+        "step": task.step,
+        "title": task.title,
+        "needs": list(task.needs),
+        "criteria": list(task.criteria),
+        "progress": progress.to_json() if progress is not None else None,
         "state": task.state.value,
         "priority": task.priority,
         "model": task.model,
@@ -108,6 +142,10 @@ def task_to_json(task: TaskRecord) -> dict[str, Any]:
     }
 
 
+def _checkpoint_json(c: Checkpoint) -> dict[str, Any]:
+    return {"commit": c.commit, "at": _iso(c.at), "step": c.step, "message": c.message}
+
+
 def _tokens(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt": prompt, "completion": completion, "total": prompt + completion}
 
@@ -118,7 +156,7 @@ def _iso(ts: float) -> str:
 
 # Streams text to the caller as MCP progress notifications (a no-op when the
 # caller sent no progress token).
-Report = Callable[[float, str], Awaitable[None]]
+Report = Callable[[float, str, float | None], Awaitable[None]]
 Handler = Callable[[Any, Report], Awaitable[dict[str, Any]]]
 
 
@@ -133,10 +171,16 @@ class _Tools:
         status: StatusProvider,
         models: StatusProvider,
         chat: ChatService,
+        runner: Runner,
+        checkpoints: CheckpointStore,
+        progress: ProgressHub,
         max_list_limit: int,
         list_limit: int,
         stream_interval: float,
     ) -> None:
+        self.runner = runner
+        self.checkpoints = checkpoints
+        self.progress = progress
         self.store = store
         self.queue = queue
         self.status = status
@@ -147,11 +191,51 @@ class _Tools:
         self.list_limit = list_limit
 
     async def submit_task(self, args: SubmitTaskArgs, _report: Report) -> dict[str, Any]:
-        task = await self.queue.submit(args.text, args.priority, args.model)
+        task = await self.queue.submit(args.text, args.priority, args.model, args.criteria)
         return task_to_json(task)
 
     async def get_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
-        return task_to_json(await self.store.get_task(args.id))
+        return await self._tree(await self.store.get_task(args.id))
+
+    async def _tree(self, task: TaskRecord) -> dict[str, Any]:
+        """A task with its progress and, recursively, its subtasks (current plan round)."""
+        out = task_to_json(task, self.progress.get(task.id))
+        out["subtasks"] = [
+            await self._tree(child) for child in await self.store.children(task.id, task.round)
+        ]
+        return out
+
+    async def watch_task(self, args: TaskIdArgs, report: Report) -> dict[str, Any]:
+        # A notification goes out whenever the line a person would read changes
+        # (state, step, tokens, elapsed seconds), at most every stream_interval; the
+        # store is re-read at least every second for state changes.
+        seen = -1
+        last = ""
+        while True:
+            task = await self.store.get_task(args.id)
+            progress = self.progress.get(task.id)
+            if progress is not None and task.state not in FINAL_STATES:
+                line = f"{task.state} · {progress.line()}"
+                step, total = float(progress.step), float(progress.steps)
+            else:
+                waited = time.time() - task.updated_at
+                line, step, total = f"{task.state} · {waited:.0f} s", 0.0, None
+            if line != last:
+                last = line
+                await report(step, line, total)
+            if task.state in FINAL_STATES:
+                return await self._tree(task)
+            seen = await self.progress.wait_change(seen, 1.0)
+            await asyncio.sleep(self.stream_interval)
+
+    async def list_checkpoints(self, args: CheckpointsArgs, _report: Report) -> dict[str, Any]:
+        await self.store.get_task(args.id)  # NotFound for an unknown task
+        found = await self.checkpoints.list(args.id, args.limit)
+        return {"task_id": args.id, "checkpoints": [_checkpoint_json(c) for c in found]}
+
+    async def restore_checkpoint(self, args: RestoreArgs, _report: Report) -> dict[str, Any]:
+        task, saved = await self.runner.restore(args.id, args.commit)
+        return {"task": task_to_json(task), "checkpoint": _checkpoint_json(saved)}
 
     async def list_tasks(self, args: ListTasksArgs, _report: Report) -> dict[str, Any]:
         limit = args.limit if args.limit is not None else self.list_limit
@@ -195,7 +279,7 @@ class _Tools:
             if pending:
                 sent += 1
                 last = time.monotonic()
-                await report(sent, "".join(pending))
+                await report(sent, "".join(pending), None)
                 pending.clear()
 
         async def on_text(piece: str) -> None:
@@ -218,7 +302,25 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
         SubmitTaskArgs,
         "Queue a task for the task model. Returns the task (with its id) as soon as it is stored.",
     ),
-    "get_task": (TaskIdArgs, "One task: state, priority, result, transitions and tokens."),
+    "get_task": (
+        TaskIdArgs,
+        "One task: state, priority, result, transitions, tokens, live progress and its "
+        "subtasks (the same, recursively).",
+    ),
+    "watch_task": (
+        TaskIdArgs,
+        "Follow a task until it ends, then return it. With a progress token, each change "
+        "of state or progress (step i of n, tokens, elapsed, ETA) is a progress notification.",
+    ),
+    "list_checkpoints": (
+        CheckpointsArgs,
+        "A task's checkpoints, newest first: commit, time, step and message.",
+    ),
+    "restore_checkpoint": (
+        RestoreArgs,
+        "Rewind a paused or failed task to one of its checkpoints and queue it again; "
+        "finished steps in that checkpoint are not run again.",
+    ),
     "list_tasks": (ListTasksArgs, "Tasks, newest first, optionally filtered by state."),
     "cancel_task": (
         TaskIdArgs,
@@ -227,7 +329,7 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "pause_task": (
         TaskIdArgs,
         "Pause a queued, running or waiting task; a running model call is stopped and the "
-        "answer starts again on resume.",
+        "partial answer is checkpointed and continued on resume.",
     ),
     "resume_task": (TaskIdArgs, "Put a paused task back in the queue."),
     "set_priority": (
@@ -300,6 +402,9 @@ def build_server(
     status: StatusProvider,
     models: StatusProvider,
     chat: ChatService,
+    runner: Runner,
+    checkpoints: CheckpointStore,
+    progress: ProgressHub,
     *,
     list_limit: int,
     max_list_limit: int,
@@ -312,6 +417,9 @@ def build_server(
         status,
         models,
         chat,
+        runner,
+        checkpoints,
+        progress,
         max_list_limit=max_list_limit,
         list_limit=list_limit,
         stream_interval=stream_interval,
@@ -342,8 +450,8 @@ def build_server(
             raise MCPError(InvalidInput.code, _describe_validation(params.name, exc)) from None
         handler: Handler = getattr(tools, params.name)
 
-        async def report(progress: float, message: str) -> None:
-            await ctx.session.report_progress(progress, None, message)
+        async def report(progress: float, message: str, total: float | None) -> None:
+            await ctx.session.report_progress(progress, total, message)
 
         try:
             result = await handler(args, report)

@@ -87,7 +87,7 @@ class QueueSettings(BaseModel):
 
     model_config = _STRICT
 
-    workers: int = Field(default=2, ge=1, le=64)
+    workers: int = Field(default=2, ge=1, le=256)
     """Tasks run at the same time (the worker pool bound)."""
     default_priority: int = Field(default=50, ge=0, le=100)
     """Priority of a task submitted without one; higher runs first (0..100)."""
@@ -127,6 +127,9 @@ class RunnerSettings(BaseModel):
     """Sampling temperature of task calls."""
     call_timeout_seconds: float = Field(default=600.0, gt=0)
     """A task's model call that runs longer is cancelled and the task fails."""
+    stop_wait_seconds: float = Field(default=10.0, gt=0, le=600)
+    """Pause and cancel answer once the stopped call's partial answer is checkpointed,
+    or after this long."""
 
 
 class PlannerSettings(BaseModel):
@@ -142,8 +145,9 @@ class PlannerSettings(BaseModel):
     """Most subtasks a plan may have; longer plans are cut at this many."""
     plan_max_tokens: int = Field(default=256, ge=32, le=8192)
     """Most tokens the task model may spend writing a plan."""
-    plan_attempts: int = Field(default=2, ge=1, le=5)
-    """Times the model is asked for a plan before the runner builds one itself."""
+    plan_attempts: int = Field(default=2, ge=0, le=5)
+    """Times the model is asked for a plan before the runner builds one from the text
+    itself (0 never asks: saves tokens on a model too small to plan)."""
     context_chars: int = Field(default=1500, ge=100, le=100_000)
     """Most characters of dependency results passed to a subtask (context passing)."""
 
@@ -197,8 +201,8 @@ class CheckpointSettings(BaseModel):
     """How long a checkpoint keeps retrying while another writer holds the ref."""
     max_state_bytes: int = Field(default=4 * 2**20, ge=4096, le=2**30)
     """Largest serialized task state one checkpoint may hold."""
-    keep_finished: int = Field(default=3, ge=0, le=10_000)
-    """Checkpoints kept per finished task by compaction (0 keeps only the last)."""
+    keep_finished: int = Field(default=3, ge=1, le=10_000)
+    """Newest checkpoints kept per finished task by compaction (the last is its final state)."""
     compact_after_seconds: float = Field(default=3600.0, ge=0)
     """A finished task's checkpoints are compacted this long after it finished."""
     maintenance_interval_seconds: float = Field(default=600.0, gt=0)

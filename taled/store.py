@@ -28,13 +28,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from taled.errors import IllegalTransition, NotFound, TaleError, Unavailable
-from taled.lifecycle import TaskState, check_transition
+from taled.lifecycle import FINAL_STATES, TaskState, check_transition
 from taled.settings import StoreSettings
 
 __all__ = [
     "SCHEMA_VERSION",
     "CallRecord",
     "Store",
+    "SubtaskSpec",
     "TaskRecord",
     "Transition",
     "new_task_id",
@@ -59,6 +60,18 @@ tasks = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("model", sa.Text),
+    sa.Column("parent_id", sa.Text, sa.ForeignKey("tasks.id")),
+    sa.Column("step", sa.Text),
+    sa.Column("title", sa.Text),
+    sa.Column("criteria", sa.Text),
+    sa.Column("round", sa.Integer, nullable=False, server_default="0"),
+)
+
+task_deps = sa.Table(
+    "task_deps",
+    metadata,
+    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.Column("needs_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
 )
 
 transitions = sa.Table(
@@ -92,6 +105,7 @@ model_calls = sa.Table(
     sa.Column("route", sa.Text, nullable=False, server_default="role"),
     sa.Column("note", sa.Text),
     sa.Column("counts_exact", sa.Boolean, nullable=False, server_default="1"),
+    sa.Column("step", sa.Text),
 )
 
 _V1 = [
@@ -147,8 +161,27 @@ _V2 = [
     "ALTER TABLE model_calls ADD COLUMN counts_exact BOOLEAN NOT NULL DEFAULT 1",
 ]
 
+# Version 3 (long-running tasks): subtasks of a planned task (parent, plan step,
+# title, the plan round they belong to) with their dependencies, done criteria
+# as a JSON list, and the plan step of each ledger row.
+_V3 = [
+    "ALTER TABLE tasks ADD COLUMN parent_id TEXT REFERENCES tasks(id)",
+    "ALTER TABLE tasks ADD COLUMN step TEXT",
+    "ALTER TABLE tasks ADD COLUMN title TEXT",
+    "ALTER TABLE tasks ADD COLUMN criteria TEXT",
+    "ALTER TABLE tasks ADD COLUMN round INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX tasks_by_parent ON tasks (parent_id)",
+    """CREATE TABLE task_deps (
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        needs_id TEXT NOT NULL REFERENCES tasks(id),
+        PRIMARY KEY (task_id, needs_id)
+    )""",
+    "ALTER TABLE model_calls ADD COLUMN step TEXT",
+    "CREATE INDEX model_calls_by_task_step ON model_calls (task_id, step)",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -185,6 +218,17 @@ class TaskRecord:
     completion_tokens: int = 0
     model: str | None = None
     """A per-task model override (``backend:model``); None runs on the routed role."""
+    parent_id: str | None = None
+    """The planned task this is a subtask of."""
+    step: str | None = None
+    """A subtask's step id in its parent's plan (``s1``, ``s2``...)."""
+    title: str | None = None
+    criteria: tuple[str, ...] = ()
+    """Done criteria the result must pass (see taled.gates)."""
+    round: int = 0
+    """Which plan round of its parent a subtask belongs to (a restore starts a new one)."""
+    needs: tuple[str, ...] = ()
+    """Ids of the sibling subtasks this one waits for."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +251,10 @@ class CallRecord:
     """How the model was chosen: 'role', 'override' or 'fallback'."""
     note: str | None = None
     counts_exact: bool = True
+    step: str | None = None
+    """The task's step this call served (``answer``, ``plan``, ``s2``...)."""
     at: float = field(default_factory=time.time)
+    """When the call ended (it started ``total_ms`` earlier)."""
 
 
 @dataclass
@@ -230,7 +277,23 @@ def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
         created_at=row.created_at,
         updated_at=row.updated_at,
         model=row.model,
+        parent_id=row.parent_id,
+        step=row.step,
+        title=row.title,
+        criteria=tuple(json.loads(row.criteria)) if row.criteria else (),
+        round=row.round,
     )
+
+
+@dataclass(frozen=True)
+class SubtaskSpec:
+    """One subtask to create from a plan step."""
+
+    step: str
+    title: str
+    text: str
+    needs: tuple[str, ...]
+    """Step ids (of the same plan) this one waits for."""
 
 
 class Store:
@@ -400,7 +463,9 @@ class Store:
                 op.future.set_result(value)
 
     @staticmethod
-    async def _insert_submits(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    async def _insert_submits(
+        conn: AsyncConnection, rows: Sequence[dict[str, Any]], reason: str = "submitted"
+    ) -> None:
         await conn.execute(tasks.insert(), list(rows))
         await conn.execute(
             transitions.insert(),
@@ -410,7 +475,7 @@ class Store:
                     "from_state": None,
                     "to_state": TaskState.QUEUED.value,
                     "at": r["created_at"],
-                    "reason": "submitted",
+                    "reason": reason,
                 }
                 for r in rows
             ],
@@ -418,7 +483,13 @@ class Store:
 
     # -- tasks -------------------------------------------------------------
 
-    async def submit(self, text: str, priority: int, model: str | None = None) -> TaskRecord:
+    async def submit(
+        self,
+        text: str,
+        priority: int,
+        model: str | None = None,
+        criteria: Sequence[str] = (),
+    ) -> TaskRecord:
         """Persist a new queued task; returns once it is committed to disk."""
         now = time.time()
         task_id = new_task_id()
@@ -431,6 +502,7 @@ class Store:
             "created_at": now,
             "updated_at": now,
             "model": model,
+            "criteria": json.dumps(list(criteria)) if criteria else None,
         }
         loop = asyncio.get_running_loop()
         await self._enqueue(_WriteOp(future=loop.create_future(), submit=row))
@@ -446,6 +518,7 @@ class Store:
             updated_at=now,
             transitions=(Transition(None, TaskState.QUEUED.value, now, "submitted"),),
             model=model,
+            criteria=tuple(criteria),
         )
 
     async def transition(
@@ -455,6 +528,7 @@ class Store:
         reason: str,
         *,
         expect: TaskState | None = None,
+        restoring: bool = False,
         **fields: Any,
     ) -> TaskState:
         """Move a task to ``target`` (checked by the state machine); returns the old state.
@@ -469,7 +543,7 @@ class Store:
                 raise IllegalTransition(
                     f"task {task_id} is {current}, no longer {expect}; it was not moved to {target}"
                 )
-            check_transition(task_id, current, target)
+            check_transition(task_id, current, target, restoring=restoring)
             await _move(conn, task_id, current, target, reason, **fields)
             return current
 
@@ -492,14 +566,7 @@ class Store:
         """Move the most urgent queued task to running and return it, or None."""
 
         async def apply(conn: AsyncConnection) -> TaskRecord | None:
-            row = (
-                await conn.execute(
-                    sa.select(tasks)
-                    .where(tasks.c.state == TaskState.QUEUED.value)
-                    .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
-                    .limit(1)
-                )
-            ).first()
+            row = (await conn.execute(_NEXT_READY)).first()
             if row is None:
                 return None
             await _move(
@@ -515,16 +582,14 @@ class Store:
         return await self.write(apply)
 
     async def requeue_running(self, reason: str) -> list[str]:
-        """Put every running or waiting task back in the queue (crash recovery)."""
+        """Put every running task back in the queue (crash recovery).
+
+        So are waiting ones, except a planned task whose subtasks are still
+        unfinished: it goes on waiting for them.
+        """
 
         async def apply(conn: AsyncConnection) -> list[str]:
-            rows = (
-                await conn.execute(
-                    sa.select(tasks.c.id, tasks.c.state).where(
-                        tasks.c.state.in_([TaskState.RUNNING.value, TaskState.WAITING.value])
-                    )
-                )
-            ).all()
+            rows = (await conn.execute(_INTERRUPTED)).all()
             moved = []
             for row in rows:
                 current = TaskState(row.state)
@@ -545,8 +610,185 @@ class Store:
             raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
         return _full_row_to_task(row)
 
+    async def add_subtasks(
+        self, parent: TaskRecord, plan_round: int, specs: Sequence[SubtaskSpec], reason: str
+    ) -> bool:
+        """Create a planned task's subtasks and move it to ``waiting``, in one transaction.
+
+        Steps that already have a live (or completed) subtask in this round are
+        not created again, so a parent resumed after a crash reuses them. If every
+        subtask has already finished, the parent stays running and False is
+        returned (nobody would wake it otherwise).
+        """
+
+        async def apply(conn: AsyncConnection) -> bool:
+            current = await _current_state(conn, parent.id)
+            if current != TaskState.RUNNING:
+                raise IllegalTransition(
+                    f"task {parent.id} is {current}, no longer running; its subtasks "
+                    "were not created"
+                )
+            existing = {
+                r.step: r.id
+                for r in (
+                    await conn.execute(
+                        sa.select(tasks.c.id, tasks.c.step).where(
+                            tasks.c.parent_id == parent.id,
+                            tasks.c.round == plan_round,
+                            tasks.c.state.notin_(
+                                [TaskState.CANCELLED.value, TaskState.FAILED.value]
+                            ),
+                        )
+                    )
+                ).all()
+            }
+            now = time.time()
+            ids = dict(existing)
+            rows: list[dict[str, Any]] = []
+            for spec in specs:
+                if spec.step in ids:
+                    continue
+                ids[spec.step] = new_task_id()
+                rows.append(
+                    {
+                        "id": ids[spec.step],
+                        "text": spec.text,
+                        "state": TaskState.QUEUED.value,
+                        "priority": parent.priority,
+                        "attempts": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                        "model": parent.model,
+                        "parent_id": parent.id,
+                        "step": spec.step,
+                        "title": spec.title,
+                        "criteria": None,
+                        "round": plan_round,
+                    }
+                )
+            if rows:
+                await self._insert_submits(conn, rows, reason=f"planned as a step of {parent.id}")
+                created = {r["step"] for r in rows}
+                deps = [
+                    {"task_id": ids[s.step], "needs_id": ids[n]}
+                    for s in specs
+                    if s.step in created
+                    for n in s.needs
+                    if n in ids
+                ]
+                if deps:
+                    await conn.execute(task_deps.insert(), deps)
+            await conn.execute(
+                tasks.update().where(tasks.c.id == parent.id).values(round=plan_round)
+            )
+            unfinished = (
+                await conn.execute(sa.select(_has_unfinished_children(sa.literal(parent.id))))
+            ).scalar_one()
+            if not unfinished:
+                return False
+            await _move(conn, parent.id, current, TaskState.WAITING, reason)
+            return True
+
+        return await self.write(apply)
+
+    async def children(self, parent_id: str, plan_round: int | None = None) -> list[TaskRecord]:
+        """A task's subtasks in plan order, each with the ids it needs."""
+        params: dict[str, Any] = {"parent_id": parent_id, "round": plan_round}
+        async with self._read() as conn:
+            rows = (await conn.execute(_CHILDREN, params)).all()
+        return [_full_row_to_task(r) for r in rows]
+
+    async def wake_parent(self, parent_id: str, reason: str) -> bool:
+        """Queue a waiting parent whose subtasks of its round all finished; True if moved."""
+
+        async def apply(conn: AsyncConnection) -> bool:
+            row = (
+                await conn.execute(
+                    sa.select(tasks.c.state).where(
+                        tasks.c.id == parent_id, ~_has_unfinished_children(tasks.c.id)
+                    )
+                )
+            ).first()
+            if row is None or row.state != TaskState.WAITING.value:
+                return False
+            await _move(conn, parent_id, TaskState.WAITING, TaskState.QUEUED, reason)
+            return True
+
+        return await self.write(apply)
+
+    async def move_descendants(
+        self, task_id: str, target: TaskState, sources: Sequence[TaskState], reason: str
+    ) -> list[TaskRecord]:
+        """Move every subtask below a task that is in one of ``sources`` to ``target``.
+
+        One transaction, so a worker cannot claim a subtask halfway through (a
+        cascade read first and moved later could miss one). Returns the subtasks
+        as they were before the move.
+        """
+
+        async def apply(conn: AsyncConnection) -> list[str]:
+            moved: list[str] = []
+            frontier = [task_id]
+            while frontier:
+                rows = (
+                    await conn.execute(
+                        sa.select(tasks.c.id, tasks.c.state).where(tasks.c.parent_id.in_(frontier))
+                    )
+                ).all()
+                for row in rows:
+                    current = TaskState(row.state)
+                    if current in sources:
+                        await _move(conn, row.id, current, target, reason)
+                        moved.append(row.id)
+                frontier = [r.id for r in rows]
+            return moved
+
+        before = {t.id: t for t in await self.descendants(task_id)}
+        moved = await self.write(apply)
+        return [before[m] for m in moved if m in before]
+
+    async def descendants(self, task_id: str) -> list[TaskRecord]:
+        """Every subtask below a task, parents before their children."""
+        out: list[TaskRecord] = []
+        frontier = [task_id]
+        while frontier:
+            found: list[TaskRecord] = []
+            for parent in frontier:
+                found.extend(await self.children(parent))
+            out.extend(found)
+            frontier = [t.id for t in found]
+        return out
+
+    async def ledger_for(self, task_ids: Sequence[str]) -> list[CallRecord]:
+        """Ledger rows of the given tasks, oldest first (waits for rows in flight)."""
+        await self._ledger_settled()
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(model_calls)
+                    .where(model_calls.c.task_id.in_(list(task_ids)))
+                    .order_by(model_calls.c.seq)
+                )
+            ).all()
+        names = set(CallRecord.__dataclass_fields__)
+        return [CallRecord(**{k: v for k, v in r._mapping.items() if k in names}) for r in rows]
+
+    async def finished_before(self, task_ids: Sequence[str], cutoff: float) -> list[str]:
+        """Those of ``task_ids`` that are completed, failed or cancelled since before ``cutoff``."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(tasks.c.id).where(
+                        tasks.c.id.in_(list(task_ids)),
+                        tasks.c.state.in_([s.value for s in FINAL_STATES]),
+                        tasks.c.updated_at < cutoff,
+                    )
+                )
+            ).all()
+        return [r.id for r in rows]
+
     async def list_tasks(self, state: TaskState | None, limit: int) -> list[TaskRecord]:
-        """Tasks newest first, optionally only those in ``state``."""
+        """Top-level tasks newest first, optionally only those in ``state``."""
         params: dict[str, Any] = {"limit": limit}
         query = _TASKS_NEWEST
         if state is not None:
@@ -677,11 +919,39 @@ def _full_tasks() -> sa.Select[Any]:
         .where(model_calls.c.task_id == tasks.c.id)
         .scalar_subquery()
     )
+    needs = (
+        sa.select(sa.func.json_group_array(task_deps.c.needs_id))
+        .where(task_deps.c.task_id == tasks.c.id)
+        .scalar_subquery()
+    )
     return sa.select(
         tasks,
         history.label("history"),
         prompt.label("prompt_total"),
         completion.label("completion_total"),
+        needs.label("needs"),
+    )
+
+
+def _has_unfinished_children(parent: Any) -> Any:
+    """EXISTS a subtask of ``parent``, in its parent's current round, not yet final."""
+    child = tasks.alias("child")
+    me = tasks.alias("me")
+    return sa.exists().where(
+        child.c.parent_id == parent,
+        me.c.id == parent,
+        child.c.round == me.c.round,
+        child.c.state.notin_([s.value for s in FINAL_STATES]),
+    )
+
+
+def _unmet_needs() -> Any:
+    """EXISTS a dependency of the outer task that has not completed."""
+    dep = tasks.alias("dep")
+    return sa.exists().where(
+        task_deps.c.task_id == tasks.c.id,
+        dep.c.id == task_deps.c.needs_id,
+        dep.c.state != TaskState.COMPLETED.value,
     )
 
 
@@ -690,8 +960,33 @@ def _full_tasks() -> sa.Select[Any]:
 _TASK_BY_ID = _full_tasks().where(tasks.c.id == sa.bindparam("task_id"))
 _TASKS_NEWEST = (
     _full_tasks()
+    .where(tasks.c.parent_id.is_(None))
     .order_by(tasks.c.created_at.desc(), tasks.c.id)
     .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+_CHILDREN = (
+    _full_tasks()
+    .where(
+        tasks.c.parent_id == sa.bindparam("parent_id"),
+        sa.or_(sa.bindparam("round").is_(None), tasks.c.round == sa.bindparam("round")),
+    )
+    .order_by(tasks.c.round, tasks.c.created_at, tasks.c.step, tasks.c.id)
+)
+# The most urgent queued task whose dependencies have all completed.
+_NEXT_READY = (
+    sa.select(tasks)
+    .where(tasks.c.state == TaskState.QUEUED.value, ~_unmet_needs())
+    .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
+    .limit(1)
+)
+_INTERRUPTED = sa.select(tasks.c.id, tasks.c.state).where(
+    sa.or_(
+        tasks.c.state == TaskState.RUNNING.value,
+        sa.and_(
+            tasks.c.state == TaskState.WAITING.value,
+            ~_has_unfinished_children(tasks.c.id),
+        ),
+    )
 )
 _TASKS_NEWEST_IN_STATE = _TASKS_NEWEST.where(tasks.c.state == sa.bindparam("state"))
 
@@ -704,6 +999,7 @@ def _full_row_to_task(row: sa.Row[Any]) -> TaskRecord:
         transitions=tuple(Transition(f, t, at, reason) for _seq, f, t, at, reason in history),
         prompt_tokens=int(row.prompt_total),
         completion_tokens=int(row.completion_total),
+        needs=tuple(json.loads(row.needs)) if row.needs else (),
     )
 
 

@@ -26,10 +26,15 @@ from tale_client.rpc import Connection, DaemonUnreachable
 READY_TIMEOUT = 60.0
 
 # Keep model calls short in tests: the answers' content is not what is tested.
+# A task is one step unless a test asks for planning and gates (tests of those
+# turn them on): a 48-token answer from the 135M model rarely passes a code gate,
+# and its retries would only slow the tests of everything else.
 TEST_SETTINGS = {
     "TALE_RUNNER__MAX_TOKENS": "48",
     "TALE_RUNNER__TEMPERATURE": "0",
     "TALE_DAEMON__SHUTDOWN_GRACE_SECONDS": "5",
+    "TALE_PLANNER__DECOMPOSE": "false",
+    "TALE_GATES__PYTHON_CODE": "false",
 }
 
 

@@ -53,7 +53,7 @@ def test_pausing_a_running_task_stops_its_model_call_and_resume_runs_it_again(
     time.sleep(0.3)
     paused = json.loads(one_worker.home.tale("pause", task_id, "--json").stdout)
     assert paused["state"] == "paused"
-    assert "starts again when resumed" in paused["transitions"][-1]["reason"]
+    assert "continued on resume" in paused["transitions"][-1]["reason"]
     # The worker is free at once: another task runs while this one is paused.
     other = one_worker.call("submit_task", text="Say yes", priority=100)["id"]
     assert one_worker.wait_for(other, timeout=60)["state"] == "completed"
