@@ -251,7 +251,7 @@ class Runner:
                 task.text,
                 plan,
                 ws.outputs,
-                self._planning.context_chars * 2,
+                self._planning.aggregate_chars,
                 self._settings.system_prompt,
             )
             ws.result = await self._produce(
@@ -369,7 +369,9 @@ class Runner:
         if plan is None:
             plan = planner.heuristic_plan(task.text, self._planning.max_steps)
         ws.plan, ws.phase = plan.to_json(), "subtasks"
-        ws.done_at["plan"] = time.time()
+        now = time.time()
+        for attempt in attempts:
+            ws.done_at.setdefault(attempt.key, now)
         notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""
         await self._save(ws, "plan", f"planned {len(plan.steps)} steps from {plan.source}{notes}")
         self._progress.update(task.id, steps=self._steps(ws, task), step=1)

@@ -150,6 +150,8 @@ class PlannerSettings(BaseModel):
     itself (0 never asks: saves tokens on a model too small to plan)."""
     context_chars: int = Field(default=1500, ge=100, le=100_000)
     """Most characters of dependency results passed to a subtask (context passing)."""
+    aggregate_chars: int = Field(default=3000, ge=100, le=200_000)
+    """Most characters of the steps' results given to the final aggregation."""
 
 
 class SandboxSettings(BaseModel):
