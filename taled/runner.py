@@ -334,38 +334,28 @@ class Runner:
                     token,
                 )
             except ModelError as exc:
-                attempts.append(
-                    Attempt(
-                        key,
-                        "plan",
-                        route.model,
-                        self._planning.plan_max_tokens,
-                        "",
-                        "error",
-                        False,
-                        exc.message,
-                    )
-                )
-                continue
-            try:
-                plan = planner.parse_plan(completion.text, self._planning.max_steps)
-                detail = ""
-            except planner.PlanError as exc:
-                detail = str(exc)
+                output, finish, detail, tokens = "", "error", exc.message, 0
+            else:
+                output, finish = completion.text, completion.finish_reason
+                tokens, detail = completion.completion_tokens, ""
+                try:
+                    plan = planner.parse_plan(output, self._planning.max_steps)
+                except planner.PlanError as exc:
+                    detail = str(exc)
             attempts.append(
                 Attempt(
                     key,
                     "plan",
                     route.model,
                     self._planning.plan_max_tokens,
-                    completion.text,
-                    completion.finish_reason,
+                    output,
+                    finish,
                     plan is not None,
                     detail,
-                    completion.completion_tokens,
+                    tokens,
                 )
             )
-            ws.tokens += completion.completion_tokens
+            ws.tokens += tokens
         if plan is None:
             plan = planner.heuristic_plan(task.text, self._planning.max_steps)
         ws.plan, ws.phase = plan.to_json(), "subtasks"
