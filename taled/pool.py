@@ -115,6 +115,7 @@ class _Request:
     model: str | None
     step: str | None = None
     on_piece: Callable[[str], None] | None = None
+    on_restart: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -488,12 +489,14 @@ class ModelPool:
         model: str | None = None,
         step: str | None = None,
         on_piece: Callable[[str], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings.
 
         Nobody has seen partial text, so a backend failing mid-answer restarts the
         call (once) on wherever the role now routes. ``on_piece`` sees each piece
-        as it arrives (for progress); ``step`` names the task's step in the ledger.
+        as it arrives (for progress), ``on_restart`` hears that the pieces seen so far
+        are void (the call starts over); ``step`` names the task's step in the ledger.
         A cancelled call returns what it had produced, with finish_reason 'cancelled'.
         """
         request = _Request(
@@ -507,6 +510,7 @@ class ModelPool:
             model,
             step,
             on_piece,
+            on_restart,
         )
         out = Completion.empty()
         async for piece in self._run(request, out, restartable=True):
@@ -541,6 +545,8 @@ class ModelPool:
                 log.warning("retrying the %s call after: %s", role, exc.message)
                 retried = True
                 _reset(out)
+                if request.on_restart is not None:
+                    request.on_restart()
             finally:
                 slot.in_use -= 1
                 slot.last_used = time.monotonic()

@@ -18,6 +18,7 @@ partial answer, which the resumed attempt continues.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -566,12 +567,21 @@ class Runner:
         ``waiting`` (with the reason in its history) rather than failed.
         """
 
-        def counted(_piece: str) -> None:
+        pieces: list[str] = []
+
+        def counted(piece: str) -> None:
+            pieces.append(piece)
             self._progress.update(task.id, add_tokens=1)
             if task.parent_id is not None:
                 self._progress.update(task.parent_id, add_tokens=1)
 
         while True:
+            pieces.clear()
+            answered = asyncio.Event()
+            saver = None
+            if partial_of is not None and self._settings.partial_checkpoint_seconds > 0:
+                saver = asyncio.create_task(self._save_partials(partial_of, pieces, answered))
+            completion: Completion | None = None
             try:
                 completion = await self._pool.complete(
                     route.role,
@@ -584,10 +594,17 @@ class Runner:
                     cancel=token,
                     step=key,
                     on_piece=counted,
+                    on_restart=pieces.clear,
                 )
             except RoleDown as exc:
                 down = exc.message
-            else:
+            finally:
+                # Let a save in progress land before anything else is checkpointed:
+                # a stale partial committed after the attempt would hide the attempt.
+                answered.set()
+                if saver is not None:
+                    await saver
+            if completion is not None:
                 if completion.finish_reason != "cancelled":
                     return completion
                 await self._stopped_mid_call(task, completion, partial_of)
@@ -604,6 +621,22 @@ class Runner:
             if token.cancelled:
                 await self._stopped_mid_call(task, None, partial_of)
                 raise _Stopped
+
+    async def _save_partials(
+        self, partial_of: tuple[WorkState, str, str], pieces: list[str], answered: asyncio.Event
+    ) -> None:
+        """Checkpoint the answer so far every ``partial_checkpoint_seconds`` until it ends."""
+        ws, key, earlier = partial_of
+        saved = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered.wait(), self._settings.partial_checkpoint_seconds)
+            if answered.is_set():
+                return
+            if len(pieces) > saved:
+                saved = len(pieces)
+                ws.partial = {"key": key, "text": earlier + "".join(pieces)}
+                await self._save(ws, "partial", f"{len(ws.partial['text'])} chars of {key} so far")
 
     async def _stopped_mid_call(
         self,

@@ -217,6 +217,9 @@ class _Tools:
             if progress is not None and task.state not in FINAL_STATES:
                 line = f"{task.state} · {progress.line()}"
                 step, total = float(progress.step), float(progress.steps)
+            elif task.state in FINAL_STATES:
+                took = task.updated_at - task.created_at
+                line, step, total = f"{task.state} after {took:.1f} s", 0.0, None
             else:
                 waited = time.time() - task.updated_at
                 line, step, total = f"{task.state} · {waited:.0f} s", 0.0, None

@@ -127,6 +127,9 @@ class RunnerSettings(BaseModel):
     """Sampling temperature of task calls."""
     call_timeout_seconds: float = Field(default=600.0, gt=0)
     """A task's model call that runs longer is cancelled and the task fails."""
+    partial_checkpoint_seconds: float = Field(default=30.0, ge=0)
+    """While an answer is being generated, checkpoint what it has so far this often, so a
+    crash loses at most this much of it (0: only on pause and shutdown)."""
     stop_wait_seconds: float = Field(default=10.0, gt=0, le=600)
     """Pause and cancel answer once the stopped call's partial answer is checkpointed,
     or after this long."""

@@ -356,3 +356,31 @@ def test_old_checkpoints_of_finished_tasks_are_compacted_and_the_repo_stays_vali
         state = json.loads(_git(d, "show", f"refs/tale/tasks/{task_id}:state.json"))
         assert state["result"] == final["result"]
         _git(d, "fsck", "--strict")
+
+
+def test_a_long_answer_is_checkpointed_as_it_grows_and_continued_after_kill_9() -> None:
+    """Partial answers are saved every partial_checkpoint_seconds; a crash keeps them."""
+    settings = {
+        "TALE_RUNNER__MAX_TOKENS": "300",
+        "TALE_RUNNER__PARTIAL_CHECKPOINT_SECONDS": "0.5",
+        "TALE_QUEUE__WORKERS": "1",
+    }
+    with running_daemon(settings) as d:
+        task_id = d.call("submit_task", text=LONG)["id"]
+        deadline = time.monotonic() + 60
+        partial = None
+        while partial is None and time.monotonic() < deadline:
+            listed = d.call("list_checkpoints", id=task_id)["checkpoints"]
+            if listed and listed[0]["step"] == "partial":
+                partial = listed[0]
+            time.sleep(0.1)
+        assert partial is not None, "no partial checkpoint while the answer grew"
+        d.kill9()
+        d.start()
+        saved = json.loads(_git(d, "show", "refs/tale/tasks/" + task_id + ":state.json"))
+        kept = saved["partial"]["text"]
+        assert kept and saved["partial"]["key"] == "answer"
+        task = d.wait_for(task_id, timeout=180)
+        assert task["state"] == "completed"
+        assert task["result"].startswith(kept)
+        assert "daemon restarted" in " ".join(t["reason"] for t in task["transitions"])
