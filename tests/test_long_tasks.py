@@ -384,3 +384,22 @@ def test_a_long_answer_is_checkpointed_as_it_grows_and_continued_after_kill_9() 
         assert task["state"] == "completed"
         assert task["result"].startswith(kept)
         assert "daemon restarted" in " ".join(t["reason"] for t in task["transitions"])
+
+
+def test_the_default_gate_runs_the_results_code_in_the_sandbox() -> None:
+    """With the default gate on, a result's code is run: `output:` passes only if it printed."""
+    with running_daemon({"TALE_GATES__PYTHON_CODE": "true"}) as d:
+        proc = d.home.tale(
+            "submit", "--wait", "--json", "--done", "output:Hello", "Write hello world in Python"
+        )
+        assert proc.returncode == 0, proc.stderr
+        task = json.loads(proc.stdout)
+        assert task["state"] == "completed" and "print" in task["result"]
+        state = json.loads(_git(d, "show", f"refs/tale/tasks/{task['id']}:state.json"))
+        assert [a["passed"] for a in state["attempts"]["answer"]] == [True]
+        # The same code does not print "Goodbye": the gate fails it, attempt after attempt.
+        proc = d.home.tale(
+            "submit", "--wait", "--json", "--done", "output:Goodbye", "Write hello world in Python"
+        )
+        assert proc.returncode == 1
+        assert "Goodbye" in json.loads(proc.stdout)["error"]
