@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from taled.checkpoints import Checkpoint, CheckpointStore
 from taled.errors import DaemonError, InvalidInput, NotFound, Unavailable
+from tests import strategies
 
 T = TypeVar("T")
 
@@ -497,17 +498,7 @@ def test_keep_below_one_is_invalid_input(tmp_path: Path) -> None:
     assert with_store(tmp_path / "cp", run) == 1
 
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5)
-    ),
-    max_leaves=30,
-)
+json_values = strategies.json_values()
 
 
 def test_any_json_object_round_trips_exactly(tmp_path: Path) -> None:

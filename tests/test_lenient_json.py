@@ -17,6 +17,7 @@ from taled.lenient_json import (
     extract_json,
     json_candidates,
 )
+from tests import strategies
 
 
 def repairs(text: str) -> frozenset[str]:
@@ -136,17 +137,7 @@ def test_deep_strict_json_is_still_read() -> None:
 # Any input
 # ---------------------------------------------------------------------------
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
-    ),
-    max_leaves=20,
-)
+json_values = strategies.json_values(max_key_size=8, max_leaves=20)
 # JSON text has an object or an array at the top (extract_json finds nothing else).
 documents = st.lists(json_values, max_size=5) | st.dictionaries(
     st.text(max_size=8), json_values, max_size=5
