@@ -68,22 +68,17 @@ class ProgressHub:
         self._version = 0
         self._changed = asyncio.Event()
 
-    @property
-    def version(self) -> int:
-        """Bumped on every change (of any task)."""
-        return self._version
-
     def get(self, task_id: str) -> Progress | None:
         """The task's latest progress, if it has run in this daemon's life."""
         return self._latest.get(task_id)
 
-    def start(self, task_id: str, steps: int, doing: str) -> Progress:
-        """Begin (or carry on) reporting a task's progress."""
+    def start(self, task_id: str, steps: int, doing: str, step: int, tokens: int) -> Progress:
+        """Begin (or carry on, keeping its start time) reporting a task's progress."""
         now = time.time()
         old = self._latest.get(task_id)
         started = old.started_at if old is not None else now
-        tokens = old.tokens if old is not None else 0
-        return self._put(Progress(task_id, 0, max(steps, 1), doing, tokens, started, now))
+        eta = estimate_eta(started, now, step, steps)
+        return self._put(Progress(task_id, step, max(steps, 1), doing, tokens, started, now, eta))
 
     def update(
         self,

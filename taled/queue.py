@@ -113,14 +113,18 @@ class TaskQueue:
             await self._wake.wait()
         return None
 
-    async def cancel(self, task_id: str, reason: str = "cancelled by the user") -> TaskRecord:
+    async def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a task that has not finished, and its subtasks; running calls are stopped."""
         current = await self._store.get_task(task_id)
         if current.state in FINAL_STATES:
             raise IllegalTransition(f"task {task_id} is already {current.state}; nothing to cancel")
-        await self._store.transition(task_id, TaskState.CANCELLED, reason)
-        await self._cascade(task_id, TaskState.CANCELLED, _LIVE, "its parent was cancelled")
+        await self._store.transition(task_id, TaskState.CANCELLED, "cancelled by the user")
+        await self.cancel_subtasks(task_id, "its parent was cancelled")
         return await self._stopped(task_id)
+
+    async def cancel_subtasks(self, task_id: str, reason: str) -> None:
+        """Cancel every unfinished subtask below a task; running calls are stopped."""
+        await self._cascade(task_id, TaskState.CANCELLED, _LIVE, reason)
 
     async def pause(self, task_id: str) -> TaskRecord:
         """Pause a queued, running or waiting task; a running model call is stopped.
@@ -167,9 +171,6 @@ class TaskQueue:
                 f"task {task_id} is already {current.state}; its priority no longer matters"
             )
         await self._store.set_priority(task_id, priority)
-        for child in await self._store.descendants(task_id):
-            if child.state not in FINAL_STATES:
-                await self._store.set_priority(child.id, priority)
         return await self._store.get_task(task_id)
 
     async def _cascade(

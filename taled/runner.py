@@ -202,8 +202,9 @@ class Runner:
                 latest.step,
                 ws.phase,
             )
-        self._progress.start(task.id, self._steps(ws, task), self._doing(ws, task))
-        self._progress.update(task.id, step=self._steps_done(ws), tokens=ws.tokens)
+        self._progress.start(
+            task.id, self._steps(ws, task), self._doing(ws, task), self._steps_done(ws), ws.tokens
+        )
         try:
             if task.parent_id is not None:
                 await self._run_subtask(task, ws, token)
@@ -442,9 +443,7 @@ class Runner:
             bad = failed[0]
             why = f"subtask {bad.step} ({bad.title}) {bad.state.value}: {bad.error or 'no reason'}"
             if await self._finish(parent_id, TaskState.FAILED, why, TaskState.WAITING, error=why):
-                for child in children:
-                    if child.state not in FINAL_STATES:
-                        await self._queue.cancel(child.id, reason=f"its parent failed: {why}")
+                await self._queue.cancel_subtasks(parent_id, f"its parent failed: {why}")
             return
         if await self._store.wake_parent(parent_id, "all subtasks done; queued to aggregate"):
             self._queue.wake()
@@ -760,13 +759,9 @@ class Runner:
         current = WorkState.from_json(await self._checkpoints.load(task_id))
         ws = WorkState.from_json(await self._checkpoints.load(task_id, target.commit))
         ws.round = current.round + 1
-        for child in await self._store.descendants(task_id):
-            if child.state not in FINAL_STATES:
-                await self._store.transition(
-                    child.id,
-                    TaskState.CANCELLED,
-                    f"superseded: its parent was restored to {target.commit[:12]}",
-                )
+        await self._queue.cancel_subtasks(
+            task_id, f"superseded: its parent was restored to {target.commit[:12]}"
+        )
         saved = await self._save(
             ws, "restore", f"restored to {target.commit[:12]} ({target.step}: {target.message})"
         )

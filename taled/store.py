@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_FINAL = frozenset(s.value for s in FINAL_STATES)
+
 metadata = sa.MetaData()
 
 tasks = sa.Table(
@@ -550,13 +552,14 @@ class Store:
         return await self.write(apply)
 
     async def set_priority(self, task_id: str, priority: int) -> None:
-        """Change a task's priority (its place in the queue); NotFound if unknown."""
+        """Change the priority of a task and its unfinished subtasks; NotFound if unknown."""
 
         async def apply(conn: AsyncConnection) -> None:
             await _current_state(conn, task_id)
+            below = [r.id for r in await _subtree(conn, task_id) if r.state not in _FINAL]
             await conn.execute(
                 tasks.update()
-                .where(tasks.c.id == task_id)
+                .where(tasks.c.id.in_([task_id, *below]))
                 .values(priority=priority, updated_at=time.time())
             )
 
@@ -726,52 +729,13 @@ class Store:
         as they were before the move.
         """
 
-        async def apply(conn: AsyncConnection) -> list[str]:
-            moved: list[str] = []
-            frontier = [task_id]
-            while frontier:
-                rows = (
-                    await conn.execute(
-                        sa.select(tasks.c.id, tasks.c.state).where(tasks.c.parent_id.in_(frontier))
-                    )
-                ).all()
-                for row in rows:
-                    current = TaskState(row.state)
-                    if current in sources:
-                        await _move(conn, row.id, current, target, reason)
-                        moved.append(row.id)
-                frontier = [r.id for r in rows]
-            return moved
+        async def apply(conn: AsyncConnection) -> list[TaskRecord]:
+            moved = [r for r in await _subtree(conn, task_id) if TaskState(r.state) in sources]
+            for row in moved:
+                await _move(conn, row.id, TaskState(row.state), target, reason)
+            return [_row_to_task(r) for r in moved]
 
-        before = {t.id: t for t in await self.descendants(task_id)}
-        moved = await self.write(apply)
-        return [before[m] for m in moved if m in before]
-
-    async def descendants(self, task_id: str) -> list[TaskRecord]:
-        """Every subtask below a task, parents before their children."""
-        out: list[TaskRecord] = []
-        frontier = [task_id]
-        while frontier:
-            found: list[TaskRecord] = []
-            for parent in frontier:
-                found.extend(await self.children(parent))
-            out.extend(found)
-            frontier = [t.id for t in found]
-        return out
-
-    async def ledger_for(self, task_ids: Sequence[str]) -> list[CallRecord]:
-        """Ledger rows of the given tasks, oldest first (waits for rows in flight)."""
-        await self._ledger_settled()
-        async with self._read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(model_calls)
-                    .where(model_calls.c.task_id.in_(list(task_ids)))
-                    .order_by(model_calls.c.seq)
-                )
-            ).all()
-        names = set(CallRecord.__dataclass_fields__)
-        return [CallRecord(**{k: v for k, v in r._mapping.items() if k in names}) for r in rows]
+        return await self.write(apply)
 
     async def finished_before(self, task_ids: Sequence[str], cutoff: float) -> list[str]:
         """Those of ``task_ids`` that are completed, failed or cancelled since before ``cutoff``."""
@@ -780,7 +744,7 @@ class Store:
                 await conn.execute(
                     sa.select(tasks.c.id).where(
                         tasks.c.id.in_(list(task_ids)),
-                        tasks.c.state.in_([s.value for s in FINAL_STATES]),
+                        tasks.c.state.in_(_FINAL),
                         tasks.c.updated_at < cutoff,
                     )
                 )
@@ -941,7 +905,7 @@ def _has_unfinished_children(parent: Any) -> Any:
         child.c.parent_id == parent,
         me.c.id == parent,
         child.c.round == me.c.round,
-        child.c.state.notin_([s.value for s in FINAL_STATES]),
+        child.c.state.notin_(_FINAL),
     )
 
 
@@ -1012,6 +976,17 @@ def _totals(row: Any) -> dict[str, Any]:
         "failures": int(row.failures),
         "total_ms": round(float(row.total_ms), 1),
     }
+
+
+async def _subtree(conn: AsyncConnection, task_id: str) -> list[sa.Row[Any]]:
+    """Every subtask below a task (all columns), parents before their children."""
+    out: list[sa.Row[Any]] = []
+    frontier = [task_id]
+    while frontier:
+        rows = (await conn.execute(sa.select(tasks).where(tasks.c.parent_id.in_(frontier)))).all()
+        out.extend(rows)
+        frontier = [r.id for r in rows]
+    return out
 
 
 async def _current_state(conn: AsyncConnection, task_id: str) -> TaskState:

@@ -321,11 +321,18 @@ def test_pausing_a_planned_task_pauses_its_subtasks_and_resume_finishes_it(
     assert all(steps.count(s) == 1 for s in done_before), steps
 
 
-def test_cancelling_a_planned_task_cancels_every_subtask(planner_daemon: Daemon) -> None:
-    """Cancel reaches the whole tree: no subtask is left to run."""
+def test_priority_and_cancel_of_a_planned_task_reach_every_subtask(
+    planner_daemon: Daemon,
+) -> None:
+    """Priority and cancel reach the whole tree: no subtask is left to run."""
     d = planner_daemon
     task_id = d.call("submit_task", text=PARALLEL)["id"]
     d.wait_for(task_id, ("waiting",), timeout=60)
+    # A new priority reaches the unfinished subtasks too.
+    raised = d.call("set_priority", id=task_id, priority=90)
+    assert raised["priority"] == 90
+    tree = d.call("get_task", id=task_id)
+    assert {s["priority"] for s in tree["subtasks"] if s["state"] != "completed"} == {90}
     assert d.home.tale("cancel", task_id).returncode == 0
     tree = d.call("get_task", id=task_id)
     assert tree["state"] == "cancelled"
