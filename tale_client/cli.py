@@ -501,16 +501,35 @@ def usage(json_out: JsonOpt = False) -> None:
 @handle_errors
 def ask(
     text: Annotated[str, typer.Argument(help="What you say (1..4,000 characters).")],
+    conversation: Annotated[
+        str | None,
+        typer.Option(
+            "--conversation",
+            "-c",
+            help="Continue this conversation (an id from `tale ask --json` or the TUI's "
+            "history); default: the most recent one.",
+        ),
+    ] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a new conversation.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """One chat turn with the UX model; the reply streams to stdout."""
+    """One chat turn with tale's agent; the reply streams to stdout.
+
+    A request for work is queued as a task (the reply names its id); questions
+    like "how is my task doing?" are answered from the task store.
+    """
     if not text.strip():
         raise CliError("chat message is empty; say something", Exit.USAGE)
+    if conversation is not None and new:
+        raise CliError("give --conversation or --new, not both", Exit.USAGE)
+    args: dict[str, Any] = {"text": text, "new": new}
+    if conversation is not None:
+        args["conversation"] = conversation
     with _connect() as conn:
         if json_out:
-            emit_json(conn.call_tool("chat", {"text": text}))
+            emit_json(conn.call_tool("chat", args))
             return
-        reply = conn.call_tool("chat", {"text": text}, on_progress=emit_piece)
+        reply = conn.call_tool("chat", args, on_progress=emit_piece)
     if not reply["text"].endswith("\n"):
         emit("")  # end the streamed line
 

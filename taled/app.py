@@ -31,6 +31,7 @@ from taled import __version__, paths
 from taled.chat import ChatService
 from taled.checkpoints import CheckpointStore
 from taled.errors import TaleError
+from taled.metrics import Metrics
 from taled.pool import ModelPool
 from taled.progress import ProgressHub
 from taled.queue import TaskQueue
@@ -101,7 +102,15 @@ class App:
             max_frame_bytes=settings.server.max_frame_bytes,
             max_connections=settings.server.max_connections,
         )
-        self.chat = ChatService(self.pool, settings.chat, self.router)
+        self.chat = ChatService(
+            self.pool, settings.chat, self.router, self.store, self.queue, self.progress
+        )
+        self.metrics = Metrics(
+            self.store,
+            settings.metrics,
+            workers=settings.queue.workers,
+            ready_seconds=lambda: self.ready_seconds,
+        )
         self.server = build_server(
             self.store,
             self.queue,
@@ -111,8 +120,10 @@ class App:
             self.runner,
             self.checkpoints,
             self.progress,
+            self.metrics,
             list_limit=settings.queue.list_limit,
             max_list_limit=settings.queue.max_list_limit,
+            conversation_limit=settings.chat.list_limit,
             stream_interval=settings.chat.stream_interval_ms / 1000,
         )
         self._init_options = self.server.create_initialization_options()

@@ -116,6 +116,8 @@ class _Request:
     step: str | None = None
     on_piece: Callable[[str], None] | None = None
     on_restart: Callable[[], None] | None = None
+    conversation_id: str | None = None
+    saved_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -456,12 +458,16 @@ class ModelPool:
         cancel: CancelToken | None = None,
         result: Completion | None = None,
         model: str | None = None,
+        conversation_id: str | None = None,
+        saved_tokens: int = 0,
     ) -> AsyncIterator[str]:
         """Stream one call's text; it lands in the ledger however it ends.
 
         If the backend fails before any text reached the caller, the call runs
         once more wherever the role now routes (the fallback, or the reloaded
         model). Once text has been delivered, the failure is raised.
+        ``saved_tokens`` (prompt tokens a conversation summary kept out) is
+        recorded with the call.
         """
         request = _Request(
             role,
@@ -472,6 +478,8 @@ class ModelPool:
             task_id,
             cancel or CancelToken(),
             model,
+            conversation_id=conversation_id,
+            saved_tokens=saved_tokens,
         )
         out = result if result is not None else Completion.empty()
         return self._run(request, out, restartable=False)
@@ -490,6 +498,7 @@ class ModelPool:
         step: str | None = None,
         on_piece: Callable[[str], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        conversation_id: str | None = None,
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings.
 
@@ -511,6 +520,7 @@ class ModelPool:
             step,
             on_piece,
             on_restart,
+            conversation_id,
         )
         out = Completion.empty()
         async for piece in self._run(request, out, restartable=True):
@@ -635,6 +645,8 @@ class ModelPool:
                     note=note,
                     counts_exact=out.counts_exact,
                     step=request.step,
+                    conversation_id=request.conversation_id,
+                    saved_tokens=request.saved_tokens,
                 )
             )
 

@@ -22,10 +22,13 @@ from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taled import __version__
-from taled.chat import ChatService
+from taled.chat import ChatService, Turn
 from taled.checkpoints import Checkpoint, CheckpointStore
+from taled.conversations import Conversation, Message
 from taled.errors import InvalidInput, TaleError
+from taled.intent import Intent
 from taled.lifecycle import FINAL_STATES, TaskState
+from taled.metrics import Metrics
 from taled.progress import Progress, ProgressHub
 from taled.queue import TaskQueue
 from taled.runner import Runner
@@ -109,10 +112,41 @@ class NoArgs(_Args):
     """No arguments."""
 
 
+CONVERSATION_ID = Field(
+    default=None,
+    pattern=TASK_ID_PATTERN,
+    description="A conversation id (12 lowercase hex digits); default: the most recent one.",
+)
+
+
 class ChatArgs(_Args):
-    """One chat message for the UX model."""
+    """One chat message for the UX agent."""
 
     text: str = Field(min_length=1, description="What you say: 1..4,000 characters once trimmed.")
+    conversation: str | None = CONVERSATION_ID
+    new: bool = Field(default=False, description="Start a new conversation with this message.")
+
+
+class DetectIntentArgs(_Args):
+    """A message whose intent to read, without acting on it."""
+
+    text: str = Field(min_length=1, description="A chat message: 1..4,000 characters once trimmed.")
+
+
+class ConversationArgs(_Args):
+    """Arguments naming one conversation."""
+
+    id: str = Field(
+        pattern=TASK_ID_PATTERN, description="A conversation id: 12 lowercase hex digits."
+    )
+
+
+class ListConversationsArgs(_Args):
+    """How many conversations to list."""
+
+    limit: int | None = Field(
+        default=None, ge=1, le=10_000, description="Most conversations, most recent first."
+    )
 
 
 def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str, Any]:
@@ -154,6 +188,57 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _intent_json(intent: Intent) -> dict[str, Any]:
+    return {
+        "kind": intent.kind,
+        "confidence": intent.confidence,
+        "probabilities": intent.probabilities,
+        "action": intent.action,
+        "signals": list(intent.features),
+        "model_vote": intent.model_vote,
+    }
+
+
+def _conversation_json(c: Conversation) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "title": c.title,
+        "created_at": _iso(c.created_at),
+        "updated_at": _iso(c.updated_at),
+        "messages": c.messages,
+    }
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    return {
+        "seq": m.seq,
+        "role": m.role,
+        "text": m.text,
+        "at": _iso(m.at),
+        "task": m.task_id,
+        "intent": m.intent,
+        "confidence": m.confidence,
+        "action": m.action,
+    }
+
+
+def _turn_json(turn: Turn) -> dict[str, Any]:
+    done = turn.completion
+    return {
+        "text": turn.text,
+        "conversation": turn.conversation,
+        "intent": _intent_json(turn.intent),
+        "task": None
+        if turn.task is None
+        else {"id": turn.task.id, "state": turn.task.state.value, "text": turn.task.text},
+        "handed_off": turn.handed_off,
+        "updates": turn.updates,
+        "summarised": turn.summarised,
+        "finish_reason": done.finish_reason,
+        "tokens": _tokens(done.prompt_tokens, done.completion_tokens),
+    }
+
+
 # Streams text to the caller as MCP progress notifications (a no-op when the
 # caller sent no progress token).
 Report = Callable[[float, str, float | None], Awaitable[None]]
@@ -174,11 +259,15 @@ class _Tools:
         runner: Runner,
         checkpoints: CheckpointStore,
         progress: ProgressHub,
+        metrics: Metrics,
         max_list_limit: int,
         list_limit: int,
+        conversation_limit: int,
         stream_interval: float,
     ) -> None:
         self.runner = runner
+        self.metrics_service = metrics
+        self.conversation_limit = conversation_limit
         self.checkpoints = checkpoints
         self.progress = progress
         self.store = store
@@ -290,13 +379,35 @@ class _Tools:
             if time.monotonic() - last >= interval:
                 await flush()
 
-        reply = await self.chat_service.reply(args.text, on_text)
+        turn = await self.chat_service.turn(
+            args.text, on_text, conversation=args.conversation, new=args.new
+        )
         await flush()
+        return _turn_json(turn)
+
+    async def detect_intent(self, args: DetectIntentArgs, _report: Report) -> dict[str, Any]:
+        return _intent_json(await self.chat_service.detect(self.chat_service.validate(args.text)))
+
+    async def list_conversations(
+        self, args: ListConversationsArgs, _report: Report
+    ) -> dict[str, Any]:
+        found = await self.chat_service.conversations.recent(args.limit or self.conversation_limit)
+        return {"conversations": [_conversation_json(c) for c in found]}
+
+    async def get_conversation(self, args: ConversationArgs, _report: Report) -> dict[str, Any]:
+        conversations = self.chat_service.conversations
+        conv = await conversations.get(args.id)
+        messages = await conversations.messages(conv.id)
         return {
-            "text": reply.text,
-            "finish_reason": reply.finish_reason,
-            "tokens": _tokens(reply.prompt_tokens, reply.completion_tokens),
+            **_conversation_json(conv),
+            "summary": conv.summary,
+            "summary_upto": conv.summary_upto,
+            "pending": None if conv.pending is None else conv.pending.text,
+            "messages": [_message_json(m) for m in messages],
         }
+
+    async def metrics(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+        return await self.metrics_service.snapshot()
 
 
 # name -> (argument model, description)
@@ -342,8 +453,30 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "usage": (NoArgs, "The token ledger: totals overall, by model and by role."),
     "chat": (
         ChatArgs,
-        "One chat turn on the UX model. With a progress token, the reply streams as "
+        "One turn of a conversation with the UX agent (the most recent conversation unless "
+        "one is named or new is true). A request for work is queued as a task and the reply "
+        "names it; a vague one gets a clarifying question; questions about your tasks are "
+        "answered from the store. With a progress token, the reply streams as "
         "notifications/progress whose message is the next piece of text.",
+    ),
+    "detect_intent": (
+        DetectIntentArgs,
+        "How the agent would read a message (chat, task or unclear, with confidence, the "
+        "signals that fired and the UX model's vote), without acting on it.",
+    ),
+    "list_conversations": (
+        ListConversationsArgs,
+        "Conversations, most recently active first: id, title, times, message count.",
+    ),
+    "get_conversation": (
+        ConversationArgs,
+        "One conversation: its messages (with the task each handed off), and the summary "
+        "its older part was folded into.",
+    ),
+    "metrics": (
+        NoArgs,
+        "Live metrics: tokens per minute per model, latencies against the spec's targets, "
+        "queue depth and recent target violations with their context.",
     ),
     "models_status": (
         NoArgs,
@@ -408,9 +541,11 @@ def build_server(
     runner: Runner,
     checkpoints: CheckpointStore,
     progress: ProgressHub,
+    metrics: Metrics,
     *,
     list_limit: int,
     max_list_limit: int,
+    conversation_limit: int,
     stream_interval: float,
 ) -> Server[Any]:
     """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
@@ -423,8 +558,10 @@ def build_server(
         runner,
         checkpoints,
         progress,
+        metrics,
         max_list_limit=max_list_limit,
         list_limit=list_limit,
+        conversation_limit=conversation_limit,
         stream_interval=stream_interval,
     )
     listed = [
@@ -456,10 +593,13 @@ def build_server(
         async def report(progress: float, message: str, total: float | None) -> None:
             await ctx.session.report_progress(progress, total, message)
 
+        started = time.perf_counter()
         try:
             result = await handler(args, report)
         except TaleError as exc:
             raise MCPError(exc.code, exc.message) from None
+        finally:
+            metrics.time_tool(params.name, time.perf_counter() - started)
         return types.CallToolResult(
             content=[types.TextContent(text=json.dumps(result))],
             structured_content=result,

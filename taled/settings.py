@@ -254,6 +254,29 @@ class ChatSettings(BaseModel):
     """Longest chat message accepted, after stripping whitespace."""
     stream_interval_ms: int = Field(default=40, ge=0, le=10_000)
     """Streamed text is sent at most this often (the first piece at once); 0 sends every token."""
+    handoff_min_confidence: float = Field(default=0.6, ge=0, le=1)
+    """A message read as a task is queued at once when this sure; below, the agent asks first."""
+    intent_consult_margin: float = Field(default=0.35, ge=0, le=1)
+    """The UX model is asked for its judgement when the two likeliest intents are this close."""
+    intent_model_weight: float = Field(default=1.0, ge=0, le=10)
+    """How much the UX model's judgement weighs against the text signals (one signal is 1-4)."""
+    intent_judge_tokens: int = Field(default=3, ge=1, le=64)
+    """Most tokens of the UX model's one-word intent judgement."""
+    context_tokens: int = Field(default=600, ge=64, le=1_000_000)
+    """History sent with a turn; above it, older messages are folded into the summary.
+    Keep it below the UX model's context (models.llamacpp.n_ctx) minus max_tokens."""
+    keep_recent_messages: int = Field(default=6, ge=1, le=1000)
+    """Newest messages always sent verbatim, never folded into the summary."""
+    summary_max_tokens: int = Field(default=160, ge=16, le=8192)
+    """Most tokens of a conversation summary."""
+    chars_per_token: float = Field(default=4.0, gt=0, le=20)
+    """First guess of characters per token for budgeting; refined from the ledger's counts."""
+    title_chars: int = Field(default=60, ge=8, le=1000)
+    """A conversation's title is its first message, cut to this many characters."""
+    result_chars: int = Field(default=3000, ge=100, le=1_000_000)
+    """Most characters of a task's result quoted in a chat reply."""
+    list_limit: int = Field(default=20, ge=1, le=10_000)
+    """Conversations listed when no limit is asked for."""
 
 
 class OllamaSettings(BaseModel):
@@ -400,6 +423,27 @@ def parse_model_spec(spec: str) -> BackendSpec:
     raise ValueError(f"unknown backend {backend!r} in {spec!r}; backends: {', '.join(BACKENDS)}")
 
 
+class MetricsSettings(BaseModel):
+    """The live metrics (the ``metrics`` tool, the dashboard) and the spec's targets."""
+
+    model_config = _STRICT
+
+    window_minutes: int = Field(default=30, ge=1, le=10_080)
+    """How far back the metrics look."""
+    samples: int = Field(default=2000, ge=10, le=1_000_000)
+    """Tool-call timings kept per tool for the latency percentiles."""
+    violations: int = Field(default=100, ge=1, le=100_000)
+    """Most recent target violations listed."""
+    ux_first_token_ms: float = Field(default=250.0, gt=0)
+    """Target: the UX model's first token, p95 (the spec's 250 ms)."""
+    status_ms: float = Field(default=5.0, gt=0)
+    """Target: a get_task answered by the daemon, p99 (the spec's 5 ms)."""
+    ready_seconds: float = Field(default=3.0, gt=0)
+    """Target: READY=1 after start with both embedded models."""
+    rss_mb: float = Field(default=500.0, gt=0)
+    """Target: the daemon's resident memory with both embedded models loaded."""
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be configured with."""
 
@@ -420,6 +464,7 @@ class Settings(BaseSettings):
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     gates: GateSettings = Field(default_factory=GateSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

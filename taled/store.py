@@ -108,6 +108,43 @@ model_calls = sa.Table(
     sa.Column("note", sa.Text),
     sa.Column("counts_exact", sa.Boolean, nullable=False, server_default="1"),
     sa.Column("step", sa.Text),
+    sa.Column("conversation_id", sa.Text),
+    sa.Column("saved_tokens", sa.Integer, nullable=False, server_default="0"),
+)
+
+conversations = sa.Table(
+    "conversations",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("summary", sa.Text),
+    sa.Column("summary_upto", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("pending", sa.Text),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("conversation_id", sa.Text, sa.ForeignKey("conversations.id"), nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("intent", sa.Text),
+    sa.Column("confidence", sa.Float),
+    sa.Column("action", sa.Text),
+    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id")),
+)
+
+conversation_tasks = sa.Table(
+    "conversation_tasks",
+    metadata,
+    sa.Column("conversation_id", sa.Text, sa.ForeignKey("conversations.id"), primary_key=True),
+    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.Column("reported_state", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
 )
 
 _V1 = [
@@ -182,8 +219,47 @@ _V3 = [
     "CREATE INDEX model_calls_by_task_step ON model_calls (task_id, step)",
 ]
 
+# Version 4 (the conversation agent): conversations with their messages, the
+# running summary of their older part and a request awaiting a clarifying answer;
+# the tasks each handed off with the last state it reported back; and ledger rows
+# that name their conversation and the prompt tokens a summary saved.
+_V4 = [
+    """CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        summary TEXT,
+        summary_upto INTEGER NOT NULL DEFAULT 0,
+        pending TEXT
+    )""",
+    "CREATE INDEX conversations_by_updated ON conversations (updated_at DESC)",
+    """CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id),
+        role TEXT NOT NULL,
+        text TEXT NOT NULL,
+        at REAL NOT NULL,
+        intent TEXT,
+        confidence REAL,
+        action TEXT,
+        task_id TEXT REFERENCES tasks(id)
+    )""",
+    "CREATE INDEX messages_by_conversation ON messages (conversation_id, seq)",
+    """CREATE TABLE conversation_tasks (
+        conversation_id TEXT NOT NULL REFERENCES conversations(id),
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        reported_state TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (conversation_id, task_id)
+    )""",
+    "ALTER TABLE model_calls ADD COLUMN conversation_id TEXT",
+    "ALTER TABLE model_calls ADD COLUMN saved_tokens INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX model_calls_by_conversation ON model_calls (conversation_id)",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -255,6 +331,9 @@ class CallRecord:
     counts_exact: bool = True
     step: str | None = None
     """The task's step this call served (``answer``, ``plan``, ``s2``...)."""
+    conversation_id: str | None = None
+    saved_tokens: int = 0
+    """Prompt tokens a conversation summary kept out of this call (an estimate)."""
     at: float = field(default_factory=time.time)
     """When the call ended (it started ``total_ms`` earlier)."""
 
@@ -845,6 +924,10 @@ class Store:
         }
 
     # -- helpers -----------------------------------------------------------
+
+    def read(self) -> Any:
+        """A reader connection (``async with store.read() as conn``)."""
+        return self._read()
 
     def _read(self) -> Any:
         if self._reader_engine is None:

@@ -17,3 +17,8 @@ def clean_text(text: str, *, what: str, limit: int, empty_hint: str, too_long_hi
             f"{what} is {len(stripped)} characters; the limit is {limit}{too_long_hint}"
         )
     return stripped
+
+
+def word_set(text: str) -> frozenset[str]:
+    """The whitespace-separated words of ``text``, for word lists written as prose."""
+    return frozenset(text.split())

@@ -1,0 +1,205 @@
+"""The conversation agent, end to end through the socket with the real UX model."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tale_client.rpc import RpcError
+from tests.harness import Daemon, running_daemon
+
+DATA = Path(__file__).parent / "data"
+
+
+def chat(daemon: Daemon, text: str, **args: Any) -> dict[str, Any]:
+    return daemon.call("chat", text=text, **args)
+
+
+def ledger(daemon: Daemon, where: str) -> list[sqlite3.Row]:
+    # `usage` waits for ledger rows still in flight; then read the file itself.
+    daemon.call("usage")
+    db = daemon.home.data / "tale.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(f"SELECT * FROM model_calls WHERE {where}").fetchall()
+
+
+def test_a_request_for_work_is_queued_and_the_reply_names_the_task(shared_daemon: Daemon) -> None:
+    turn = chat(shared_daemon, "Write a Python function that reverses a string", new=True)
+    assert turn["intent"]["kind"] == "task"
+    assert turn["handed_off"] is True
+    task_id = turn["task"]["id"]
+    assert task_id in turn["text"]
+    stored = shared_daemon.call("get_task", id=task_id)
+    assert stored["text"] == "Write a Python function that reverses a string"
+    messages = shared_daemon.call("get_conversation", id=turn["conversation"])["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["task"] == task_id
+
+
+def test_small_talk_is_answered_by_the_ux_model_and_queues_nothing(shared_daemon: Daemon) -> None:
+    before = len(shared_daemon.call("list_tasks", limit=1000)["tasks"])
+    turn = chat(shared_daemon, "hello! how are you?", new=True)
+    assert turn["intent"]["kind"] == "chat"
+    assert turn["task"] is None
+    assert turn["tokens"]["completion"] > 0, "the reply came from the model"
+    assert len(shared_daemon.call("list_tasks", limit=1000)["tasks"]) == before
+
+
+def test_what_was_my_last_request_is_answered_from_the_store(shared_daemon: Daemon) -> None:
+    first = chat(shared_daemon, "Draft a short email inviting the team to a picnic", new=True)
+    conversation = first["conversation"]
+    chat(shared_daemon, "how is my task doing?", conversation=conversation)
+    turn = chat(shared_daemon, "what was my last request?", conversation=conversation)
+    assert turn["intent"]["action"] == "last_request"
+    assert "Draft a short email inviting the team to a picnic" in turn["text"]
+    assert first["task"]["id"] in turn["text"]
+    assert turn["tokens"]["completion"] == 0, "answered from the store, not generated"
+
+
+def test_how_is_my_task_doing_reports_its_stored_state(shared_daemon: Daemon) -> None:
+    first = chat(shared_daemon, "Write a haiku about autumn leaves", new=True)
+    task_id = first["task"]["id"]
+    turn = chat(shared_daemon, "how is my task doing?", conversation=first["conversation"])
+    state = shared_daemon.call("get_task", id=task_id)["state"]
+    assert turn["intent"]["action"] == "task_status"
+    assert task_id in turn["text"]
+    assert state in turn["text"] or (state == "completed" and "finished" in turn["text"])
+
+
+def test_progress_of_a_handed_off_task_is_reported_back_in_the_conversation(
+    shared_daemon: Daemon,
+) -> None:
+    first = chat(shared_daemon, "Write a limerick about a cat who codes", new=True)
+    task_id = first["task"]["id"]
+    task = shared_daemon.wait_for(task_id)
+    turn = chat(shared_daemon, "thanks!", conversation=first["conversation"])
+    assert any(task_id in u and "finished" in u for u in turn["updates"])
+    assert turn["text"].startswith("Update: task " + task_id)
+    # Said once: the next turn does not repeat it.
+    again = chat(shared_daemon, "what did it produce?", conversation=first["conversation"])
+    assert again["updates"] == []
+    assert again["intent"]["action"] == "task_result"
+    assert (task["result"] or "")[:40] in again["text"]
+
+
+def test_cancel_it_cancels_the_task_this_conversation_handed_off() -> None:
+    with running_daemon({"TALE_RUNNER__MAX_TOKENS": "2000"}) as daemon:
+        first = chat(daemon, "Write a very long story about a dragon and a knight", new=True)
+        task_id = first["task"]["id"]
+        daemon.wait_for(task_id, ("running",))
+        turn = chat(daemon, "cancel it", conversation=first["conversation"])
+        assert turn["intent"]["action"] == "cancel_task"
+        assert f"Cancelled task {task_id}" in turn["text"]
+        assert daemon.call("get_task", id=task_id)["state"] == "cancelled"
+
+
+def test_an_ambiguous_request_gets_one_clarifying_question_and_yes_queues_it(
+    shared_daemon: Daemon,
+) -> None:
+    turn = chat(shared_daemon, "the spreadsheet", new=True)
+    assert turn["intent"]["kind"] == "unclear"
+    assert turn["task"] is None
+    assert turn["text"].count("?") == 1
+    conversation = shared_daemon.call("get_conversation", id=turn["conversation"])
+    assert conversation["pending"] == "the spreadsheet"
+    yes = chat(shared_daemon, "yes", conversation=turn["conversation"])
+    assert yes["handed_off"] is True
+    assert shared_daemon.call("get_task", id=yes["task"]["id"])["text"] == "the spreadsheet"
+
+
+def test_no_to_the_clarifying_question_queues_nothing(shared_daemon: Daemon) -> None:
+    turn = chat(shared_daemon, "logs", new=True)
+    no = chat(shared_daemon, "no", conversation=turn["conversation"])
+    assert no["task"] is None
+    assert shared_daemon.call("get_conversation", id=turn["conversation"])["pending"] is None
+
+
+def test_a_conversation_survives_a_daemon_restart(daemon: Daemon) -> None:
+    first = chat(daemon, "Write a shell one-liner that counts lines in all .py files", new=True)
+    conversation = first["conversation"]
+    chat(daemon, "thanks, you are great", conversation=conversation)
+    assert daemon.stop() == 0
+    daemon.start()
+    listed = daemon.call("list_conversations")["conversations"]
+    assert listed[0]["id"] == conversation
+    assert listed[0]["messages"] == 4
+    # With no conversation named, the most recent one continues.
+    turn = chat(daemon, "what was my last request?")
+    assert turn["conversation"] == conversation
+    assert "counts lines in all .py files" in turn["text"]
+
+
+def test_a_long_conversation_is_summarised_and_the_saving_is_in_the_ledger() -> None:
+    settings = {
+        "TALE_CHAT__CONTEXT_TOKENS": "120",
+        "TALE_CHAT__KEEP_RECENT_MESSAGES": "2",
+        "TALE_CHAT__MAX_TOKENS": "40",
+        "TALE_CHAT__SUMMARY_MAX_TOKENS": "40",
+    }
+    with running_daemon(settings) as daemon:
+        conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+        summarised = False
+        for text in (
+            "what is the moon made of?",
+            "why does it have craters?",
+            "how far away is it?",
+            "who walked on it first?",
+        ):
+            summarised |= chat(daemon, text, conversation=conversation)["summarised"]
+        assert summarised
+        stored = daemon.call("get_conversation", id=conversation)
+        assert stored["summary"]
+        assert stored["summary_upto"] > 0
+        summaries = ledger(daemon, f"conversation_id = '{conversation}' AND step = 'summary'")
+        assert summaries and all(r["role"] == "ux" for r in summaries)
+        replies = ledger(daemon, f"conversation_id = '{conversation}' AND step IS NULL")
+        assert any(r["saved_tokens"] > 0 for r in replies), "the summary's saving is recorded"
+        # Later prompts stay bounded: the last reply's prompt is smaller than the whole history.
+        assert replies[-1]["prompt_tokens"] < sum(r["completion_tokens"] for r in replies) + 120
+
+
+def test_bad_chat_arguments_get_clear_errors(shared_daemon: Daemon) -> None:
+    with pytest.raises(RpcError, match="conversation") as bad_id:
+        chat(shared_daemon, "hi", conversation="nope")
+    assert bad_id.value.code == -32602
+    with pytest.raises(RpcError, match="no conversation 000000000000"):
+        chat(shared_daemon, "hi", conversation="000000000000")
+    with pytest.raises(RpcError, match="chat message is empty"):
+        chat(shared_daemon, "   ")
+
+
+def test_tale_ask_continues_the_conversation_and_names_a_queued_task(
+    shared_daemon: Daemon,
+) -> None:
+    proc = shared_daemon.home.tale("ask", "--new", "Write a Python script that prints the date")
+    assert proc.returncode == 0, proc.stderr
+    task_id = re.search(r"task ([0-9a-f]{12})", proc.stdout)
+    assert task_id is not None, proc.stdout
+    proc = shared_daemon.home.tale("ask", "--json", "what was my last request?")
+    reply = json.loads(proc.stdout)
+    assert "prints the date" in reply["text"]
+    assert task_id.group(1) in reply["text"]
+
+
+def test_intent_detection_is_at_least_90_percent_right_on_the_labelled_set(
+    shared_daemon: Daemon,
+) -> None:
+    """The held-out labelled set, through the daemon's detector with the real UX model."""
+    items = json.loads((DATA / "intents.json").read_text())["items"]
+    assert len(items) >= 100
+    right = {k: 0 for k in ("chat", "task", "unclear")}
+    total = dict.fromkeys(right, 0)
+    with shared_daemon.client() as conn:
+        for item in items:
+            got = conn.call_tool("detect_intent", {"text": item["text"]})
+            total[item["intent"]] += 1
+            right[item["intent"]] += got["kind"] == item["intent"]
+    assert sum(right.values()) / len(items) >= 0.9, (right, total)
+    for kind in right:
+        assert right[kind] / total[kind] >= 0.8, (kind, right, total)
