@@ -10,14 +10,18 @@ from typing import Any
 
 import pytest
 
-from tale_client.rpc import RpcError
+from tale_client.rpc import Connection, RpcError
 from tests.harness import Daemon, running_daemon
 
 DATA = Path(__file__).parent / "data"
 
 
 def chat(daemon: Daemon, text: str, **args: Any) -> dict[str, Any]:
-    return daemon.call("chat", text=text, **args)
+    # A reply plus a summary call can outlast the client's default 30 s on a loaded
+    # machine; the daemon's own call timeout still bounds each model call.
+    with Connection(daemon.home.socket, timeout=180) as conn:
+        conn.initialize("tests")
+        return conn.call_tool("chat", {"text": text, **args})
 
 
 def ledger(daemon: Daemon, where: str) -> list[sqlite3.Row]:
