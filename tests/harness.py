@@ -32,6 +32,8 @@ READY_TIMEOUT = 60.0
 TEST_SETTINGS = {
     "TALE_RUNNER__MAX_TOKENS": "48",
     "TALE_RUNNER__TEMPERATURE": "0",
+    # Chat turns carry their conversation's history now; short replies keep the suite quick.
+    "TALE_CHAT__MAX_TOKENS": "96",
     "TALE_DAEMON__SHUTDOWN_GRACE_SECONDS": "5",
     "TALE_PLANNER__DECOMPOSE": "false",
     "TALE_GATES__PYTHON_CODE": "false",
