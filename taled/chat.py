@@ -85,6 +85,11 @@ def _chat_only(messages: list[Message]) -> list[Message]:
     return kept
 
 
+def _after(messages: list[Message], seq: int) -> list[Message]:
+    """The plain conversation after ``seq`` (what a summary up to ``seq`` leaves out)."""
+    return _chat_only([m for m in messages if m.seq > seq])
+
+
 class _Budget:
     """Characters per token, first guessed, then learned from the backend's counts."""
 
@@ -146,22 +151,42 @@ class ChatService:
         """How ``text`` reads: signals, and the UX model's judgement when they are close."""
 
         async def judge(message: str) -> str:
-            try:
-                out = await self._pool.complete(
-                    self._router.for_chat().role,
-                    judge_messages(message),  # type: ignore[arg-type]
-                    max_tokens=self._settings.intent_judge_tokens,
-                    temperature=0.0,
-                    timeout=self._settings.call_timeout_seconds,
-                    step="intent",
-                    conversation_id=conversation_id,
-                )
-            except ModelError as exc:
-                log.warning("intent judgement unavailable, signals only: %s", exc)
-                return ""
-            return out.text
+            answer = await self._side_call(
+                judge_messages(message),  # type: ignore[arg-type]
+                max_tokens=self._settings.intent_judge_tokens,
+                step="intent",
+                conversation_id=conversation_id,
+            )
+            return answer or ""
 
         return await self._detector.detect(text, judge)
+
+    async def _side_call(
+        self,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int,
+        step: str,
+        conversation_id: str | None,
+    ) -> str | None:
+        """A short UX call the agent makes for itself (its ledger step says which).
+
+        A failing model degrades the turn (no vote, no new summary), it does not fail it.
+        """
+        try:
+            out = await self._pool.complete(
+                self._router.for_chat().role,
+                messages,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                timeout=self._settings.call_timeout_seconds,
+                step=step,
+                conversation_id=conversation_id,
+            )
+        except ModelError as exc:
+            log.warning("conversation %s: the %s call failed: %s", conversation_id, step, exc)
+            return None
+        return out.text
 
     async def turn(
         self,
@@ -322,12 +347,16 @@ class ChatService:
     async def _reply(
         self, conv: Conversation, say: Callable[[str], Awaitable[None]]
     ) -> tuple[Completion, bool]:
-        summarised = await self._fit(conv.id)
-        conv = await self.conversations.get(conv.id)
-        recent = _chat_only(await self.conversations.messages(conv.id, conv.summary_upto))
+        # Read once: the summary's fit, the prompt and the saving all come from it.
+        everything = await self.conversations.messages(conv.id)
+        summary, upto = conv.summary, conv.summary_upto
+        folded = await self._fit(conv.id, summary, _after(everything, upto))
+        if folded is not None:
+            summary, upto = folded
+        recent = _after(everything, upto)
         system = self._settings.system_prompt
-        if conv.summary:
-            system += "\n\nThe conversation so far, in short: " + conv.summary
+        if summary:
+            system += "\n\nThe conversation so far, in short: " + summary
         handed = await self._handed_off(conv.id)
         if handed:
             system += "\n\nTasks you queued for the user: " + handed
@@ -336,9 +365,10 @@ class ChatService:
             {"role": "user" if m.role == "user" else "assistant", "content": m.text} for m in recent
         ]
         saved = 0
-        if conv.summary_upto:
-            folded = await self._folded_tokens(conv.id, conv.summary_upto)
-            saved = max(0, folded - self._budget.tokens(conv.summary or ""))
+        if upto:
+            before = _chat_only([m for m in everything if m.seq <= upto])
+            folded_tokens = sum(self._budget.tokens(m.text) for m in before)
+            saved = max(0, folded_tokens - self._budget.tokens(summary or ""))
         result = Completion.empty()
         async for piece in self._pool.stream(
             self._router.for_chat().role,
@@ -352,7 +382,7 @@ class ChatService:
         ):
             await say(piece)
         self._budget.learn(sum(len(m["content"]) for m in messages), result.prompt_tokens)
-        return result, summarised
+        return result, folded is not None
 
     async def _handed_off(self, conversation_id: str) -> str:
         tracked = (await self.conversations.tracked(conversation_id))[-_TASKS_IN_PROMPT:]
@@ -362,27 +392,24 @@ class ChatService:
             parts.append(f"{task.id} “{' '.join(task.text.split())[:60]}” ({task.state})")
         return "; ".join(parts)
 
-    async def _folded_tokens(self, conversation_id: str, upto: int) -> int:
-        folded = _chat_only(await self.conversations.messages(conversation_id))
-        return sum(self._budget.tokens(m.text) for m in folded if m.seq <= upto)
+    async def _fit(
+        self, conversation_id: str, summary: str | None, recent: list[Message]
+    ) -> tuple[str, int] | None:
+        """Fold the oldest of ``recent`` into the summary if the history is over budget.
 
-    async def _fit(self, conversation_id: str) -> bool:
-        """Fold the oldest messages into the summary while the history is over budget."""
-        conv = await self.conversations.get(conversation_id)
-        recent = _chat_only(await self.conversations.messages(conversation_id, conv.summary_upto))
+        Returns the new summary and the seq it covers up to, or None if nothing was folded.
+        """
         keep = self._settings.keep_recent_messages
-        used = self._budget.tokens(conv.summary or "") + sum(
-            self._budget.tokens(m.text) for m in recent
-        )
+        used = self._budget.tokens(summary or "") + sum(self._budget.tokens(m.text) for m in recent)
         if used <= self._settings.context_tokens or len(recent) <= keep:
-            return False
+            return None
         fold = recent[:-keep]
-        summary = await self._summarise(conversation_id, conv.summary, fold)
-        if summary is None:
-            return False
-        await self.conversations.set_summary(conversation_id, summary, fold[-1].seq)
+        new = await self._summarise(conversation_id, summary, fold)
+        if new is None:
+            return None
+        await self.conversations.set_summary(conversation_id, new, fold[-1].seq)
         log.info("conversation %s: %d messages folded into its summary", conversation_id, len(fold))
-        return True
+        return new, fold[-1].seq
 
     async def _summarise(
         self, conversation_id: str, summary: str | None, fold: list[Message]
@@ -400,25 +427,14 @@ class ChatService:
             + "\n\nWrite a short summary of this conversation: who asked what, what was "
             "answered or decided, and any task ids. Plain sentences."
         )
-        try:
-            out = await self._pool.complete(
-                self._router.for_chat().role,
-                [
-                    {"role": "system", "content": "You summarise conversations briefly."},
-                    {"role": "user", "content": prompt},
-                ],
-                max_tokens=self._settings.summary_max_tokens,
-                temperature=0.0,
-                timeout=self._settings.call_timeout_seconds,
-                step="summary",
-                conversation_id=conversation_id,
-            )
-        except ModelError as exc:
-            log.warning("conversation %s could not be summarised: %s", conversation_id, exc)
-            return None
-        text = out.text.strip()
-        # The task ids said in the folded part must survive whatever the model wrote.
-        ids = sorted({t for m in fold if (t := m.task_id)} - set(text.split()))
-        if ids:
-            text += " Tasks handed off: " + ", ".join(ids) + "."
-        return text or None
+        out = await self._side_call(
+            [
+                {"role": "system", "content": "You summarise conversations briefly."},
+                {"role": "user", "content": prompt},
+            ],
+            max_tokens=self._settings.summary_max_tokens,
+            step="summary",
+            conversation_id=conversation_id,
+        )
+        # Handed-off tasks need no place in it: every chat prompt names them anyway.
+        return (out or "").strip() or None
