@@ -147,6 +147,47 @@ conversation_tasks = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 
+# One row per finished top-level task: what the learning engine predicted when it
+# started, and what happened. The engine learns from these rows; `usage` reports
+# prediction error and complexity breakdowns from them.
+task_outcomes = sa.Table(
+    "task_outcomes",
+    metadata,
+    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("features", sa.Text, nullable=False),
+    sa.Column("predicted_level", sa.Text, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("level", sa.Text, nullable=False),
+    sa.Column("predicted_tokens", sa.Integer),
+    sa.Column("budget_tokens", sa.Integer),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("steps", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("truncations", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("gate_passed", sa.Boolean),
+    sa.Column("success", sa.Boolean, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("backend", sa.Text),
+    sa.Column("model", sa.Text),
+    sa.Column("thinking", sa.Boolean, nullable=False, server_default="0"),
+    sa.Column("seconds", sa.Float, nullable=False, server_default="0"),
+)
+
+# Every performance-target violation the monitor saw, with its context.
+violations = sa.Table(
+    "violations",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("metric", sa.Text, nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("target", sa.Float, nullable=False),
+    sa.Column("context", sa.Text, nullable=False),
+)
+
 _V1 = [
     """CREATE TABLE tasks (
         id TEXT PRIMARY KEY,
@@ -258,8 +299,49 @@ _V4 = [
     "CREATE INDEX model_calls_by_conversation ON model_calls (conversation_id)",
 ]
 
+# Version 5 (the learning engine): the outcome of every finished top-level task
+# (the engine's predictions beside what happened); an FTS5 index over their text
+# for similar-task lookups (bm25), keyed by task id; and the performance
+# monitor's recorded violations.
+_V5 = [
+    """CREATE TABLE task_outcomes (
+        task_id TEXT PRIMARY KEY REFERENCES tasks(id),
+        at REAL NOT NULL,
+        text TEXT NOT NULL,
+        features TEXT NOT NULL,
+        predicted_level TEXT NOT NULL,
+        confidence REAL NOT NULL,
+        level TEXT NOT NULL,
+        predicted_tokens INTEGER,
+        budget_tokens INTEGER,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        steps INTEGER NOT NULL DEFAULT 1,
+        retries INTEGER NOT NULL DEFAULT 0,
+        truncations INTEGER NOT NULL DEFAULT 0,
+        gate_passed BOOLEAN,
+        success BOOLEAN NOT NULL,
+        role TEXT NOT NULL,
+        backend TEXT,
+        model TEXT,
+        thinking BOOLEAN NOT NULL DEFAULT 0,
+        seconds REAL NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX task_outcomes_by_at ON task_outcomes (at)",
+    "CREATE VIRTUAL TABLE task_memory USING fts5(task_id UNINDEXED, text)",
+    """CREATE TABLE violations (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        metric TEXT NOT NULL,
+        value REAL NOT NULL,
+        target REAL NOT NULL,
+        context TEXT NOT NULL
+    )""",
+    "CREATE INDEX violations_by_at ON violations (at)",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
