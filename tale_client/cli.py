@@ -595,6 +595,56 @@ def _model_details(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+# -- the TUI -------------------------------------------------------------------
+
+StartOpt = Annotated[
+    bool,
+    typer.Option(
+        "--start/--no-start",
+        help="Start the daemon if it is not running (default), or only wait for it.",
+    ),
+]
+
+
+def _run_tui(screen: str, start: bool) -> None:
+    if screen not in ("chat", "board", "dashboard"):
+        raise CliError(f"unknown screen {screen!r}; one of: chat, board, dashboard", Exit.USAGE)
+    # Imported here: Textual is the heaviest import of the client, and only the
+    # full-screen commands need it.
+    from tale_client.tui.app import build_app
+
+    build_app(screen=screen, autostart=start).run()
+
+
+@app.command(rich_help_panel="Conversation")
+@handle_errors
+def tui(
+    screen: Annotated[
+        str, typer.Option("--screen", "-s", help="Open on: chat, board or dashboard.")
+    ] = "chat",
+    start: StartOpt = True,
+) -> None:
+    """The full-screen app: chat, task board, dashboard (F1, F2, F3; ctrl+p for commands).
+
+    While the daemon is down it says so and reconnects by itself when it is back.
+    """
+    _run_tui(screen, start)
+
+
+@app.command("chat", rich_help_panel="Conversation")
+@handle_errors
+def chat_(start: StartOpt = True) -> None:
+    """The full-screen app, opened on the chat (same as `tale tui`)."""
+    _run_tui("chat", start)
+
+
+@app.command(rich_help_panel="Ledger")
+@handle_errors
+def dashboard(start: StartOpt = True) -> None:
+    """The full-screen app, opened on the live dashboard: pool, queue, tokens, latency."""
+    _run_tui("dashboard", start)
+
+
 # -- the bridge ----------------------------------------------------------------
 
 
