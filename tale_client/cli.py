@@ -16,7 +16,16 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from tale_client import __version__, paths
-from tale_client.output import CliError, Exit, emit, emit_json, emit_piece, fail, note
+from tale_client.output import (
+    CliError,
+    Exit,
+    emit,
+    emit_json,
+    emit_piece,
+    emit_rich,
+    fail,
+    note,
+)
 from tale_client.rpc import Connection, DaemonUnreachable, RpcError
 
 __all__ = ["app", "main"]
@@ -465,33 +474,39 @@ def _task_action(
 
 @app.command(rich_help_panel="Ledger")
 @handle_errors
-def usage(json_out: JsonOpt = False) -> None:
-    """Tokens used, by model and by role (and calls served by a fallback or an override)."""
+def usage(
+    json_out: JsonOpt = False,
+    days: Annotated[
+        int | None,
+        typer.Option(
+            "--days", help="Only today and the N-1 days before (1..3650); default: all history."
+        ),
+    ] = None,
+    top: Annotated[
+        int | None,
+        typer.Option("--top", help="Tasks, conversations and violations listed (1..100)."),
+    ] = None,
+) -> None:
+    """Where the tokens went (model, role, day, complexity, top tasks), how well budgets
+    predict, what tale saved (an estimate against a naive single-model design), and the
+    performance targets it missed. docs/usage.md explains each number."""
+    if days is not None and not 1 <= days <= 3650:
+        raise CliError(f"--days must be between 1 and 3650, not {days}", Exit.USAGE)
+    if top is not None and not 1 <= top <= 100:
+        raise CliError(f"--top must be between 1 and 100, not {top}", Exit.USAGE)
+    args: dict[str, Any] = {}
+    if days is not None:
+        args["days"] = days
+    if top is not None:
+        args["top"] = top
     with _connect() as conn:
-        report = conn.call_tool("usage")
+        report = conn.call_tool("usage", args)
     if json_out:
         emit_json(report)
         return
-    total = report["total"]
-    emit(
-        f"{total['calls']} model calls, {total['total_tokens']} tokens "
-        f"({total['prompt_tokens']} prompt + {total['completion_tokens']} completion), "
-        f"{total['failures']} failed"
-    )
-    # Calls on the role's own model are the by-role rows already; show the others.
-    rerouted = [r for r in report.get("by_route", []) if r["route"] != "role"]
-    for title, rows, key in (
-        ("by model", report["by_model"], lambda r: f"{r['backend']}:{r['model']}"),
-        ("by role", report["by_role"], lambda r: r["role"]),
-        ("served elsewhere", rerouted, lambda r: f"{r['role']} via {r['route']}"),
-    ):
-        if rows:
-            emit(title)
-            for r in rows:
-                emit(
-                    f"  {key(r):<32} {r['calls']:>6} calls {r['prompt_tokens']:>9} prompt "
-                    f"{r['completion_tokens']:>9} completion"
-                )
+    from tale_client.usage_view import render
+
+    emit_rich(render(report))
 
 
 # -- talking ------------------------------------------------------------------

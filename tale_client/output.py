@@ -17,6 +17,7 @@ __all__ = [
     "emit",
     "emit_json",
     "emit_piece",
+    "emit_rich",
     "fail",
     "note",
 ]
@@ -56,6 +57,17 @@ def emit_json(doc: Any) -> None:
     """Write one JSON document to stdout."""
     json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def emit_rich(renderables: list[Any]) -> None:
+    """Write rich renderables (tables, text) to stdout; plain when NO_COLOR or not a TTY."""
+    # Imported here: rich's console is only worth loading for the commands that draw tables.
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    for item in renderables:
+        console.print(item)
     sys.stdout.flush()
 
 

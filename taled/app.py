@@ -31,7 +31,9 @@ from taled import __version__, paths
 from taled.chat import ChatService
 from taled.checkpoints import CheckpointStore
 from taled.errors import TaleError
+from taled.learning import LearningEngine
 from taled.metrics import Metrics
+from taled.monitor import Monitor
 from taled.pool import ModelPool
 from taled.progress import ProgressHub
 from taled.queue import TaskQueue
@@ -43,6 +45,7 @@ from taled.server import build_server
 from taled.settings import Settings
 from taled.store import Store
 from taled.transport import SocketListener
+from taled.usage import UsageReport
 
 __all__ = ["App"]
 
@@ -71,8 +74,15 @@ class App:
         )
         self.queue = TaskQueue(self.store, settings.queue)
         self.pool = ModelPool(settings.models, self.store)
-        # The learning engine will install its advisor on this router.
-        self.router = Router()
+        self.learning = LearningEngine(
+            self.store,
+            settings.learning,
+            settings.models,
+            ceiling=settings.runner.max_tokens,
+            thinks=self.pool.thinks,
+        )
+        # The learning engine may send simple tasks to ux when history says it succeeds there.
+        self.router = Router(advisor=self.learning)
         cp = settings.checkpoints
         self.checkpoints = CheckpointStore(
             paths.data_dir() / "checkpoints.git",
@@ -95,6 +105,7 @@ class App:
             workers=settings.queue.workers,
             fallback=settings.models.fallback or None,
             scratch=paths.data_dir() / "scratch",
+            learning=self.learning,
         )
         self.listener = SocketListener(
             paths.socket_path(),
@@ -105,12 +116,15 @@ class App:
         self.chat = ChatService(
             self.pool, settings.chat, self.router, self.store, self.queue, self.progress
         )
+        self.monitor = Monitor(self.store, settings.metrics)
         self.metrics = Metrics(
             self.store,
             settings.metrics,
             workers=settings.queue.workers,
             ready_seconds=lambda: self.ready_seconds,
+            monitor=self.monitor,
         )
+        self.usage = UsageReport(self.store, self.monitor, settings.usage, settings.chat)
         self.server = build_server(
             self.store,
             self.queue,
@@ -125,6 +139,7 @@ class App:
             max_list_limit=settings.queue.max_list_limit,
             conversation_limit=settings.chat.list_limit,
             stream_interval=settings.chat.stream_interval_ms / 1000,
+            usage=self.usage,
         )
         self._init_options = self.server.create_initialization_options()
         self._stop = anyio.Event()
@@ -187,6 +202,11 @@ class App:
                     tg.start_soon(self.listener.serve, self._session)
                     tg.start_soon(self.notifier.watchdog, self.settings.daemon.watchdog_fraction)
                     tg.start_soon(self.retention.run)
+                    self.monitor.note_ready(
+                        self.ready_seconds,
+                        [f"{r.role}={r.backend}:{r.model}" for r in self.pool.status()],
+                    )
+                    tg.start_soon(self.monitor.run)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")
@@ -204,7 +224,9 @@ class App:
     async def _startup(self) -> None:
         self.listener.lock()
         await self.store.open()
+        await self.monitor.start()
         await self.checkpoints.open()
+        await self.learning.start()
         requeued = await self.store.requeue_running(
             "daemon restarted; the task was interrupted and runs again"
         )
@@ -224,7 +246,9 @@ class App:
         # Each step undoes only what start-up got to, so this runs after any failure.
         await self.listener.close()
         await self.pool.stop()
+        await self.learning.stop()
         await self.checkpoints.close()
+        await self.monitor.stop()
         await self.store.close()
         log.info("taled stopped")
 

@@ -3,7 +3,9 @@
 Token rates and the UX model's first-token latency come from the ledger (the
 backend's own counts and timings); tool-call latencies are timed by the server
 and kept in memory (the last ``metrics.samples`` per tool); memory is psutil's.
-A value over its target is a violation, listed newest first with its context.
+A value over its target is a violation, listed newest first with its context;
+the monitor (``taled/monitor.py``) records them, and ``recorded_violations``
+lists the newest recorded rows, which survive restarts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import psutil
 import sqlalchemy as sa
 
+from taled.monitor import Monitor
 from taled.settings import MetricsSettings
 from taled.store import Store
 
@@ -60,8 +63,10 @@ class Metrics:
         *,
         workers: int,
         ready_seconds: Callable[[], float | None],
+        monitor: Monitor | None = None,
     ) -> None:
         self._store = store
+        self._monitor = monitor
         self._settings = settings
         self._workers = workers
         self._ready_seconds = ready_seconds
@@ -73,10 +78,16 @@ class Metrics:
         if samples is None:
             samples = self._tools[name] = deque(maxlen=self._settings.samples)
         samples.append((time.time(), seconds * 1000))
+        if name == "get_task" and self._monitor is not None:
+            self._monitor.observe_status(seconds * 1000)
 
     async def snapshot(self) -> dict[str, Any]:
         """Token rates, latencies against targets, queue depth and recent violations."""
         s = self._settings
+        recorded: list[dict[str, Any]] = []
+        if self._monitor is not None:
+            await self._monitor.flush()
+            recorded = await self._monitor.recent(s.violations)
         now = time.time()
         since = now - s.window_minutes * 60
         async with self._store.read() as conn:
@@ -140,6 +151,7 @@ class Metrics:
                 "workers": self._workers,
             },
             "violations": violations[: s.violations],
+            "recorded_violations": recorded,
         }
 
 

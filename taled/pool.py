@@ -118,6 +118,7 @@ class _Request:
     on_restart: Callable[[], None] | None = None
     conversation_id: str | None = None
     saved_tokens: int = 0
+    think: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -444,6 +445,11 @@ class ModelPool:
             await self._until_up(slot, cancel)
         return not cancel.cancelled
 
+    def thinks(self, role: str) -> bool:
+        """Whether the role's model has a thinking mode a call can switch (Ollama's think)."""
+        slot = self._roles.get(role)
+        return slot is not None and bool(getattr(slot.backend, "thinks", False))
+
     # -- calls ---------------------------------------------------------------
 
     def stream(
@@ -499,13 +505,15 @@ class ModelPool:
         on_piece: Callable[[str], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         conversation_id: str | None = None,
+        think: bool | None = None,
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings.
 
         Nobody has seen partial text, so a backend failing mid-answer restarts the
         call (once) on wherever the role now routes. ``on_piece`` sees each piece
         as it arrives (for progress), ``on_restart`` hears that the pieces seen so far
-        are void (the call starts over); ``step`` names the task's step in the ledger.
+        are void (the call starts over); ``step`` names the task's step in the ledger;
+        ``think`` switches a thinking model's reasoning (backends without one ignore it).
         A cancelled call returns what it had produced, with finish_reason 'cancelled'.
         """
         request = _Request(
@@ -521,6 +529,7 @@ class ModelPool:
             on_piece,
             on_restart,
             conversation_id,
+            think=think,
         )
         out = Completion.empty()
         async for piece in self._run(request, out, restartable=True):
@@ -581,6 +590,7 @@ class ModelPool:
             temperature=request.temperature,
             cancel=request.cancel,
             result=out,
+            think=request.think,
         )
         deadline = time.monotonic() + timeout
         try:

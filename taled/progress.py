@@ -33,7 +33,12 @@ class Progress:
     started_at: float
     updated_at: float
     eta_seconds: float | None = None
-    """Seconds left, estimated from the pace so far; None before the first step ends."""
+    """Seconds left: from the pace of the steps so far, or before the first step ends,
+    from the learning engine's predicted tokens at the model's measured speed."""
+    predicted_tokens: int | None = None
+    """Tokens the learning engine expects the task to generate."""
+    tokens_per_second: float | None = None
+    """The task model's measured generation speed (from the ledger)."""
 
     def to_json(self) -> dict[str, Any]:
         """The wire form, with elapsed seconds."""
@@ -60,6 +65,14 @@ def estimate_eta(started_at: float, now: float, done: int, total: int) -> float 
     return (now - started_at) / done * (total - done)
 
 
+def _eta(p: Progress) -> float | None:
+    """Step pace once a step is done; before that, the predicted tokens still to come."""
+    by_steps = estimate_eta(p.started_at, p.updated_at, p.step, p.steps)
+    if by_steps is not None or not p.predicted_tokens or not p.tokens_per_second:
+        return by_steps
+    return max(p.predicted_tokens - p.tokens, 0) / p.tokens_per_second
+
+
 class ProgressHub:
     """The latest progress of each task, and a way to wait for changes."""
 
@@ -77,8 +90,24 @@ class ProgressHub:
         now = time.time()
         old = self._latest.get(task_id)
         started = old.started_at if old is not None else now
-        eta = estimate_eta(started, now, step, steps)
-        return self._put(Progress(task_id, step, max(steps, 1), doing, tokens, started, now, eta))
+        new = Progress(task_id, step, max(steps, 1), doing, tokens, started, now)
+        if old is not None:
+            new = replace(
+                new,
+                predicted_tokens=old.predicted_tokens,
+                tokens_per_second=old.tokens_per_second,
+            )
+        return self._put(replace(new, eta_seconds=_eta(new)))
+
+    def expect(
+        self, task_id: str, predicted_tokens: int | None, tokens_per_second: float | None
+    ) -> Progress | None:
+        """Give a task's progress the learning engine's prediction (for its ETA)."""
+        old = self._latest.get(task_id)
+        if old is None:
+            return None
+        new = replace(old, predicted_tokens=predicted_tokens, tokens_per_second=tokens_per_second)
+        return self._put(replace(new, eta_seconds=_eta(new)))
 
     def update(
         self,
@@ -103,7 +132,7 @@ class ProgressHub:
             tokens=(old.tokens if tokens is None else tokens) + add_tokens,
             updated_at=now,
         )
-        new = replace(new, eta_seconds=estimate_eta(new.started_at, now, new.step, new.steps))
+        new = replace(new, eta_seconds=_eta(new))
         return self._put(new)
 
     def forget(self, task_id: str) -> None:

@@ -36,12 +36,13 @@ from taled.errors import (
     TaleError,
     Unavailable,
 )
+from taled.learning import Assessment, LearningEngine
 from taled.lifecycle import FINAL_STATES, TaskState
 from taled.pool import ModelPool
 from taled.progress import ProgressHub
 from taled.queue import TaskQueue
 from taled.routing import Route, Router
-from taled.settings import GateSettings, PlannerSettings, RunnerSettings
+from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
 from taled.store import Store, SubtaskSpec, TaskRecord
 from taled.workstate import Attempt, WorkState
 
@@ -69,6 +70,8 @@ class _Stage:
     name: str
     max_tokens: int
     model: str | None
+    role: Role | None = None
+    """The role this stage runs on; None: the task's routed role."""
 
 
 def _next_stage(stages: list[_Stage], attempts: list[Attempt]) -> int:
@@ -79,9 +82,13 @@ def _next_stage(stages: list[_Stage], attempts: list[Attempt]) -> int:
     """
     at = 0
     for attempt in attempts:
+        used = stages[min(at, len(stages) - 1)]
         at += 1
         if attempt.finish == "error":
-            while at < len(stages) and stages[at].model == attempt.model:
+            while at < len(stages) and (stages[at].role, stages[at].model) == (
+                used.role,
+                used.model,
+            ):
                 at += 1
     return at
 
@@ -104,6 +111,7 @@ class Runner:
         workers: int,
         fallback: str | None,
         scratch: Path,
+        learning: LearningEngine | None = None,
     ) -> None:
         self._store = store
         self._queue = queue
@@ -117,12 +125,17 @@ class Runner:
         self._n_workers = workers
         self._fallback = fallback
         self._scratch = scratch
+        self._learning = learning
         self._workers: list[asyncio.Task[None]] = []
         # task id -> (its call's cancel token, set once its worker let go of it)
         self._running: dict[str, tuple[CancelToken, asyncio.Event]] = {}
         self._parent_locks: dict[str, asyncio.Lock] = {}
         self._stopping = False
         queue.on_stop(self._on_stop)
+
+    def estimate(self, task_id: str) -> dict[str, Any] | None:
+        """The learning engine's estimate of a top-level task, if it has one in memory."""
+        return self._learning.estimate(task_id) if self._learning is not None else None
 
     @property
     def busy(self) -> int:
@@ -219,23 +232,41 @@ class Runner:
             if current.state in FINAL_STATES:
                 self._progress.forget(task.id)
                 self._parent_locks.pop(task.id, None)
+                if self._learning is not None:
+                    self._learning.forget(task.id)
 
     async def _run_task(self, task: TaskRecord, ws: WorkState, token: CancelToken) -> None:
+        assessment = await self._assess(task, ws)
         route = self._router.for_task(task)
         criteria = gates.parse_criteria(list(task.criteria))
         if ws.phase == "start":
             complexity = planner.classify(task.text)
             ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
-            planned = self._planning.decompose and complexity.score >= (
-                self._planning.complex_min_score
+            planned = self._planning.decompose and (
+                complexity.score >= self._planning.complex_min_score
+                or self._learned_complex(assessment)
             )
             ws.phase = "plan" if planned else "answer"
-            await self._save(ws, "start", f"classified {complexity.level} ({complexity.score:.2f})")
+            level = assessment.level if assessment is not None else complexity.level
+            await self._save(
+                ws,
+                "start",
+                f"classified {level} ({complexity.score:.2f}); runs on {route.role}",
+            )
         if ws.phase == "answer":
             messages = self._messages(task.text)
+            budget = assessment.budget if assessment and self._learning_on else None
             try:
                 ws.result = await self._produce(
-                    task, ws, "answer", messages, criteria, route, token, can_decompose=True
+                    task,
+                    ws,
+                    "answer",
+                    messages,
+                    criteria,
+                    route,
+                    token,
+                    can_decompose=True,
+                    budget=budget,
                 )
             except _Decompose:
                 ws.phase, ws.decomposed = "plan", True
@@ -294,6 +325,47 @@ class Runner:
         await self._record_in_parent(task, ws.result or "")
         if await self._finish(task.id, TaskState.COMPLETED, "step done", result=ws.result or ""):
             await self._settle_parent(task.parent_id)
+
+    @property
+    def _learning_on(self) -> bool:
+        return self._learning is not None and self._learning.enabled
+
+    def _learned_complex(self, assessment: Assessment | None) -> bool:
+        """Whether history (not the rules alone) says the task is complex."""
+        return (
+            self._learning_on
+            and assessment is not None
+            and assessment.history_weight > 0
+            and assessment.level == "complex"
+        )
+
+    async def _assess(self, task: TaskRecord, ws: WorkState) -> Assessment | None:
+        """The learning engine's assessment, from the checkpoint when the task resumes."""
+        if self._learning is None:
+            return None
+        assessment = None
+        if ws.estimate:
+            try:
+                assessment = Assessment.from_json(ws.estimate)
+            except TypeError:
+                log.warning("task %s: its saved estimate is unreadable; assessing again", task.id)
+        if assessment is None:
+            assessment = await self._learning.assess(task)
+            # Saved with the task's next checkpoint (its "start" one for a new task).
+            ws.estimate = assessment.to_json()
+        self._learning.remember(task.id, assessment)
+        self._progress.expect(task.id, assessment.predicted_tokens, assessment.tokens_per_second)
+        log.info(
+            "task %s: %s (%.2f), predicted %d tokens, budget %d, %s%s",
+            task.id,
+            assessment.level,
+            assessment.confidence,
+            assessment.predicted_tokens,
+            assessment.budget,
+            assessment.reason,
+            "" if self._learning.enabled else " (not applied)",
+        )
+        return assessment
 
     async def _complete(self, task: TaskRecord, ws: WorkState) -> None:
         ws.phase = "done"
@@ -454,7 +526,11 @@ class Runner:
         g = self._gating
         bigger = min(int(base_tokens * g.more_tokens_factor), 131_072)
         stages = [_Stage("first", base_tokens, route.model)]
-        stages += [_Stage("more tokens", bigger, route.model)] * (g.attempts - 1)
+        if route.role == "ux" and route.model is None:
+            # Sent to the small model on its record: a failure escalates to the task model.
+            stages += [_Stage("task model", base_tokens, None, "task")] * g.attempts
+        else:
+            stages += [_Stage("more tokens", bigger, route.model)] * (g.attempts - 1)
         if self._fallback is not None and self._fallback != route.model:
             stages += [_Stage("fallback model", bigger, self._fallback)] * g.attempts
         return stages
@@ -470,8 +546,14 @@ class Runner:
         token: CancelToken,
         *,
         can_decompose: bool,
+        budget: int | None = None,
     ) -> str:
-        """The step's gated output: from its checkpoint, or by attempts in recovery order."""
+        """The step's gated output: from its checkpoint, or by attempts in recovery order.
+
+        ``budget`` (the learning engine's) replaces the first stage's max_tokens when it
+        is smaller. An answer it cuts off is continued, not redone: the continuation
+        gets the rest of the fixed max_tokens, and the cut is counted.
+        """
         done = ws.passed(step)
         if done is not None:
             return done.output
@@ -493,13 +575,21 @@ class Runner:
                     {"role": "assistant", "content": partial},
                     {"role": "user", "content": _CONTINUE},
                 ]
-            self._progress.update(task.id, doing=self._doing_step(step, stage))
+            limit = stage.max_tokens
+            budgeted = budget is not None and at == 0 and budget < stage.max_tokens
+            if budgeted:
+                assert budget is not None
+                limit = stage.max_tokens - budget if key in ws.cut else budget
+            doing = self._doing_step(step, stage)
+            self._progress.update(
+                task.id, doing=f"{doing} (past its budget)" if key in ws.cut else doing
+            )
             try:
                 completion = await self._call(
                     task,
-                    Route(route.role, stage.model, route.reason),
+                    Route(stage.role or route.role, stage.model, route.reason),
                     prompt,
-                    stage.max_tokens,
+                    limit,
                     key,
                     token,
                     partial_of=(ws, key, partial),
@@ -518,12 +608,25 @@ class Runner:
 
             else:
                 output = partial + completion.text
+                if budgeted and completion.finish_reason == "length" and key not in ws.cut:
+                    # Cut by the learned budget, not by the fixed limit: continue it.
+                    ws.cut.append(key)
+                    ws.truncations += 1
+                    ws.tokens += completion.completion_tokens
+                    ws.partial = {"key": key, "text": output}
+                    await self._save(
+                        ws,
+                        "budget cut",
+                        f"{key} cut at its budget of {limit} tokens; continuing up to "
+                        f"{stage.max_tokens}",
+                    )
+                    continue
                 passed, detail = await self._gate(output, criteria)
                 attempt = Attempt(
                     key,
                     stage.name,
                     stage.model,
-                    stage.max_tokens,
+                    stage.max_tokens if budgeted and key in ws.cut else limit,
                     output,
                     completion.finish_reason,
                     passed,
@@ -594,6 +697,7 @@ class Runner:
                     step=key,
                     on_piece=counted,
                     on_restart=pieces.clear,
+                    think=self._learning.think(task) if self._learning is not None else None,
                 )
             except RoleDown as exc:
                 down = exc.message
@@ -724,7 +828,36 @@ class Runner:
             log.info("task %s not moved to %s: %s", task_id, target, exc.message)
             return False
         log.info("task %s %s: %s", task_id, target, reason)
+        if self._learning is not None and target in (TaskState.COMPLETED, TaskState.FAILED):
+            await self._learn_from(task_id)
         return True
+
+    async def _learn_from(self, task_id: str) -> None:
+        """Hand a finished top-level task to the learning engine."""
+        assert self._learning is not None
+        try:
+            task = await self._store.get_task(task_id)
+            if task.parent_id is not None:
+                return
+            saved = await self._checkpoints.latest(task_id)
+            ws = None
+            if saved is not None:
+                ws = WorkState.from_json(await self._checkpoints.load(task_id, saved.commit))
+            outcome = await self._learning.record(task, ws)
+        except Exception:
+            # What is learned is advice: a failure to record it must never fail the task.
+            log.exception("task %s: its outcome could not be recorded for learning", task_id)
+            return
+        if outcome is not None:
+            log.info(
+                "task %s learned: %d tokens (predicted %s), %d steps, %d retries, %d cut",
+                task_id,
+                outcome.completion_tokens,
+                outcome.predicted_tokens,
+                outcome.steps,
+                outcome.retries,
+                outcome.truncations,
+            )
 
     # -- restore -------------------------------------------------------------
 

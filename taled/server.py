@@ -33,6 +33,7 @@ from taled.progress import Progress, ProgressHub
 from taled.queue import TaskQueue
 from taled.runner import Runner
 from taled.store import Store, TaskRecord
+from taled.usage import UsageReport
 
 __all__ = ["TOOLS", "build_server", "task_to_json"]
 
@@ -110,6 +111,23 @@ class SetPriorityArgs(TaskIdArgs):
 
 class NoArgs(_Args):
     """No arguments."""
+
+
+class UsageArgs(_Args):
+    """The period and the length of the usage report's top lists."""
+
+    days: int | None = Field(
+        default=None,
+        ge=1,
+        le=3650,
+        description="Only today and the days-1 before (local dates); default: all history.",
+    )
+    top: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Tasks, conversations and recent violations listed; default usage.top.",
+    )
 
 
 CONVERSATION_ID = Field(
@@ -264,9 +282,11 @@ class _Tools:
         list_limit: int,
         conversation_limit: int,
         stream_interval: float,
+        usage_report: UsageReport,
     ) -> None:
         self.runner = runner
         self.metrics_service = metrics
+        self.usage_report = usage_report
         self.conversation_limit = conversation_limit
         self.checkpoints = checkpoints
         self.progress = progress
@@ -289,6 +309,9 @@ class _Tools:
     async def _tree(self, task: TaskRecord) -> dict[str, Any]:
         """A task with its progress and, recursively, its subtasks (current plan round)."""
         out = task_to_json(task, self.progress.get(task.id))
+        if task.parent_id is None:
+            # The learning engine's estimate, from memory (no query): level, tokens, budget.
+            out["estimate"] = self.runner.estimate(task.id)
         out["subtasks"] = [
             await self._tree(child) for child in await self.store.children(task.id, task.round)
         ]
@@ -349,8 +372,8 @@ class _Tools:
     async def set_priority(self, args: SetPriorityArgs, _report: Report) -> dict[str, Any]:
         return task_to_json(await self.queue.set_priority(args.id, args.priority))
 
-    async def usage(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
-        return await self.store.usage()
+    async def usage(self, args: UsageArgs, _report: Report) -> dict[str, Any]:
+        return await self.usage_report.report(args.days, args.top)
 
     async def daemon_status(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
         return await self.status()
@@ -450,7 +473,15 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
         SetPriorityArgs,
         "Change an unfinished task's priority (0..100, higher runs first).",
     ),
-    "usage": (NoArgs, "The token ledger: totals overall, by model and by role."),
+    "usage": (
+        UsageArgs,
+        "The usage report: tokens (calls, prompt, completion, failures) overall and by model, "
+        "role, route, day, top task (subtasks folded in), complexity and top conversation; "
+        "budget prediction error (MAPE by day and as a learning curve) and truncation rate; "
+        "savings (summaries, turns answered from the store, tasks routed to the UX model, and "
+        "an estimate against a naive single-model design, with its method); recorded "
+        "performance-target violations.",
+    ),
     "chat": (
         ChatArgs,
         "One turn of a conversation with the UX agent (the most recent conversation unless "
@@ -476,7 +507,8 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "metrics": (
         NoArgs,
         "Live metrics: tokens per minute per model, latencies against the spec's targets, "
-        "queue depth and recent target violations with their context.",
+        "queue depth and recent target violations with their context (live, from the "
+        "window), and the newest violations the monitor recorded (kept across restarts).",
     ),
     "models_status": (
         NoArgs,
@@ -547,6 +579,7 @@ def build_server(
     max_list_limit: int,
     conversation_limit: int,
     stream_interval: float,
+    usage: UsageReport,
 ) -> Server[Any]:
     """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
     tools = _Tools(
@@ -563,6 +596,7 @@ def build_server(
         list_limit=list_limit,
         conversation_limit=conversation_limit,
         stream_interval=stream_interval,
+        usage_report=usage,
     )
     listed = [
         types.Tool(name=name, description=desc, input_schema=_schema(model))

@@ -29,6 +29,8 @@ __all__ = [
     "CheckpointSettings",
     "DaemonSettings",
     "GateSettings",
+    "LearningSettings",
+    "Level",
     "LlamaCppSettings",
     "ModelsSettings",
     "OllamaSettings",
@@ -42,6 +44,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "StoreSettings",
+    "UsageSettings",
     "load_settings",
     "parse_model_spec",
 ]
@@ -442,6 +445,89 @@ class MetricsSettings(BaseModel):
     """Target: READY=1 after start with both embedded models."""
     rss_mb: float = Field(default=500.0, gt=0)
     """Target: the daemon's resident memory with both embedded models loaded."""
+    check_interval_seconds: float = Field(default=15.0, gt=0, le=86_400)
+    """How often the monitor checks the daemon's memory and the ledger's new chat replies."""
+    record_interval_seconds: float = Field(default=60.0, ge=0, le=86_400)
+    """Metrics measured continuously (status_ms, rss_mb) record at most one violation row per
+    this interval; the row counts the occurrences it stands for."""
+    recorded_keep: int = Field(default=10_000, ge=10, le=10_000_000)
+    """Recorded violations kept; older rows are deleted."""
+
+
+class UsageSettings(BaseModel):
+    """The usage report (the ``usage`` tool, ``tale usage``)."""
+
+    model_config = _STRICT
+
+    top: int = Field(default=10, ge=1, le=100)
+    """Tasks, conversations and recent violations listed when no ``top`` is asked for."""
+    curve_outcomes: int = Field(default=200, ge=2, le=100_000)
+    """Newest task outcomes the prediction-error curve is drawn over."""
+    curve_points: int = Field(default=10, ge=1, le=1000)
+    """Points of that curve (each the MAPE of consecutive outcomes)."""
+    naive_max_tokens: int = Field(default=512, ge=1, le=131_072)
+    """The naive baseline's fixed max_tokens, used by the savings estimate."""
+
+
+Level = Literal["simple", "medium", "complex"]
+"""Task complexity levels, as the learning engine classifies them."""
+
+
+def _default_prior_tokens() -> dict[Level, int]:
+    return {"simple": 120, "medium": 320, "complex": 700}
+
+
+def _default_think_for() -> list[Level]:
+    return ["complex"]
+
+
+class LearningSettings(BaseModel):
+    """The learning engine: complexity, token budgets and model selection from outcomes."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    """Use what was learned: budgets, routing to ux, thinking. Off runs every task on the task
+    model with the fixed runner.max_tokens (outcomes are still recorded)."""
+    medium_min_tokens: int = Field(default=200, ge=1)
+    """A finished task that generated at least this many tokens is labelled at least medium."""
+    complex_min_tokens: int = Field(default=600, ge=1)
+    """A finished task that generated at least this many tokens is labelled complex."""
+    complex_min_steps: int = Field(default=2, ge=2, le=1000)
+    """A task that ran in at least this many steps (it was planned) is labelled complex."""
+    medium_min_retries: int = Field(default=1, ge=1, le=100)
+    """A task with this many retries (a failed gate, a model error), or a failed task, is
+    labelled at least medium."""
+    history_half_weight: int = Field(default=30, ge=1, le=100_000)
+    """Distinct past tasks at which the learned classifier weighs as much as the rules."""
+    prior_tokens: dict[Level, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=_default_prior_tokens
+    )
+    """Initial guess of the tokens a task of each level generates, before any history."""
+    prior_strength: float = Field(default=5.0, gt=0, le=10_000)
+    """How many past tasks the initial guess counts as in a (model, level) average."""
+    margin: float = Field(default=0.25, ge=0, le=10)
+    """Safety margin: the budget is the predicted tokens times (1 + margin)."""
+    min_budget: int = Field(default=32, ge=1, le=131_072)
+    """Smallest max_tokens a budget gives an answer."""
+    budget_min_history: int = Field(default=5, ge=0, le=100_000)
+    """Past tasks on the model at the predicted level a budget must rest on before it
+    limits max_tokens; until then answers get the fixed limit (the guess is only a guess)."""
+    max_budget: int = Field(default=0, ge=0, le=131_072)
+    """Largest budget; 0 means runner.max_tokens (a budget never exceeds that anyway)."""
+    neighbours: int = Field(default=5, ge=1, le=100)
+    """Similar past tasks (FTS5/bm25 nearest neighbours) a prediction looks at."""
+    ux_success_threshold: float = Field(default=0.8, ge=0, le=1)
+    """Simple tasks go to the ux model once its success rate on them is at least this."""
+    ux_min_samples: int = Field(default=10, ge=1, le=100_000)
+    """Simple tasks the ux model must have finished before its success rate counts."""
+    explore_rate: float = Field(default=0.1, ge=0, le=1)
+    """While ux has fewer samples than that, this share of simple tasks goes to it anyway
+    (chosen by task id, so deterministically) to gather the evidence."""
+    think_for: list[Level] = Field(default_factory=_default_think_for)
+    """Levels whose tasks run with thinking on, on models that support it (Ollama's think)."""
+    history_limit: int = Field(default=5000, ge=10, le=1_000_000)
+    """Newest outcomes the engine learns from at start."""
 
 
 class Settings(BaseSettings):
@@ -465,6 +551,8 @@ class Settings(BaseSettings):
     gates: GateSettings = Field(default_factory=GateSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
 
     @classmethod
     def settings_customise_sources(

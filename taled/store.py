@@ -960,6 +960,10 @@ class Store:
         if not future.cancelled() and future.exception() is not None:
             log.error("a ledger row could not be written: %s", future.exception())
 
+    async def ledger_settled(self) -> None:
+        """Wait until every ledger row appended so far is committed (or has failed)."""
+        await self._ledger_settled()
+
     async def _ledger_settled(self) -> None:
         if self._ledger_pending:
             await asyncio.wait(set(self._ledger_pending))

@@ -66,6 +66,12 @@ class WorkState:
     """When each attempt's checkpoint was taken (precise; git keeps whole seconds)."""
     tokens: int = 0
     """Tokens this task's own model calls generated, as far as checkpointed."""
+    estimate: dict[str, Any] | None = None
+    """The learning engine's assessment at the task's start (taled.learning.Assessment)."""
+    truncations: int = 0
+    """Answers cut off by the learned budget (below runner.max_tokens) and continued."""
+    cut: list[str] = field(default_factory=list)
+    """Attempt keys cut by the budget: their continuation gets the rest up to the ceiling."""
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint document."""

@@ -130,8 +130,13 @@ class Backend(Protocol):
         temperature: float,
         cancel: CancelToken,
         result: Completion,
+        think: bool | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Yield the answer's text as it is generated; fill ``result`` when done."""
+        """Yield the answer's text as it is generated; fill ``result`` when done.
+
+        ``think`` turns a thinking model's reasoning on or off (None: the model's
+        default); a backend or model without that switch ignores it.
+        """
         ...
 
     async def probe(self) -> None:

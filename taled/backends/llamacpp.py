@@ -204,6 +204,7 @@ class LlamaCppBackend:
         temperature: float,
         cancel: CancelToken,
         result: Completion,
+        think: bool | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yield text as it is generated; ``result`` holds counts and timings after."""
         if self._llm is None:

@@ -96,6 +96,8 @@ class OllamaBackend:
         self._client: AsyncClient | None = None
         self._size: int | None = None
         self._size_vram: int | None = None
+        self.thinks = False
+        """Whether the model has Ollama's "thinking" capability (read by load())."""
 
     @property
     def loaded(self) -> bool:
@@ -160,7 +162,7 @@ class OllamaBackend:
 
     async def _load(self, client: AsyncClient) -> None:
         try:
-            await client.show(self.model)
+            shown = await client.show(self.model)
         except ResponseError as exc:
             if exc.status_code == 404:
                 raise ModelError(
@@ -170,6 +172,7 @@ class OllamaBackend:
             raise ModelError(f"Ollama cannot show {self.model}: {exc.error}") from exc
         except _NETWORK_ERRORS as exc:
             self._unreachable(exc)
+        self.thinks = "thinking" in (shown.capabilities or [])
         with self._translated("loading"):
             # An empty prompt makes Ollama load the model and answer at once.
             await client.generate(self.model, options=self._options(), keep_alive=self._keep_alive)
@@ -251,6 +254,7 @@ class OllamaBackend:
         temperature: float,
         cancel: CancelToken,
         result: Completion,
+        think: bool | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yield text as Ollama streams it; ``result`` holds Ollama's counts and timings after."""
         client = self._require_client()
@@ -268,6 +272,8 @@ class OllamaBackend:
                     stream=True,
                     options=self._options(num_predict=max_tokens, temperature=temperature),
                     keep_alive=self._keep_alive,
+                    # Ollama refuses think=true for a model without the capability.
+                    think=think if self.thinks else None,
                 )
             while final is None and not cancel.cancelled:
                 with self._translated("streaming from"):

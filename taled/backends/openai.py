@@ -170,6 +170,7 @@ class OpenAIBackend:
         temperature: float,
         cancel: CancelToken,
         result: Completion,
+        think: bool | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yield text as the server streams it; ``result`` holds counts and timings after."""
         client = self._client

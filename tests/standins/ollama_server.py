@@ -31,8 +31,12 @@ Not faithful:
   GGUF's own Jinja template (Ollama uses its Go template from the Modelfile).
   ``show``'s ``template``/``modelfile``/``parameters`` are therefore approximations,
   ``digest`` is a hash of the name, ``size`` is the GGUF's size, ``size_vram`` is 0.
+- Thinking: models named in ``thinking`` list the "thinking" capability in
+  ``show``; ``think: true`` for any other model is Ollama's 400 (``"X" does not
+  support thinking``). A thinking model's answer carries no ``message.thinking``:
+  the stand-in's model cannot reason, it only records what was asked.
 - No memory-pressure eviction, no OLLAMA_MAX_LOADED_MODELS, no pull/push/create/
-  delete/copy/embed, no tools, images, ``format`` or ``think`` (ignored, or 400 for
+  delete/copy/embed, no tools, images or ``format`` (ignored, or 400 for
   tools); options other than ``num_ctx`` never cause a reload; only ``num_ctx``,
   ``num_predict``, ``temperature``, ``top_k``, ``top_p``, ``repeat_penalty``,
   ``seed`` and ``stop`` are honoured. Loading happens under one lock, so ``/api/ps``
@@ -160,6 +164,7 @@ class _Scheduler:
 
     def __init__(self, names: Sequence[str], path: Path, default_keep_alive: float) -> None:
         self.names = [canonical(n) for n in names]
+        self.thinking: set[str] = set()
         self.path = path
         self.default_keep_alive = default_keep_alive
         self.metadata = self._read_metadata()
@@ -443,7 +448,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "template": template,
                 "details": s.details(),
                 "model_info": info,
-                "capabilities": ["completion"],
+                "capabilities": ["completion"]
+                + (["thinking"] if canonical(requested) in s.thinking else []),
                 "modified_at": datetime.fromtimestamp(s.path.stat().st_mtime)
                 .astimezone()
                 .isoformat(),
@@ -466,6 +472,8 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.perf_counter_ns()
         s = self.server.scheduler
         name = s.resolve(body.get("model"))
+        if body.get("think") is True and name not in s.thinking:
+            raise ApiError(400, f'"{body["model"]}" does not support thinking')
         if body.get("tools"):
             raise ApiError(400, f"{body['model']} does not support tools")
         options = body.get("options") or {}
@@ -627,11 +635,13 @@ class OllamaStandIn:
         host: str = "127.0.0.1",
         port: int = 0,
         default_keep_alive: str | float | None = None,
+        thinking: Sequence[str] = (),
     ) -> None:
         keep = default_keep_alive
         if keep is None:
             keep = os.environ.get("OLLAMA_KEEP_ALIVE") or "5m"
         scheduler = _Scheduler(models, embedded_model_path(), parse_keep_alive(keep, 300.0))
+        scheduler.thinking = {canonical(n) for n in thinking}
         self._server = _Server((host, port), scheduler)
         self._thread: threading.Thread | None = None
 
@@ -703,12 +713,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a model name to serve (repeatable; default smollm2:135m)",
     )
     parser.add_argument("--keep-alive", default=None, help="default keep_alive (5m)")
+    parser.add_argument(
+        "--thinking",
+        action="append",
+        default=[],
+        help="a served model that has the thinking capability (repeatable)",
+    )
     args = parser.parse_args(argv)
     server = OllamaStandIn(
         args.models or ["smollm2:135m"],
         host=args.host,
         port=args.port,
         default_keep_alive=args.keep_alive,
+        thinking=args.thinking,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -1,0 +1,78 @@
+"""Model selection from success rates per (role, complexity), and thinking by complexity.
+
+A simple task goes to ``ux`` when the ux model has finished at least
+``ux_min_samples`` simple tasks and succeeded on at least ``ux_success_threshold``
+of them. Until it has that many, ``explore_rate`` of simple tasks go to ux
+anyway, or there would never be evidence; which ones is decided by a hash of
+the task id, so the choice is deterministic and survives a restart. Levels here
+are the *predicted* ones, the only ones known when the route is chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from taled.settings import LearningSettings, Level, Role
+
+__all__ = ["Choice", "Selector", "explores"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where a task runs and whether the model thinks first, with the reason."""
+
+    role: Role
+    think: bool
+    reason: str
+
+
+def explores(task_id: str, rate: float) -> bool:
+    """Whether this task is one of the ``rate`` share picked for exploration."""
+    if rate <= 0:
+        return False
+    digest = hashlib.sha256(task_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+class Selector:
+    """Success counts per (role, level) and the routing rule over them."""
+
+    def __init__(self, settings: LearningSettings) -> None:
+        self._settings = settings
+        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def observe(self, role: str, level: str, success: bool, retries: int = 0) -> None:
+        """Count one finished task on the role it was routed to.
+
+        A ux task that needed a retry was escalated to the task model (see the
+        runner's stages), so only a first-time success counts for ux.
+        """
+        ok = success and (role != "ux" or retries == 0)
+        good, n = self._counts.get((role, level), (0, 0))
+        self._counts[(role, level)] = (good + int(ok), n + 1)
+
+    def clear(self) -> None:
+        """Forget every count (before a refit)."""
+        self._counts.clear()
+
+    def rate(self, role: str, level: str) -> tuple[float | None, int]:
+        """Success rate and sample count of ``role`` at ``level`` (None without samples)."""
+        ok, n = self._counts.get((role, level), (0, 0))
+        return (ok / n if n else None), n
+
+    def choose(self, task_id: str, level: Level) -> Choice:
+        """The role and thinking mode for a top-level task of this predicted level."""
+        s = self._settings
+        think = level in s.think_for
+        if level != "simple":
+            return Choice("task", think, f"{level} tasks run on the task model")
+        rate, n = self.rate("ux", "simple")
+        if n >= s.ux_min_samples:
+            assert rate is not None
+            if rate >= s.ux_success_threshold:
+                return Choice("ux", think, f"ux succeeded on {rate:.0%} of {n} simple tasks")
+            return Choice("task", think, f"ux succeeded on only {rate:.0%} of {n} simple tasks")
+        if explores(task_id, s.explore_rate):
+            return Choice("ux", think, f"exploring: ux has {n} of {s.ux_min_samples} samples")
+        return Choice("task", think, f"ux has {n} of {s.ux_min_samples} samples on simple tasks")

@@ -1,0 +1,439 @@
+"""The learning engine's estimators: classification, similar tasks, budgets, selection."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taled.budget import BudgetPredictor, clamp_budget
+from taled.complexity import (
+    LEVELS,
+    ComplexityModel,
+    history_weight,
+    label_outcome,
+    prior_probabilities,
+)
+from taled.learning import LearningEngine, Outcome
+from taled.memory import Neighbour, fts_query
+from taled.planner import features
+from taled.progress import ProgressHub
+from taled.selection import Selector, explores
+from taled.settings import LearningSettings, Level, ModelsSettings, StoreSettings
+from taled.store import _V5, Store
+
+LEARNING = LearningSettings()
+
+# A stationary synthetic workload: task families, each with its own typical answer
+# length (the outcome), and words that tell them apart. Code and explanations are
+# longer than the rules guess from their short text; that is what must be learned.
+_TOPICS = [
+    "rivers",
+    "volcanoes",
+    "bees",
+    "jazz",
+    "chess",
+    "tides",
+    "comets",
+    "bread",
+    "glaciers",
+    "owls",
+    "tea",
+    "bridges",
+    "deserts",
+    "coral",
+    "lightning",
+    "maps",
+    "clocks",
+    "ferns",
+    "whales",
+    "kites",
+]
+_THINGS = ["numbers", "words", "dates", "prices", "names", "files", "emails", "scores"]
+_FAMILIES: list[tuple[str, float]] = [
+    ("Translate the word {topic} into French", 12),
+    ("Write a haiku about {topic}", 30),
+    ("Write a Python function that sorts a list of {thing} and handles empty input", 260),
+    ("Explain how {topic} work", 330),
+    ("Summarise what is known about {topic} and {thing} in three paragraphs", 420),
+    (
+        "Build a small web app that tracks {thing} about {topic}, then write tests, "
+        "a README and deploy it",
+        900,
+    ),
+]
+
+
+def _synthetic(rng: random.Random) -> tuple[str, float]:
+    template, tokens = rng.choice(_FAMILIES)
+    text = template.format(topic=rng.choice(_TOPICS), thing=rng.choice(_THINGS))
+    return text, max(tokens * rng.lognormvariate(0, 0.15), 1.0)
+
+
+def _label(tokens: float) -> Level:
+    return label_outcome(LEARNING, completion_tokens=int(tokens), steps=1, retries=0, success=True)
+
+
+def _accuracy(model: ComplexityModel, held_back: list[tuple[str, float]]) -> float:
+    right = sum(model.predict(text).level == _label(tokens) for text, tokens in held_back)
+    return right / len(held_back)
+
+
+def _history(pairs: list[tuple[str, float]]) -> list[tuple[str, dict[str, float], Level]]:
+    return [(text, features(text), _label(tokens)) for text, tokens in pairs]
+
+
+# -- complexity ----------------------------------------------------------------
+
+
+@given(st.integers(0, 100_000), st.integers(0, 1000), st.integers(1, 10_000))
+def test_history_weight_never_decreases_as_history_grows(n: int, more: int, half: int) -> None:
+    """The learned model's share grows (or stays) with every distinct task, within [0, 1)."""
+    w, w_more = history_weight(n, half), history_weight(n + more, half)
+    assert 0 <= w <= w_more < 1
+
+
+@given(st.text(max_size=400))
+def test_the_rule_prior_is_a_distribution(text: str) -> None:
+    """The rules' verdict, as probabilities, sums to 1 with each in [0, 1]."""
+    probs = prior_probabilities(text)
+    assert set(probs) == set(LEVELS)
+    assert all(0 <= p <= 1 for p in probs.values())
+    assert sum(probs.values()) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> ComplexityModel:
+    rng = random.Random(7)
+    model = ComplexityModel(LEARNING.history_half_weight)
+    model.fit(_history([_synthetic(rng) for _ in range(150)]))
+    return model
+
+
+@given(st.text(max_size=400))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+def test_a_classification_is_a_distribution_with_a_bounded_confidence(
+    fitted: ComplexityModel, text: str
+) -> None:
+    """Blended probabilities sum to 1; the confidence is the chosen level's, in [0, 1]."""
+    estimate = fitted.predict(text)
+    assert sum(estimate.probabilities.values()) == pytest.approx(1.0)
+    assert 0 <= estimate.confidence <= 1
+    assert estimate.confidence == pytest.approx(estimate.probabilities[estimate.level], abs=1e-4)
+    assert estimate.confidence == pytest.approx(max(estimate.probabilities.values()), abs=1e-4)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3))
+@settings(max_examples=25, deadline=None)
+def test_duplicate_tasks_do_not_move_the_classification(seed: int, copies: int) -> None:
+    """Re-adding identical tasks with identical outcomes leaves every prediction as it was."""
+    rng = random.Random(seed)
+    history = _history([_synthetic(rng) for _ in range(40)])
+    once, repeated = ComplexityModel(30), ComplexityModel(30)
+    once.fit(history)
+    repeated.fit(history + rng.sample(history, 15) * copies)
+    for text, _, _ in history[:10]:
+        a, b = once.predict(text), repeated.predict(text)
+        assert a.level == b.level
+        for level in LEVELS:
+            assert a.probabilities[level] == pytest.approx(b.probabilities[level], abs=1e-6)
+
+
+def test_classifier_accuracy_on_held_back_history_improves_with_more_history() -> None:
+    """Fitted on more past outcomes, the classifier labels held-back tasks better."""
+    rng = random.Random(2024)
+    held_back = [_synthetic(rng) for _ in range(200)]
+    stream = [_synthetic(rng) for _ in range(300)]
+    accuracy = {}
+    for n in (0, 10, 300):
+        model = ComplexityModel(LEARNING.history_half_weight)
+        model.fit(_history(stream[:n]))
+        accuracy[n] = _accuracy(model, held_back)
+    assert accuracy[0] <= accuracy[10] < accuracy[300]
+    assert accuracy[300] >= 0.8 > accuracy[0]
+
+
+@given(st.integers(0, 5000), st.integers(1, 20), st.integers(0, 5), st.booleans())
+def test_outcome_labels_follow_the_thresholds(
+    tokens: int, steps: int, retries: int, success: bool
+) -> None:
+    """Planned or long tasks are complex; retried, failed or mid-length ones at least medium."""
+    level = label_outcome(
+        LEARNING, completion_tokens=tokens, steps=steps, retries=retries, success=success
+    )
+    if steps >= 2 or tokens >= LEARNING.complex_min_tokens:
+        assert level == "complex"
+    elif tokens >= LEARNING.medium_min_tokens or retries or not success:
+        assert level == "medium"
+    else:
+        assert level == "simple"
+
+
+# -- similar tasks -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fts() -> Iterator[sqlite3.Connection]:
+    db = sqlite3.connect(":memory:")
+    fts_ddl = next(s for s in _V5 if "fts5" in s)
+    db.execute(fts_ddl)
+    db.executemany(
+        "INSERT INTO task_memory (task_id, text) VALUES (?, ?)",
+        [(str(i), f) for i, (f, _) in enumerate(_FAMILIES)],
+    )
+    yield db
+    db.close()
+
+
+@given(st.text(max_size=300))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_text_makes_an_unsafe_fts_query(fts: sqlite3.Connection, text: str) -> None:
+    """Whatever a task says (quotes, NEAR, *, ^, column filters), its FTS5 query runs."""
+    query = fts_query(text)
+    if query:
+        fts.execute(
+            "SELECT task_id, bm25(task_memory) FROM task_memory WHERE task_memory MATCH ?",
+            (query,),
+        ).fetchall()
+
+
+def test_fts_operators_in_a_task_are_searched_as_words(fts: sqlite3.Connection) -> None:
+    """FTS5 syntax in a task's text is matched as plain words, not obeyed."""
+    query = fts_query('haiku" OR task_id:1 NEAR(a b) AND NOT * ^"')
+    rows = fts.execute(
+        "SELECT task_id FROM task_memory WHERE task_memory MATCH ? ORDER BY bm25(task_memory)",
+        (query,),
+    ).fetchall()
+    assert rows[0][0] == "1"
+
+
+# -- budgets -------------------------------------------------------------------
+
+_neighbours = st.lists(
+    st.builds(
+        Neighbour,
+        task_id=st.text(min_size=1, max_size=4),
+        text=st.text(max_size=20),
+        score=st.floats(0, 50),
+        similarity=st.floats(0, 1),
+        completion_tokens=st.floats(0, 200_000),
+        level=st.sampled_from(LEVELS),
+        success=st.floats(0, 1),
+    ),
+    max_size=8,
+)
+
+
+@given(
+    _neighbours,
+    st.sampled_from(LEVELS),
+    st.integers(1, 131_072),
+    st.integers(1, 4096),
+    st.integers(0, 131_072),
+    st.floats(0, 10),
+    st.lists(st.floats(0, 100_000), max_size=20),
+)
+@settings(deadline=None)
+def test_a_budget_stays_within_its_bounds(
+    neighbours: list[Neighbour],
+    level: Level,
+    ceiling: int,
+    min_budget: int,
+    max_budget: int,
+    margin: float,
+    past: list[float],
+) -> None:
+    """The budget is never above the ceiling (or max_budget), nor below min_budget under it."""
+    config = LearningSettings(
+        min_budget=min_budget, max_budget=max_budget, margin=margin, budget_min_history=0
+    )
+    predictor = BudgetPredictor(config)
+    for i, tokens in enumerate(past):
+        predictor.observe("m", level, f"task {i}", tokens)
+    prediction = predictor.predict("m", level, neighbours, ceiling)
+    high = min(max_budget, ceiling) if max_budget else ceiling
+    assert min(min_budget, high) <= prediction.budget <= high
+    assert prediction.tokens >= 0
+    assert 0 <= prediction.similarity <= 1
+
+
+def test_a_guess_alone_never_limits_an_answer() -> None:
+    """Until budget_min_history past tasks back the mean, the budget is the ceiling."""
+    predictor = BudgetPredictor(LearningSettings(budget_min_history=3))
+    budgets = []
+    for i in range(4):
+        budgets.append(predictor.predict("m", "simple", [], ceiling=1500).budget)
+        predictor.observe("m", "simple", f"task {i}", 40)
+    assert budgets[:3] == [1500, 1500, 1500]
+    assert budgets[3] < 1500
+
+
+@given(st.floats(0, 1e6), st.floats(0, 10), st.integers(1, 1000), st.integers(1, 100_000))
+def test_clamping_keeps_the_margin_when_there_is_room(
+    predicted: float, margin: float, low: int, high: int
+) -> None:
+    """Between the bounds, the budget is the prediction plus its margin, rounded up."""
+    budget = clamp_budget(predicted, margin, low, high)
+    assert budget <= high
+    wanted = predicted * (1 + margin)
+    if low <= wanted <= high - 1:
+        assert wanted <= budget <= wanted + 1
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(LEVELS), st.floats(0, 50_000)), min_size=1, max_size=30),
+    st.integers(1, 4),
+)
+def test_duplicate_tasks_do_not_move_the_prior(
+    history: list[tuple[Level, float]], copies: int
+) -> None:
+    """Re-adding identical tasks with identical outcomes leaves the (model, level) mean put."""
+    once, repeated = BudgetPredictor(LEARNING), BudgetPredictor(LEARNING)
+    for i, (level, tokens) in enumerate(history):
+        once.observe("m", level, f"task {i}", tokens)
+        for _ in range(copies):
+            repeated.observe("m", level, f"task {i}", tokens)
+    for level in LEVELS:
+        assert once.prior("m", level) == pytest.approx(repeated.prior("m", level))
+
+
+def _store(path: Path) -> Store:
+    return Store(path, StoreSettings(synchronous="normal"), write_batch_max=256)
+
+
+def test_budget_error_falls_as_history_grows(tmp_path: Path) -> None:
+    """Replaying a stationary workload, predictions of later tasks miss by less than early ones."""
+
+    async def run() -> list[float]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        engine = LearningEngine(store, LEARNING, ModelsSettings(), ceiling=4096)
+        await engine.start()
+        errors = []
+        rng = random.Random(11)
+        try:
+            for _ in range(120):
+                text, tokens = _synthetic(rng)
+                task = await store.submit(text, 50)
+                assessment = await engine.assess(task)
+                errors.append(abs(assessment.predicted_tokens - tokens) / tokens)
+                await engine.ingest(_outcome(task.id, text, tokens, assessment.level))
+        finally:
+            await store.close()
+        return errors
+
+    errors = asyncio.run(run())
+    early, late = errors[:20], errors[-20:]
+    assert sum(late) / len(late) < 0.5 * sum(early) / len(early)
+
+
+def test_what_was_learned_survives_a_restart(tmp_path: Path) -> None:
+    """A new engine on the same database predicts as the old one did."""
+    rng = random.Random(3)
+
+    async def run() -> tuple[list[int], list[int]]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        engine = LearningEngine(store, LEARNING, ModelsSettings(), ceiling=4096)
+        await engine.start()
+        probes = []
+        for _ in range(40):
+            text, tokens = _synthetic(rng)
+            task = await store.submit(text, 50)
+            await engine.ingest(_outcome(task.id, text, tokens, "simple"))
+        for _ in range(5):
+            probes.append(await store.submit(_synthetic(rng)[0], 50))
+        before = [(await engine.assess(t)).predicted_tokens for t in probes]
+        await store.close()
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        again = LearningEngine(store, LEARNING, ModelsSettings(), ceiling=4096)
+        await again.start()
+        after = [(await again.assess(t)).predicted_tokens for t in probes]
+        await store.close()
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert before == after
+    assert any(p != LEARNING.prior_tokens["simple"] for p in before)
+
+
+def _outcome(task_id: str, text: str, tokens: float, level: str) -> Outcome:
+    return Outcome(
+        task_id=task_id,
+        text=text,
+        predicted_level=level,
+        confidence=0.5,
+        completion_tokens=round(tokens),
+        success=True,
+        role="task",
+        backend="llamacpp",
+        model="smollm2-135m",
+    )
+
+
+# -- selection -----------------------------------------------------------------
+
+
+@given(st.integers(0, 200), st.integers(0, 200))
+def test_simple_tasks_go_to_ux_only_on_enough_good_evidence(ok: int, bad: int) -> None:
+    """Past min_samples, ux gets simple tasks exactly when its success rate meets the bar."""
+    config = LearningSettings(explore_rate=0.0)
+    selector = Selector(config)
+    for _ in range(ok):
+        selector.observe("ux", "simple", True)
+    for _ in range(bad):
+        selector.observe("ux", "simple", False)
+    choice = selector.choose("abcdef012345", "simple")
+    n = ok + bad
+    enough = n >= config.ux_min_samples and ok / n >= config.ux_success_threshold
+    assert (choice.role == "ux") == enough
+    assert selector.choose("abcdef012345", "medium").role == "task"
+
+
+def test_a_ux_task_rescued_by_the_task_model_counts_against_ux() -> None:
+    """A ux task that completed only after escalating (a retry) is not a ux success."""
+    selector = Selector(LEARNING)
+    selector.observe("ux", "simple", True, retries=1)
+    selector.observe("ux", "simple", True, retries=0)
+    selector.observe("task", "simple", True, retries=1)
+    assert selector.rate("ux", "simple") == (0.5, 2)
+    assert selector.rate("task", "simple") == (1.0, 1)
+
+
+def test_exploration_sends_about_its_rate_of_tasks_and_is_deterministic() -> None:
+    """The explore rate picks that share of task ids, the same ones every time."""
+    ids = [f"{i:012x}" for i in range(4000)]
+    picked = [i for i in ids if explores(i, 0.1)]
+    assert 0.08 < len(picked) / len(ids) < 0.12
+    assert picked == [i for i in ids if explores(i, 0.1)]
+    assert not any(explores(i, 0.0) for i in ids)
+
+
+def test_thinking_follows_the_configured_levels() -> None:
+    """Only levels in think_for run with thinking on."""
+    selector = Selector(LearningSettings(think_for=["medium", "complex"]))
+    assert [selector.choose("a" * 12, lv).think for lv in LEVELS] == [False, True, True]
+
+
+# -- ETA -----------------------------------------------------------------------
+
+
+def test_eta_before_the_first_step_comes_from_predicted_tokens_and_speed() -> None:
+    """Before a step ends, the ETA is the predicted tokens still to come at the model's speed."""
+    hub = ProgressHub()
+    hub.start("t1", steps=1, doing="answering", step=0, tokens=0)
+    started = hub.get("t1")
+    assert started is not None and started.eta_seconds is None
+    progress = hub.expect("t1", predicted_tokens=100, tokens_per_second=20.0)
+    assert progress is not None and progress.eta_seconds == pytest.approx(5.0)
+    progress = hub.update("t1", add_tokens=60)
+    assert progress is not None and progress.eta_seconds == pytest.approx(2.0)
+    progress = hub.update("t1", add_tokens=100)
+    assert progress is not None and progress.eta_seconds == 0
