@@ -1,15 +1,22 @@
 """Token-budget prediction: how many tokens a task will generate, and its max_tokens.
 
-    predicted = s · knn + (1 - s) · prior(model, level)
-    budget    = clamp(⌈predicted · (1 + margin)⌉, min_budget, ceiling)
+Token counts are heavy-tailed (a one-word answer takes 7, a rescued task thousands),
+so the prediction works on their logarithms:
 
-``knn`` is the bm25-weighted mean of the similar past tasks' tokens; ``s`` is how
-alike the nearest one is (word overlap, 0..1), so an unfamiliar task leans on the
-prior and a repeat of a known one on its own history. ``prior`` is the running
-mean of the tokens of past tasks on that model at that level, started from the
-configured guess counted as ``prior_strength`` tasks; each distinct text counts
-once (its runs averaged), so repeating a task does not drag the mean to it.
-Until that mean rests on ``budget_min_history`` past tasks, the budget is the
+    mu     = (k · log prior(model, level) + Σ sᵢ · log tokensᵢ) / (k + Σ sᵢ)
+    spread = max(min_spread, √((k · min_spread² + Σ sᵢ · (log tokensᵢ - mu)²) / (k + Σ sᵢ)))
+    predicted = e^mu
+    budget    = clamp(⌈e^(mu + margin_spreads · spread)⌉, min_budget, ceiling)
+
+``sᵢ`` is how alike neighbour i is (word overlap, 0..1) and ``k`` is
+``neighbour_shrink``: an unfamiliar task leans on the prior, a repeat of a known
+one on its own history, and more agreeing neighbours weigh more. ``prior`` is the
+geometric mean of the tokens of past tasks on that model at that predicted level,
+started from the configured guess counted as ``prior_strength`` tasks; each
+distinct text counts once (its runs averaged), so repeating a task does not drag
+the mean to it. The prediction is the typical (median) value, which is what an ETA
+wants; the budget sits ``margin_spreads`` spreads above it, so an answer is rarely
+cut. Until the mean rests on ``budget_min_history`` past tasks, the budget is the
 ceiling: a guess alone does not cut answers short.
 """
 
@@ -33,72 +40,93 @@ class Prediction:
     budget: int
     prior: float
     neighbours: float | None
-    """The neighbours' weighted mean, None without any."""
+    """The neighbours' similarity-weighted geometric mean, None without any."""
     similarity: float
-    """Weight the neighbours got (0..1)."""
+    """How alike the nearest neighbour is (0..1)."""
     evidence: int
     """Distinct past tasks behind the (model, level) mean."""
+    spread: float = 0.0
+    """Spread of the prediction in log tokens (the budget's margin is counted in it)."""
 
 
-def blend_neighbours(neighbours: Sequence[Neighbour]) -> tuple[float | None, float]:
-    """The bm25-weighted mean of neighbours' tokens, and the nearest one's similarity."""
-    if not neighbours:
-        return None, 0.0
-    weights = [max(n.score, 1e-6) for n in neighbours]
-    mean = sum(w * n.completion_tokens for w, n in zip(weights, neighbours, strict=True))
-    return mean / sum(weights), min(max(neighbours[0].similarity, 0.0), 1.0)
+def _log(tokens: float) -> float:
+    return math.log(max(tokens, 1.0))
+
+
+def blend_neighbours(
+    neighbours: Sequence[Neighbour], prior_log: float, shrink: float, min_spread: float
+) -> tuple[float, float]:
+    """``(mu, spread)`` in log tokens: the neighbours' similarity-weighted logs, shrunk
+    toward the prior's by ``shrink`` pseudo-weight."""
+    weights = [min(max(n.similarity, 0.0), 1.0) for n in neighbours]
+    logs = [_log(n.completion_tokens) for n in neighbours]
+    total = shrink + sum(weights)
+    mu = (shrink * prior_log + sum(w * x for w, x in zip(weights, logs, strict=True))) / total
+    var = (
+        shrink * min_spread**2 + sum(w * (x - mu) ** 2 for w, x in zip(weights, logs, strict=True))
+    ) / total
+    return mu, max(math.sqrt(var), min_spread)
 
 
 def clamp_budget(predicted: float, margin: float, low: int, high: int) -> int:
-    """``predicted`` plus the margin, within [low, high] (high wins if they cross)."""
-    budget = math.ceil(max(predicted, 0.0) * (1 + margin))
+    """``predicted`` times ``margin`` (≥ 1), within [low, high] (high wins if they cross)."""
+    budget = math.ceil(max(predicted, 0.0) * max(margin, 1.0))
     return max(min(budget, high), min(low, high))
 
 
 class BudgetPredictor:
-    """Per-(model, level) running means, and predictions blended with neighbours."""
+    """Per-(model, level) geometric means, and predictions blended with neighbours."""
 
     def __init__(self, settings: LearningSettings) -> None:
         self._settings = settings
-        # (model, level) -> text -> (sum of tokens, runs)
+        # (model, level) -> text -> (sum of log tokens, runs)
         self._runs: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
 
     def observe(self, model: str, level: str, text: str, tokens: float) -> None:
         """Add one finished task's tokens to its (model, level) mean."""
         per_text = self._runs.setdefault((model, level), {})
         total, runs = per_text.get(text, (0.0, 0))
-        per_text[text] = (total + max(tokens, 0.0), runs + 1)
+        per_text[text] = (total + _log(tokens), runs + 1)
 
     def clear(self) -> None:
         """Forget every observation (before a refit)."""
         self._runs.clear()
 
-    def prior(self, model: str, level: Level) -> float:
-        """The mean tokens on ``model`` at ``level``, starting from the configured guess."""
+    def _prior_log(self, model: str, level: Level) -> float:
         s = self._settings
-        guess = float(s.prior_tokens.get(level, 1))
+        guess = _log(float(s.prior_tokens.get(level, 1)))
         per_text = self._runs.get((model, level), {})
         means = [total / runs for total, runs in per_text.values()]
         return (s.prior_strength * guess + sum(means)) / (s.prior_strength + len(means))
+
+    def prior(self, model: str, level: Level) -> float:
+        """The typical tokens on ``model`` at ``level``, starting from the configured guess."""
+        return math.exp(self._prior_log(model, level))
 
     def predict(
         self, model: str, level: Level, neighbours: Sequence[Neighbour], ceiling: int
     ) -> Prediction:
         """Predicted tokens and the budget for a task with these neighbours."""
         s = self._settings
-        prior = self.prior(model, level)
-        knn, similarity = blend_neighbours(neighbours)
-        predicted = prior if knn is None else similarity * knn + (1 - similarity) * prior
+        prior_log = self._prior_log(model, level)
+        mu, spread = blend_neighbours(neighbours, prior_log, s.neighbour_shrink, s.min_spread)
         high = min(s.max_budget, ceiling) if s.max_budget else ceiling
         evidence = len(self._runs.get((model, level), {}))
-        budget = clamp_budget(predicted, s.margin, s.min_budget, high)
+        predicted = math.exp(mu)
+        budget = clamp_budget(predicted, math.exp(s.margin_spreads * spread), s.min_budget, high)
         if evidence < s.budget_min_history:
             budget = high
+        weights = [min(max(n.similarity, 0.0), 1.0) for n in neighbours]
+        knn = None
+        if sum(weights) > 0:
+            logs = [w * _log(n.completion_tokens) for w, n in zip(weights, neighbours, strict=True)]
+            knn = math.exp(sum(logs) / sum(weights))
         return Prediction(
             tokens=max(round(predicted), 0),
             budget=budget,
-            prior=prior,
+            prior=math.exp(prior_log),
             neighbours=knn,
-            similarity=similarity,
+            similarity=max((n.similarity for n in neighbours), default=0.0),
             evidence=evidence,
+            spread=spread,
         )

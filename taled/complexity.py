@@ -66,8 +66,15 @@ def label_outcome(
     retries: int,
     success: bool,
 ) -> Level:
-    """The level a finished task turned out to be, from what it took."""
-    if steps >= settings.complex_min_steps or completion_tokens >= settings.complex_min_tokens:
+    """The level a finished task turned out to be, from what it took.
+
+    Tokens are counted per attempt, and steps only when nothing was retried: a task
+    decomposed after its direct answers failed was hard for the model, not
+    necessarily complex, and learning it as complex would plan its like up front.
+    """
+    per_attempt = completion_tokens / (1 + max(retries, 0))
+    planned = steps >= settings.complex_min_steps and retries == 0
+    if planned or per_attempt >= settings.complex_min_tokens:
         return "complex"
     if (
         completion_tokens >= settings.medium_min_tokens

@@ -506,8 +506,14 @@ class LearningSettings(BaseModel):
     """Initial guess of the tokens a task of each level generates, before any history."""
     prior_strength: float = Field(default=5.0, gt=0, le=10_000)
     """How many past tasks the initial guess counts as in a (model, level) average."""
-    margin: float = Field(default=0.25, ge=0, le=10)
-    """Safety margin: the budget is the predicted tokens times (1 + margin)."""
+    neighbour_shrink: float = Field(default=0.5, gt=0, le=1000)
+    """Weight of the (model, level) mean against the similar tasks' (each weighs its word
+    overlap, 0..1): lower trusts similar tasks sooner."""
+    margin_spreads: float = Field(default=2.0, ge=0, le=10)
+    """Safety margin: the budget is this many spreads (in log tokens) above the prediction
+    (2.0: about 98 % of answers fit if their tokens are log-normal)."""
+    min_spread: float = Field(default=0.5, gt=0, le=5)
+    """Smallest spread (in log tokens) a prediction is given, however alike its history."""
     min_budget: int = Field(default=32, ge=1, le=131_072)
     """Smallest max_tokens a budget gives an answer."""
     budget_min_history: int = Field(default=5, ge=0, le=100_000)

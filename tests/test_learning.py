@@ -163,11 +163,12 @@ def test_classifier_accuracy_on_held_back_history_improves_with_more_history() -
 def test_outcome_labels_follow_the_thresholds(
     tokens: int, steps: int, retries: int, success: bool
 ) -> None:
-    """Planned or long tasks are complex; retried, failed or mid-length ones at least medium."""
+    """Planned or long-answered tasks are complex; retried, failed or mid-length ones at
+    least medium; a task decomposed only after retries is not complex by its steps."""
     level = label_outcome(
         LEARNING, completion_tokens=tokens, steps=steps, retries=retries, success=success
     )
-    if steps >= 2 or tokens >= LEARNING.complex_min_tokens:
+    if (steps >= 2 and not retries) or tokens / (1 + retries) >= LEARNING.complex_min_tokens:
         assert level == "complex"
     elif tokens >= LEARNING.medium_min_tokens or retries or not success:
         assert level == "medium"
@@ -251,7 +252,7 @@ def test_a_budget_stays_within_its_bounds(
 ) -> None:
     """The budget is never above the ceiling (or max_budget), nor below min_budget under it."""
     config = LearningSettings(
-        min_budget=min_budget, max_budget=max_budget, margin=margin, budget_min_history=0
+        min_budget=min_budget, max_budget=max_budget, margin_spreads=margin, budget_min_history=0
     )
     predictor = BudgetPredictor(config)
     for i, tokens in enumerate(past):
@@ -274,16 +275,38 @@ def test_a_guess_alone_never_limits_an_answer() -> None:
     assert budgets[3] < 1500
 
 
-@given(st.floats(0, 1e6), st.floats(0, 10), st.integers(1, 1000), st.integers(1, 100_000))
+@given(st.floats(0, 1e6), st.floats(1, 100), st.integers(1, 1000), st.integers(1, 100_000))
 def test_clamping_keeps_the_margin_when_there_is_room(
     predicted: float, margin: float, low: int, high: int
 ) -> None:
-    """Between the bounds, the budget is the prediction plus its margin, rounded up."""
+    """Between the bounds, the budget is the prediction times its margin, rounded up."""
     budget = clamp_budget(predicted, margin, low, high)
     assert budget <= high
-    wanted = predicted * (1 + margin)
+    wanted = predicted * margin
     if low <= wanted <= high - 1:
         assert wanted <= budget <= wanted + 1
+
+
+@given(st.lists(st.floats(1, 5000), min_size=1, max_size=5), st.floats(0.05, 1))
+def test_agreeing_similar_tasks_pull_the_prediction_to_their_tokens(
+    tokens: list[float], similarity: float
+) -> None:
+    """The prediction lies between the prior and the neighbours' tokens, and moves toward
+    the neighbours the more alike they are."""
+    predictor = BudgetPredictor(LEARNING)
+    prior = predictor.prior("m", "simple")
+    same = [
+        Neighbour(str(i), "t", 1.0, similarity, tokens[0], "simple", True)
+        for i in range(len(tokens))
+    ]
+    closer = [
+        Neighbour(str(i), "t", 1.0, 1.0, tokens[0], "simple", True) for i in range(len(tokens))
+    ]
+    loose = predictor.predict("m", "simple", same, ceiling=10**6).tokens
+    tight = predictor.predict("m", "simple", closer, ceiling=10**6).tokens
+    low, high = sorted((prior, tokens[0]))
+    assert low - 1 <= loose <= high + 1
+    assert abs(tight - tokens[0]) <= abs(loose - tokens[0]) + 1
 
 
 @given(

@@ -16,7 +16,7 @@ TINY_BUDGET = {
     "TALE_LEARNING__PRIOR_TOKENS": json.dumps({"simple": 8, "medium": 8, "complex": 8}),
     "TALE_LEARNING__MIN_BUDGET": "8",
     "TALE_LEARNING__BUDGET_MIN_HISTORY": "0",
-    "TALE_LEARNING__MARGIN": "0",
+    "TALE_LEARNING__MARGIN_SPREADS": "0",
     "TALE_LEARNING__EXPLORE_RATE": "0",
 }
 
