@@ -157,19 +157,44 @@ def extract_python(text: str) -> str | None:
     broken: the gate should report it) and from unlabelled blocks that parse as
     Python and do something (not a lone value such as sample output). Several
     blocks are joined in order. A final fence left open (an answer cut at
-    ``max_tokens``) runs to the end of the text. An answer without any fence
-    counts as code only if the whole of it is such Python.
+    ``max_tokens``) runs to the end of the text. In an answer without any fence,
+    small models often write the code bare and explain it after: its code is the
+    paragraphs that are such Python (a paragraph may open with a line of prose,
+    "Here it is:", which is dropped).
     """
     blocks = _fenced_blocks(text)
     if blocks is None:
-        whole = text.strip()
-        return whole + "\n" if whole and _runnable(whole) else None
+        return _join(_bare_code(text))
     code = [
         _undoctest(body)
         for label, body in blocks
         if body.strip() and (label in _PYTHON_LABELS or (not label and _runnable(body)))
     ]
+    return _join(code)
+
+
+def _join(code: list[str]) -> str | None:
     return "\n\n".join(c.rstrip("\n") for c in code) + "\n" if code else None
+
+
+def _bare_code(text: str) -> list[str]:
+    """The runnable paragraphs of a text with no fences, in order."""
+    paragraphs: list[list[str]] = []
+    for chunk in re.split(r"\n[ \t]*\n", text.strip()):
+        lines = chunk.splitlines()
+        if paragraphs and lines and lines[0][:1] in (" ", "\t"):
+            # An indented paragraph goes on with the one before (a blank line in a body).
+            paragraphs[-1] += ["", *lines]
+        elif lines:
+            paragraphs.append(lines)
+    code = []
+    for lines in paragraphs:
+        for start in range(min(len(lines), 2)):  # the whole, or after one line of prose
+            body = "\n".join(lines[start:])
+            if _runnable(body):
+                code.append(body)
+                break
+    return code
 
 
 def _fenced_blocks(text: str) -> list[tuple[str, str]] | None:

@@ -31,7 +31,7 @@ from typing import Literal
 import anyio
 import psutil
 
-from taled.backends.base import Backend, CancelToken, ChatMessage, Completion
+from taled.backends.base import Backend, CancelToken, ChatMessage, Completion, continuation
 from taled.backends.llamacpp import LlamaCppBackend
 from taled.errors import BackendDown, InvalidInput, ModelError, ModelTimeout, RoleDown
 from taled.settings import BackendSpec, ModelsSettings, Role, parse_model_spec
@@ -119,6 +119,8 @@ class _Request:
     conversation_id: str | None = None
     saved_tokens: int = 0
     think: bool | None = None
+    partial: str = ""
+    """An answer of the model's own, cut off, that this call continues."""
 
 
 @dataclass(frozen=True)
@@ -506,6 +508,7 @@ class ModelPool:
         on_restart: Callable[[], None] | None = None,
         conversation_id: str | None = None,
         think: bool | None = None,
+        partial: str = "",
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings.
 
@@ -514,7 +517,10 @@ class ModelPool:
         as it arrives (for progress), ``on_restart`` hears that the pieces seen so far
         are void (the call starts over); ``step`` names the task's step in the ledger;
         ``think`` switches a thinking model's reasoning (backends without one ignore it).
-        A cancelled call returns what it had produced, with finish_reason 'cancelled'.
+        ``partial`` is an answer of the model's own, cut off, to continue: the result's
+        text is what follows it (see ``backends.base.continuation``, chosen per backend
+        because a fallback may serve the call). A cancelled call returns what it had
+        produced, with finish_reason 'cancelled'.
         """
         request = _Request(
             role,
@@ -530,6 +536,7 @@ class ModelPool:
             on_restart,
             conversation_id,
             think=think,
+            partial=partial,
         )
         out = Completion.empty()
         async for piece in self._run(request, out, restartable=True):
@@ -585,7 +592,7 @@ class ModelPool:
             down = self._roles[role]
             note = f"{role} model {down.spec.label} was down: {down.last_error}"
         pieces = backend.stream(
-            request.messages,
+            continuation(request.messages, request.partial, native=backend.continues_final_message),
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             cancel=request.cancel,

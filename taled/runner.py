@@ -50,8 +50,6 @@ __all__ = ["Runner"]
 
 log = logging.getLogger(__name__)
 
-_CONTINUE = "Continue exactly where you stopped. Do not repeat what you already wrote."
-
 
 class _Stopped(Exception):
     """The task left ``running`` (paused, cancelled, daemon stopping): drop it quietly."""
@@ -570,11 +568,6 @@ class Runner:
                     {"role": "user", "content": attempts[-1].detail},
                 ]
             partial = ws.partial["text"] if ws.partial and ws.partial["key"] == key else ""
-            if partial:
-                prompt += [
-                    {"role": "assistant", "content": partial},
-                    {"role": "user", "content": _CONTINUE},
-                ]
             limit = stage.max_tokens
             budgeted = budget is not None and at == 0 and budget < stage.max_tokens
             if budgeted:
@@ -677,6 +670,7 @@ class Runner:
             if task.parent_id is not None:
                 self._progress.update(task.parent_id, add_tokens=1)
 
+        partial = partial_of[2] if partial_of is not None else ""
         while True:
             pieces.clear()
             answered = asyncio.Event()
@@ -698,6 +692,7 @@ class Runner:
                     on_piece=counted,
                     on_restart=pieces.clear,
                     think=self._learning.think(task) if self._learning is not None else None,
+                    partial=partial,
                 )
             except RoleDown as exc:
                 down = exc.message

@@ -149,11 +149,16 @@ def test_a_long_conversation_is_summarised_and_the_saving_is_in_the_ledger() -> 
     with running_daemon(settings) as daemon:
         conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
         summarised = False
+        # Long questions: the history outgrows 120 tokens however briefly the model answers.
         for text in (
-            "what is the moon made of?",
-            "why does it have craters?",
-            "how far away is it?",
-            "who walked on it first?",
+            "what is the moon made of? I read that it is mostly rock and dust with a small "
+            "iron core, and I would like to know more about its layers and its crust",
+            "why does it have so many craters? is it because it has no air to burn up the "
+            "rocks that fall on it, unlike the earth, where most of them burn up on the way",
+            "how far away is it from the earth, and does that distance change over the year "
+            "or over millions of years, as I once heard it is slowly moving away from us",
+            "who walked on it first, and how many people have walked on it since then, and "
+            "when was the last time anybody went there and came back to tell the story",
         ):
             summarised |= chat(daemon, text, conversation=conversation)["summarised"]
         assert summarised

@@ -222,6 +222,24 @@ def test_an_answer_that_is_only_code_is_code() -> None:
     assert extract_python("def f():\n    return 1\n") == "def f():\n    return 1\n"
 
 
+def test_bare_code_followed_by_its_explanation_is_code() -> None:
+    """Small models write code without a fence and explain it after: the code is found."""
+    text = 'print("Hello World")\n\nThis prints Hello World to the console.'
+    assert extract_python(text) == 'print("Hello World")\n'
+
+
+def test_bare_code_after_a_line_of_prose_keeps_its_blank_lines() -> None:
+    """A "Here it is:" line is dropped; a blank line inside a function body is kept."""
+    text = "Here it is:\ndef f(x):\n    y = 1\n\n    return x + y\n\nprint(f(2))\n\nIt prints 3."
+    assert extract_python(text) == "def f(x):\n    y = 1\n\n    return x + y\n\nprint(f(2))\n"
+
+
+def test_prose_without_fences_has_no_code() -> None:
+    """A one-word answer or sentences are not code, even beside a lone name."""
+    assert extract_python("Paris") is None
+    assert extract_python("The capital of France is Paris.\n\nParis") is None
+
+
 @given(st.text(max_size=300))
 def test_extract_python_never_crashes(text: str) -> None:
     """Any text gives a string or None."""

@@ -162,6 +162,9 @@ def test_an_answer_cut_by_its_budget_is_continued_and_counted(home: Home) -> Non
         assert [c["step"] for c in calls] == ["answer", "answer"]
         assert calls[0]["completion_tokens"] == 8
         assert calls[1]["completion_tokens"] == 48 - 8
+        # Continued, not restarted: the answer's opening is not written a second time.
+        opening = task["result"][:20]
+        assert task["result"].count(opening) == 1, task["result"]
         outcome = _outcome(home, task_id)
         assert outcome["truncations"] == 1
         assert outcome["completion_tokens"] == 48

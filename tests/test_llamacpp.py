@@ -63,6 +63,25 @@ def test_max_tokens_cuts_the_answer_and_says_so(backend: LlamaCppBackend) -> Non
     assert out.completion_tokens == 12
 
 
+def test_a_final_assistant_message_is_continued_not_answered(backend: LlamaCppBackend) -> None:
+    """A cut-off answer sent back as the last message is carried on where it stopped:
+    at temperature 0 the two parts join to the answer written in one go."""
+    story: list[ChatMessage] = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+    def answer(messages: list[ChatMessage], max_tokens: int) -> str:
+        out = Completion.empty()
+        stream = backend.stream(
+            messages, max_tokens=max_tokens, temperature=0, cancel=CancelToken(), result=out
+        )
+        return asyncio.run(_collect(stream))
+
+    whole = answer(story, 24)
+    partial = answer(story, 8)
+    rest = answer([*story, {"role": "assistant", "content": partial}], 16)
+    assert partial and rest
+    assert partial + rest == whole
+
+
 def test_cancel_stops_the_stream_at_the_next_token(backend: LlamaCppBackend) -> None:
     """A cancel from another task stops generation early and reports 'cancelled'."""
     out = Completion.empty()

@@ -381,3 +381,23 @@ def test_real_ollama_answers_and_keeps_the_model_pinned(real_ollama: str) -> Non
     assert out.text and out.prompt_tokens > 0 and out.completion_tokens > 0
     assert entry is not None and entry.expires_at is not None
     assert entry.expires_at > datetime.now().astimezone() + timedelta(days=365 * 100)
+
+
+def test_a_final_assistant_message_is_continued_not_answered(standin: OllamaStandIn) -> None:
+    """As Ollama does, a cut-off answer sent back as the last message is carried on."""
+
+    async def scenario() -> tuple[str, str, str]:
+        backend = _backend(standin.url)
+        await backend.load()
+        whole = (await _run(backend, STORY, max_tokens=24))[1].text
+        partial = (await _run(backend, STORY, max_tokens=8))[1].text
+        prefill: list[ChatMessage] = [*STORY, {"role": "assistant", "content": partial}]
+        rest = (await _run(backend, prefill, max_tokens=16))[1].text
+        return whole, partial, rest
+
+    whole, partial, rest = asyncio.run(scenario())
+    assert OllamaBackend.continues_final_message
+    assert whole.startswith(partial) and rest
+    # It goes on with the next words of the uncut answer instead of starting over.
+    # (Ollama's repeat penalty sees the prompt re-tokenized, so later words may drift.)
+    assert rest.split()[:2] == whole[len(partial) :].split()[:2]

@@ -17,6 +17,7 @@ __all__ = [
     "ChatMessage",
     "Completion",
     "Memory",
+    "continuation",
     "estimate_tokens",
     "is_local_host",
 ]
@@ -24,6 +25,9 @@ __all__ = [
 # The usual rule of thumb for English with BPE tokenizers, used only where a
 # backend gives no count (such counts are marked counts_exact = False).
 CHARS_PER_TOKEN = 4
+
+# How a backend that cannot continue an assistant message is asked to go on.
+CONTINUE_PROMPT = "Continue exactly where you stopped. Do not repeat what you already wrote."
 
 
 def estimate_tokens(text: str) -> int:
@@ -52,11 +56,34 @@ class ChatMessage(TypedDict):
     content: str
 
 
-class CancelToken:
-    """Set from any thread to stop a call at the next token."""
+def continuation(messages: list[ChatMessage], partial: str, *, native: bool) -> list[ChatMessage]:
+    """The messages that make a model go on with ``partial``, its own cut-off answer.
 
-    def __init__(self) -> None:
+    A backend that continues a final assistant message (``continues_final_message``)
+    gets the partial as that message: the model picks up mid-sentence, and at
+    temperature 0 writes exactly what it would have written uncut. Others get the
+    partial as a finished turn followed by a request to continue, which small models
+    often answer by starting over.
+    """
+    if not partial:
+        return messages
+    prefill: list[ChatMessage] = [*messages, {"role": "assistant", "content": partial}]
+    if native:
+        return prefill
+    return [*prefill, {"role": "user", "content": CONTINUE_PROMPT}]
+
+
+class CancelToken:
+    """Set from any thread to stop a call at the next token.
+
+    A token made with a ``parent`` is also cancelled when its parent is: the pool
+    stops a call for its own reasons (a loop) without touching the caller's token,
+    whose state means "the caller stopped it".
+    """
+
+    def __init__(self, parent: CancelToken | None = None) -> None:
         self._event = threading.Event()
+        self._parent = parent
 
     def cancel(self) -> None:
         """Ask the call to stop."""
@@ -64,8 +91,8 @@ class CancelToken:
 
     @property
     def cancelled(self) -> bool:
-        """Whether cancel() was called."""
-        return self._event.is_set()
+        """Whether cancel() was called (on this token or its parent)."""
+        return self._event.is_set() or (self._parent is not None and self._parent.cancelled)
 
 
 @dataclass
@@ -110,6 +137,8 @@ class Backend(Protocol):
 
     kind: str
     model: str
+    continues_final_message: bool
+    """Whether a final assistant message is continued rather than answered."""
 
     @property
     def loaded(self) -> bool:

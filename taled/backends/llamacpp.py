@@ -80,6 +80,7 @@ class LlamaCppBackend:
     """One embedded llama.cpp model instance."""
 
     kind = "llamacpp"
+    continues_final_message = True
 
     def __init__(
         self,
@@ -185,7 +186,14 @@ class LlamaCppBackend:
         return Memory(bytes=int(self._llm._model.size()))
 
     def render_prompt(self, messages: list[ChatMessage]) -> tuple[str, list[str]]:
-        """The prompt text the chat template makes of ``messages``, and its stop strings."""
+        """The prompt text the chat template makes of ``messages``, and its stop strings.
+
+        A final assistant message is continued: the template renders the turns
+        before it up to the assistant's opening, and its text follows unclosed.
+        """
+        prefill = ""
+        if messages and messages[-1]["role"] == "assistant":
+            messages, prefill = messages[:-1], messages[-1]["content"]
         response = self._formatter(messages=messages)
         stop = (
             response.stop
@@ -194,7 +202,7 @@ class LlamaCppBackend:
             if response.stop
             else []
         )
-        return response.prompt, stop
+        return response.prompt + prefill, stop
 
     async def stream(
         self,

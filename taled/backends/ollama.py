@@ -81,6 +81,8 @@ class OllamaBackend:
     """One model served by an Ollama server."""
 
     kind = "ollama"
+    # Ollama's templates leave a final assistant message open and continue it.
+    continues_final_message = True
 
     def __init__(self, model: str, settings: OllamaSettings, *, pinned: bool) -> None:
         self.model = model

@@ -77,6 +77,9 @@ class OpenAIBackend:
     """One model on an OpenAI-compatible server."""
 
     kind = "openai"
+    # llama.cpp's server closes a final assistant message and starts another; vLLM
+    # continues one only when asked (continue_final_message), a field others may not know.
+    continues_final_message = False
 
     def __init__(self, base_url: str, model: str, settings: OpenAISettings) -> None:
         self.base_url = base_url.rstrip("/")

@@ -528,7 +528,18 @@ class _Handler(BaseHTTPRequestHandler):
         opts = {**_DEFAULTS, **options}
         num_predict = int(opts.get("num_predict", -1))
         raw = not chat and bool(body.get("raw"))
-        prompt = body["prompt"] if raw else inst.formatter(messages=messages).prompt
+        # Ollama's templates leave a final assistant message open: the model goes on
+        # with it (a prefill), and the reply holds only what follows.
+        prefill = chat and bool(messages) and messages[-1].get("role") == "assistant"
+        stop: list[str] = []
+        if raw:
+            prompt = body["prompt"]
+        elif prefill:
+            rendered = inst.formatter(messages=messages[:-1])
+            prompt = rendered.prompt + str(messages[-1].get("content") or "")
+            stop = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or [])
+        else:
+            prompt = inst.formatter(messages=messages).prompt
         prompt_tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         kwargs: dict[str, Any] = {
             "max_tokens": num_predict if num_predict > 0 else None,
@@ -540,9 +551,9 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if "seed" in opts and int(opts["seed"]) >= 0:
             kwargs["seed"] = int(opts["seed"])
-        if opts.get("stop"):
-            kwargs["stop"] = list(opts["stop"])
-        if raw:
+        if opts.get("stop") or stop:
+            kwargs["stop"] = [*stop, *(opts.get("stop") or [])]
+        if raw or prefill:
             chunks = llm.create_completion(prompt, **kwargs)
         else:
             chunks = llm.create_chat_completion(messages=messages, **kwargs)
@@ -556,7 +567,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 for chunk in chunks:
                     choice = chunk["choices"][0]
-                    piece = choice["text"] if raw else choice["delta"].get("content")
+                    piece = choice["text"] if raw or prefill else choice["delta"].get("content")
                     if piece:
                         if first is None:
                             first = time.perf_counter_ns()
