@@ -73,7 +73,7 @@ class App:
             paths.data_dir() / "tale.db", settings.store, settings.queue.write_batch_max
         )
         self.queue = TaskQueue(self.store, settings.queue)
-        self.pool = ModelPool(settings.models, self.store)
+        self.pool = ModelPool(settings.models, self.store, loops=settings.loops)
         self.learning = LearningEngine(
             self.store,
             settings.learning,

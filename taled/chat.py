@@ -261,7 +261,11 @@ class ChatService:
             )
             await say(answer.text)
             return await self._finish(conv.id, intent, said, updates, task=answer.task)
+        streamed = len(said)
         completion, summarised = await self._reply(conv, say)
+        # A reply stopped for repeating itself streamed more than it keeps (see
+        # taled.repetition): the conversation stores what it keeps.
+        said[streamed:] = [completion.text]
         turn = await self._finish(conv.id, intent, said, updates, completion=completion)
         turn.summarised = summarised
         return turn

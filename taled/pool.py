@@ -34,7 +34,8 @@ import psutil
 from taled.backends.base import Backend, CancelToken, ChatMessage, Completion, continuation
 from taled.backends.llamacpp import LlamaCppBackend
 from taled.errors import BackendDown, InvalidInput, ModelError, ModelTimeout, RoleDown
-from taled.settings import BackendSpec, ModelsSettings, Role, parse_model_spec
+from taled.repetition import LoopGuard
+from taled.settings import BackendSpec, LoopSettings, ModelsSettings, Role, parse_model_spec
 from taled.store import CallRecord, Store
 
 __all__ = ["ModelPool", "ModelStatus", "make_backend"]
@@ -158,10 +159,14 @@ class ModelStatus:
 class ModelPool:
     """Loads the role models, keeps them healthy, and runs calls on them."""
 
-    def __init__(self, settings: ModelsSettings, store: Store) -> None:
+    def __init__(
+        self, settings: ModelsSettings, store: Store, *, loops: LoopSettings | None = None
+    ) -> None:
+        """``loops``: stop every call whose answer starts repeating itself (None: never)."""
         self._settings = settings
         self._pool = settings.pool
         self._store = store
+        self._loops = loops if loops is not None and loops.enabled else None
         # Set while no UX call is generating on the ux model; embedded models of
         # other roles pause between tokens while it is clear (models.pool.ux_priority).
         self._ux_idle = threading.Event()
@@ -591,15 +596,25 @@ class ModelPool:
         if route == "fallback":
             down = self._roles[role]
             note = f"{role} model {down.spec.label} was down: {down.last_error}"
+        guard = None
+        if self._loops is not None:
+            asked = next(
+                (m["content"] for m in reversed(request.messages) if m["role"] == "user"), ""
+            )
+            guard = LoopGuard.from_settings(self._loops, asked)
+        # The guard stops the backend through a token of its own: the caller's token
+        # being set means "the caller stopped it", which a loop is not.
+        cancel = CancelToken(parent=request.cancel) if guard is not None else request.cancel
         pieces = backend.stream(
             continuation(request.messages, request.partial, native=backend.continues_final_message),
             max_tokens=request.max_tokens,
             temperature=request.temperature,
-            cancel=request.cancel,
+            cancel=cancel,
             result=out,
             think=request.think,
         )
         deadline = time.monotonic() + timeout
+        so_far = ""
         try:
             while True:
                 # The deadline covers each wait for the backend, never our consumer's
@@ -609,6 +624,10 @@ class ModelPool:
                         piece = await anext(pieces)
                     except StopAsyncIteration:
                         break
+                if guard is not None and guard.cut is None:
+                    so_far += piece
+                    if guard.looped(so_far):
+                        cancel.cancel()
                 yield piece
         except TimeoutError:
             error = f"timed out after {timeout:g} s"
@@ -622,6 +641,11 @@ class ModelPool:
         finally:
             with anyio.CancelScope(shield=True):
                 await pieces.aclose()
+            if guard is not None and guard.cut is not None and not request.cancel.cancelled:
+                out.text = guard.trimmed(out.text)
+                out.finish_reason = "stop"
+                looped = f"stopped repeating itself; kept {len(out.text)} characters"
+                note = f"{note}; {looped}" if note else looped
             total_ms = (time.perf_counter() - started) * 1000
             if error is None and out.finish_reason == "cancelled":
                 error = "cancelled"

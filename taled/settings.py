@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,6 +32,7 @@ __all__ = [
     "LearningSettings",
     "Level",
     "LlamaCppSettings",
+    "LoopSettings",
     "ModelsSettings",
     "OllamaSettings",
     "OpenAISettings",
@@ -136,6 +137,31 @@ class RunnerSettings(BaseModel):
     stop_wait_seconds: float = Field(default=10.0, gt=0, le=600)
     """Pause and cancel answer once the stopped call's partial answer is checkpointed,
     or after this long."""
+
+
+class LoopSettings(BaseModel):
+    """Loop detection: an answer that repeats itself word for word is stopped there."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    """Stop task answers and chat replies whose tail repeats, and drop the repeats."""
+    min_chars: int = Field(default=16, ge=4, le=10_000)
+    """Shortest repeating unit that counts (shorter ones are rules, padding, stutters)."""
+    max_chars: int = Field(default=400, ge=4, le=100_000)
+    """Longest repeating unit looked for."""
+    repeats: int = Field(default=3, ge=2, le=100)
+    """Copies in a row of a short unit that make a loop."""
+    long_chars: int = Field(default=64, ge=4, le=100_000)
+    """A unit at least this long is a loop after two copies."""
+    check_every_chars: int = Field(default=16, ge=1, le=10_000)
+    """New characters between two looks at an answer (bounds the cost per token)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LoopSettings:
+        if not self.min_chars <= self.max_chars:
+            raise ValueError("min_chars must not exceed max_chars")
+        return self
 
 
 class PlannerSettings(BaseModel):
@@ -552,6 +578,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    loops: LoopSettings = Field(default_factory=LoopSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     gates: GateSettings = Field(default_factory=GateSettings)

@@ -40,6 +40,9 @@ TEST_SETTINGS = {
     # The learning engine sends a share of simple tasks to ux while it has few samples,
     # by task id: tests that check routing ask for it; the rest stay on the task model.
     "TALE_LEARNING__EXPLORE_RATE": "0",
+    # Many tests need a task that keeps running while they act on it, and get one from
+    # the small model looping on LONG to max_tokens; the loop guard's tests turn it on.
+    "TALE_LOOPS__ENABLED": "false",
 }
 
 

@@ -96,6 +96,14 @@ def test_an_out_of_range_value_is_an_error(tmp_path: Path) -> None:
         load_settings(cfg)
 
 
+def test_a_loop_unit_range_that_is_empty_is_an_error(tmp_path: Path) -> None:
+    """loops.min_chars above loops.max_chars is rejected, naming the table."""
+    cfg = tmp_path / "taled.toml"
+    cfg.write_text("[loops]\nmin_chars = 500\nmax_chars = 100\n")
+    with pytest.raises(ConfigError, match=r"loops.*min_chars must not exceed max_chars"):
+        load_settings(cfg)
+
+
 def test_an_unknown_backend_is_an_error(tmp_path: Path) -> None:
     """A role bound to a backend this build lacks is rejected at load."""
     cfg = tmp_path / "taled.toml"

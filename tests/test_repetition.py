@@ -1,0 +1,153 @@
+"""Loop detection: an answer that repeats itself word for word is stopped and trimmed."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taled.repetition import LoopGuard, loop_start
+from taled.settings import LoopSettings
+from tests.harness import running_daemon
+
+_S = LoopSettings()
+_KW = {
+    "min_chars": _S.min_chars,
+    "max_chars": _S.max_chars,
+    "repeats": _S.repeats,
+    "long_chars": _S.long_chars,
+}
+_WORDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=2, max_size=9)
+
+
+def _words(text: str) -> set[str]:
+    return set(text.replace(".", " ").split())
+
+
+@given(st.text(max_size=600))
+def test_loop_start_never_crashes_and_points_inside_the_text(text: str) -> None:
+    """Any text gives None or a cut inside it."""
+    cut = loop_start(text, **_KW)
+    assert cut is None or 0 < cut <= len(text)
+
+
+@given(st.lists(_WORDS, min_size=1, max_size=60, unique=True))
+def test_text_without_repeats_is_not_a_loop(words: list[str]) -> None:
+    """Distinct words never make a loop, however long the text."""
+    assert loop_start(" ".join(words), **_KW) is None
+
+
+@given(
+    st.lists(_WORDS, max_size=12).map(" ".join),
+    st.lists(_WORDS, min_size=3, max_size=12, unique=True)
+    .map(lambda w: " ".join(w) + ". ")
+    .filter(lambda u: len(u) >= _S.min_chars),
+    st.integers(min_value=3, max_value=6),
+)
+def test_a_unit_repeated_is_cut_after_one_copy(prose: str, unit: str, copies: int) -> None:
+    """Prose then one sentence over and over: the repeats go, one copy of it stays."""
+    text = prose + " " + unit * copies
+    cut = loop_start(text, **_KW)
+    assert cut is not None
+    assert len(text) - cut >= (copies - 2) * len(unit)
+    assert _words(unit) <= _words(text[:cut])
+
+
+def test_rules_and_tables_are_not_loops() -> None:
+    """Repeated punctuation (a rule, a table's dashes) has no words: not a loop."""
+    assert loop_start("-" * 200, **_KW) is None
+    assert loop_start("| --- | --- |\n" * 10, **_KW) is None
+
+
+def test_the_cut_ends_where_a_sentence_ends() -> None:
+    """The kept text ends at a sentence's end, not mid-word."""
+    loop = "In the end, a dragon is a mythical creature that rules the world. "
+    text = "The dragon is a legendary creature. " + loop * 3
+    guard = LoopGuard.from_settings(_S)
+    assert guard.looped(text)
+    assert guard.trimmed(text).endswith("rules the world.")
+
+
+def test_a_looping_answer_is_stopped_and_its_repeats_dropped() -> None:
+    """At temperature 0 the small model loops on this task: the call stops early, the
+    ledger says why, and the result holds no paragraph twice in a row."""
+    settings = {"TALE_LOOPS__ENABLED": "true", "TALE_RUNNER__MAX_TOKENS": "512"}
+    with running_daemon(settings) as daemon:
+        task_id = daemon.call("submit_task", text="Write hello world in Python")["id"]
+        task = daemon.wait_for(task_id)
+        assert task["state"] == "completed"
+        with sqlite3.connect(daemon.home.data / "tale.db") as db:
+            calls = db.execute(
+                "SELECT completion_tokens, note FROM model_calls WHERE task_id = ?", (task_id,)
+            ).fetchall()
+        assert len(calls) == 1
+        tokens, note = calls[0]
+        assert tokens < 512
+        assert "stopped repeating itself" in note
+        paragraphs = [p for p in task["result"].split("\n\n") if p.strip()]
+        assert all(a != b for a, b in itertools.pairwise(paragraphs))
+        assert loop_start(task["result"], **_KW) is None
+
+
+def test_with_the_guard_off_the_same_answer_runs_to_max_tokens() -> None:
+    """The control: without the guard the same task's answer is cut at max_tokens."""
+    settings = {"TALE_LOOPS__ENABLED": "false", "TALE_RUNNER__MAX_TOKENS": "512"}
+    with running_daemon(settings) as daemon:
+        task_id = daemon.call("submit_task", text="Write hello world in Python")["id"]
+        assert daemon.wait_for(task_id)["state"] == "completed"
+        with sqlite3.connect(daemon.home.data / "tale.db") as db:
+            (tokens,) = db.execute(
+                "SELECT completion_tokens FROM model_calls WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        assert tokens == 512
+
+
+# Open questions the small model often answers and then repeats itself on (which ones
+# loop depends on the machine's arithmetic, so there are several).
+_RAMBLE = (
+    "tell me about dragons",
+    "what do you think about music?",
+    "why is the sky blue?",
+    "what is love?",
+    "what makes a good friend?",
+    "tell me about the ocean",
+)
+
+
+def test_looping_chat_replies_are_stopped_and_stored_without_their_repeats() -> None:
+    """Replies that loop end early (at least one of these does); every turn's text and
+    its stored message are the same, and none holds a loop."""
+    settings = {
+        "TALE_LOOPS__ENABLED": "true",
+        "TALE_CHAT__MAX_TOKENS": "256",
+        "TALE_CHAT__TEMPERATURE": "0",
+    }
+    stopped = 0
+    with running_daemon(settings) as daemon:
+        for text in _RAMBLE:
+            turn = daemon.call("chat", text=text, new=True)
+            with sqlite3.connect(daemon.home.data / "tale.db") as db:
+                tokens, note = db.execute(
+                    "SELECT completion_tokens, note FROM model_calls"
+                    " WHERE conversation_id = ? AND step IS NULL",
+                    (turn["conversation"],),
+                ).fetchone()
+            if note and "stopped repeating itself" in note:
+                stopped += 1
+                assert tokens < 256
+            stored = daemon.call("get_conversation", id=turn["conversation"])["messages"][-1]
+            assert stored["text"] == turn["text"]
+            assert loop_start(turn["text"], **_KW) is None
+    assert stopped >= 1
+
+
+def test_repetition_the_request_asks_for_is_not_a_loop() -> None:
+    """ "Write this sentence ten times" gets every copy: the request holds the unit."""
+    unit = "I like green apples and red cherries. "
+    asked = LoopGuard.from_settings(_S, f"Write '{unit.strip()}' ten times, please.")
+    assert not asked.looped(unit * 6)
+    assert asked.trimmed(unit * 6) == unit * 6
+    unasked = LoopGuard.from_settings(_S, "Write a story about fruit.")
+    assert unasked.looped(unit * 6)
