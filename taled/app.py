@@ -1,12 +1,15 @@
 """The daemon: its services, wired in one place, with explicit phases.
 
     startup   lock the socket path → open the store and the checkpoint repository
-              → requeue interrupted tasks (each resumes from its latest checkpoint)
-              → load the models → listen → READY=1 → start the workers
+              → the embedder's clients (if learning.embeddings is set; no I/O)
+              → the learning engine → requeue interrupted tasks (each resumes from
+              its latest checkpoint) → load the models → listen → READY=1 → start
+              the workers; in the background, load the embedding model
     main loop serve MCP sessions and ping the watchdog until SIGTERM/SIGINT
     shutdown  STOPPING=1 → refuse new tasks → let running calls finish within the
               grace period, then stop them (their tasks go back to the queue)
-              → close the socket → unload models → flush and close the store
+              → close the socket → unload models → release the embedder
+              → flush and close the store
 
 Signal handlers only set a flag; everything else happens in ``serve``.
 """
@@ -30,6 +33,7 @@ from mcp.shared.message import SessionMessage
 from taled import __version__, paths
 from taled.chat import ChatService
 from taled.checkpoints import CheckpointStore
+from taled.embeddings import EmbeddingService
 from taled.errors import TaleError
 from taled.learning import LearningEngine
 from taled.metrics import Metrics
@@ -74,12 +78,19 @@ class App:
         )
         self.queue = TaskQueue(self.store, settings.queue)
         self.pool = ModelPool(settings.models, self.store, loops=settings.loops)
+        # Optional: similar tasks found by meaning as well as words (learning.embeddings).
+        self.embeddings = (
+            EmbeddingService.from_settings(settings.learning, settings.models)
+            if settings.learning.embeddings
+            else None
+        )
         self.learning = LearningEngine(
             self.store,
             settings.learning,
             settings.models,
             ceiling=settings.runner.max_tokens,
             thinks=self.pool.thinks,
+            embeddings=self.embeddings,
         )
         # The learning engine may send simple tasks to ux when history says it succeeds there.
         self.router = Router(advisor=self.learning)
@@ -167,6 +178,7 @@ class App:
                 }
                 for r in self.pool.status()
             ],
+            "learning": self.learning.status(),
         }
 
     async def models_status(self) -> dict[str, Any]:
@@ -207,6 +219,8 @@ class App:
                         [f"{r.role}={r.backend}:{r.model}" for r in self.pool.status()],
                     )
                     tg.start_soon(self.monitor.run)
+                    # After READY, not before: the embedding model's load must not delay it.
+                    tg.start_soon(self.learning.warm)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")
@@ -226,6 +240,8 @@ class App:
         await self.store.open()
         await self.monitor.start()
         await self.checkpoints.open()
+        if self.embeddings is not None:
+            await self.embeddings.start()
         await self.learning.start()
         requeued = await self.store.requeue_running(
             "daemon restarted; the task was interrupted and runs again"
@@ -247,6 +263,8 @@ class App:
         await self.listener.close()
         await self.pool.stop()
         await self.learning.stop()
+        if self.embeddings is not None:
+            await self.embeddings.stop()
         await self.checkpoints.close()
         await self.monitor.stop()
         await self.store.close()

@@ -8,7 +8,8 @@ so the prediction works on their logarithms:
     predicted = e^mu
     budget    = clamp(⌈e^(mu + margin_spreads · spread)⌉, min_budget, ceiling)
 
-``sᵢ`` is how alike neighbour i is (word overlap, 0..1) and ``k`` is
+``sᵢ`` is how alike neighbour i is (0..1: its word overlap, blended with its
+embedding's cosine when ``learning.embeddings`` is on; see taled.memory) and ``k`` is
 ``neighbour_shrink``: an unfamiliar task leans on the prior, a repeat of a known
 one on its own history, and more agreeing neighbours weigh more. ``prior`` is the
 geometric mean of the tokens of past tasks on that model at that predicted level,

@@ -3,12 +3,16 @@
     start   load the newest outcomes from ``task_outcomes`` and fit everything
             (a restart keeps what was learned: it all lives in SQLite)
     assess  at a top-level task's start: level and confidence (taled.complexity),
-            similar past tasks (taled.memory), predicted tokens, budget and ETA
-            (taled.budget), the role and thinking mode (taled.selection). The
-            runner saves it in the task's checkpoint, so a resumed task keeps it.
+            similar past tasks (taled.memory; by bm25, and by embedding when
+            ``learning.embeddings`` is set: the task's text is embedded here), predicted
+            tokens, budget and ETA (taled.budget), the role and thinking mode
+            (taled.selection). The runner saves it in the task's checkpoint, so a
+            resumed task keeps it.
     record  when a top-level task completes or fails: its tokens (its subtasks'
             included, from the ledger), steps, retries and truncations, labelled,
-            inserted into ``task_outcomes`` and ``task_memory``; then refit.
+            inserted into ``task_outcomes`` and ``task_memory`` (and its text's
+            embedding into ``task_embeddings``, reusing the one made at assess); then
+            refit.
 
 With ``learning.enabled = false`` tasks are still assessed and recorded (so the
 history is there when it is turned on), but nothing assessed is acted on.
@@ -31,8 +35,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from taled import planner
 from taled.budget import BudgetPredictor
 from taled.complexity import ComplexityModel, label_outcome
+from taled.embeddings import EmbeddingService
+from taled.errors import TaleError
 from taled.lifecycle import TaskState
-from taled.memory import SimilarTasks
+from taled.memory import SimilarTasks, Vector, save_vector
 from taled.selection import Selector
 from taled.settings import LearningSettings, Level, ModelsSettings, Role, parse_model_spec
 from taled.store import Store, TaskRecord, model_calls, task_outcomes, tasks, transitions
@@ -44,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # Finished tasks whose estimates get_task can still show without a query.
 _KEEP_ESTIMATES = 1000
+# Embeddings made at assess kept for the record (running tasks; a bound for the rest).
+_KEEP_VECTORS = 1000
 # Ledger rows looked at for a model's generation speed.
 _SPEED_ROWS = 500
 # The classifier is refitted after every record while history is small, then after
@@ -82,6 +90,11 @@ class Assessment:
     """The model the prediction was for (``backend:model``)."""
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+    similarity: str = "bm25"
+    """How the similar tasks were found: ``bm25``, ``bm25+embedding``, or
+    ``bm25 (embedding unavailable)`` when the embedder failed and the lookup fell back."""
+    similar_via: list[str] = field(default_factory=list)
+    """For each similar task, how it was found: ``bm25``, ``embedding`` or both."""
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint form."""
@@ -100,6 +113,8 @@ class Assessment:
             "predicted_tokens": self.predicted_tokens,
             "budget": self.budget,
             "similar": list(self.similar),
+            "similar_via": list(self.similar_via),
+            "similarity": self.similarity,
             "role": self.role,
             "think": self.think,
             "eta_seconds": self.eta_seconds,
@@ -141,15 +156,19 @@ class LearningEngine:
         models: ModelsSettings,
         ceiling: int,
         thinks: Callable[[str], bool] | None = None,
+        embeddings: EmbeddingService | None = None,
     ) -> None:
-        """``thinks(role)``: whether the role's model can think (recorded in outcomes)."""
+        """``thinks(role)``: whether the role's model can think (recorded in outcomes);
+        ``embeddings``: the embedder of ``learning.embeddings`` (None: bm25 alone)."""
         self._store = store
         self._thinks = thinks or (lambda _role: False)
         self.settings = settings
         self._models = models
         self.ceiling = ceiling
         """The fixed max_tokens (runner.max_tokens) a budget never exceeds."""
-        self._memory = SimilarTasks(store)
+        self._embeddings = embeddings
+        self._memory = SimilarTasks(store, embeddings, settings)
+        self._vectors: OrderedDict[str, Vector] = OrderedDict()
         self._classifier = ComplexityModel(settings.history_half_weight)
         self._budget = BudgetPredictor(settings)
         self._selector = Selector(settings)
@@ -182,6 +201,7 @@ class LearningEngine:
             self._observe(row.text, json.loads(row.features), row)
             self._estimates[row.task_id] = _finished(row, row.level)
         self._trim_estimates()
+        await self._memory.start()
         await self._fit()
         await self._measure_speed()
         log.info(
@@ -195,6 +215,29 @@ class LearningEngine:
         """Let a refit in progress finish."""
         if self._refit is not None:
             await self._refit
+
+    async def warm(self) -> None:
+        """After READY, in the background: load the embedding model, then embed the stored
+        tasks that have no vector of it yet (a no-op without embeddings)."""
+        if self._embeddings is None:
+            return
+        await self._embeddings.warm()
+        if self._embeddings.down:
+            return
+        try:
+            await self._memory.backfill()
+        except TaleError as exc:
+            # The store closing under it (a shutdown), say: the next start goes on.
+            log.warning("similar tasks: the embedding backfill stopped: %s", exc.message)
+
+    def status(self) -> dict[str, Any]:
+        """What ``daemon_status`` shows of the engine: history size and the embeddings'
+        state, with how many lookups fell back to bm25 alone."""
+        return {
+            "enabled": self.enabled,
+            "distinct_tasks": self._classifier.distinct,
+            "embeddings": self._memory.status(),
+        }
 
     # -- assessing -----------------------------------------------------------
 
@@ -211,7 +254,12 @@ class LearningEngine:
         role: Role = choice.role if task.model is None and self.enabled else "task"
         spec = task.model or (self._models.ux if role == "ux" else self._models.task)
         key = _spec_key(spec)
-        neighbours = await self._memory.nearest(task.text, self.settings.neighbours)
+        found = await self._memory.lookup(task.text, self.settings.neighbours)
+        if found.vector is not None:
+            self._vectors[task.id] = found.vector
+            while len(self._vectors) > _KEEP_VECTORS:
+                self._vectors.popitem(last=False)
+        neighbours = found.neighbours
         prediction = self._budget.predict(key, estimate.level, neighbours, self.ceiling)
         speed = self._speed.get(key)
         return Assessment(
@@ -228,6 +276,8 @@ class LearningEngine:
             model=key,
             tokens_per_second=round(speed, 2) if speed else None,
             eta_seconds=round(prediction.tokens / speed, 1) if speed else None,
+            similarity=found.method,
+            similar_via=[n.via for n in neighbours],
         )
 
     def remember(self, task_id: str, assessment: Assessment) -> None:
@@ -238,6 +288,7 @@ class LearningEngine:
     def forget(self, task_id: str) -> None:
         """Drop a task's assessment once it has left the runner (cancelled, say)."""
         self._active.pop(task_id, None)
+        self._vectors.pop(task_id, None)
 
     def advise(self, task: TaskRecord) -> Role | None:
         """The RouteAdvisor hook: the role assessed for this top-level task."""
@@ -284,6 +335,7 @@ class LearningEngine:
                 gate_passed = final[-1].passed
         success = task.state == TaskState.COMPLETED
         truncations = ws.truncations if ws is not None else 0
+        vector = await self._vector_for(task.id, task.text)
 
         async def apply(conn: AsyncConnection) -> Outcome:
             facts = await _ledger_facts(conn, task.id)
@@ -312,9 +364,13 @@ class LearningEngine:
                 seconds=max(task.updated_at - (facts["started"] or task.created_at), 0.0),
             )
             await _insert(conn, outcome, self._label(outcome))
+            if vector is not None and self._embeddings is not None:
+                await save_vector(conn, task.id, self._embeddings.key, vector)
             return outcome
 
         outcome = await self._store.write(apply)
+        if vector is not None:
+            self._memory.add(task.id, vector)
         await self.add(outcome)
         finished = self._estimates.get(task.id, {})
         self._estimates[task.id] = {**assessment.summary(), **finished}
@@ -325,12 +381,29 @@ class LearningEngine:
     async def ingest(self, outcome: Outcome) -> None:
         """Store an outcome observed elsewhere (an imported or replayed history), and learn."""
         level = self._label(outcome)
+        vector = await self._vector_for(outcome.task_id, outcome.text)
 
         async def apply(conn: AsyncConnection) -> None:
             await _insert(conn, outcome, level)
+            if vector is not None and self._embeddings is not None:
+                await save_vector(conn, outcome.task_id, self._embeddings.key, vector)
 
         await self._store.write(apply)
+        if vector is not None:
+            self._memory.add(outcome.task_id, vector)
         await self.add(outcome)
+
+    async def _vector_for(self, task_id: str, text: str) -> Vector | None:
+        """A finished task's embedding: the one made when it was assessed, else a new one
+        (None without embeddings, or when the embedder fails: counted)."""
+        if self._embeddings is None:
+            return None
+        vector = self._vectors.pop(task_id, None)
+        if vector is None:
+            vector = await self._memory.embed(text)
+            if vector is None:
+                self._memory.unembedded += 1
+        return vector
 
     async def add(self, outcome: Outcome) -> None:
         """Learn from one outcome already in the store (refits the classifier)."""

@@ -518,7 +518,8 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     ),
     "daemon_status": (
         NoArgs,
-        "The daemon: version, pid, uptime, models, workers and tasks by state.",
+        "The daemon: version, pid, uptime, models, workers, tasks by state, and the "
+        "learning engine (its embeddings' model, state, lookups and bm25 fallbacks).",
     ),
 }
 

@@ -533,8 +533,8 @@ class LearningSettings(BaseModel):
     prior_strength: float = Field(default=5.0, gt=0, le=10_000)
     """How many past tasks the initial guess counts as in a (model, level) average."""
     neighbour_shrink: float = Field(default=0.5, gt=0, le=1000)
-    """Weight of the (model, level) mean against the similar tasks' (each weighs its word
-    overlap, 0..1): lower trusts similar tasks sooner."""
+    """Weight of the (model, level) mean against the similar tasks' (each weighs its
+    similarity, 0..1): lower trusts similar tasks sooner."""
     margin_spreads: float = Field(default=2.0, ge=0, le=10)
     """Safety margin: the budget is this many spreads (in log tokens) above the prediction
     (2.0: about 98 % of answers fit if their tokens are log-normal)."""
@@ -548,7 +548,8 @@ class LearningSettings(BaseModel):
     max_budget: int = Field(default=0, ge=0, le=131_072)
     """Largest budget; 0 means runner.max_tokens (a budget never exceeds that anyway)."""
     neighbours: int = Field(default=5, ge=1, le=100)
-    """Similar past tasks (FTS5/bm25 nearest neighbours) a prediction looks at."""
+    """Similar past tasks (bm25 nearest neighbours, and embedding ones when embeddings
+    are on) a prediction looks at."""
     ux_success_threshold: float = Field(default=0.8, ge=0, le=1)
     """Simple tasks go to the ux model once its success rate on them is at least this."""
     ux_min_samples: int = Field(default=10, ge=1, le=100_000)
@@ -560,6 +561,38 @@ class LearningSettings(BaseModel):
     """Levels whose tasks run with thinking on, on models that support it (Ollama's think)."""
     history_limit: int = Field(default=5000, ge=10, le=1_000_000)
     """Newest outcomes the engine learns from at start."""
+    embeddings: str = ""
+    """Model that embeds task texts so similar tasks are found by meaning as well as by
+    words, in the [models] forms: llamacpp:NAME (embedded), ollama:NAME (Ollama's
+    /api/embed, e.g. ollama:nomic-embed-text), openai:URL#MODEL (POST URL/embeddings).
+    Empty: similar tasks are found by their words alone (bm25)."""
+    embedding_weight: float = Field(default=0.5, ge=0, le=1)
+    """Share of a neighbour's similarity that comes from its embedding, the rest from its
+    word overlap: w * cosine part + (1 - w) * overlap."""
+    embedding_min_cosine: float = Field(default=0.3, ge=0, lt=1)
+    """Cosine at or below which two texts' embeddings say nothing; the floor used is the
+    higher of this and the mean cosine between stored tasks (a weak model finds all alike)."""
+    embedding_max_chars: int = Field(default=1000, ge=16, le=1_000_000)
+    """A text is cut to this many characters before it is embedded (its start says what it
+    is about; a long text costs the embedded model seconds)."""
+    embedding_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """An embedding call that takes longer fails; the lookup then uses bm25 alone."""
+    embedding_load_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    """Longest wait for the embedding model to load (an embedded one in a thread; Ollama's
+    on its server); a load that takes longer fails like a call."""
+    embedding_threads: int = Field(default=1, ge=0, le=256)
+    """CPU threads of an embedded (llamacpp:) embedding model; 0 means one per core. One
+    keeps it off the chat models' cores for the milliseconds a short text takes."""
+    embedding_retry_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    """While the embedding model is down it is tried again at most this often; lookups in
+    between use bm25 alone without waiting for it."""
+
+    @field_validator("embeddings")
+    @classmethod
+    def _valid_embeddings(cls, value: str) -> str:
+        if value.strip():
+            parse_model_spec(value)
+        return value.strip()
 
 
 class Settings(BaseSettings):

@@ -176,6 +176,19 @@ task_outcomes = sa.Table(
     sa.Column("seconds", sa.Float, nullable=False, server_default="0"),
 )
 
+# The embedding of a finished top-level task's text, one per embedding model (the
+# ``learning.embeddings`` spec as ``backend:model``): a little-endian float32 vector,
+# L2-normalised, ``dimension`` long. Similar-task lookups compare a new task's vector
+# with those of the same model.
+task_embeddings = sa.Table(
+    "task_embeddings",
+    metadata,
+    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("dimension", sa.Integer, nullable=False),
+    sa.Column("vector", sa.LargeBinary, nullable=False),
+)
+
 # Every performance-target violation the monitor saw, with its context.
 violations = sa.Table(
     "violations",
@@ -340,8 +353,21 @@ _V5 = [
     "CREATE INDEX violations_by_at ON violations (at)",
 ]
 
+# Version 6 (similar tasks by meaning): the embeddings of finished tasks' texts,
+# keyed by task and embedding model (see ``task_embeddings`` above).
+_V6 = [
+    """CREATE TABLE task_embeddings (
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        model TEXT NOT NULL,
+        dimension INTEGER NOT NULL,
+        vector BLOB NOT NULL,
+        PRIMARY KEY (task_id, model)
+    )""",
+    "CREATE INDEX task_embeddings_by_model ON task_embeddings (model)",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

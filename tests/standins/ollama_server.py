@@ -7,7 +7,8 @@ thread with ``OllamaStandIn(["smollm2:135m"]).start()``.
 Faithful to Ollama (the shapes are those of the ``ollama`` client's ``_types.py``):
 
 - Endpoints ``GET /``, ``GET /api/version``, ``GET /api/tags``, ``GET /api/ps``,
-  ``POST /api/show``, ``POST /api/chat``, ``POST /api/generate``; errors are
+  ``POST /api/show``, ``POST /api/chat``, ``POST /api/generate``, ``POST /api/embed``;
+  errors are
   ``{"error": "..."}`` with Ollama's status codes and texts (404 ``model "X" not
   found, try pulling it first``, 400 for a missing model or bad JSON).
 - Streaming is NDJSON over chunked transfer (as Go's net/http sends it), ``stream``
@@ -24,6 +25,13 @@ Faithful to Ollama (the shapes are those of the ``ollama`` client's ``_types.py`
   largest duration).
 - One request generates on a model at a time (OLLAMA_NUM_PARALLEL=1); a client
   that disconnects mid-stream stops the generation at the next token.
+- ``/api/embed`` as Ollama's ``EmbedHandler``: ``input`` a string or a list of
+  strings (400 ``invalid input type`` otherwise; an empty one only loads the model
+  and answers ``embeddings: []``), ``truncate`` (default true) cuts a text to the
+  context, false makes an over-long text a 400; every vector is L2-normalised, then
+  cut to ``dimensions`` (and normalised again) when that is smaller; the answer has
+  ``model``, ``embeddings``, ``total_duration``, ``load_duration`` and
+  ``prompt_eval_count``. It loads the model (residency and keep_alive as above).
 
 Not faithful:
 
@@ -35,8 +43,13 @@ Not faithful:
   ``show``; ``think: true`` for any other model is Ollama's 400 (``"X" does not
   support thinking``). A thinking model's answer carries no ``message.thinking``:
   the stand-in's model cannot reason, it only records what was asked.
+- Embeddings come from a second llama.cpp context of the same GGUF in embedding
+  mode, mean-pooled (SmolLM2 has no pooling of its own; which pooling Ollama's runner
+  uses for such a model is not copied). Every served name embeds alike, and a name
+  is never refused for lacking the "embedding" capability.
 - No memory-pressure eviction, no OLLAMA_MAX_LOADED_MODELS, no pull/push/create/
-  delete/copy/embed, no tools, images or ``format`` (ignored, or 400 for
+  delete/copy, no ``/api/embeddings`` (the old endpoint), no tools, images or
+  ``format`` (ignored, or 400 for
   tools); options other than ``num_ctx`` never cause a reload; only ``num_ctx``,
   ``num_predict``, ``temperature``, ``top_k``, ``top_p``, ``repeat_penalty``,
   ``seed`` and ``stop`` are honoured. Loading happens under one lock, so ``/api/ps``
@@ -138,6 +151,14 @@ def parse_keep_alive(value: Any, default: float) -> float:
     return FOREVER if seconds < 0 else seconds
 
 
+def _normalize(vector: Sequence[float]) -> list[float]:
+    """Ollama's normalize: unit length, a 400 for NaN or infinite values."""
+    if any(math.isnan(v) or math.isinf(v) for v in vector):
+        raise ApiError(400, "embedding contains NaN or Inf values")
+    norm = 1.0 / max(math.sqrt(sum(v * v for v in vector)), 1e-12)
+    return [v * norm for v in vector]
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -157,6 +178,8 @@ class _Instance:
     """Wall-clock unload time while idle; None while busy or kept forever."""
     unload_when_idle: bool = False
     generating: threading.Lock = field(default_factory=threading.Lock)
+    embedder: Any = None
+    """The same GGUF in embedding mode, made by the first /api/embed (under ``generating``)."""
 
 
 class _Scheduler:
@@ -313,6 +336,25 @@ class _Scheduler:
         if self._loaded.get(inst.name) is inst:
             del self._loaded[inst.name]
         inst.llm.close()
+        if inst.embedder is not None:
+            inst.embedder.close()
+
+    def embedder(self, inst: _Instance) -> Any:
+        """``inst``'s model in embedding mode, loaded on first use (hold ``inst.generating``)."""
+        if inst.embedder is None:
+            from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+
+            inst.embedder = Llama(
+                model_path=str(self.path),
+                embedding=True,
+                pooling_type=LLAMA_POOLING_TYPE_MEAN,
+                n_ctx=inst.num_ctx,
+                # A whole (truncated) text is one batch: llama-cpp-python cuts at n_batch.
+                n_batch=inst.num_ctx,
+                n_ubatch=inst.num_ctx,
+                verbose=False,
+            )
+        return inst.embedder
 
     def _reap(self) -> None:
         """Unload idle models whose keep_alive ran out."""
@@ -390,6 +432,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", "/api/show"): lambda: self._show(body),
             ("POST", "/api/chat"): lambda: self._generate(body, chat=True),
             ("POST", "/api/generate"): lambda: self._generate(body, chat=False),
+            ("POST", "/api/embed"): lambda: self._embed(body),
         }
         handler = routes.get((method, path))
         if handler is None:
@@ -453,6 +496,61 @@ class _Handler(BaseHTTPRequestHandler):
                 "modified_at": datetime.fromtimestamp(s.path.stat().st_mtime)
                 .astimezone()
                 .isoformat(),
+            }
+        )
+
+    # -- embed -----------------------------------------------------------------
+
+    def _embed(self, body: dict[str, Any]) -> None:
+        """``POST /api/embed``: Ollama's EmbedHandler (see the module docstring)."""
+        started = time.perf_counter_ns()
+        s = self.server.scheduler
+        name = s.resolve(body.get("model"))
+        raw = body.get("input")
+        if isinstance(raw, str):
+            texts = [raw] if raw else []
+        elif isinstance(raw, list) and all(isinstance(t, str) for t in raw):
+            texts = list(raw)
+        elif raw is None:
+            texts = []
+        else:
+            raise ApiError(400, "invalid input type")
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "options must be an object")
+        dimensions = body.get("dimensions") or 0
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int):
+            raise ApiError(400, "json: cannot unmarshal dimensions into Go value of type int")
+        keep_alive = parse_keep_alive(body.get("keep_alive"), s.default_keep_alive)
+        truncate = body.get("truncate") is not False
+        inst, load_ns = s.acquire(name, int(options.get("num_ctx") or _DEFAULT_NUM_CTX))
+        try:
+            if not texts:
+                self._json({"model": body["model"], "embeddings": []})
+                return
+            with inst.generating:
+                llm = s.embedder(inst)
+                limit = min(inst.num_ctx, int(s.metadata.get("llama.context_length", inst.num_ctx)))
+                if not truncate:
+                    for text in texts:
+                        if len(llm.tokenize(text.encode("utf-8"))) > limit:
+                            raise ApiError(400, "the input length exceeds the context length")
+                vectors: list[list[float]] = []
+                count = 0
+                for text in texts:
+                    vector, tokens = llm.embed(text, truncate=True, return_count=True)
+                    cut = dimensions if dimensions > 0 else None
+                    vectors.append(_normalize(_normalize(vector)[:cut]))
+                    count += tokens
+        finally:
+            s.release(inst, keep_alive)
+        self._json(
+            {
+                "model": body["model"],
+                "embeddings": vectors,
+                "total_duration": time.perf_counter_ns() - started,
+                "load_duration": load_ns,
+                "prompt_eval_count": count,
             }
         )
 
