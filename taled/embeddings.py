@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from ollama import AsyncClient, ResponseError
 
-from taled.backends.llamacpp import resolve_model_path
+from taled.backends.llamacpp import model_params, resolve_model_path
 from taled.backends.ollama import DEFAULT_HOST
 from taled.errors import BackendDown, ModelError, ModelTimeout, TaleError
 from taled.settings import (
@@ -179,17 +179,18 @@ class LlamaCppEmbedder:
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_UNSPECIFIED, Llama
 
         def load(pooling: int) -> Any:
-            return Llama(
-                model_path=str(path),
-                embedding=True,
-                pooling_type=pooling,
-                n_ctx=_LLAMA_CONTEXT_TOKENS,
-                # A non-causal model must see a whole text in one batch and micro-batch.
-                n_batch=_LLAMA_CONTEXT_TOKENS,
-                n_ubatch=_LLAMA_CONTEXT_TOKENS,
-                n_threads=self._threads,
-                verbose=False,
-            )
+            with model_params(repack=self._settings.repack_weights):
+                return Llama(
+                    model_path=str(path),
+                    embedding=True,
+                    pooling_type=pooling,
+                    n_ctx=_LLAMA_CONTEXT_TOKENS,
+                    # A non-causal model must see a whole text in one batch and micro-batch.
+                    n_batch=_LLAMA_CONTEXT_TOKENS,
+                    n_ubatch=_LLAMA_CONTEXT_TOKENS,
+                    n_threads=self._threads,
+                    verbose=False,
+                )
 
         llm = load(LLAMA_POOLING_TYPE_MEAN)
         # The metadata is only readable once loaded: a model whose own pooling is not

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -157,3 +159,44 @@ def test_a_call_past_its_deadline_fails_the_task_with_the_setting_named() -> Non
     finally:
         daemon.stop()
         home.cleanup()
+
+
+_LOAD = """
+import sys
+from llama_cpp import Llama
+from taled.backends.llamacpp import embedded_model_path, model_params
+with model_params(repack=sys.argv[1] == "on"):
+    Llama(model_path=str(embedded_model_path()), n_ctx=256, verbose=True)
+import llama_cpp.llama_cpp as native
+print("restored" if native.llama_model_default_params().use_extra_bufts else "not restored")
+"""
+
+
+def _buffers(repack: str) -> tuple[str, str]:
+    """llama.cpp's load log (its buffer types) and what the params default is after."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD, repack], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr, proc.stdout.strip()
+
+
+def test_repacking_is_off_by_default_and_leaves_llamas_defaults_alone() -> None:
+    """With models.llamacpp.repack_weights off (the default) llama.cpp makes no repacked
+    copy of the weights, and its default params are as before once the load is done."""
+    assert LlamaCppSettings().repack_weights is False
+    log, after = _buffers("off")
+    assert "model buffer size" in log
+    assert "AMX model buffer" not in log and "REPACK model buffer" not in log
+    assert after == "restored"
+
+
+@pytest.mark.skipif(
+    "amx_int8" not in Path("/proc/cpuinfo").read_text(),
+    reason="repacking makes a copy only on CPUs it has kernels for (checked on AMX)",
+)
+def test_repacking_on_makes_the_amx_copy_on_an_amx_cpu() -> None:
+    """repack_weights = true reaches llama.cpp: on an AMX CPU the weights get AMX buffers."""
+    log, after = _buffers("on")
+    assert "AMX model buffer" in log
+    assert after == "restored"

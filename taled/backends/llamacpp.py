@@ -14,6 +14,7 @@ text (this matches what llama-cpp-python reports for a non-streamed call).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -29,7 +30,13 @@ from taled.backends.base import CancelToken, ChatMessage, Completion, Memory
 from taled.errors import BackendDown, ModelError
 from taled.settings import LlamaCppSettings
 
-__all__ = ["EMBEDDED_MODEL", "LlamaCppBackend", "embedded_model_path", "resolve_model_path"]
+__all__ = [
+    "EMBEDDED_MODEL",
+    "LlamaCppBackend",
+    "embedded_model_path",
+    "model_params",
+    "resolve_model_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,36 @@ def resolve_model_path(model: str, settings: LlamaCppSettings) -> Path:
             "add it under [models.llamacpp.models] in taled.toml"
         )
     return path
+
+
+# Loads that swap llama-cpp-python's default model params wait for each other.
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_params(*, repack: bool) -> Iterator[None]:
+    """Around a ``Llama(...)`` load: llama.cpp's weight repacking on or off.
+
+    llama-cpp-python builds llama.cpp's model params inside ``Llama()`` from
+    ``llama_model_default_params()`` and takes no argument for ``use_extra_bufts``
+    (the repacked copies: AMX on Intel Xeons, about 95 MB per SmolLM2 instance), so
+    for the load the defaults it reads have the flag set as asked.
+    """
+    import llama_cpp.llama_cpp as native
+
+    with _PARAMS_LOCK:
+        default = native.llama_model_default_params
+
+        def params() -> Any:
+            p = default()
+            p.use_extra_bufts = repack
+            return p
+
+        native.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            native.llama_model_default_params = default
 
 
 _DONE = object()
@@ -127,14 +164,15 @@ class LlamaCppBackend:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         s = self._settings
-        llm = Llama(
-            model_path=str(path),
-            n_ctx=s.n_ctx,
-            n_threads=self._threads,
-            n_batch=s.n_batch,
-            seed=s.seed if s.seed >= 0 else 0xFFFFFFFF,
-            verbose=False,
-        )
+        with model_params(repack=s.repack_weights):
+            llm = Llama(
+                model_path=str(path),
+                n_ctx=s.n_ctx,
+                n_threads=self._threads,
+                n_batch=s.n_batch,
+                seed=s.seed if s.seed >= 0 else 0xFFFFFFFF,
+                verbose=False,
+            )
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError("the GGUF has no chat template (tokenizer.chat_template)")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import psutil
 
-from taled.backends.llamacpp import embedded_model_path
+from taled.backends.llamacpp import embedded_model_path, model_params
 from taled.settings import ChatSettings, LlamaCppSettings
 from tests.bench.bench_core import LONG_TASK, machine, pct
 from tests.harness import Daemon, Home
@@ -72,13 +72,14 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
 
     chat = ChatSettings()
     s = LlamaCppSettings()
-    llm = Llama(
-        model_path=str(embedded_model_path()),
-        n_ctx=s.n_ctx,
-        n_batch=s.n_batch,
-        n_threads=psutil.cpu_count() or 1,
-        verbose=False,
-    )
+    with model_params(repack=s.repack_weights):  # the daemon's weights layout
+        llm = Llama(
+            model_path=str(embedded_model_path()),
+            n_ctx=s.n_ctx,
+            n_batch=s.n_batch,
+            n_threads=psutil.cpu_count() or 1,
+            verbose=False,
+        )
     messages = [
         {"role": "system", "content": chat.system_prompt},
         {"role": "user", "content": text},

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import psutil
 
 from tale_client.rpc import Connection, RpcError
-from taled.backends.llamacpp import embedded_model_path
+from taled.backends.llamacpp import embedded_model_path, model_params
 from taled.gates import check, parse_criteria
 from taled.settings import (
     ChatSettings,
@@ -335,14 +335,15 @@ def run_naive(
 
     s = LlamaCppSettings()
     started = time.perf_counter()
-    llm = Llama(
-        model_path=str(embedded_model_path()),
-        n_ctx=s.n_ctx,
-        n_batch=s.n_batch,
-        n_threads=psutil.cpu_count() or 1,
-        seed=SEED,
-        verbose=False,
-    )
+    with model_params(repack=s.repack_weights):  # the daemon's weights layout
+        llm = Llama(
+            model_path=str(embedded_model_path()),
+            n_ctx=s.n_ctx,
+            n_batch=s.n_batch,
+            n_threads=psutil.cpu_count() or 1,
+            seed=SEED,
+            verbose=False,
+        )
     system = {"role": "system", "content": RunnerSettings().system_prompt}
     budget = s.n_ctx - max_tokens
     history: list[dict[str, str]] = []
