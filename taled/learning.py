@@ -39,7 +39,7 @@ from taled.embeddings import EmbeddingService
 from taled.errors import TaleError
 from taled.lifecycle import TaskState
 from taled.memory import SimilarTasks, Vector, save_vector
-from taled.selection import Selector
+from taled.selection import TACTICS, Selector, Tactic, Tactics
 from taled.settings import LearningSettings, Level, ModelsSettings, Role, parse_model_spec
 from taled.store import Store, TaskRecord, model_calls, task_outcomes, tasks, transitions
 from taled.workstate import WorkState
@@ -95,6 +95,15 @@ class Assessment:
     ``bm25 (embedding unavailable)`` when the embedder failed and the lookup fell back."""
     similar_via: list[str] = field(default_factory=list)
     """For each similar task, how it was found: ``bm25``, ``embedding`` or both."""
+    skip: list[str] = field(default_factory=list)
+    """Costly tactics this task goes without (taled.selection.Tactics): ``retry``,
+    ``decompose``, ``plan``; each for the reason in ``tactics``."""
+    tactics: dict[str, str] = field(default_factory=dict)
+    """Why each tactic is used or skipped."""
+
+    def allows(self, tactic: Tactic) -> bool:
+        """Whether the task may be carried with ``tactic``."""
+        return tactic not in self.skip
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint form."""
@@ -118,6 +127,7 @@ class Assessment:
             "role": self.role,
             "think": self.think,
             "eta_seconds": self.eta_seconds,
+            "skip": list(self.skip),
         }
 
 
@@ -144,6 +154,14 @@ class Outcome:
     thinking: bool = False
     seconds: float = 0.0
     at: float = field(default_factory=time.time)
+    planned: bool | None = None
+    """Planned into subtasks up front (None: not known, an older row)."""
+    retried: bool | None = None
+    """Its first direct answer failed and was retried on the same model."""
+    retry_worked: bool | None = None
+    """A retry's answer passed."""
+    decomposed: bool | None = None
+    """Decomposed into subtasks after its direct answers failed."""
 
 
 class LearningEngine:
@@ -172,6 +190,7 @@ class LearningEngine:
         self._classifier = ComplexityModel(settings.history_half_weight)
         self._budget = BudgetPredictor(settings)
         self._selector = Selector(settings)
+        self._tactics = Tactics(settings)
         self._history: list[tuple[str, dict[str, float], Level]] = []
         self._speed: dict[str, float] = {}
         self._active: dict[str, Assessment] = {}
@@ -262,6 +281,16 @@ class LearningEngine:
         neighbours = found.neighbours
         prediction = self._budget.predict(key, estimate.level, neighbours, self.ceiling)
         speed = self._speed.get(key)
+        skip: list[str] = []
+        tactics: dict[str, str] = {}
+        # Tactics are judged on the task model, where retries and plans run; a task
+        # sent to ux escalates to the task model instead.
+        if self.enabled and role == "task":
+            for tactic in TACTICS:
+                allowed, why = self._tactics.allows(task.id, key, estimate.level, tactic)
+                tactics[tactic] = why
+                if not allowed:
+                    skip.append(tactic)
         return Assessment(
             level=estimate.level,
             confidence=estimate.confidence,
@@ -278,6 +307,8 @@ class LearningEngine:
             eta_seconds=round(prediction.tokens / speed, 1) if speed else None,
             similarity=found.method,
             similar_via=[n.via for n in neighbours],
+            skip=skip,
+            tactics=tactics,
         )
 
     def remember(self, task_id: str, assessment: Assessment) -> None:
@@ -335,6 +366,7 @@ class LearningEngine:
                 gate_passed = final[-1].passed
         success = task.state == TaskState.COMPLETED
         truncations = ws.truncations if ws is not None else 0
+        tactics = _tactics_used(ws)
         vector = await self._vector_for(task.id, task.text)
 
         async def apply(conn: AsyncConnection) -> Outcome:
@@ -362,6 +394,7 @@ class LearningEngine:
                     and self._thinks(facts["role"] or assessment.role)
                 ),
                 seconds=max(task.updated_at - (facts["started"] or task.created_at), 0.0),
+                **tactics,
             )
             await _insert(conn, outcome, self._label(outcome))
             if vector is not None and self._embeddings is not None:
@@ -433,6 +466,14 @@ class LearningEngine:
             model_key(row.backend, row.model), row.predicted_level, text, row.completion_tokens
         )
         self._selector.observe(row.role, row.predicted_level, bool(row.success), row.retries)
+        if row.role == "task":
+            model, level = model_key(row.backend, row.model), row.predicted_level
+            if row.planned:
+                self._tactics.observe(model, level, "plan", bool(row.success))
+            if row.retried:
+                self._tactics.observe(model, level, "retry", bool(row.retry_worked))
+            if row.decomposed:
+                self._tactics.observe(model, level, "decompose", bool(row.success))
 
     async def _fit(self) -> None:
         """Fit a fresh classifier off the event loop, then swap it in."""
@@ -474,6 +515,23 @@ class LearningEngine:
     def _trim_estimates(self) -> None:
         while len(self._estimates) > _KEEP_ESTIMATES:
             self._estimates.popitem(last=False)
+
+
+def _tactics_used(ws: WorkState | None) -> dict[str, Any]:
+    """Which costly tactics carried the task, from its final state (None: unknown)."""
+    if ws is None:
+        return {"planned": None, "retried": None, "retry_worked": None, "decomposed": None}
+    answers = ws.attempts.get("answer", [])
+    # A retry is a second attempt on the same model; a ux task's second attempt is an
+    # escalation to the task model, not a retry of ux.
+    retries = [a for a in answers[1:] if a.stage == "more tokens"]
+    retried = bool(answers) and not answers[0].passed and bool(retries)
+    return {
+        "planned": ws.plan is not None and not ws.decomposed,
+        "retried": retried,
+        "retry_worked": retried and any(a.passed for a in retries),
+        "decomposed": ws.decomposed,
+    }
 
 
 def _finished(row: Any, level: str) -> dict[str, Any]:

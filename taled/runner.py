@@ -42,6 +42,7 @@ from taled.pool import ModelPool
 from taled.progress import ProgressHub
 from taled.queue import TaskQueue
 from taled.routing import Route, Router
+from taled.selection import Tactic
 from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
 from taled.store import Store, SubtaskSpec, TaskRecord
 from taled.workstate import Attempt, WorkState
@@ -240,9 +241,13 @@ class Runner:
         if ws.phase == "start":
             complexity = planner.classify(task.text)
             ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
-            planned = self._planning.decompose and (
-                complexity.score >= self._planning.complex_min_score
-                or self._learned_complex(assessment)
+            planned = (
+                self._planning.decompose
+                and (
+                    complexity.score >= self._planning.complex_min_score
+                    or self._learned_complex(assessment)
+                )
+                and self._may(assessment, "plan")
             )
             ws.phase = "plan" if planned else "answer"
             level = assessment.level if assessment is not None else complexity.level
@@ -263,8 +268,10 @@ class Runner:
                     criteria,
                     route,
                     token,
-                    can_decompose=True,
+                    can_decompose=self._may(assessment, "decompose"),
                     budget=budget,
+                    retry=self._may(assessment, "retry"),
+                    skipped=self._skipped(assessment),
                 )
             except _Decompose:
                 ws.phase, ws.decomposed = "plan", True
@@ -327,6 +334,16 @@ class Runner:
     @property
     def _learning_on(self) -> bool:
         return self._learning is not None and self._learning.enabled
+
+    def _may(self, assessment: Assessment | None, tactic: Tactic) -> bool:
+        """Whether history lets this task use a costly tactic (taled.selection.Tactics)."""
+        return not self._learning_on or assessment is None or assessment.allows(tactic)
+
+    def _skipped(self, assessment: Assessment | None) -> str:
+        """Why tactics were left out, for a failure message ("" when none were)."""
+        if not self._learning_on or assessment is None:
+            return ""
+        return "; ".join(assessment.tactics[t] for t in assessment.skip if t in assessment.tactics)
 
     def _learned_complex(self, assessment: Assessment | None) -> bool:
         """Whether history (not the rules alone) says the task is complex."""
@@ -520,14 +537,14 @@ class Runner:
 
     # -- one step, with gates and recovery ---------------------------------
 
-    def _stages(self, route: Route, base_tokens: int) -> list[_Stage]:
+    def _stages(self, route: Route, base_tokens: int, *, retry: bool = True) -> list[_Stage]:
         g = self._gating
         bigger = min(int(base_tokens * g.more_tokens_factor), 131_072)
         stages = [_Stage("first", base_tokens, route.model)]
         if route.role == "ux" and route.model is None:
             # Sent to the small model on its record: a failure escalates to the task model.
             stages += [_Stage("task model", base_tokens, None, "task")] * g.attempts
-        else:
+        elif retry:
             stages += [_Stage("more tokens", bigger, route.model)] * (g.attempts - 1)
         if self._fallback is not None and self._fallback != route.model:
             stages += [_Stage("fallback model", bigger, self._fallback)] * g.attempts
@@ -545,6 +562,8 @@ class Runner:
         *,
         can_decompose: bool,
         budget: int | None = None,
+        retry: bool = True,
+        skipped: str = "",
     ) -> str:
         """The step's gated output: from its checkpoint, or by attempts in recovery order.
 
@@ -556,7 +575,7 @@ class Runner:
         if done is not None:
             return done.output
         attempts = ws.attempts.setdefault(step, [])
-        stages = self._stages(route, self._settings.max_tokens)
+        stages = self._stages(route, self._settings.max_tokens, retry=retry)
         while (at := _next_stage(stages, attempts)) < len(stages):
             stage = stages[at]
             i = len(attempts)
@@ -643,6 +662,8 @@ class Runner:
         )
         if can_decompose and ws.decomposed:
             tried += "; decomposed and retried"
+        if skipped:
+            tried += f"; not tried, from history: {skipped}"
         raise _Failed(f"every recovery step failed. Tried: {tried}")
 
     async def _call(

@@ -1,4 +1,4 @@
-"""Model selection from success rates per (role, complexity), and thinking by complexity.
+"""Model and tactic selection from success rates, and thinking by complexity.
 
 A simple task goes to ``ux`` when the ux model has finished at least
 ``ux_min_samples`` simple tasks and succeeded on at least ``ux_success_threshold``
@@ -6,16 +6,31 @@ of them. Until it has that many, ``explore_rate`` of simple tasks go to ux
 anyway, or there would never be evidence; which ones is decided by a hash of
 the task id, so the choice is deterministic and survives a restart. Levels here
 are the *predicted* ones, the only ones known when the route is chosen.
+
+The costly tactics a task can be carried with beyond one direct answer are kept
+only while they pay off on the model (``Tactics``): a retry after a failed gate,
+decomposing a task whose direct answers failed, planning a complex task up
+front. Each is counted per (model, predicted level); once it has been tried
+``tactic_min_samples`` times and worked less than ``tactic_min_success`` of
+them, it is skipped — except for ``tactic_explore_rate`` of tasks (by a hash of
+the task id and the tactic), so the evidence keeps coming if the model improves.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from taled.settings import LearningSettings, Level, Role
 
-__all__ = ["Choice", "Selector", "explores"]
+__all__ = ["TACTICS", "Choice", "Selector", "Tactic", "Tactics", "explores"]
+
+Tactic = Literal["retry", "decompose", "plan"]
+"""``retry``: another attempt after a failed gate, on the same model; ``decompose``:
+planning a task into subtasks after its direct answers failed; ``plan``: planning a
+task the classifier calls complex up front, instead of answering it directly."""
+TACTICS: tuple[Tactic, ...] = get_args(Tactic)
 
 
 @dataclass(frozen=True)
@@ -76,3 +91,39 @@ class Selector:
         if explores(task_id, s.explore_rate):
             return Choice("ux", think, f"exploring: ux has {n} of {s.ux_min_samples} samples")
         return Choice("task", think, f"ux has {n} of {s.ux_min_samples} samples on simple tasks")
+
+
+class Tactics:
+    """How often each costly tactic worked, per (model, predicted level), and the rule
+    that keeps or skips it."""
+
+    def __init__(self, settings: LearningSettings) -> None:
+        self._settings = settings
+        self._counts: dict[tuple[str, str, Tactic], tuple[int, int]] = {}
+
+    def observe(self, model: str, level: str, tactic: Tactic, worked: bool) -> None:
+        """Count one use of ``tactic`` on a finished task: whether it carried the task."""
+        good, n = self._counts.get((model, level, tactic), (0, 0))
+        self._counts[(model, level, tactic)] = (good + int(worked), n + 1)
+
+    def clear(self) -> None:
+        """Forget every count (before a refit)."""
+        self._counts.clear()
+
+    def rate(self, model: str, level: str, tactic: Tactic) -> tuple[float | None, int]:
+        """Share of uses that worked, and the number of uses (None without any)."""
+        good, n = self._counts.get((model, level, tactic), (0, 0))
+        return (good / n if n else None), n
+
+    def allows(self, task_id: str, model: str, level: str, tactic: Tactic) -> tuple[bool, str]:
+        """Whether this task may use ``tactic`` on ``model``, and why."""
+        s = self._settings
+        rate, n = self.rate(model, level, tactic)
+        if n < s.tactic_min_samples:
+            return True, f"{tactic}: {n} of {s.tactic_min_samples} samples"
+        assert rate is not None
+        if rate >= s.tactic_min_success:
+            return True, f"{tactic} worked on {rate:.0%} of {n} {level} tasks"
+        if explores(f"{task_id}:{tactic}", s.tactic_explore_rate):
+            return True, f"{tactic} worked on {rate:.0%} of {n} {level} tasks; exploring"
+        return False, f"{tactic} skipped: it worked on {rate:.0%} of {n} {level} tasks"

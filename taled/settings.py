@@ -561,6 +561,15 @@ class LearningSettings(BaseModel):
     explore_rate: float = Field(default=0.1, ge=0, le=1)
     """While ux has fewer samples than that, this share of simple tasks goes to it anyway
     (chosen by task id, so deterministically) to gather the evidence."""
+    tactic_min_samples: int = Field(default=5, ge=1, le=100_000)
+    """Uses of a costly tactic (a retry, decomposing after failed answers, planning up
+    front) on a model at a level before its success rate decides whether to use it."""
+    tactic_min_success: float = Field(default=0.1, ge=0, le=1)
+    """A tactic that carried less than this share of its uses is skipped on that model
+    at that level (0 never skips)."""
+    tactic_explore_rate: float = Field(default=0.1, ge=0, le=1)
+    """Share of tasks that still use a skipped tactic (chosen by task id), so the evidence
+    keeps coming if the model gets better at it."""
     think_for: list[Level] = Field(default_factory=_default_think_for)
     """Levels whose tasks run with thinking on, on models that support it (Ollama's think)."""
     history_limit: int = Field(default=5000, ge=10, le=1_000_000)

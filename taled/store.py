@@ -174,6 +174,12 @@ task_outcomes = sa.Table(
     sa.Column("model", sa.Text),
     sa.Column("thinking", sa.Boolean, nullable=False, server_default="0"),
     sa.Column("seconds", sa.Float, nullable=False, server_default="0"),
+    # The costly tactics the task was carried with (taled.selection.Tactics); NULL in
+    # rows recorded before they were kept.
+    sa.Column("planned", sa.Boolean),
+    sa.Column("retried", sa.Boolean),
+    sa.Column("retry_worked", sa.Boolean),
+    sa.Column("decomposed", sa.Boolean),
 )
 
 # The embedding of a finished top-level task's text, one per embedding model (the
@@ -366,8 +372,15 @@ _V6 = [
     "CREATE INDEX task_embeddings_by_model ON task_embeddings (model)",
 ]
 
+_V7 = [
+    "ALTER TABLE task_outcomes ADD COLUMN planned BOOLEAN",
+    "ALTER TABLE task_outcomes ADD COLUMN retried BOOLEAN",
+    "ALTER TABLE task_outcomes ADD COLUMN retry_worked BOOLEAN",
+    "ALTER TABLE task_outcomes ADD COLUMN decomposed BOOLEAN",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

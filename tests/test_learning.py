@@ -24,7 +24,7 @@ from taled.learning import LearningEngine, Outcome
 from taled.memory import Neighbour, fts_query
 from taled.planner import features
 from taled.progress import ProgressHub
-from taled.selection import Selector, explores
+from taled.selection import TACTICS, Selector, Tactic, Tactics, explores
 from taled.settings import LearningSettings, Level, ModelsSettings, StoreSettings
 from taled.store import _V5, Store
 
@@ -443,6 +443,36 @@ def test_thinking_follows_the_configured_levels() -> None:
     """Only levels in think_for run with thinking on."""
     selector = Selector(LearningSettings(think_for=["medium", "complex"]))
     assert [selector.choose("a" * 12, lv).think for lv in LEVELS] == [False, True, True]
+
+
+@given(st.sampled_from(TACTICS), st.integers(0, 60), st.integers(0, 60))
+def test_a_tactic_is_skipped_only_on_enough_evidence_that_it_does_not_work(
+    tactic: Tactic, worked: int, failed: int
+) -> None:
+    """Past tactic_min_samples, a tactic is kept exactly when it worked often enough."""
+    config = LearningSettings(tactic_explore_rate=0.0)
+    tactics = Tactics(config)
+    for i in range(worked + failed):
+        tactics.observe("llamacpp:m", "simple", tactic, i < worked)
+    allowed, reason = tactics.allows("abcdef012345", "llamacpp:m", "simple", tactic)
+    n = worked + failed
+    keeps = n < config.tactic_min_samples or worked / n >= config.tactic_min_success
+    assert allowed == keeps
+    assert tactic in reason
+    # Evidence about one model or level says nothing about another.
+    assert tactics.allows("abcdef012345", "llamacpp:other", "simple", tactic)[0]
+    assert tactics.allows("abcdef012345", "llamacpp:m", "complex", tactic)[0]
+
+
+def test_a_skipped_tactic_is_still_explored_on_its_share_of_tasks() -> None:
+    """With a tactic that never worked, about tactic_explore_rate of tasks still try it."""
+    tactics = Tactics(LearningSettings(tactic_explore_rate=0.2))
+    for _ in range(20):
+        tactics.observe("m", "simple", "decompose", False)
+    ids = [f"{i:012x}" for i in range(2000)]
+    tried = [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
+    assert 0.16 < len(tried) / len(ids) < 0.24
+    assert tried == [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
 
 
 # -- ETA -----------------------------------------------------------------------

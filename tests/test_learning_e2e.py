@@ -221,3 +221,93 @@ def test_a_model_without_thinking_is_never_sent_think() -> None:
         chats, outcome = _thinking_run(standin)
     assert chats and not any("think" in body for body in chats)
     assert outcome["thinking"] == 0
+
+
+def _seed_tactic_history(home: Home, tactic_column: str, uses: int, worked: bool) -> None:
+    """Finished simple tasks on the task model that used a tactic, in a stopped daemon."""
+    now = time.time()
+    with _db(home) as db:
+        for i in range(uses):
+            task_id = f"{i:012x}"
+            text = f"Tell me the name of river number {i}"
+            db.execute(
+                "INSERT INTO tasks (id, text, state, priority, result, created_at, updated_at)"
+                " VALUES (?, ?, ?, 50, '', ?, ?)",
+                (task_id, text, "completed" if worked else "failed", now, now),
+            )
+            db.execute(
+                "INSERT INTO task_outcomes (task_id, at, text, features, predicted_level,"
+                " confidence, level, predicted_tokens, budget_tokens, completion_tokens,"
+                f" success, role, backend, model, {tactic_column}, retry_worked) VALUES"
+                " (?, ?, ?, '{}', 'simple', 0.9, 'medium', 20, 48, 300, ?, 'task',"
+                " 'llamacpp', 'smollm2-135m', 1, ?)",
+                (task_id, now, text, worked, worked),
+            )
+            db.execute("INSERT INTO task_memory (task_id, text) VALUES (?, ?)", (task_id, text))
+
+
+# A simple task whose gate cannot pass: every recovery stage runs, or is skipped.
+HOPELESS = {"text": "Say hello to my friend", "criteria": ["contains:XYZZY-never"]}
+DECOMPOSING = {"TALE_PLANNER__DECOMPOSE": "true", "TALE_LEARNING__TACTIC_EXPLORE_RATE": "0"}
+
+
+def _steps_of_a_hopeless_task(home: Home) -> tuple[list[str], dict[str, Any]]:
+    daemon = Daemon(home).start()
+    try:
+        task_id = daemon.call("submit_task", **HOPELESS)["id"]
+        task = daemon.wait_for(task_id)
+        assert task["state"] == "failed"
+        steps = [
+            r["step"]
+            for r in _rows(
+                home,
+                "SELECT m.step FROM model_calls m JOIN tasks t ON t.id = m.task_id"
+                " WHERE t.id = ? OR t.parent_id = ? ORDER BY m.seq",
+                task_id,
+                task_id,
+            )
+        ]
+        return steps, task
+    finally:
+        daemon.stop()
+
+
+def test_decomposing_is_skipped_where_it_never_rescued_a_task(home: Home) -> None:
+    """After five simple tasks that decomposition failed to rescue on this model, a simple
+    task whose answers fail is not planned into subtasks, and its error says why."""
+    home.env.update(DECOMPOSING)
+    Daemon(home).start().stop()
+    _seed_tactic_history(home, "decomposed", uses=5, worked=False)
+    steps, task = _steps_of_a_hopeless_task(home)
+    assert steps == ["answer", "answer#2"]
+    assert "not tried, from history: decompose skipped: it worked on 0% of 5" in task["error"]
+    assert task["estimate"]["skip"] == ["decompose"]
+
+
+def test_decomposing_is_kept_where_it_rescued_tasks(home: Home) -> None:
+    """The control: with decomposition's record on this model good, the same task decomposes."""
+    home.env.update(DECOMPOSING)
+    Daemon(home).start().stop()
+    _seed_tactic_history(home, "decomposed", uses=5, worked=True)
+    steps, task = _steps_of_a_hopeless_task(home)
+    assert "plan" in steps
+    assert task["estimate"]["skip"] == []
+
+
+def test_a_retry_is_skipped_where_retries_never_passed(home: Home) -> None:
+    """Retries that never passed on this model at this level are not tried again."""
+    home.env.update({"TALE_LEARNING__TACTIC_EXPLORE_RATE": "0"})
+    Daemon(home).start().stop()
+    _seed_tactic_history(home, "retried", uses=6, worked=False)
+    steps, task = _steps_of_a_hopeless_task(home)
+    assert steps == ["answer"]
+    assert "retry skipped: it worked on 0% of 6" in task["error"]
+
+
+def test_tactics_used_are_recorded_with_the_outcome(home: Home) -> None:
+    """A task retried and then decomposed has both recorded in its outcome."""
+    home.env.update(DECOMPOSING)
+    _, task = _steps_of_a_hopeless_task(home)
+    outcome = _outcome(home, task["id"])
+    assert outcome["retried"] == 1 and outcome["retry_worked"] == 0
+    assert outcome["decomposed"] == 1 and outcome["planned"] == 0
