@@ -264,7 +264,7 @@ class LearningEngine:
         """Classify a new top-level task and predict its tokens, route and thinking."""
         feats = planner.features(task.text)
         estimate = self._classifier.predict(task.text, feats)
-        choice = self._selector.choose(task.id, estimate.level)
+        choice = self._selector.choose(task.id, estimate.level, _spec_key(self._models.ux))
         reason = choice.reason
         if task.model is not None:
             reason = "per-task model override"
@@ -465,9 +465,9 @@ class LearningEngine:
         self._budget.observe(
             model_key(row.backend, row.model), row.predicted_level, text, row.completion_tokens
         )
-        self._selector.observe(row.role, row.predicted_level, bool(row.success), row.retries)
+        model, level = model_key(row.backend, row.model), row.predicted_level
+        self._selector.observe(row.role, level, bool(row.success), row.retries, model)
         if row.role == "task":
-            model, level = model_key(row.backend, row.model), row.predicted_level
             if row.planned:
                 self._tactics.observe(model, level, "plan", bool(row.success))
             if row.retried:

@@ -51,38 +51,43 @@ def explores(task_id: str, rate: float) -> bool:
 
 
 class Selector:
-    """Success counts per (role, level) and the routing rule over them."""
+    """Success counts per (role, model, level) and the routing rule over them."""
 
     def __init__(self, settings: LearningSettings) -> None:
         self._settings = settings
-        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
+        self._counts: dict[tuple[str, str, str], tuple[int, int]] = {}
 
-    def observe(self, role: str, level: str, success: bool, retries: int = 0) -> None:
-        """Count one finished task on the role it was routed to.
+    def observe(
+        self, role: str, level: str, success: bool, retries: int = 0, model: str = ""
+    ) -> None:
+        """Count one finished task on the role (and the role's model) it was routed to.
 
         A ux task that needed a retry was escalated to the task model (see the
-        runner's stages), so only a first-time success counts for ux.
+        runner's stages), so only a first-time success counts for ux. Counts are
+        kept per model too, so evidence about one ux model is not taken for another.
         """
         ok = success and (role != "ux" or retries == 0)
-        good, n = self._counts.get((role, level), (0, 0))
-        self._counts[(role, level)] = (good + int(ok), n + 1)
+        good, n = self._counts.get((role, model, level), (0, 0))
+        self._counts[(role, model, level)] = (good + int(ok), n + 1)
 
     def clear(self) -> None:
         """Forget every count (before a refit)."""
         self._counts.clear()
 
-    def rate(self, role: str, level: str) -> tuple[float | None, int]:
-        """Success rate and sample count of ``role`` at ``level`` (None without samples)."""
-        ok, n = self._counts.get((role, level), (0, 0))
+    def rate(self, role: str, level: str, model: str = "") -> tuple[float | None, int]:
+        """Success rate and sample count of ``role`` on ``model`` at ``level`` (None
+        without samples)."""
+        ok, n = self._counts.get((role, model, level), (0, 0))
         return (ok / n if n else None), n
 
-    def choose(self, task_id: str, level: Level) -> Choice:
-        """The role and thinking mode for a top-level task of this predicted level."""
+    def choose(self, task_id: str, level: Level, ux_model: str = "") -> Choice:
+        """The role and thinking mode for a top-level task of this predicted level, with
+        ``ux_model`` the ux role's model now (its own record decides)."""
         s = self._settings
         think = level in s.think_for
         if level != "simple":
             return Choice("task", think, f"{level} tasks run on the task model")
-        rate, n = self.rate("ux", "simple")
+        rate, n = self.rate("ux", "simple", ux_model)
         if n >= s.ux_min_samples:
             assert rate is not None
             if rate >= s.ux_success_threshold:

@@ -490,3 +490,12 @@ def test_eta_before_the_first_step_comes_from_predicted_tokens_and_speed() -> No
     assert progress is not None and progress.eta_seconds == pytest.approx(2.0)
     progress = hub.update("t1", add_tokens=100)
     assert progress is not None and progress.eta_seconds == 0
+
+
+def test_ux_evidence_belongs_to_the_model_it_was_earned_on() -> None:
+    """A record earned by one ux model does not route tasks to a different ux model."""
+    selector = Selector(LearningSettings(explore_rate=0.0))
+    for _ in range(20):
+        selector.observe("ux", "simple", True, model="llamacpp:smollm2-135m")
+    assert selector.choose("a" * 12, "simple", "llamacpp:smollm2-135m").role == "ux"
+    assert selector.choose("a" * 12, "simple", "ollama:qwen2.5:0.5b").role == "task"
