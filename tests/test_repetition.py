@@ -70,38 +70,52 @@ def test_the_cut_ends_where_a_sentence_ends() -> None:
     assert guard.trimmed(text).endswith("rules the world.")
 
 
-def test_a_looping_answer_is_stopped_and_its_repeats_dropped() -> None:
-    """At temperature 0 the small model loops on this task: the call stops early, the
-    ledger says why, and the result holds no paragraph twice in a row."""
-    settings = {"TALE_LOOPS__ENABLED": "true", "TALE_RUNNER__MAX_TOKENS": "512"}
-    with running_daemon(settings) as daemon:
-        task_id = daemon.call("submit_task", text="Write hello world in Python")["id"]
-        task = daemon.wait_for(task_id)
-        assert task["state"] == "completed"
-        with sqlite3.connect(daemon.home.data / "tale.db") as db:
-            calls = db.execute(
-                "SELECT completion_tokens, note FROM model_calls WHERE task_id = ?", (task_id,)
-            ).fetchall()
-        assert len(calls) == 1
-        tokens, note = calls[0]
-        assert tokens < 512
-        assert "stopped repeating itself" in note
-        paragraphs = [p for p in task["result"].split("\n\n") if p.strip()]
-        assert all(a != b for a, b in itertools.pairwise(paragraphs))
-        assert loop_start(task["result"], **_KW) is None
+# Tasks the small model often answers and then repeats itself on, at temperature 0
+# (which ones loop depends on the machine's arithmetic, so there are several).
+_LOOPY = (
+    "Write hello world in Python",
+    "Write a very long story about a dragon, at least 2000 words.",
+    "Describe your favourite food.",
+    "Write a poem about the sea.",
+)
 
 
-def test_with_the_guard_off_the_same_answer_runs_to_max_tokens() -> None:
-    """The control: without the guard the same task's answer is cut at max_tokens."""
-    settings = {"TALE_LOOPS__ENABLED": "false", "TALE_RUNNER__MAX_TOKENS": "512"}
+def _answers(guard: bool) -> list[tuple[str, int, str | None]]:
+    """Each _LOOPY task's result, completion tokens and ledger note, in a fresh daemon."""
+    settings = {"TALE_LOOPS__ENABLED": str(guard).lower(), "TALE_RUNNER__MAX_TOKENS": "300"}
+    out = []
     with running_daemon(settings) as daemon:
-        task_id = daemon.call("submit_task", text="Write hello world in Python")["id"]
-        assert daemon.wait_for(task_id)["state"] == "completed"
-        with sqlite3.connect(daemon.home.data / "tale.db") as db:
-            (tokens,) = db.execute(
-                "SELECT completion_tokens FROM model_calls WHERE task_id = ?", (task_id,)
-            ).fetchone()
-        assert tokens == 512
+        for text in _LOOPY:
+            task_id = daemon.call("submit_task", text=text)["id"]
+            task = daemon.wait_for(task_id)
+            assert task["state"] == "completed"
+            with sqlite3.connect(daemon.home.data / "tale.db") as db:
+                tokens, note = db.execute(
+                    "SELECT completion_tokens, note FROM model_calls WHERE task_id = ?",
+                    (task_id,),
+                ).fetchone()
+            out.append((task["result"], tokens, note))
+    return out
+
+
+def test_looping_answers_are_stopped_where_they_start_repeating() -> None:
+    """Paired at temperature 0: every answer that loops without the guard is stopped with
+    it, early, keeping what the model wrote before the repeats; the others are untouched."""
+    free, guarded = _answers(False), _answers(True)
+    stopped = 0
+    for (free_text, free_tokens, _), (text, tokens, note) in zip(free, guarded, strict=True):
+        if note is not None and "stopped repeating itself" in note:
+            stopped += 1
+            assert tokens < free_tokens
+            assert free_text.startswith(text)
+            paragraphs = [p for p in text.split("\n\n") if p.strip()]
+            assert all(a != b for a, b in itertools.pairwise(paragraphs))
+        else:
+            assert text == free_text
+            assert loop_start(free_text, **_KW) is None, "a looping answer was not stopped"
+        assert loop_start(text, **_KW) is None
+    assert stopped >= 1
+    assert any(loop_start(t, **_KW) is not None for t, _, _ in free), "no answer looped"
 
 
 # Open questions the small model often answers and then repeats itself on (which ones
