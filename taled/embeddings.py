@@ -39,7 +39,13 @@ import numpy.typing as npt
 from ollama import AsyncClient, ResponseError
 
 from taled.backends.llamacpp import model_params, resolve_model_path
-from taled.backends.ollama import DEFAULT_HOST
+from taled.backends.ollama import (
+    DEFAULT_HOST,
+    NETWORK_ERRORS,
+    canonical_name,
+    describe_error,
+    parse_keep_alive,
+)
 from taled.errors import BackendDown, ModelError, ModelTimeout, TaleError
 from taled.settings import (
     LearningSettings,
@@ -74,9 +80,6 @@ _LLAMA_CONTEXT_TOKENS = 512
 _POOLINGS = frozenset({"1", "2", "3"})
 # Longest piece of an error body quoted in a message.
 _ERROR_TEXT_CHARS = 300
-# What a network failure looks like through the ollama client: a refused connection
-# becomes the builtin ConnectionError, other transport errors pass through from httpx.
-_OLLAMA_NETWORK_ERRORS = (ConnectionError, httpx.TransportError)
 
 
 class Embedder(Protocol):
@@ -266,25 +269,6 @@ def _llama_embed(llm: Any, texts: list[str]) -> Matrix:
 # -- Ollama ----------------------------------------------------------------------
 
 
-def _canonical(name: str) -> str:
-    """Ollama's name for a model: ``nomic-embed-text`` is ``nomic-embed-text:latest``."""
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last else f"{name}:latest"
-
-
-def _keep_alive(value: str) -> float | str:
-    """Settings hold a string; Ollama reads a bare number as seconds, text as a Go duration."""
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
-def _describe(exc: BaseException) -> str:
-    # httpx's timeouts often carry no message.
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 class OllamaEmbedder:
     """A model served by Ollama, asked through ``/api/embed`` (the client's ``embed``).
 
@@ -297,11 +281,13 @@ class OllamaEmbedder:
 
     def __init__(self, model: str, settings: OllamaSettings, *, pinned: bool) -> None:
         self.model = model
-        self.key = f"ollama:{_canonical(model)}"
+        self.key = f"ollama:{canonical_name(model)}"
         self._settings = settings
         self.host = settings.host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
         self._num_ctx = settings.model_num_ctx.get(model, settings.num_ctx)
-        self._keep_alive: float | str = -1 if pinned else _keep_alive(settings.optional_keep_alive)
+        self._keep_alive: float | str = (
+            -1 if pinned else parse_keep_alive(settings.optional_keep_alive)
+        )
         self._client: AsyncClient | None = None
 
     async def start(self) -> None:
@@ -345,9 +331,9 @@ class OllamaEmbedder:
                     f"Ollama at {self.host} failed to embed with {self.model}: {exc.error}"
                 ) from exc
             raise ModelError(f"Ollama refused to embed with {self.model}: {exc.error}") from exc
-        except _OLLAMA_NETWORK_ERRORS as exc:
+        except NETWORK_ERRORS as exc:
             raise BackendDown(
-                f"cannot reach Ollama at {self.host} for embeddings: {_describe(exc)}"
+                f"cannot reach Ollama at {self.host} for embeddings: {describe_error(exc)}"
             ) from exc
         return response.embeddings
 
@@ -397,7 +383,7 @@ class OpenAIEmbedder:
         try:
             response = await self._client.post(url, json=body)
         except (httpx.TransportError, httpx.DecodingError) as exc:
-            raise BackendDown(f"POST {url} failed: {_describe(exc)}") from exc
+            raise BackendDown(f"POST {url} failed: {describe_error(exc)}") from exc
         except httpx.InvalidURL as exc:
             raise ModelError(f"{url} is not a valid URL: {exc}") from exc
         try:
@@ -437,7 +423,7 @@ def embedder_for(spec: str, models: ModelsSettings, threads: int = 0) -> Embedde
     if parsed.backend == "ollama":
         roles = {models.ux, models.task}
         pinned = any(
-            p.backend == "ollama" and _canonical(p.model) == _canonical(parsed.model)
+            p.backend == "ollama" and canonical_name(p.model) == canonical_name(parsed.model)
             for p in map(parse_model_spec, roles)
         )
         return OllamaEmbedder(parsed.model, models.ollama, pinned=pinned)

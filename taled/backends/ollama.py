@@ -43,7 +43,14 @@ from taled.backends.base import (
 from taled.errors import BackendDown, ModelError
 from taled.settings import OllamaSettings
 
-__all__ = ["DEFAULT_HOST", "OllamaBackend"]
+__all__ = [
+    "DEFAULT_HOST",
+    "NETWORK_ERRORS",
+    "OllamaBackend",
+    "canonical_name",
+    "describe_error",
+    "parse_keep_alive",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +62,10 @@ _CLOSE_SECONDS = 2.0
 _UNLOAD_SECONDS = 10.0
 # What a network failure looks like: the client turns a refused connection into
 # the builtin ConnectionError outside streams, and lets httpx's errors through.
-_NETWORK_ERRORS = (ConnectionError, httpx.TransportError)
+NETWORK_ERRORS = (ConnectionError, httpx.TransportError)
 
 
-def _parse_keep_alive(value: str) -> float | str:
+def parse_keep_alive(value: str) -> float | str:
     """Settings hold a string; Ollama reads a bare number as seconds, text as a Go duration."""
     try:
         return float(value)
@@ -66,12 +73,12 @@ def _parse_keep_alive(value: str) -> float | str:
         return value
 
 
-def _describe(exc: BaseException) -> str:
-    # httpx's timeouts often carry no message.
+def describe_error(exc: BaseException) -> str:
+    """An exception as a message (httpx's timeouts often carry none of their own)."""
     return str(exc) or type(exc).__name__
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Ollama's name for a model: ``qwen2.5`` is ``qwen2.5:latest``."""
     last = name.rsplit("/", 1)[-1]
     return name if ":" in last else f"{name}:latest"
@@ -91,7 +98,7 @@ class OllamaBackend:
         self.host = settings.host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
         self._num_ctx = settings.model_num_ctx.get(model, settings.num_ctx)
         self._keep_alive: float | str = (
-            -1 if pinned else _parse_keep_alive(settings.optional_keep_alive)
+            -1 if pinned else parse_keep_alive(settings.optional_keep_alive)
         )
         self._local = is_local_host(self.host)
         # Made by load(): an httpx client belongs to the event loop it first ran in.
@@ -130,15 +137,15 @@ class OllamaBackend:
                     f"Ollama at {self.host} failed while {doing} {self.model}: {exc.error}"
                 ) from exc
             raise ModelError(f"Ollama refused {doing} {self.model}: {exc.error}") from exc
-        except _NETWORK_ERRORS as exc:
+        except NETWORK_ERRORS as exc:
             raise BackendDown(
-                f"Ollama at {self.host} failed while {doing} {self.model}: {_describe(exc)}"
+                f"Ollama at {self.host} failed while {doing} {self.model}: {describe_error(exc)}"
             ) from exc
 
     def _unreachable(self, exc: BaseException) -> NoReturn:
         raise BackendDown(
             f"cannot reach Ollama at {self.host} (is `ollama serve` running? set "
-            f"models.ollama.host or OLLAMA_HOST): {_describe(exc)}"
+            f"models.ollama.host or OLLAMA_HOST): {describe_error(exc)}"
         ) from exc
 
     async def load(self) -> None:
@@ -172,7 +179,7 @@ class OllamaBackend:
                     f"run `ollama pull {self.model}` ({exc.error})"
                 ) from exc
             raise ModelError(f"Ollama cannot show {self.model}: {exc.error}") from exc
-        except _NETWORK_ERRORS as exc:
+        except NETWORK_ERRORS as exc:
             self._unreachable(exc)
         self.thinks = "thinking" in (shown.capabilities or [])
         with self._translated("loading"):
@@ -193,7 +200,7 @@ class OllamaBackend:
                 await client.generate(self.model, options=self._options(), keep_alive=0)
             if scope.cancelled_caught:
                 log.warning("ollama at %s did not answer the unload of %s", self.host, self.model)
-        except _NETWORK_ERRORS as exc:
+        except NETWORK_ERRORS as exc:
             log.info(
                 "ollama at %s is gone; %s is unloaded with it (%s)", self.host, self.model, exc
             )
@@ -207,9 +214,9 @@ class OllamaBackend:
                 await client.close()  # type: ignore[no-untyped-call]
 
     def _find(self, ps: ProcessResponse) -> ProcessResponse.Model | None:
-        want = _canonical(self.model)
+        want = canonical_name(self.model)
         for entry in ps.models:
-            if want in (_canonical(entry.name or ""), _canonical(entry.model or "")):
+            if want in (canonical_name(entry.name or ""), canonical_name(entry.model or "")):
                 return entry
         return None
 
@@ -226,7 +233,7 @@ class OllamaBackend:
             ps = await client.ps()
         except ResponseError as exc:
             raise BackendDown(f"Ollama at {self.host} answers /api/ps with {exc}") from exc
-        except _NETWORK_ERRORS as exc:
+        except NETWORK_ERRORS as exc:
             self._unreachable(exc)
         if self._remember(ps) is not None:
             return

@@ -44,6 +44,27 @@ BENCH_ENV = {
 }
 
 
+def direct_llama(**extra: Any) -> Any:
+    """The embedded GGUF in this process, loaded as the daemon loads it (n_ctx, batch,
+    weights layout), on every core: the baseline a benchmark compares the daemon with."""
+    import psutil
+    from llama_cpp import Llama
+
+    from taled.backends.llamacpp import embedded_model_path, model_params
+    from taled.settings import LlamaCppSettings
+
+    s = LlamaCppSettings()
+    with model_params(repack=s.repack_weights):
+        return Llama(
+            model_path=str(embedded_model_path()),
+            n_ctx=s.n_ctx,
+            n_batch=s.n_batch,
+            n_threads=psutil.cpu_count() or 1,
+            verbose=False,
+            **extra,
+        )
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import psutil
 
-from taled.backends.llamacpp import embedded_model_path, model_params
-from taled.settings import ChatSettings, LlamaCppSettings
-from tests.bench.bench_core import LONG_TASK, machine, pct
+from taled.backends.llamacpp import embedded_model_path
+from taled.settings import ChatSettings
+from tests.bench.bench_core import LONG_TASK, direct_llama, machine, pct
 from tests.harness import Daemon, Home
 
 SHORT = "Say yes."
@@ -68,18 +68,8 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
     on; the direct side is a second instance of the same GGUF in this process, with
     the same prompt, n_ctx, threads and greedy sampling, so both produce the same tokens.
     """
-    from llama_cpp import Llama
-
     chat = ChatSettings()
-    s = LlamaCppSettings()
-    with model_params(repack=s.repack_weights):  # the daemon's weights layout
-        llm = Llama(
-            model_path=str(embedded_model_path()),
-            n_ctx=s.n_ctx,
-            n_batch=s.n_batch,
-            n_threads=psutil.cpu_count() or 1,
-            verbose=False,
-        )
+    llm = direct_llama()
     messages = [
         {"role": "system", "content": chat.system_prompt},
         {"role": "user", "content": text},

@@ -44,10 +44,9 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import psutil
 
 from tale_client.rpc import Connection, RpcError
-from taled.backends.llamacpp import embedded_model_path, model_params
+from taled.backends.llamacpp import embedded_model_path
 from taled.gates import check, parse_criteria
 from taled.settings import (
     ChatSettings,
@@ -57,7 +56,7 @@ from taled.settings import (
     RunnerSettings,
     Settings,
 )
-from tests.bench.bench_core import machine
+from tests.bench.bench_core import direct_llama, machine
 from tests.harness import TEST_SETTINGS, Daemon, Home
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -331,19 +330,9 @@ def run_naive(
     items: list[dict[str, Any]], max_tokens: int, scratch: Path, log: Log = _log
 ) -> dict[str, Any]:
     """Every item to the task model, as the next turn of one conversation with all history."""
-    from llama_cpp import Llama
-
     s = LlamaCppSettings()
     started = time.perf_counter()
-    with model_params(repack=s.repack_weights):  # the daemon's weights layout
-        llm = Llama(
-            model_path=str(embedded_model_path()),
-            n_ctx=s.n_ctx,
-            n_batch=s.n_batch,
-            n_threads=psutil.cpu_count() or 1,
-            seed=SEED,
-            verbose=False,
-        )
+    llm = direct_llama(seed=SEED)
     system = {"role": "system", "content": RunnerSettings().system_prompt}
     budget = s.n_ctx - max_tokens
     history: list[dict[str, str]] = []
