@@ -195,6 +195,10 @@ def _savings(s: dict[str, Any]) -> list[Any]:
         _n(s["routed_to_ux"]["calls"]),
         _n(s["routed_to_ux"]["task_model_tokens_saved"]),
     )
+    if "loops_stopped" in s:  # an older daemon does not report it
+        table.add_row(
+            "answers stopped when they started repeating", _n(s["loops_stopped"]["calls"]), ""
+        )
     e = s["estimate"]
     tale, naive, saved = e["tale"], e["naive"], e["saved"]
     ratio = f"{e['chars_per_token']:g} chars/token" + (

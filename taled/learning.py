@@ -162,6 +162,10 @@ class Outcome:
     """A retry's answer passed."""
     decomposed: bool | None = None
     """Decomposed into subtasks after its direct answers failed."""
+    retry_tokens: int | None = None
+    """Tokens (prompt and completion) of its direct answer's retries."""
+    plan_tokens: int | None = None
+    """Tokens of everything but its direct answers: a plan, subtasks, an aggregation."""
 
 
 class LearningEngine:
@@ -394,6 +398,8 @@ class LearningEngine:
                     and self._thinks(facts["role"] or assessment.role)
                 ),
                 seconds=max(task.updated_at - (facts["started"] or task.created_at), 0.0),
+                retry_tokens=facts["retry_tokens"],
+                plan_tokens=facts["plan_tokens"],
                 **tactics,
             )
             await _insert(conn, outcome, self._label(outcome))
@@ -468,12 +474,17 @@ class LearningEngine:
         model, level = model_key(row.backend, row.model), row.predicted_level
         self._selector.observe(row.role, level, bool(row.success), row.retries, model)
         if row.role == "task":
+            # What a tactic cost is the tokens of its own calls (rows recorded before
+            # those were kept: the whole task's).
+            whole = int(row.prompt_tokens or 0) + int(row.completion_tokens or 0)
+            retry = whole if row.retry_tokens is None else int(row.retry_tokens)
+            planning = whole if row.plan_tokens is None else int(row.plan_tokens)
             if row.planned:
-                self._tactics.observe(model, level, "plan", bool(row.success))
+                self._tactics.observe(model, level, "plan", bool(row.success), planning)
             if row.retried:
-                self._tactics.observe(model, level, "retry", bool(row.retry_worked))
+                self._tactics.observe(model, level, "retry", bool(row.retry_worked), retry)
             if row.decomposed:
-                self._tactics.observe(model, level, "decompose", bool(row.success))
+                self._tactics.observe(model, level, "decompose", bool(row.success), planning)
 
     async def _fit(self) -> None:
         """Fit a fresh classifier off the event loop, then swap it in."""
@@ -569,12 +580,19 @@ async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
     tree = sa.select(tasks.c.id).where(tasks.c.id == task_id).cte("tree", recursive=True)
     tree = tree.union_all(sa.select(tasks.c.id).where(tasks.c.parent_id == tree.c.id))
     c = model_calls.c
+    spent = c.prompt_tokens + c.completion_tokens
+    # The task's own direct answers: the first and its retries; everything else in the
+    # tree (a plan, subtasks, an aggregation) is what planning cost.
+    direct = (c.task_id == task_id) & ((c.step == "answer") | c.step.like("answer#%"))
+    retry = (c.task_id == task_id) & c.step.like("answer#%")
     sums = (
         await conn.execute(
             sa.select(
                 sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0),
                 sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
                 sa.func.coalesce(sa.func.sum(sa.case((c.step.like("%#%"), 1), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((retry, spent), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((direct, 0), else_=spent)), 0),
             ).where(c.task_id.in_(sa.select(tree.c.id)))
         )
     ).one()
@@ -600,6 +618,8 @@ async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
         "prompt_tokens": int(sums[0]),
         "completion_tokens": int(sums[1]),
         "retries": int(sums[2]),
+        "retry_tokens": int(sums[3]),
+        "plan_tokens": int(sums[4]),
         "role": first.role if first else None,
         "backend": first.backend if first else None,
         "model": first.model if first else None,

@@ -10,15 +10,18 @@ are the *predicted* ones, the only ones known when the route is chosen.
 The costly tactics a task can be carried with beyond one direct answer are kept
 only while they pay off on the model (``Tactics``): a retry after a failed gate,
 decomposing a task whose direct answers failed, planning a complex task up
-front. Each is counted per (model, predicted level); once it has been tried
-``tactic_min_samples`` times and worked less than ``tactic_min_success`` of
-them, it is skipped — except for ``tactic_explore_rate`` of tasks (by a hash of
-the task id and the tactic), so the evidence keeps coming if the model improves.
+front. Each is counted per (model, predicted level): how often it carried the
+task, and the tokens its own calls spent. Once it has been tried
+``tactic_min_samples`` times and spends more than ``tactic_max_tokens_per_success``
+tokens per task it carries (every token, if it carried none), it is skipped —
+except for ``tactic_explore_rate`` of tasks (by a hash of the task id and the
+tactic), so the evidence keeps coming if the model improves.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -99,17 +102,19 @@ class Selector:
 
 
 class Tactics:
-    """How often each costly tactic worked, per (model, predicted level), and the rule
-    that keeps or skips it."""
+    """What each costly tactic cost and how often it carried a task, per (model,
+    predicted level), and the rule that keeps or skips it."""
 
     def __init__(self, settings: LearningSettings) -> None:
         self._settings = settings
-        self._counts: dict[tuple[str, str, Tactic], tuple[int, int]] = {}
+        # (model, level, tactic) -> (uses that carried the task, uses, tokens of those uses)
+        self._counts: dict[tuple[str, str, Tactic], tuple[int, int, int]] = {}
 
-    def observe(self, model: str, level: str, tactic: Tactic, worked: bool) -> None:
-        """Count one use of ``tactic`` on a finished task: whether it carried the task."""
-        good, n = self._counts.get((model, level, tactic), (0, 0))
-        self._counts[(model, level, tactic)] = (good + int(worked), n + 1)
+    def observe(self, model: str, level: str, tactic: Tactic, worked: bool, tokens: int) -> None:
+        """Count one use of ``tactic`` on a finished task: whether it carried the task, and
+        its cost (the tokens of the tactic's own calls)."""
+        good, n, spent = self._counts.get((model, level, tactic), (0, 0, 0))
+        self._counts[(model, level, tactic)] = (good + int(worked), n + 1, spent + tokens)
 
     def clear(self) -> None:
         """Forget every count (before a refit)."""
@@ -117,18 +122,32 @@ class Tactics:
 
     def rate(self, model: str, level: str, tactic: Tactic) -> tuple[float | None, int]:
         """Share of uses that worked, and the number of uses (None without any)."""
-        good, n = self._counts.get((model, level, tactic), (0, 0))
+        good, n, _ = self._counts.get((model, level, tactic), (0, 0, 0))
         return (good / n if n else None), n
+
+    def cost_per_success(self, model: str, level: str, tactic: Tactic) -> float | None:
+        """Tokens spent per task the tactic carried (inf if it carried none; None unused)."""
+        good, n, spent = self._counts.get((model, level, tactic), (0, 0, 0))
+        if not n:
+            return None
+        return spent / good if good else math.inf
 
     def allows(self, task_id: str, model: str, level: str, tactic: Tactic) -> tuple[bool, str]:
         """Whether this task may use ``tactic`` on ``model``, and why."""
         s = self._settings
-        rate, n = self.rate(model, level, tactic)
+        good, n, _ = self._counts.get((model, level, tactic), (0, 0, 0))
         if n < s.tactic_min_samples:
             return True, f"{tactic}: {n} of {s.tactic_min_samples} samples"
-        assert rate is not None
-        if rate >= s.tactic_min_success:
-            return True, f"{tactic} worked on {rate:.0%} of {n} {level} tasks"
+        cost = self.cost_per_success(model, level, tactic)
+        assert cost is not None
+        record = f"it carried {good} of {n} {level} tasks" + (
+            f", {cost:,.0f} tokens per task carried" if good else ""
+        )
+        if cost <= s.tactic_max_tokens_per_success:
+            return True, f"{tactic} kept: {record}"
         if explores(f"{task_id}:{tactic}", s.tactic_explore_rate):
-            return True, f"{tactic} worked on {rate:.0%} of {n} {level} tasks; exploring"
-        return False, f"{tactic} skipped: it worked on {rate:.0%} of {n} {level} tasks"
+            return True, f"{tactic} explored: {record}"
+        return False, (
+            f"{tactic} skipped: {record} "
+            f"(learning.tactic_max_tokens_per_success is {s.tactic_max_tokens_per_success:,})"
+        )

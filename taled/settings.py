@@ -563,10 +563,11 @@ class LearningSettings(BaseModel):
     (chosen by task id, so deterministically) to gather the evidence."""
     tactic_min_samples: int = Field(default=5, ge=1, le=100_000)
     """Uses of a costly tactic (a retry, decomposing after failed answers, planning up
-    front) on a model at a level before its success rate decides whether to use it."""
-    tactic_min_success: float = Field(default=0.1, ge=0, le=1)
-    """A tactic that carried less than this share of its uses is skipped on that model
-    at that level (0 never skips)."""
+    front) on a model at a level before its record decides whether to use it."""
+    tactic_max_tokens_per_success: int = Field(default=10_000, ge=1)
+    """A tactic whose uses spent more tokens than this per task it carried (a plan, its
+    subtasks and the aggregation, say, for each task rescued) is skipped on that model at
+    that level; one that never carried a task is skipped at once."""
     tactic_explore_rate: float = Field(default=0.1, ge=0, le=1)
     """Share of tasks that still use a skipped tactic (chosen by task id), so the evidence
     keeps coming if the model gets better at it."""

@@ -180,6 +180,10 @@ task_outcomes = sa.Table(
     sa.Column("retried", sa.Boolean),
     sa.Column("retry_worked", sa.Boolean),
     sa.Column("decomposed", sa.Boolean),
+    # What they cost: tokens of the direct answer's retries, and of the rest (plan,
+    # subtasks, aggregation).
+    sa.Column("retry_tokens", sa.Integer),
+    sa.Column("plan_tokens", sa.Integer),
 )
 
 # The embedding of a finished top-level task's text, one per embedding model (the
@@ -377,6 +381,8 @@ _V7 = [
     "ALTER TABLE task_outcomes ADD COLUMN retried BOOLEAN",
     "ALTER TABLE task_outcomes ADD COLUMN retry_worked BOOLEAN",
     "ALTER TABLE task_outcomes ADD COLUMN decomposed BOOLEAN",
+    "ALTER TABLE task_outcomes ADD COLUMN retry_tokens INTEGER",
+    "ALTER TABLE task_outcomes ADD COLUMN plan_tokens INTEGER",
 ]
 
 # Index i holds the statements that take the schema from version i to i + 1.

@@ -105,6 +105,11 @@ _ROUTED_TO_UX = sa.text(
     "COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS tokens "
     "FROM model_calls WHERE role = 'ux' AND task_id IS NOT NULL AND at >= :since"
 )
+# Calls the pool stopped because the answer had started repeating itself (taled.repetition).
+_LOOPS_STOPPED = sa.text(
+    "SELECT COUNT(*) AS calls FROM model_calls "
+    "WHERE note LIKE '%stopped repeating itself%' AND at >= :since"
+)
 # Each message with its conversation's running length and the user message it answers.
 _MESSAGES = (
     "WITH m AS (SELECT role, at, action, task_id, length(text) AS n, "
@@ -278,6 +283,7 @@ class UsageReport:
             levels = (await conn.execute(_BY_COMPLEXITY, p)).all()
             conversations = (await conn.execute(_TOP_CONVERSATIONS, p)).all()
             routed = (await conn.execute(_ROUTED_TO_UX, p)).one()
+            loops = (await conn.execute(_LOOPS_STOPPED, p)).one()
             ratio_row = (await conn.execute(_CHARS_PER_TOKEN)).one()
             measured = bool(ratio_row.tokens) and bool(ratio_row.chars)
             ratio = (
@@ -318,6 +324,7 @@ class UsageReport:
         report["prediction"] = _prediction(by_day_outcomes, last, s.curve_points)
         report["truncation"] = _truncation(by_day_outcomes)
         report["savings"] = self._savings(ledger, routed, turns, ratio, measured)
+        report["savings"]["loops_stopped"] = {"calls": int(loops.calls)}
         report["violations"] = {
             "counts": await self._monitor.counts(since if days is not None else None),
             "recent": await self._monitor.recent(top, since if days is not None else None),

@@ -627,7 +627,14 @@ def test_a_version_5_database_gains_the_embeddings_table(tmp_path: Path) -> None
     columns = [r[1] for r in migrated.execute("PRAGMA table_info(task_embeddings)")]
     assert columns == ["task_id", "model", "dimension", "vector"]
     outcome_columns = [r[1] for r in migrated.execute("PRAGMA table_info(task_outcomes)")]
-    assert outcome_columns[-4:] == ["planned", "retried", "retry_worked", "decomposed"]
+    assert outcome_columns[-6:] == [
+        "planned",
+        "retried",
+        "retry_worked",
+        "decomposed",
+        "retry_tokens",
+        "plan_tokens",
+    ]
 
 
 # -- configuration -------------------------------------------------------------

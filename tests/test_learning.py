@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -445,18 +446,25 @@ def test_thinking_follows_the_configured_levels() -> None:
     assert [selector.choose("a" * 12, lv).think for lv in LEVELS] == [False, True, True]
 
 
-@given(st.sampled_from(TACTICS), st.integers(0, 60), st.integers(0, 60))
-def test_a_tactic_is_skipped_only_on_enough_evidence_that_it_does_not_work(
-    tactic: Tactic, worked: int, failed: int
+@given(
+    st.sampled_from(TACTICS),
+    st.integers(0, 60),
+    st.integers(0, 60),
+    st.integers(0, 20_000),
+)
+def test_a_tactic_is_skipped_only_when_its_record_says_it_costs_too_much_per_success(
+    tactic: Tactic, worked: int, failed: int, tokens: int
 ) -> None:
-    """Past tactic_min_samples, a tactic is kept exactly when it worked often enough."""
+    """Past tactic_min_samples, a tactic is kept exactly while the tokens its uses spent
+    per task it carried stay within tactic_max_tokens_per_success."""
     config = LearningSettings(tactic_explore_rate=0.0)
     tactics = Tactics(config)
     for i in range(worked + failed):
-        tactics.observe("llamacpp:m", "simple", tactic, i < worked)
+        tactics.observe("llamacpp:m", "simple", tactic, i < worked, tokens)
     allowed, reason = tactics.allows("abcdef012345", "llamacpp:m", "simple", tactic)
     n = worked + failed
-    keeps = n < config.tactic_min_samples or worked / n >= config.tactic_min_success
+    per_success = tokens * n / worked if worked else math.inf
+    keeps = n < config.tactic_min_samples or per_success <= config.tactic_max_tokens_per_success
     assert allowed == keeps
     assert tactic in reason
     # Evidence about one model or level says nothing about another.
@@ -464,11 +472,23 @@ def test_a_tactic_is_skipped_only_on_enough_evidence_that_it_does_not_work(
     assert tactics.allows("abcdef012345", "llamacpp:m", "complex", tactic)[0]
 
 
+def test_a_cheap_tactic_that_rarely_works_is_kept_and_a_costly_one_is_not() -> None:
+    """One rescue in ten is worth a 300-token retry, not a 5,000-token decomposition."""
+    tactics = Tactics(LearningSettings(tactic_explore_rate=0.0))
+    for i in range(10):
+        tactics.observe("m", "simple", "retry", i == 0, 300)
+        tactics.observe("m", "simple", "decompose", i == 0, 5000)
+    assert tactics.allows("a" * 12, "m", "simple", "retry")[0]
+    allowed, reason = tactics.allows("a" * 12, "m", "simple", "decompose")
+    assert not allowed
+    assert "it carried 1 of 10 simple tasks, 50,000 tokens per task carried" in reason
+
+
 def test_a_skipped_tactic_is_still_explored_on_its_share_of_tasks() -> None:
     """With a tactic that never worked, about tactic_explore_rate of tasks still try it."""
     tactics = Tactics(LearningSettings(tactic_explore_rate=0.2))
     for _ in range(20):
-        tactics.observe("m", "simple", "decompose", False)
+        tactics.observe("m", "simple", "decompose", False, 4000)
     ids = [f"{i:012x}" for i in range(2000)]
     tried = [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
     assert 0.16 < len(tried) / len(ids) < 0.24

@@ -280,7 +280,7 @@ def test_decomposing_is_skipped_where_it_never_rescued_a_task(home: Home) -> Non
     _seed_tactic_history(home, "decomposed", uses=5, worked=False)
     steps, task = _steps_of_a_hopeless_task(home)
     assert steps == ["answer", "answer#2"]
-    assert "not tried, from history: decompose skipped: it worked on 0% of 5" in task["error"]
+    assert "not tried, from history: decompose skipped: it carried 0 of 5" in task["error"]
     assert task["estimate"]["skip"] == ["decompose"]
 
 
@@ -301,7 +301,7 @@ def test_a_retry_is_skipped_where_retries_never_passed(home: Home) -> None:
     _seed_tactic_history(home, "retried", uses=6, worked=False)
     steps, task = _steps_of_a_hopeless_task(home)
     assert steps == ["answer"]
-    assert "retry skipped: it worked on 0% of 6" in task["error"]
+    assert "retry skipped: it carried 0 of 6" in task["error"]
 
 
 def test_tactics_used_are_recorded_with_the_outcome(home: Home) -> None:
@@ -311,3 +311,16 @@ def test_tactics_used_are_recorded_with_the_outcome(home: Home) -> None:
     outcome = _outcome(home, task["id"])
     assert outcome["retried"] == 1 and outcome["retry_worked"] == 0
     assert outcome["decomposed"] == 1 and outcome["planned"] == 0
+    # Their costs: the retry's call, and every call of the plan, subtasks and aggregation.
+    calls = _rows(
+        home,
+        "SELECT m.task_id, m.step, m.prompt_tokens + m.completion_tokens AS n"
+        " FROM model_calls m JOIN tasks t ON t.id = m.task_id WHERE t.id = ? OR t.parent_id = ?",
+        task["id"],
+        task["id"],
+    )
+    mine = [c for c in calls if c["task_id"] == task["id"]]
+    retries = sum(c["n"] for c in mine if c["step"].startswith("answer#"))
+    direct = sum(c["n"] for c in mine if c["step"] == "answer" or c["step"].startswith("answer#"))
+    assert outcome["retry_tokens"] == retries > 0
+    assert outcome["plan_tokens"] == sum(c["n"] for c in calls) - direct > 0

@@ -80,8 +80,9 @@ _LOOPY = (
 )
 
 
-def _answers(guard: bool) -> list[tuple[str, int, str | None]]:
-    """Each _LOOPY task's result, completion tokens and ledger note, in a fresh daemon."""
+def _answers(guard: bool) -> tuple[list[tuple[str, int, str | None]], int]:
+    """Each _LOOPY task's result, completion tokens and ledger note, in a fresh daemon,
+    and the calls `tale usage` says were stopped for looping."""
     settings = {"TALE_LOOPS__ENABLED": str(guard).lower(), "TALE_RUNNER__MAX_TOKENS": "300"}
     out = []
     with running_daemon(settings) as daemon:
@@ -95,13 +96,14 @@ def _answers(guard: bool) -> list[tuple[str, int, str | None]]:
                     (task_id,),
                 ).fetchone()
             out.append((task["result"], tokens, note))
-    return out
+        stopped = daemon.call("usage")["savings"]["loops_stopped"]["calls"]
+    return out, stopped
 
 
 def test_looping_answers_are_stopped_where_they_start_repeating() -> None:
     """Paired at temperature 0: every answer that loops without the guard is stopped with
     it, early, keeping what the model wrote before the repeats; the others are untouched."""
-    free, guarded = _answers(False), _answers(True)
+    (free, none_stopped), (guarded, reported) = _answers(False), _answers(True)
     stopped = 0
     for (free_text, free_tokens, _), (text, tokens, note) in zip(free, guarded, strict=True):
         if note is not None and "stopped repeating itself" in note:
@@ -116,6 +118,7 @@ def test_looping_answers_are_stopped_where_they_start_repeating() -> None:
         assert loop_start(text, **_KW) is None
     assert stopped >= 1
     assert any(loop_start(t, **_KW) is not None for t, _, _ in free), "no answer looped"
+    assert (none_stopped, reported) == (0, stopped)  # what `tale usage` reports
 
 
 # Open questions the small model often answers and then repeats itself on (which ones
