@@ -14,8 +14,9 @@ front. Each is counted per (model, predicted level): how often it carried the
 task, and the tokens its own calls spent. Once it has been tried
 ``tactic_min_samples`` times and spends more than ``tactic_max_tokens_per_success``
 tokens per task it carries (every token, if it carried none), it is skipped —
-except for ``tactic_explore_rate`` of tasks (by a hash of the task id and the
-tactic), so the evidence keeps coming if the model improves.
+except for a share of tasks (by a hash of the task id and the tactic), so the
+evidence keeps coming if the model improves: ``tactic_explore_rate`` at first,
+shrinking as the uses that say it does not pay accumulate (times min_samples / uses).
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ class Tactics:
         )
         if cost <= s.tactic_max_tokens_per_success:
             return True, f"{tactic} kept: {record}"
-        if explores(f"{task_id}:{tactic}", s.tactic_explore_rate):
+        # The more uses say it does not pay, the rarer a look at whether it has changed.
+        share = s.tactic_explore_rate * s.tactic_min_samples / n
+        if explores(f"{task_id}:{tactic}", share):
             return True, f"{tactic} explored: {record}"
         return False, (
             f"{tactic} skipped: {record} "

@@ -570,7 +570,8 @@ class LearningSettings(BaseModel):
     that level; one that never carried a task is skipped at once."""
     tactic_explore_rate: float = Field(default=0.1, ge=0, le=1)
     """Share of tasks that still use a skipped tactic (chosen by task id), so the evidence
-    keeps coming if the model gets better at it."""
+    keeps coming if the model gets better at it; it shrinks as the uses grow (times
+    tactic_min_samples / uses)."""
     think_for: list[Level] = Field(default_factory=_default_think_for)
     """Levels whose tasks run with thinking on, on models that support it (Ollama's think)."""
     history_limit: int = Field(default=5000, ge=10, le=1_000_000)

@@ -484,15 +484,21 @@ def test_a_cheap_tactic_that_rarely_works_is_kept_and_a_costly_one_is_not() -> N
     assert "it carried 1 of 10 simple tasks, 50,000 tokens per task carried" in reason
 
 
-def test_a_skipped_tactic_is_still_explored_on_its_share_of_tasks() -> None:
-    """With a tactic that never worked, about tactic_explore_rate of tasks still try it."""
-    tactics = Tactics(LearningSettings(tactic_explore_rate=0.2))
-    for _ in range(20):
-        tactics.observe("m", "simple", "decompose", False, 4000)
-    ids = [f"{i:012x}" for i in range(2000)]
-    tried = [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
-    assert 0.16 < len(tried) / len(ids) < 0.24
-    assert tried == [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
+def test_a_skipped_tactic_is_explored_less_the_more_its_uses_say_it_does_not_pay() -> None:
+    """Just skipped, about tactic_explore_rate of tasks still try a tactic; after four times
+    the minimum of failed uses, a quarter of that; the same tasks every time."""
+    config = LearningSettings(tactic_explore_rate=0.2, tactic_min_samples=5)
+    ids = [f"{i:012x}" for i in range(4000)]
+    shares = []
+    for uses in (5, 20):
+        tactics = Tactics(config)
+        for _ in range(uses):
+            tactics.observe("m", "simple", "decompose", False, 4000)
+        tried = [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
+        assert tried == [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
+        shares.append(len(tried) / len(ids))
+    assert 0.17 < shares[0] < 0.23
+    assert 0.035 < shares[1] < 0.065
 
 
 # -- ETA -----------------------------------------------------------------------
