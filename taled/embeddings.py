@@ -36,15 +36,15 @@ import anyio
 import httpx
 import numpy as np
 import numpy.typing as npt
-from ollama import AsyncClient, ResponseError
+from ollama import AsyncClient
 
 from taled.backends.llamacpp import model_params, resolve_model_path
 from taled.backends.ollama import (
     DEFAULT_HOST,
-    NETWORK_ERRORS,
     canonical_name,
     describe_error,
     parse_keep_alive,
+    translated_errors,
 )
 from taled.errors import BackendDown, ModelError, ModelTimeout, TaleError
 from taled.settings import (
@@ -312,7 +312,7 @@ class OllamaEmbedder:
         """Ollama's (normalised) embeddings of the texts."""
         if self._client is None:
             raise BackendDown(f"the Ollama embedder for {self.model} is not started")
-        try:
+        with translated_errors(self.host, self.model, "embedding with"):
             response = await self._client.embed(
                 self.model,
                 input=list(texts),
@@ -320,21 +320,6 @@ class OllamaEmbedder:
                 options={"num_ctx": self._num_ctx},
                 keep_alive=self._keep_alive,
             )
-        except ResponseError as exc:
-            if exc.status_code == 404:
-                raise ModelError(
-                    f"Ollama at {self.host} has no model {self.model!r}: "
-                    f"run `ollama pull {self.model}` ({exc.error})"
-                ) from exc
-            if exc.status_code >= 500 or exc.status_code == -1:
-                raise BackendDown(
-                    f"Ollama at {self.host} failed to embed with {self.model}: {exc.error}"
-                ) from exc
-            raise ModelError(f"Ollama refused to embed with {self.model}: {exc.error}") from exc
-        except NETWORK_ERRORS as exc:
-            raise BackendDown(
-                f"cannot reach Ollama at {self.host} for embeddings: {describe_error(exc)}"
-            ) from exc
         return response.embeddings
 
 

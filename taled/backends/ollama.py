@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 
 import anyio
@@ -78,6 +78,31 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+@contextmanager
+def translated_errors(host: str, model: str, doing: str) -> Iterator[None]:
+    """Map the Ollama client's failures while *doing* with *model* to tale's errors.
+
+    A missing model (404) says how to pull it; a server error or a dropped
+    connection is the backend being down; any other refusal is the model's error.
+    """
+    try:
+        yield
+    except ResponseError as exc:
+        if exc.status_code == 404:
+            raise ModelError(
+                f"Ollama at {host} has no model {model!r}: run `ollama pull {model}` ({exc.error})"
+            ) from exc
+        if exc.status_code >= 500 or exc.status_code == -1:
+            raise BackendDown(
+                f"Ollama at {host} failed while {doing} {model}: {exc.error}"
+            ) from exc
+        raise ModelError(f"Ollama refused {doing} {model}: {exc.error}") from exc
+    except NETWORK_ERRORS as exc:
+        raise BackendDown(
+            f"cannot reach Ollama at {host} while {doing} {model}: {describe_error(exc)}"
+        ) from exc
+
+
 def canonical_name(name: str) -> str:
     """Ollama's name for a model: ``qwen2.5`` is ``qwen2.5:latest``."""
     last = name.rsplit("/", 1)[-1]
@@ -126,21 +151,9 @@ class OllamaBackend:
     def _options(self, **extra: Any) -> dict[str, Any]:
         return {"num_ctx": self._num_ctx, **extra}
 
-    @contextmanager
-    def _translated(self, doing: str) -> Iterator[None]:
+    def _translated(self, doing: str) -> AbstractContextManager[None]:
         """Map the client's failures to tale's errors (see the module docstring)."""
-        try:
-            yield
-        except ResponseError as exc:
-            if exc.status_code >= 500 or exc.status_code == -1:
-                raise BackendDown(
-                    f"Ollama at {self.host} failed while {doing} {self.model}: {exc.error}"
-                ) from exc
-            raise ModelError(f"Ollama refused {doing} {self.model}: {exc.error}") from exc
-        except NETWORK_ERRORS as exc:
-            raise BackendDown(
-                f"Ollama at {self.host} failed while {doing} {self.model}: {describe_error(exc)}"
-            ) from exc
+        return translated_errors(self.host, self.model, doing)
 
     def _unreachable(self, exc: BaseException) -> NoReturn:
         raise BackendDown(
