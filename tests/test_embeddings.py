@@ -234,6 +234,19 @@ def test_standin_truncate_false_refuses_an_over_long_text(standin: OllamaStandIn
 # -- the Ollama embedder ---------------------------------------------------------
 
 
+def _embed_once(embedder: Any, texts: list[str]) -> Any:
+    """Start the embedder, embed the texts once, stop it."""
+
+    async def run() -> Any:
+        await embedder.start()
+        try:
+            return await embedder.embed(texts)
+        finally:
+            await embedder.stop()
+
+    return asyncio.run(run())
+
+
 def _ollama_service(host: str, model: str = OLLAMA_MODEL, **learning: Any) -> EmbeddingService:
     embedder = OllamaEmbedder(model, OllamaSettings(host=host, num_ctx=NUM_CTX), pinned=False)
     return _service(embedder, **learning)
@@ -278,16 +291,8 @@ def test_ollama_embedder_sends_num_ctx_keep_alive_and_truncate(standin: OllamaSt
 def test_an_unknown_ollama_model_is_a_model_error(standin: OllamaStandIn) -> None:
     """Ollama's 404 becomes a ModelError that says to pull the model."""
     embedder = OllamaEmbedder("nomic-embed-text", OllamaSettings(host=standin.url), pinned=False)
-
-    async def run() -> None:
-        await embedder.start()
-        try:
-            await embedder.embed(["x"])
-        finally:
-            await embedder.stop()
-
     with pytest.raises(ModelError, match="ollama pull nomic-embed-text"):
-        asyncio.run(run())
+        _embed_once(embedder, ["x"])
 
 
 def test_nobody_listening_is_backend_down() -> None:
@@ -295,16 +300,8 @@ def test_nobody_listening_is_backend_down() -> None:
     embedder = OllamaEmbedder(
         "nomic-embed-text", OllamaSettings(host=f"http://127.0.0.1:{free_port()}"), pinned=False
     )
-
-    async def run() -> None:
-        await embedder.start()
-        try:
-            await embedder.embed(["x"])
-        finally:
-            await embedder.stop()
-
     with pytest.raises(BackendDown, match="cannot reach Ollama"):
-        asyncio.run(run())
+        _embed_once(embedder, ["x"])
 
 
 def test_an_outage_is_logged_once_retried_later_and_its_end_noticed(
@@ -358,16 +355,7 @@ def openai_server() -> Iterator[OpenAIEmbeddingsStandIn]:
 
 def _openai_embed(base_url: str, model: str, texts: list[str]) -> Any:
     settings = OpenAISettings(api_key_env="TALE_TEST_EMBED_KEY")
-    embedder = OpenAIEmbedder(base_url, model, settings)
-
-    async def run() -> Any:
-        await embedder.start()
-        try:
-            return await embedder.embed(texts)
-        finally:
-            await embedder.stop()
-
-    return asyncio.run(run())
+    return _embed_once(OpenAIEmbedder(base_url, model, settings), texts)
 
 
 def test_openai_embedder_gets_one_vector_per_text_in_order(
