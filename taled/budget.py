@@ -60,7 +60,7 @@ def blend_neighbours(
     """``(mu, spread)`` in log tokens: the neighbours' similarity-weighted logs, shrunk
     toward the prior's by ``shrink`` pseudo-weight."""
     weights = [min(max(n.similarity, 0.0), 1.0) for n in neighbours]
-    logs = [_log(n.completion_tokens) for n in neighbours]
+    logs = [_log(n.tokens) for n in neighbours]
     total = shrink + sum(weights)
     mu = (shrink * prior_log + sum(w * x for w, x in zip(weights, logs, strict=True))) / total
     var = (
@@ -120,7 +120,7 @@ class BudgetPredictor:
         weights = [min(max(n.similarity, 0.0), 1.0) for n in neighbours]
         knn = None
         if sum(weights) > 0:
-            logs = [w * _log(n.completion_tokens) for w, n in zip(weights, neighbours, strict=True)]
+            logs = [w * _log(n.tokens) for w, n in zip(weights, neighbours, strict=True)]
             knn = math.exp(sum(logs) / sum(weights))
         return Prediction(
             tokens=max(round(predicted), 0),

@@ -44,7 +44,7 @@ from taled.settings import LearningSettings, Level, ModelsSettings, Role, parse_
 from taled.store import Store, TaskRecord, model_calls, task_outcomes, tasks, transitions
 from taled.workstate import WorkState
 
-__all__ = ["Assessment", "LearningEngine", "Outcome", "model_key"]
+__all__ = ["Assessment", "LearningEngine", "Outcome", "model_key", "predictable_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,19 @@ class Outcome:
     """Tokens (prompt and completion) of its direct answer's retries."""
     plan_tokens: int | None = None
     """Tokens of everything but its direct answers: a plan, subtasks, an aggregation."""
+    answer_tokens: int | None = None
+    """Completion tokens of its first direct answer (continuations included): what a
+    budget caps. None without a direct answer (planned up front)."""
+
+
+def predictable_tokens(answer_tokens: int | None, completion_tokens: int) -> int:
+    """The tokens a prediction for a task is held to: its first direct answer's, the
+    one a budget caps; the whole task's when it had none (or was recorded before).
+
+    Not the whole task's: a one-word answer the model failed and decomposition rescued
+    cost a thousand tokens, and taught as that it had similar tasks budgeted 10x over.
+    """
+    return answer_tokens if answer_tokens else completion_tokens
 
 
 class LearningEngine:
@@ -400,6 +413,7 @@ class LearningEngine:
                 seconds=max(task.updated_at - (facts["started"] or task.created_at), 0.0),
                 retry_tokens=facts["retry_tokens"],
                 plan_tokens=facts["plan_tokens"],
+                answer_tokens=facts["answer_tokens"],
                 **tactics,
             )
             await _insert(conn, outcome, self._label(outcome))
@@ -469,7 +483,10 @@ class LearningEngine:
         self._history.append((text, feats, row.level))
         del self._history[: -self.settings.history_limit]
         self._budget.observe(
-            model_key(row.backend, row.model), row.predicted_level, text, row.completion_tokens
+            model_key(row.backend, row.model),
+            row.predicted_level,
+            text,
+            predictable_tokens(row.answer_tokens, row.completion_tokens),
         )
         model, level = model_key(row.backend, row.model), row.predicted_level
         self._selector.observe(row.role, level, bool(row.success), row.retries, model)
@@ -556,6 +573,7 @@ def _finished(row: Any, level: str) -> dict[str, Any]:
         "outcome": {
             "level": level,
             "completion_tokens": row.completion_tokens,
+            "answer_tokens": row.answer_tokens,
             "truncations": row.truncations,
             "success": bool(row.success),
         },
@@ -585,6 +603,7 @@ async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
     # tree (a plan, subtasks, an aggregation) is what planning cost.
     direct = (c.task_id == task_id) & ((c.step == "answer") | c.step.like("answer#%"))
     retry = (c.task_id == task_id) & c.step.like("answer#%")
+    first = (c.task_id == task_id) & (c.step == "answer")
     sums = (
         await conn.execute(
             sa.select(
@@ -593,12 +612,13 @@ async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
                 sa.func.coalesce(sa.func.sum(sa.case((c.step.like("%#%"), 1), else_=0)), 0),
                 sa.func.coalesce(sa.func.sum(sa.case((retry, spent), else_=0)), 0),
                 sa.func.coalesce(sa.func.sum(sa.case((direct, 0), else_=spent)), 0),
+                sa.func.sum(sa.case((first, c.completion_tokens), else_=None)),
             ).where(c.task_id.in_(sa.select(tree.c.id)))
         )
     ).one()
     # The first call's role and model are the ones the task was routed to; a failure
     # there that another model recovered must count against them, not for the rescuer.
-    first = (
+    first_call = (
         await conn.execute(
             sa.select(c.role, c.backend, c.model)
             .where(c.task_id == task_id)
@@ -620,9 +640,10 @@ async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
         "retries": int(sums[2]),
         "retry_tokens": int(sums[3]),
         "plan_tokens": int(sums[4]),
-        "role": first.role if first else None,
-        "backend": first.backend if first else None,
-        "model": first.model if first else None,
+        "answer_tokens": None if sums[5] is None else int(sums[5]),
+        "role": first_call.role if first_call else None,
+        "backend": first_call.backend if first_call else None,
+        "model": first_call.model if first_call else None,
         "started": started,
     }
 

@@ -88,7 +88,8 @@ _STOP = frozenset(_STOP_WORDS.split())
 _SEARCH = sa.text(
     """
     SELECT m.task_id AS task_id, -bm25(task_memory) AS score, o.text AS text,
-           o.completion_tokens AS completion_tokens, o.level AS level, o.success AS success,
+           COALESCE(NULLIF(o.answer_tokens, 0), o.completion_tokens) AS tokens,
+           o.level AS level, o.success AS success,
            o.role AS role, o.model AS model
     FROM task_memory AS m JOIN task_outcomes AS o ON o.task_id = m.task_id
     WHERE task_memory MATCH :query
@@ -105,7 +106,7 @@ def _by_ids(ids: Sequence[str]) -> sa.Select[Any]:
         o.task_id,
         sa.literal(0.0).label("score"),
         o.text,
-        o.completion_tokens,
+        sa.func.coalesce(sa.func.nullif(o.answer_tokens, 0), o.completion_tokens).label("tokens"),
         o.level,
         o.success,
         o.role,
@@ -125,8 +126,9 @@ class Neighbour:
     similarity: float
     """How alike it is, 0..1: the word overlap (Jaccard), blended with the embeddings'
     cosine when both texts have one (see the module docstring)."""
-    completion_tokens: float
-    """Tokens it generated (the mean, when the same text ran more than once)."""
+    tokens: float
+    """Tokens of its first direct answer, or the whole task's when it had none
+    (``taled.learning.predictable_tokens``); the mean when the text ran more than once."""
     level: str
     success: float
     """Share of its runs that succeeded."""
@@ -555,7 +557,7 @@ def _merge(text: str, rows: list[Any], k: int, scoring: _Scoring | None) -> list
                     if scoring is not None
                     else overlap
                 ),
-                completion_tokens=sum(float(r.completion_tokens) for r in same) / len(same),
+                tokens=sum(float(r.tokens) for r in same) / len(same),
                 level=best.level,
                 success=sum(1.0 for r in same if r.success) / len(same),
                 runs=len(same),

@@ -184,6 +184,10 @@ task_outcomes = sa.Table(
     # subtasks, aggregation).
     sa.Column("retry_tokens", sa.Integer),
     sa.Column("plan_tokens", sa.Integer),
+    # Completion tokens of the first direct answer (with its continuations): what a
+    # budget caps, and what the engine predicts. NULL with no direct answer (a task
+    # planned up front) and in rows recorded before it was kept.
+    sa.Column("answer_tokens", sa.Integer),
 )
 
 # The embedding of a finished top-level task's text, one per embedding model (the
@@ -385,8 +389,12 @@ _V7 = [
     "ALTER TABLE task_outcomes ADD COLUMN plan_tokens INTEGER",
 ]
 
+# Version 8: the tokens of a task's first direct answer, apart from what retries and
+# decomposition spent on it.
+_V8 = ["ALTER TABLE task_outcomes ADD COLUMN answer_tokens INTEGER"]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -138,12 +138,15 @@ _TURNS = sa.text(
     " AS store_completion_chars "
     "FROM m WHERE at >= :since"
 )
+# What a prediction is held to (taled.learning.predictable_tokens): the first direct
+# answer's tokens, the whole task's when it had none or was recorded before v8.
+_ACTUAL = "COALESCE(NULLIF(answer_tokens, 0), completion_tokens)"
 _OUTCOMES_BY_DAY = sa.text(
     "SELECT date(at, 'unixepoch', 'localtime') AS day, COUNT(*) AS outcomes, "
-    "SUM(CASE WHEN predicted_tokens IS NOT NULL AND completion_tokens > 0 THEN 1 ELSE 0 END) "
+    f"SUM(CASE WHEN predicted_tokens IS NOT NULL AND {_ACTUAL} > 0 THEN 1 ELSE 0 END) "
     " AS predicted, "
-    "SUM(CASE WHEN predicted_tokens IS NOT NULL AND completion_tokens > 0 "
-    " THEN ABS(predicted_tokens - completion_tokens) * 1.0 / completion_tokens ELSE 0 END) "
+    f"SUM(CASE WHEN predicted_tokens IS NOT NULL AND {_ACTUAL} > 0 "
+    f" THEN ABS(predicted_tokens - {_ACTUAL}) * 1.0 / {_ACTUAL} ELSE 0 END) "
     " AS ape_sum, "
     "SUM(CASE WHEN truncations > 0 THEN 1 ELSE 0 END) AS truncated, "
     "SUM(truncations) AS truncations, SUM(retries) AS retries, "
@@ -152,8 +155,8 @@ _OUTCOMES_BY_DAY = sa.text(
     "FROM task_outcomes WHERE at >= :since GROUP BY day ORDER BY day"
 )
 _LAST_PREDICTIONS = sa.text(
-    "SELECT at, predicted_tokens, completion_tokens FROM task_outcomes "
-    "WHERE at >= :since AND predicted_tokens IS NOT NULL AND completion_tokens > 0 "
+    f"SELECT at, predicted_tokens, {_ACTUAL} AS actual_tokens FROM task_outcomes "
+    f"WHERE at >= :since AND predicted_tokens IS NOT NULL AND {_ACTUAL} > 0 "
     "ORDER BY at DESC, task_id DESC LIMIT :limit"
 )
 
@@ -449,7 +452,7 @@ def _prediction(days: list[Any], last: list[Any], points: int) -> dict[str, Any]
     ape = sum(float(r.ape_sum or 0.0) for r in days)
     outcomes = sum(int(r.outcomes) for r in days)
     curve = learning_curve(
-        [(float(r.at), int(r.predicted_tokens), int(r.completion_tokens)) for r in reversed(last)],
+        [(float(r.at), int(r.predicted_tokens), int(r.actual_tokens)) for r in reversed(last)],
         points,
     )
     first, newest = (curve[0], curve[-1]) if len(curve) >= 2 else (None, None)

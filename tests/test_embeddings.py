@@ -592,7 +592,7 @@ def test_tasks_recorded_before_embeddings_are_backfilled(
 
 def test_a_version_5_database_gains_the_embeddings_table(tmp_path: Path) -> None:
     """Opening a schema-5 database migrates it to the current schema, adding
-    task_embeddings (v6) and the outcomes' tactic columns (v7)."""
+    task_embeddings (v6), the outcomes' tactic columns (v7) and answer_tokens (v8)."""
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     for statements in _MIGRATIONS[:5]:
@@ -610,18 +610,19 @@ def test_a_version_5_database_gains_the_embeddings_table(tmp_path: Path) -> None
         finally:
             await store.close()
 
-    assert asyncio.run(run()) == SCHEMA_VERSION == 7
+    assert asyncio.run(run()) == SCHEMA_VERSION == 8
     migrated = sqlite3.connect(path)
     columns = [r[1] for r in migrated.execute("PRAGMA table_info(task_embeddings)")]
     assert columns == ["task_id", "model", "dimension", "vector"]
     outcome_columns = [r[1] for r in migrated.execute("PRAGMA table_info(task_outcomes)")]
-    assert outcome_columns[-6:] == [
+    assert outcome_columns[-7:] == [
         "planned",
         "retried",
         "retry_worked",
         "decomposed",
         "retry_tokens",
         "plan_tokens",
+        "answer_tokens",
     ]
 
 

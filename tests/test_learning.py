@@ -7,6 +7,7 @@ import math
 import random
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -224,7 +225,7 @@ _neighbours = st.lists(
         text=st.text(max_size=20),
         score=st.floats(0, 50),
         similarity=st.floats(0, 1),
-        completion_tokens=st.floats(0, 200_000),
+        tokens=st.floats(0, 200_000),
         level=st.sampled_from(LEVELS),
         success=st.floats(0, 1),
     ),
@@ -355,6 +356,37 @@ def test_budget_error_falls_as_history_grows(tmp_path: Path) -> None:
     errors = asyncio.run(run())
     early, late = errors[:20], errors[-20:]
     assert sum(late) / len(late) < 0.5 * sum(early) / len(early)
+
+
+def test_a_rescued_task_teaches_its_first_answers_length_not_its_rescues(
+    tmp_path: Path,
+) -> None:
+    """Similar tasks that took 8 tokens to answer (and 1,500 to rescue) predict about 8."""
+
+    async def run() -> tuple[int, int]:
+        predicted = []
+        for answer_tokens in (8, None):
+            store = _store(tmp_path / f"t{answer_tokens}.db")
+            await store.open()
+            engine = LearningEngine(store, LEARNING, ModelsSettings(), ceiling=4096)
+            await engine.start()
+            try:
+                for n in range(12):
+                    text = f"How many days are in {n + 2} weeks? Answer with the number only."
+                    task = await store.submit(text, 50)
+                    outcome = _outcome(task.id, text, 1500, "simple")
+                    await engine.ingest(replace(outcome, answer_tokens=answer_tokens, steps=3))
+                probe = await store.submit(
+                    "How many days are in 20 weeks? Answer with the number only.", 50
+                )
+                predicted.append((await engine.assess(probe)).predicted_tokens)
+            finally:
+                await store.close()
+        return predicted[0], predicted[1]
+
+    rescued, whole = asyncio.run(run())
+    assert rescued <= 16
+    assert whole >= 500
 
 
 def test_what_was_learned_survives_a_restart(tmp_path: Path) -> None:

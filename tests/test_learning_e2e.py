@@ -324,3 +324,18 @@ def test_tactics_used_are_recorded_with_the_outcome(home: Home) -> None:
     direct = sum(c["n"] for c in mine if c["step"] == "answer" or c["step"].startswith("answer#"))
     assert outcome["retry_tokens"] == retries > 0
     assert outcome["plan_tokens"] == sum(c["n"] for c in calls) - direct > 0
+
+
+def test_a_rescued_task_records_its_first_answers_tokens_apart(home: Home) -> None:
+    """answer_tokens is the first direct answer's completion tokens, well under the
+    whole task's once retries and decomposition have spent on it."""
+    home.env.update(DECOMPOSING)
+    _, task = _steps_of_a_hopeless_task(home)
+    outcome = _outcome(home, task["id"])
+    (first,) = _rows(
+        home,
+        "SELECT SUM(completion_tokens) AS n FROM model_calls WHERE task_id = ? AND step = 'answer'",
+        task["id"],
+    )
+    assert outcome["answer_tokens"] == first["n"] > 0
+    assert outcome["completion_tokens"] > outcome["answer_tokens"]

@@ -19,8 +19,10 @@ several conversations, in order) twice on the same GGUF, in one run:
 Both answers to an item with criteria are checked by the same ``taled.gates.check``.
 The report (JSON in ``--out``, a Markdown table on stdout, a PNG) gives task-model
 and total tokens with the share saved, gate pass rates, the budget-prediction MAPE
-over the replay (from the learning engine's ``task_outcomes``), truncation rates and
-both wall times. A full run (no ``--short``) also writes ``docs/savings.png`` and
+over the replay (from the learning engine's ``task_outcomes``) and on a fixed set of
+held-back tasks as the history a fresh engine learnt from grows (the replay's windows
+also change with what each stretch of the workload asks), truncation rates and both
+wall times. A full run (no ``--short``) also writes ``docs/savings.png`` and
 replaces the results block in ``docs/benchmarks.md``. Missed targets are printed
 as missed.
 """
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -48,14 +51,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tale_client.rpc import Connection, RpcError
 from taled.backends.llamacpp import embedded_model_path
 from taled.gates import check, parse_criteria
+from taled.learning import LearningEngine, Outcome, predictable_tokens
 from taled.settings import (
     ChatSettings,
     GateSettings,
+    LearningSettings,
     LlamaCppSettings,
     ModelsSettings,
     RunnerSettings,
     Settings,
+    StoreSettings,
 )
+from taled.store import Store
 from tests.bench.bench_core import direct_llama, machine
 from tests.harness import TEST_SETTINGS, Daemon, Home
 
@@ -67,6 +74,13 @@ END = "<!-- bench_savings:results:end -->"
 
 TARGET_SAVED_PCT = 60.0
 TARGET_TRUNCATION_PCT = 5.0
+# The held-back curve: every HELD_EVERY-th outcome of the replay is predicted from
+# the others' history, at HELD_STEPS + 1 history sizes from none to all of it.
+HELD_EVERY = 4
+HELD_STEPS = 6
+# Fresh task ids change which tasks explore a route or a tactic, and with them a few
+# predictions: each history size is measured this many times, the errors pooled.
+HELD_REPEATS = 3
 FINAL = ("completed", "failed", "cancelled")
 SEED = 0
 
@@ -271,7 +285,8 @@ def read_ledger(db: Path) -> dict[str, Any]:
                 dict(r)
                 for r in conn.execute(
                     "SELECT task_id, at, predicted_level, level, predicted_tokens, budget_tokens,"
-                    " completion_tokens, truncations, retries, gate_passed, success, role"
+                    " completion_tokens, answer_tokens, truncations, retries, gate_passed,"
+                    " success, role"
                     " FROM task_outcomes ORDER BY at"
                 )
             ]
@@ -443,13 +458,105 @@ def _rate(records: list[dict[str, Any]], key: str) -> tuple[int, int, float | No
     return hits, len(judged), (hits / len(judged) if judged else None)
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _ape(predicted: float, actual: float) -> float:
+    return abs(predicted - actual) / actual * 100
+
+
+def _actual(outcome: dict[str, Any]) -> int:
+    """What a prediction is held to (taled.learning.predictable_tokens)."""
+    return predictable_tokens(outcome.get("answer_tokens"), outcome.get("completion_tokens") or 0)
+
+
+def read_outcomes(db: Path) -> list[Outcome]:
+    """The replay's task outcomes, in the order they finished, as the engine stores them."""
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        stored = {r[1] for r in conn.execute("PRAGMA table_info(task_outcomes)")}
+        names = [f.name for f in fields(Outcome) if f.name in stored]
+        rows = conn.execute(f"SELECT {', '.join(names)} FROM task_outcomes ORDER BY at").fetchall()
+    conn.close()
+    return [Outcome(**dict(r)) for r in rows]
+
+
+async def _predict_held(
+    history: list[Outcome], held: list[Outcome], settings: LearningSettings, scratch: Path
+) -> list[float]:
+    """Absolute % errors of a fresh engine that learnt ``history``, on ``held``."""
+    store = Store(scratch, StoreSettings(synchronous="normal"), write_batch_max=256)
+    await store.open()
+    try:
+        engine = LearningEngine(
+            store, settings, ModelsSettings(), ceiling=RunnerSettings().max_tokens
+        )
+        await engine.start()
+        for outcome in history:
+            task = await store.submit(outcome.text, 50)
+            await engine.ingest(replace(outcome, task_id=task.id))
+        errors = []
+        for outcome in held:
+            assessment = await engine.assess(await store.submit(outcome.text, 50))
+            actual = predictable_tokens(outcome.answer_tokens, outcome.completion_tokens)
+            errors.append(_ape(assessment.predicted_tokens, actual))
+        await engine.stop()
+    finally:
+        await store.close()
+    return errors
+
+
+def held_back_curve(
+    db: Path,
+    settings: LearningSettings,
+    every: int = HELD_EVERY,
+    steps: int = HELD_STEPS,
+    repeats: int = HELD_REPEATS,
+) -> dict[str, Any]:
+    """Budget error on a fixed held-back set as the engine's history grows.
+
+    The replay's windows mix learning with what each stretch of the workload asks; this
+    holds the tasks fixed: every ``every``-th outcome is predicted by a fresh engine
+    (the bench's settings) that has learnt the first n of the other outcomes, in replay
+    order, for n from none to all of them.
+    """
+    outcomes = [
+        o for o in read_outcomes(db) if predictable_tokens(o.answer_tokens, o.completion_tokens) > 0
+    ]
+    held = [o for i, o in enumerate(outcomes) if i % every == every - 1]
+    history = [o for i, o in enumerate(outcomes) if i % every != every - 1]
+    if not held or not history:
+        return {"points": [], "held": len(held), "falls": None, "note": "too few outcomes"}
+    sizes = sorted({round(len(history) * k / steps) for k in range(steps + 1)})
+    points = []
+    with tempfile.TemporaryDirectory(prefix="bench_savings-held-") as tmp:
+        for n in sizes:
+            errors = [
+                e
+                for r in range(repeats)
+                for e in asyncio.run(
+                    _predict_held(history[:n], held, settings, Path(tmp) / f"h{n}-{r}.db")
+                )
+            ]
+            points.append(
+                {"history": n, "mape": sum(errors) / len(errors), "median": _median(errors)}
+            )
+    return {
+        "held": len(held),
+        "every": every,
+        "repeats": repeats,
+        "points": points,
+        "falls": points[-1]["mape"] < points[0]["mape"],
+        "note": "",
+    }
+
+
 def mape_curve(outcomes: list[dict[str, Any]], window: int | None) -> dict[str, Any]:
     """Budget prediction error over the replay: MAPE of consecutive windows of outcomes."""
-    rows = [
-        o
-        for o in outcomes
-        if o.get("predicted_tokens") is not None and (o.get("completion_tokens") or 0) > 0
-    ]
+    rows = [o for o in outcomes if o.get("predicted_tokens") is not None and _actual(o) > 0]
     if not rows:
         return {
             "outcomes": len(outcomes),
@@ -462,10 +569,7 @@ def mape_curve(outcomes: list[dict[str, Any]], window: int | None) -> dict[str, 
             "note": "no predictions: task_outcomes is empty or has no predicted_tokens",
         }
     w = window or max(3, len(rows) // 8)
-    errors = [
-        abs(o["predicted_tokens"] - o["completion_tokens"]) / o["completion_tokens"] * 100
-        for o in rows
-    ]
+    errors = [_ape(o["predicted_tokens"], _actual(o)) for o in rows]
     points: list[dict[str, Any]] = []
     for start in range(0, len(errors), w):
         chunk = errors[start : start + w]
@@ -475,9 +579,15 @@ def mape_curve(outcomes: list[dict[str, Any]], window: int | None) -> dict[str, 
             )
             points[-1]["n"] += len(chunk)
             points[-1]["upto"] = start + len(chunk)
+            points[-1]["median"] = _median(errors[points[-1]["upto"] - points[-1]["n"] :])
             continue
         points.append(
-            {"upto": start + len(chunk), "n": len(chunk), "mape": sum(chunk) / len(chunk)}
+            {
+                "upto": start + len(chunk),
+                "n": len(chunk),
+                "mape": sum(chunk) / len(chunk),
+                "median": _median(chunk),
+            }
         )
     first, last = points[0]["mape"], points[-1]["mape"]
     return {
@@ -575,6 +685,24 @@ def summarise(
     }
 
 
+def add_held_back(report: dict[str, Any]) -> None:
+    """Measure the held-back curve on the report's tale database, and its verdict."""
+    db = Path(report["tale"]["db"])
+    settings = report.get("learning_settings")
+    if settings is None or not db.exists():
+        held: dict[str, Any] = {
+            "points": [],
+            "falls": None,
+            "note": "no tale database or no learning settings",
+        }
+    else:
+        held = held_back_curve(db, LearningSettings(**settings))
+    report["held_back"] = held
+    report["verdicts"]["held_back_mape_falls"] = (
+        "not measured" if held["falls"] is None else _verdict(held["falls"])
+    )
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -593,6 +721,12 @@ def markdown(r: dict[str, Any]) -> str:
     saved = r["savings"]
     curve = " → ".join(f"{p['mape']:.0f} %" for p in m["points"]) if m["points"] else m["note"]
     windows = f" (windows of {m['window']} outcomes)" if m["points"] else ""
+    medians = " → ".join(f"{p['median']:.0f} %" for p in m["points"] if "median" in p) or "—"
+    h = r.get("held_back", {"points": [], "note": "not measured"})
+    held_n = h.get("held", 0)
+    held_sizes = ", ".join(str(p["history"]) for p in h["points"]) or "—"
+    held_curve = " → ".join(f"{p['mape']:.0f} %" for p in h["points"]) or h["note"]
+    held_medians = " → ".join(f"{p['median']:.0f} %" for p in h["points"]) or "—"
     lines = [
         f"`{r['command']}` on {r['machine']}, {r['date']}; {r['items']} items "
         f"({r['tasks']} tasks, {r['chats']} chat turns, {r['gated']} with done criteria), "
@@ -609,6 +743,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {rate(n['pass_rate'])} ({n['gate_passed']}/{n['gate_judged']}) "
         f"| tale not lower | {v['pass_rate_not_lower']} |",
         f"| budget MAPE over the replay{windows} | {curve} | — | falls | {v['mape_falls']} |",
+        f"| the same windows' median error | {medians} | — | | |",
+        f"| budget MAPE on {held_n} held-back tasks, by history learnt ({held_sizes} outcomes)"
+        f" | {held_curve} | — | falls | {v.get('held_back_mape_falls', 'not measured')} |",
+        f"| held-back median error | {held_medians} | — | | |",
         f"| truncation rate | {_fmt_pct(t['truncation_pct'])} "
         f"({t['truncated_tasks']}/{t['task_runs']} tasks cut at their budget) "
         f"| {_fmt_pct(n['truncation_pct'])} answers cut at max_tokens | < 5 % "
@@ -641,9 +779,21 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     m = r["mape"]
     if m["points"]:
-        left.plot([p["upto"] for p in m["points"]], [p["mape"] for p in m["points"]], marker="o")
-        left.set_xlabel("task outcomes so far (replay order)")
-        left.set_ylabel(f"budget MAPE, windows of {m['window']} (%)")
+        left.plot(
+            [p["upto"] for p in m["points"]],
+            [p["mape"] for p in m["points"]],
+            "C0-o",
+            label=f"replay, MAPE of windows of {m['window']}",
+        )
+        held = r.get("held_back", {}).get("points", [])
+        if held:
+            n = r["held_back"]["held"]
+            x = [p["history"] for p in held]
+            left.plot(x, [p["mape"] for p in held], "C2-s", label=f"{n} held-back tasks, MAPE")
+            left.plot(x, [p["median"] for p in held], "C2--", label=f"{n} held-back, median")
+        left.set_xlabel("task outcomes learnt (replay order)")
+        left.set_ylabel("budget prediction error (%)")
+        left.legend(fontsize=8)
     else:
         left.text(0.5, 0.5, m["note"], ha="center", va="center", wrap=True, fontsize=9)
         left.set_axis_off()
@@ -709,6 +859,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.from_report:
         report: dict[str, Any] = json.loads(args.from_report.read_text())
+        if "held_back" not in report:
+            add_held_back(report)
+            args.from_report.write_text(json.dumps(report, indent=2))
         md = markdown(report)
         plot(report, args.from_report.with_name("savings.png"))
         if args.docs:
@@ -754,6 +907,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tale = run_tale(items, env, args.timeout, scratch, out)
     naive = run_naive(items, max_tokens, scratch)
     report = summarise(items, tale, naive, meta, args.window)
+    add_held_back(report)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     plot(report, out / "savings.png")
