@@ -261,6 +261,7 @@ class App:
     async def _shutdown(self) -> None:
         # Each step undoes only what start-up got to, so this runs after any failure.
         await self.listener.close()
+        await self.chat.stop()
         await self.pool.stop()
         await self.learning.stop()
         if self.embeddings is not None:

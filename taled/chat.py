@@ -10,7 +10,11 @@ last turn, first thing in the reply.
 
 When the history outgrows ``chat.context_tokens``, its older part is folded
 into a stored summary (one UX call, in the ledger with step ``summary``), and
-each later call records in the ledger the prompt tokens the summary saved.
+each later call records in the ledger the prompt tokens the summary saved. The
+fold is made ahead, in the background right after a reply, once the history
+passes ``chat.summarise_ahead_share`` of the limit: the user reads the reply
+while it runs, and the next turn's first token does not wait for a summary
+(it waits only for a fold still running, under the conversation's lock).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 
 from taled.backends.base import ChatMessage, Completion
 from taled.conversations import Conversation, Conversations, Message, Pending
-from taled.errors import ModelError
+from taled.errors import ModelError, TaleError
 from taled.intent import Intent, IntentDetector, judge_messages
 from taled.pool import ModelPool
 from taled.progress import ProgressHub
@@ -61,6 +65,8 @@ class Turn:
     """True when this turn queued ``task``."""
     updates: list[str] = field(default_factory=list)
     summarised: bool = False
+    """Older messages were folded into the summary for this turn's prompt, or are being
+    folded right after its reply (in the background)."""
 
 
 # The latest hand-offs named in a chat prompt; the store has the rest.
@@ -136,6 +142,14 @@ class ChatService:
         )
         self._budget = _Budget(settings.chars_per_token)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._folds: dict[str, asyncio.Task[None]] = {}
+
+    async def stop(self) -> None:
+        """Cancel summaries still being made ahead (the next turn makes them again)."""
+        folds = list(self._folds.values())
+        for fold in folds:
+            fold.cancel()
+        await asyncio.gather(*folds, return_exceptions=True)
 
     def validate(self, text: str) -> str:
         """Strip and check a chat message; InvalidInput says what is wrong."""
@@ -267,8 +281,39 @@ class ChatService:
         # taled.repetition): the conversation stores what it keeps.
         said[streamed:] = [completion.text]
         turn = await self._finish(conv.id, intent, said, updates, completion=completion)
-        turn.summarised = summarised
+        turn.summarised = summarised or await self._fold_ahead(conv.id)
         return turn
+
+    async def _fold_ahead(self, conversation_id: str) -> bool:
+        """Start folding the history in the background if it is past the ahead share."""
+        share = self._settings.summarise_ahead_share
+        if share >= 1 or conversation_id in self._folds:
+            return False
+        summary, recent = await self._unfolded(conversation_id)
+        limit = int(self._settings.context_tokens * share)
+        if not self._over(summary, recent, limit):
+            return False
+        fold = asyncio.create_task(self._fold_later(conversation_id, limit))
+        self._folds[conversation_id] = fold
+        fold.add_done_callback(lambda _t: self._folds.pop(conversation_id, None))
+        return True
+
+    async def _unfolded(self, conversation_id: str) -> tuple[str | None, list[Message]]:
+        """The conversation's summary and the messages after what it covers."""
+        conv = await self.conversations.get(conversation_id)
+        everything = await self.conversations.messages(conversation_id)
+        return conv.summary, _after(everything, conv.summary_upto)
+
+    async def _fold_later(self, conversation_id: str, limit: int) -> None:
+        # Under the conversation's lock: the turn that started it has released it,
+        # and the next turn waits for the summary rather than making its own.
+        async with self._locks.setdefault(conversation_id, asyncio.Lock()):
+            try:
+                summary, recent = await self._unfolded(conversation_id)
+                await self._fit(conversation_id, summary, recent, limit)
+            except TaleError as exc:
+                # The next turn folds it itself if it still must.
+                log.warning("conversation %s: the summary ahead failed: %s", conversation_id, exc)
 
     async def _add_user(self, conversation_id: str, text: str, intent: Intent) -> Message:
         return await self.conversations.add(
@@ -354,7 +399,9 @@ class ChatService:
         # Read once: the summary's fit, the prompt and the saving all come from it.
         everything = await self.conversations.messages(conv.id)
         summary, upto = conv.summary, conv.summary_upto
-        folded = await self._fit(conv.id, summary, _after(everything, upto))
+        folded = await self._fit(
+            conv.id, summary, _after(everything, upto), self._settings.context_tokens
+        )
         if folded is not None:
             summary, upto = folded
         recent = _after(everything, upto)
@@ -396,18 +443,23 @@ class ChatService:
             parts.append(f"{task.id} “{' '.join(task.text.split())[:60]}” ({task.state})")
         return "; ".join(parts)
 
+    def _over(self, summary: str | None, recent: list[Message], limit: int) -> bool:
+        """Whether the history is over ``limit`` tokens with something old enough to fold."""
+        if len(recent) <= self._settings.keep_recent_messages:
+            return False
+        used = self._budget.tokens(summary or "") + sum(self._budget.tokens(m.text) for m in recent)
+        return used > limit
+
     async def _fit(
-        self, conversation_id: str, summary: str | None, recent: list[Message]
+        self, conversation_id: str, summary: str | None, recent: list[Message], limit: int
     ) -> tuple[str, int] | None:
-        """Fold the oldest of ``recent`` into the summary if the history is over budget.
+        """Fold the oldest of ``recent`` into the summary if the history is over ``limit``.
 
         Returns the new summary and the seq it covers up to, or None if nothing was folded.
         """
-        keep = self._settings.keep_recent_messages
-        used = self._budget.tokens(summary or "") + sum(self._budget.tokens(m.text) for m in recent)
-        if used <= self._settings.context_tokens or len(recent) <= keep:
+        if not self._over(summary, recent, limit):
             return None
-        fold = recent[:-keep]
+        fold = recent[: -self._settings.keep_recent_messages]
         new = await self._summarise(conversation_id, summary, fold)
         if new is None:
             return None

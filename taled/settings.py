@@ -298,6 +298,10 @@ class ChatSettings(BaseModel):
     context_tokens: int = Field(default=600, ge=64, le=1_000_000)
     """History sent with a turn; above it, older messages are folded into the summary.
     Keep it below the UX model's context (models.llamacpp.n_ctx) minus max_tokens."""
+    summarise_ahead_share: float = Field(default=0.8, gt=0, le=1)
+    """Past this share of context_tokens, the history is folded right after a reply, in
+    the background, so the next turn does not wait for it; 1 folds only when a turn
+    must (before its reply)."""
     keep_recent_messages: int = Field(default=6, ge=1, le=1000)
     """Newest messages always sent verbatim, never folded into the summary."""
     summary_max_tokens: int = Field(default=160, ge=16, le=8192)

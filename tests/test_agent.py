@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,24 @@ def test_a_conversation_survives_a_daemon_restart(daemon: Daemon) -> None:
     assert "counts lines in all .py files" in turn["text"]
 
 
+_MOON = (
+    "what is the moon made of? I read that it is mostly rock and dust with a small "
+    "iron core, and I would like to know more about its layers and its crust",
+    "why does it have so many craters? is it because it has no air to burn up the "
+    "rocks that fall on it, unlike the earth, where most of them burn up on the way",
+    "how far away is it from the earth, and does that distance change over the year "
+    "or over millions of years, as I once heard it is slowly moving away from us",
+    "who walked on it first, and how many people have walked on it since then, and "
+    "when was the last time anybody went there and came back to tell the story",
+)
+
+
 def test_a_long_conversation_is_summarised_and_the_saving_is_in_the_ledger() -> None:
+    """Past context_tokens, a turn folds the older history into a summary before its
+    reply (no summary ahead here), and later replies record what it saved."""
     settings = {
         "TALE_CHAT__CONTEXT_TOKENS": "120",
+        "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "1",
         "TALE_CHAT__KEEP_RECENT_MESSAGES": "2",
         "TALE_CHAT__MAX_TOKENS": "40",
         "TALE_CHAT__SUMMARY_MAX_TOKENS": "40",
@@ -150,16 +166,7 @@ def test_a_long_conversation_is_summarised_and_the_saving_is_in_the_ledger() -> 
         conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
         summarised = False
         # Long questions: the history outgrows 120 tokens however briefly the model answers.
-        for text in (
-            "what is the moon made of? I read that it is mostly rock and dust with a small "
-            "iron core, and I would like to know more about its layers and its crust",
-            "why does it have so many craters? is it because it has no air to burn up the "
-            "rocks that fall on it, unlike the earth, where most of them burn up on the way",
-            "how far away is it from the earth, and does that distance change over the year "
-            "or over millions of years, as I once heard it is slowly moving away from us",
-            "who walked on it first, and how many people have walked on it since then, and "
-            "when was the last time anybody went there and came back to tell the story",
-        ):
+        for text in _MOON:
             summarised |= chat(daemon, text, conversation=conversation)["summarised"]
         assert summarised
         stored = daemon.call("get_conversation", id=conversation)
@@ -171,6 +178,41 @@ def test_a_long_conversation_is_summarised_and_the_saving_is_in_the_ledger() -> 
         assert any(r["saved_tokens"] > 0 for r in replies), "the summary's saving is recorded"
         # Later prompts stay bounded: the last reply's prompt is smaller than the whole history.
         assert replies[-1]["prompt_tokens"] < sum(r["completion_tokens"] for r in replies) + 120
+
+
+def test_the_summary_is_made_after_a_reply_not_before_the_next() -> None:
+    """A turn that passes the ahead share has its summary made once its reply is out,
+    before the next message is sent; that next reply is already folded."""
+    # Ahead at 100 tokens, before a turn only past 200: one message and its reply
+    # (under 100) cannot take a history under 100 past 200, so every fold is ahead.
+    settings = {
+        "TALE_CHAT__CONTEXT_TOKENS": "200",
+        "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
+        "TALE_CHAT__KEEP_RECENT_MESSAGES": "2",
+        "TALE_CHAT__MAX_TOKENS": "40",
+        "TALE_CHAT__SUMMARY_MAX_TOKENS": "40",
+    }
+    with running_daemon(settings) as daemon:
+        conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+        where = f"conversation_id = '{conversation}'"
+        for text in _MOON:
+            if chat(daemon, text, conversation=conversation)["summarised"]:
+                break
+        else:
+            pytest.fail("no turn passed the ahead share")
+        # Its own reply went out unfolded; the summary follows with nobody waiting on it.
+        (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert reply["saved_tokens"] == 0
+        deadline = time.monotonic() + 120
+        while not ledger(daemon, f"{where} AND step = 'summary'"):
+            assert time.monotonic() < deadline, "no summary was made after the reply"
+            time.sleep(0.2)
+        (summary,) = ledger(daemon, f"{where} AND step = 'summary'")
+        assert summary["seq"] > reply["seq"]
+        chat(daemon, "and what about its far side?", conversation=conversation)
+        (after,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert after["saved_tokens"] > 0
+        assert len(ledger(daemon, f"{where} AND step = 'summary' AND seq < {after['seq']}")) == 1
 
 
 def test_bad_chat_arguments_get_clear_errors(shared_daemon: Daemon) -> None:

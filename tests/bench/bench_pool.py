@@ -33,11 +33,25 @@ from tests.bench.bench_core import LONG_TASK, direct_llama, machine, pct
 from tests.harness import Daemon, Home
 
 SHORT = "Say yes."
+# Between two turns of one conversation: a person reads the reply and types the next
+# message (the summary made ahead runs meanwhile).
+THINK_SECONDS = 5.0
 ENV = {"TALE_RUNNER__MAX_TOKENS": "4000", "TALE_DAEMON__LOG_LEVEL": "warning"}
 
 
-def first_token_and_total(daemon: Daemon, text: str) -> tuple[float, float]:
-    """Seconds to the first streamed piece and to the full reply, over one connection."""
+def first_token_and_total(
+    daemon: Daemon, text: str, conversation: str | None = None
+) -> tuple[float, float]:
+    """Seconds to the first streamed piece and to the full reply, over one connection.
+
+    Each turn starts a new conversation unless one is named: a turn's latency, not
+    that of a conversation growing with every run (see ``conversation_latencies``).
+    """
+    args: dict[str, object] = (
+        {"text": text, "new": True}
+        if conversation is None
+        else {"text": text, "conversation": conversation}
+    )
     with daemon.client() as conn:
         start = time.perf_counter()
         first: list[float] = []
@@ -46,19 +60,34 @@ def first_token_and_total(daemon: Daemon, text: str) -> tuple[float, float]:
             if not first:
                 first.append(time.perf_counter() - start)
 
-        conn.call_tool("chat", {"text": text}, on_progress=on_piece)
+        conn.call_tool("chat", args, on_progress=on_piece)
         total = time.perf_counter() - start
     return (first[0] if first else total), total
 
 
-def latencies(daemon: Daemon, runs: int) -> dict[str, float]:
-    firsts, totals = zip(*(first_token_and_total(daemon, SHORT) for _ in range(runs)), strict=True)
+def latencies(
+    daemon: Daemon, runs: int, conversation: str | None = None, think: float = 0.0
+) -> dict[str, float]:
+    def one() -> tuple[float, float]:
+        time.sleep(think)
+        return first_token_and_total(daemon, SHORT, conversation)
+
+    firsts, totals = zip(*(one() for _ in range(runs)), strict=True)
     return {
         "first_p50_ms": pct(list(firsts), 50) * 1000,
         "first_p95_ms": pct(list(firsts), 95) * 1000,
         "reply_p50_ms": pct(list(totals), 50) * 1000,
         "reply_p95_ms": pct(list(totals), 95) * 1000,
     }
+
+
+def conversation_latencies(daemon: Daemon, runs: int) -> dict[str, float]:
+    """Latencies of ``runs`` turns continuing one conversation, ``THINK_SECONDS`` apart:
+    its prompt grows, and its older messages are folded into a summary as it goes."""
+    conversation = daemon.call("chat", text=SHORT, new=True)["conversation"]
+    measured = latencies(daemon, runs, conversation, THINK_SECONDS)
+    folded = daemon.call("get_conversation", id=conversation)["summary_upto"] > 0
+    return {**measured, "folded": float(folded)}
 
 
 def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
@@ -75,11 +104,12 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
         {"role": "user", "content": text},
     ]
     via_socket, direct = [], []
+    turn = {"text": text, "new": True}  # the same prompt as the direct side's
     with daemon.client() as conn:
-        conn.call_tool("chat", {"text": text}, on_progress=lambda _p: None)  # warm-up
+        conn.call_tool("chat", turn, on_progress=lambda _p: None)  # warm-up
         for _ in range(runs):
             start = time.perf_counter()
-            conn.call_tool("chat", {"text": text}, on_progress=lambda _p: None)
+            conn.call_tool("chat", turn, on_progress=lambda _p: None)
             via_socket.append(time.perf_counter() - start)
             start = time.perf_counter()
             for _chunk in llm.create_chat_completion(
@@ -158,6 +188,7 @@ def main() -> None:
         rss_mb = psutil.Process(daemon.proc.pid).memory_info().rss / 2**20
         idle = latencies(daemon, runs)
         overhead = paired_overhead(daemon, overhead_text, runs)
+        one = conversation_latencies(daemon, runs)
         busy, still_running = busy_latencies(daemon, runs)
     finally:
         daemon.stop()
@@ -174,6 +205,7 @@ def main() -> None:
         "rss_mb_both_roles": rss_mb,
         **{f"idle_{k}": v for k, v in idle.items()},
         **{f"busy_{k}": v for k, v in busy.items()},
+        **{f"conversation_{k}": v for k, v in one.items()},
         "task_still_running_during_busy": still_running,
         **{f"no_priority_busy_{k}": v for k, v in shared.items()},
         "task_still_running_without_priority": shared_running,
@@ -190,6 +222,12 @@ def main() -> None:
     print(
         f"| UX first token, task role generating | p50 {r['busy_first_p50_ms']:.0f} ms, p95 "
         f"{r['busy_first_p95_ms']:.0f} ms | p95 <= 250 ms |"
+    )
+    print(
+        f"| UX first token, {runs} turns of one conversation, {THINK_SECONDS:.0f} s apart | p50 "
+        f"{r['conversation_first_p50_ms']:.0f} ms, p95 {r['conversation_first_p95_ms']:.0f} ms "
+        f"(history folded into its summary: {'yes' if r['conversation_folded'] else 'no'}) "
+        "| p95 <= 250 ms |"
     )
     print(
         f"| short reply end to end, idle / busy (p95) | {r['idle_reply_p95_ms']:.0f} ms / "
