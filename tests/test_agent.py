@@ -140,6 +140,12 @@ def test_a_conversation_survives_a_daemon_restart(daemon: Daemon) -> None:
     assert "counts lines in all .py files" in turn["text"]
 
 
+# Short replies and summaries, two messages kept verbatim: a few turns fill a history.
+_SHORT_CHAT = {
+    "TALE_CHAT__KEEP_RECENT_MESSAGES": "2",
+    "TALE_CHAT__MAX_TOKENS": "40",
+    "TALE_CHAT__SUMMARY_MAX_TOKENS": "40",
+}
 _MOON = (
     "what is the moon made of? I read that it is mostly rock and dust with a small "
     "iron core, and I would like to know more about its layers and its crust",
@@ -156,11 +162,9 @@ def test_a_long_conversation_is_summarised_and_the_saving_is_in_the_ledger() -> 
     """Past context_tokens, a turn folds the older history into a summary before its
     reply (no summary ahead here), and later replies record what it saved."""
     settings = {
+        **_SHORT_CHAT,
         "TALE_CHAT__CONTEXT_TOKENS": "120",
         "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "1",
-        "TALE_CHAT__KEEP_RECENT_MESSAGES": "2",
-        "TALE_CHAT__MAX_TOKENS": "40",
-        "TALE_CHAT__SUMMARY_MAX_TOKENS": "40",
     }
     with running_daemon(settings) as daemon:
         conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
@@ -186,11 +190,9 @@ def test_the_summary_is_made_after_a_reply_not_before_the_next() -> None:
     # Ahead at 100 tokens, before a turn only past 200: one message and its reply
     # (under 100) cannot take a history under 100 past 200, so every fold is ahead.
     settings = {
+        **_SHORT_CHAT,
         "TALE_CHAT__CONTEXT_TOKENS": "200",
         "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
-        "TALE_CHAT__KEEP_RECENT_MESSAGES": "2",
-        "TALE_CHAT__MAX_TOKENS": "40",
-        "TALE_CHAT__SUMMARY_MAX_TOKENS": "40",
     }
     with running_daemon(settings) as daemon:
         conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
