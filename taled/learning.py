@@ -173,7 +173,8 @@ class Outcome:
 
 def predictable_tokens(answer_tokens: int | None, completion_tokens: int) -> int:
     """The tokens a prediction for a task is held to: its first direct answer's, the
-    one a budget caps; the whole task's when it had none (or was recorded before).
+    one a budget caps; the whole task's when it had none (or was recorded before). Its
+    SQL twin is ``taled.store.PREDICTABLE_TOKENS_SQL``.
 
     Not the whole task's: a one-word answer the model failed and decomposition rescued
     cost a thousand tokens, and taught as that it had similar tasks budgeted 10x over.

@@ -42,7 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taled.settings import LearningSettings
-from taled.store import Store, task_embeddings, task_outcomes
+from taled.store import PREDICTABLE_TOKENS_SQL, Store, task_embeddings, task_outcomes
 
 if TYPE_CHECKING:
     from taled.embeddings import EmbeddingService
@@ -86,9 +86,9 @@ please that the this to was what with you your"""
 _STOP = frozenset(_STOP_WORDS.split())
 
 _SEARCH = sa.text(
-    """
+    f"""
     SELECT m.task_id AS task_id, -bm25(task_memory) AS score, o.text AS text,
-           COALESCE(NULLIF(o.answer_tokens, 0), o.completion_tokens) AS tokens,
+           {PREDICTABLE_TOKENS_SQL} AS tokens,
            o.level AS level, o.success AS success,
            o.role AS role, o.model AS model
     FROM task_memory AS m JOIN task_outcomes AS o ON o.task_id = m.task_id
@@ -106,7 +106,7 @@ def _by_ids(ids: Sequence[str]) -> sa.Select[Any]:
         o.task_id,
         sa.literal(0.0).label("score"),
         o.text,
-        sa.func.coalesce(sa.func.nullif(o.answer_tokens, 0), o.completion_tokens).label("tokens"),
+        sa.literal_column(PREDICTABLE_TOKENS_SQL).label("tokens"),
         o.level,
         o.success,
         o.role,

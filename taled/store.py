@@ -32,6 +32,7 @@ from taled.lifecycle import FINAL_STATES, TaskState, check_transition
 from taled.settings import StoreSettings
 
 __all__ = [
+    "PREDICTABLE_TOKENS_SQL",
     "SCHEMA_VERSION",
     "CallRecord",
     "Store",
@@ -189,6 +190,9 @@ task_outcomes = sa.Table(
     # planned up front) and in rows recorded before it was kept.
     sa.Column("answer_tokens", sa.Integer),
 )
+# The tokens a prediction is held to, in SQL (taled.learning.predictable_tokens): the
+# first direct answer's, the whole task's when it had none or was recorded before v8.
+PREDICTABLE_TOKENS_SQL = "COALESCE(NULLIF(answer_tokens, 0), completion_tokens)"
 
 # The embedding of a finished top-level task's text, one per embedding model (the
 # ``learning.embeddings`` spec as ``backend:model``): a little-endian float32 vector,

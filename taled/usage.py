@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from taled.monitor import Monitor
 from taled.settings import ChatSettings, UsageSettings
-from taled.store import Store
+from taled.store import PREDICTABLE_TOKENS_SQL, Store
 
 __all__ = ["METHOD", "UsageReport", "learning_curve", "since_days"]
 
@@ -138,9 +138,7 @@ _TURNS = sa.text(
     " AS store_completion_chars "
     "FROM m WHERE at >= :since"
 )
-# What a prediction is held to (taled.learning.predictable_tokens): the first direct
-# answer's tokens, the whole task's when it had none or was recorded before v8.
-_ACTUAL = "COALESCE(NULLIF(answer_tokens, 0), completion_tokens)"
+_ACTUAL = PREDICTABLE_TOKENS_SQL
 _OUTCOMES_BY_DAY = sa.text(
     "SELECT date(at, 'unixepoch', 'localtime') AS day, COUNT(*) AS outcomes, "
     f"SUM(CASE WHEN predicted_tokens IS NOT NULL AND {_ACTUAL} > 0 THEN 1 ELSE 0 END) "
