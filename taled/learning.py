@@ -483,13 +483,10 @@ class LearningEngine:
     def _observe(self, text: str, feats: dict[str, float], row: Any) -> None:
         self._history.append((text, feats, row.level))
         del self._history[: -self.settings.history_limit]
-        self._budget.observe(
-            model_key(row.backend, row.model),
-            row.predicted_level,
-            text,
-            predictable_tokens(row.answer_tokens, row.completion_tokens),
-        )
         model, level = model_key(row.backend, row.model), row.predicted_level
+        self._budget.observe(
+            model, level, text, predictable_tokens(row.answer_tokens, row.completion_tokens)
+        )
         self._selector.observe(row.role, level, bool(row.success), row.retries, model)
         if row.role == "task":
             # What a tactic cost is the tokens of its own calls (rows recorded before

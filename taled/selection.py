@@ -121,11 +121,6 @@ class Tactics:
         """Forget every count (before a refit)."""
         self._counts.clear()
 
-    def rate(self, model: str, level: str, tactic: Tactic) -> tuple[float | None, int]:
-        """Share of uses that worked, and the number of uses (None without any)."""
-        good, n, _ = self._counts.get((model, level, tactic), (0, 0, 0))
-        return (good / n if n else None), n
-
     def cost_per_success(self, model: str, level: str, tactic: Tactic) -> float | None:
         """Tokens spent per task the tactic carried (inf if it carried none; None unused)."""
         good, n, spent = self._counts.get((model, level, tactic), (0, 0, 0))
