@@ -36,6 +36,7 @@ import json
 import re
 import signal
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -458,12 +459,6 @@ def _rate(records: list[dict[str, Any]], key: str) -> tuple[int, int, float | No
     return hits, len(judged), (hits / len(judged) if judged else None)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def _ape(predicted: float, actual: float) -> float:
     return abs(predicted - actual) / actual * 100
 
@@ -541,9 +536,8 @@ def held_back_curve(
                     _predict_held(history[:n], held, settings, Path(tmp) / f"h{n}-{r}.db")
                 )
             ]
-            points.append(
-                {"history": n, "mape": sum(errors) / len(errors), "median": _median(errors)}
-            )
+            mape = sum(errors) / len(errors)
+            points.append({"history": n, "mape": mape, "median": statistics.median(errors)})
     return {
         "held": len(held),
         "every": every,
@@ -579,14 +573,14 @@ def mape_curve(outcomes: list[dict[str, Any]], window: int | None) -> dict[str, 
             )
             points[-1]["n"] += len(chunk)
             points[-1]["upto"] = start + len(chunk)
-            points[-1]["median"] = _median(errors[points[-1]["upto"] - points[-1]["n"] :])
+            points[-1]["median"] = statistics.median(errors[points[-1]["upto"] - points[-1]["n"] :])
             continue
         points.append(
             {
                 "upto": start + len(chunk),
                 "n": len(chunk),
                 "mape": sum(chunk) / len(chunk),
-                "median": _median(chunk),
+                "median": statistics.median(chunk),
             }
         )
     first, last = points[0]["mape"], points[-1]["mape"]
