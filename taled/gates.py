@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from taled.errors import InvalidInput
+from taled.redact import redact
 from taled.sandbox import SandboxResult, run_python
 
 if TYPE_CHECKING:
@@ -360,12 +361,14 @@ async def _apply(
 
 
 def _feedback(failures: list[str], stderr_tail: str) -> str:
+    # Both parts quote what the code printed, and this text goes to the model (maybe
+    # on another machine): anything that looks like a credential is taken out first.
     text = "Your previous answer failed its check: " + "; ".join(failures) + "."
     if stderr_tail:
         text += f" The error output ended with:\n```\n{stderr_tail}\n```\n"
     else:
         text += " "
-    return text + "Fix it and answer again with the complete result."
+    return redact(text) + "Fix it and answer again with the complete result."
 
 
 def _tail(text: str, chars: int) -> str:

@@ -1,37 +1,33 @@
 """The done-gate sandbox: run a model's Python code in a separate, fenced-in process.
 
-A result's code is untrusted: it can loop forever, eat memory, fork, write where
-it should not, phone home or read the daemon's secrets. The daemon therefore
-never imports or execs it; it runs it in a child process and layers kernel
-mechanisms (which hold whatever the code does) under Python audit hooks (which
-refuse early, with a message a model can act on):
+A result's code is hostile input: it can loop forever, eat memory, fork, write
+where it should not, phone home, read the user's secrets or talk to the daemon
+over its socket. The daemon never imports or execs it. The boundary is the
+kernel, in layers, failing closed (``Unavailable`` when a layer cannot be built,
+never a run without it):
 
-* a fresh scratch directory (the code's cwd, ``HOME`` and ``TMPDIR``), removed
-  afterwards; a minimal environment, nothing inherited from the daemon;
-* a wall-clock timeout that kills the whole process group;
-* rlimits: CPU time, address space, file size, processes, no core dumps, few fds;
-* no network: a new network namespace where the kernel allows it, else (and in
-  any case) audit hooks that refuse sockets, name lookups and connections;
-* Landlock, where the kernel has it: writes only beneath the scratch directory,
-  no TCP connect/bind, no signals out of the sandbox;
-* as root: a private mount namespace that makes the interpreter and the scratch
-  directory reachable, then a transient unprivileged uid/gid for the run (root
-  is exempt from RLIMIT_NPROC and may write anywhere);
-* audit hooks in the child refusing fork/exec/subprocess, ctypes, sockets,
-  signals to other processes and file writes outside the scratch directory.
+* namespaces — user (unless root), mount, PID, IPC, UTS, network — made by
+  bubblewrap when installed, by ``taled/sandbox_child.py`` otherwise;
+* a minimal root: the runtime read-only, the scratch directory read-write, a
+  private /tmp, a minimal /dev, the run's own /proc; no home, no runtime dir, no
+  data dir — nothing of the daemon's;
+* Landlock over reads and writes, TCP and signal/abstract-socket scopes;
+* a transient unprivileged uid when the daemon is root;
+* rlimits (CPU, address space, file size, processes, no core dumps, few fds) and
+  a wall clock that kills the process group;
+* a seccomp filter denying the syscalls escapes need.
 
-Set-up happens in a small launcher (a fresh ``python -I -S`` process, so no
-``preexec_fn`` runs in the threaded daemon), which then execs the target
-interpreter with a bootstrap that installs the hooks and runs the code.
-``docs/sandbox.md`` lists every layer, its setting, and the escapes tested.
+Python audit hooks (``taled/sandbox_bootstrap.py``) run on top as a tripwire that
+refuses early with a message a model can act on; they are not the boundary.
+``docs/sandbox.md`` has the threat model, every layer, and the escapes tested.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
-import inspect
 import json
 import logging
 import os
@@ -45,7 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal
 
 from taled.errors import Unavailable
 
@@ -72,7 +68,6 @@ _CUT_MARK = "\n[... {} bytes cut ...]\n"
 _MAIN = "main.py"
 
 _uids_in_use: set[int] = set()
-_warned_no_namespace = False
 
 
 @dataclass(frozen=True)
@@ -95,8 +90,9 @@ class SandboxResult:
     """One sentence for a person or a model: what happened and why."""
     duration_seconds: float
     network_isolation: NetworkIsolation
-    """``namespace``: no network device but a down loopback; ``python-hook``: sockets
-    refused by the audit hooks (and by Landlock for TCP where available)."""
+    """``namespace``: a network namespace of the run's own (no way out, loopback
+    included); ``python-hook`` (``network = "off"``): the host's network, sockets
+    refused by the audit hooks only."""
     kernel_layers: tuple[str, ...] = ()
     """The kernel mechanisms in force for the run (``netns``, ``landlock-fs``, ...)."""
 
@@ -128,12 +124,15 @@ async def run_python(
         (scratch / _MAIN).write_text(code, encoding="utf-8")
         if uid is not None:
             os.chown(scratch, uid, uid)
+        isolation, bwrap = _isolation(settings)
         run = _Run(
             settings=settings,
             scratch=scratch,
             uid=uid,
             python=await _interpreter(settings.python),
             audit_hooks=audit_hooks,
+            isolation=isolation,
+            bwrap=bwrap,
         )
         outcome = await run.execute(stdin)
     finally:
@@ -164,6 +163,9 @@ class _Run:
     uid: int | None
     python: _Interpreter
     audit_hooks: bool
+    isolation: Isolation
+    bwrap: str
+    """bubblewrap's path when ``isolation`` is ``bwrap``."""
 
     async def execute(self, stdin: str) -> _Outcome:
         env = _environment(self.scratch)
@@ -172,13 +174,7 @@ class _Run:
             config = self._launcher_config(status_w, env)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    "-B",
-                    "-c",
-                    _launcher_source(),
-                    json.dumps(config),
+                    *self._command(config),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
@@ -237,30 +233,50 @@ class _Run:
             # daemon's dependencies are importable by the code.
             args.append("-S")
         bootstrap = {"scratch": str(self.scratch), "hooks": self.audit_hooks, "main": _MAIN}
-        args += ["-c", _bootstrap_source(), json.dumps(bootstrap)]
-        needed = [(path, False) for path in self.python.paths] + [(str(self.scratch), True)]
-        binds = []
-        if self.uid is not None:
-            for path, writable in needed:
-                blocker = _unsearchable_ancestor(Path(path))
-                if blocker is not None:
-                    binds.append([path, str(blocker), writable])
+        args += ["-c", _child_source("sandbox_bootstrap.py"), json.dumps(bootstrap)]
+        runtime = _runtime_paths(self.python)
+        mounts = _mounts(runtime, self.scratch, s)
+        nproc = s.max_processes
+        if nproc > 1 and self.uid is None:
+            # Without a uid of its own the run's helpers (launcher, PID 1) count too.
+            nproc += _HELPER_PROCESSES
         return {
             "status_fd": status_fd,
+            "isolation": self.isolation,
+            "given_layers": (
+                _bwrap_layers(self.uid is not None, s.network == "namespace")
+                if self.isolation == "bwrap"
+                else []
+            ),
             "scratch": str(self.scratch),
             "uid": self.uid,
-            "network": s.network == "namespace",
-            "binds": binds,
+            "unshare_net": s.network == "namespace",
+            "mounts": [m.as_json() for m in mounts],
+            "landlock": {
+                "read": [m.dst for m in mounts if m.kind == "ro"],
+                "proc": ["/proc"],
+                "write": [str(self.scratch), "/tmp"],
+                "device": [f"/dev/{name}" for name in _DEVICES],
+            },
             "argv": args,
             "env": env,
             "limits": {
                 "cpu": s.cpu_seconds,
                 "as": s.memory_mb * _MIB,
                 "fsize": s.max_file_mb * _MIB,
-                "nproc": s.max_processes,
+                "nproc": nproc,
                 "nofile": _MAX_OPEN_FILES,
             },
         }
+
+    def _command(self, config: dict[str, Any]) -> list[str]:
+        """The launcher's argv: the child script, behind bubblewrap when that isolates."""
+        script = [sys.executable, "-I", "-S", "-B", "-c", _child_source("sandbox_child.py")]
+        script.append(json.dumps(config))
+        if self.isolation == "builtin":
+            return script
+        mounts = [_Mount(**m) for m in config["mounts"]]
+        return [*_bwrap_args(self.bwrap, mounts, config), "--", *script]
 
     def _outcome(
         self,
@@ -271,20 +287,18 @@ class _Run:
         stderr: str,
     ) -> _Outcome:
         returncode = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        # How the code ended, as its supervisor saw it (the launcher's own status is
+        # only a fallback: bubblewrap and a PID namespace fold a signal into 128+N).
+        if "signal" in status:
+            returncode = -int(status["signal"])
+        elif "exit" in status:
+            returncode = int(status["exit"])
         if "error" in status or "network" not in status:
             if timed_out:
                 raise Unavailable("the sandbox could not start: its set-up timed out")
             detail = status.get("error") or _tail(stderr, 500) or f"code {returncode}"
             raise Unavailable(f"the sandbox could not start: {detail}")
         network: NetworkIsolation = status["network"]
-        global _warned_no_namespace
-        wanted = self.settings.network == "namespace"
-        if wanted and network != "namespace" and not _warned_no_namespace:
-            _warned_no_namespace = True
-            log.warning(
-                "sandbox: network namespaces are unavailable here; "
-                "sockets are refused by audit hooks (and Landlock, if present) only"
-            )
         return _Outcome(
             returncode=returncode,
             timed_out=timed_out,
@@ -469,16 +483,130 @@ def _outermost(paths: list[str]) -> tuple[str, ...]:
     return tuple(p for p in unique if not any(p.startswith(q.rstrip("/") + "/") for q in unique))
 
 
-def _unsearchable_ancestor(path: Path) -> Path | None:
-    """The topmost ancestor of ``path`` that other users cannot enter (e.g. a 0700 home)."""
-    for parent in reversed(path.parents):
-        try:
-            mode = parent.stat().st_mode
-        except OSError:
-            return None
-        if not mode & stat.S_IXOTH:
-            return parent
-    return None
+Isolation = Literal["bwrap", "builtin"]
+# The run's own helper processes beside the code: the launcher and the PID 1 that
+# supervises it (bubblewrap: its own init and the supervisor).
+_HELPER_PROCESSES = 2
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+# Top-level system directories the runtime may need (merged-/usr systems make all
+# but /usr symlinks, which are recreated as symlinks).
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Single files from /etc: the loader's cache and the local time zone, nothing else.
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+
+
+def _isolation(settings: SandboxSettings) -> tuple[Isolation, str]:
+    """Who builds the namespaces and the minimal root: bubblewrap when installed, else us."""
+    if settings.isolation == "builtin":
+        return "builtin", ""
+    found = shutil.which("bwrap") or ""
+    if found:
+        return "bwrap", found
+    if settings.isolation == "bwrap":
+        raise Unavailable(
+            "the sandbox could not start: gates.sandbox.isolation is 'bwrap' but bubblewrap "
+            "is not installed (install the bubblewrap package, or set isolation = 'auto')"
+        )
+    return "builtin", ""
+
+
+@dataclass(frozen=True)
+class _Mount:
+    """One entry of the sandbox's root: what appears at ``dst`` and from where."""
+
+    kind: Literal["ro", "rw", "tmpfs", "dev", "proc", "symlink"]
+    dst: str
+    src: str = ""
+    """The host path bound (``ro``/``rw``) or the symlink's target."""
+    size: str = ""
+    """A tmpfs's size, e.g. ``64m``."""
+
+    def as_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "dst": self.dst, "src": self.src, "size": self.size}
+
+
+def _runtime_paths(python: _Interpreter) -> list[_Mount]:
+    """The read-only runtime: system directories, the interpreter, two files of /etc."""
+    mounts: list[_Mount] = []
+    dirs: list[str] = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            mounts.append(_Mount("symlink", path, os.readlink(path)))
+        elif os.path.isdir(path):
+            dirs.append(path)
+    for path in python.paths:
+        real = os.path.realpath(path)
+        if os.path.isdir(real):
+            dirs.append(real)
+    mounts += [_Mount("ro", path, path) for path in _outermost(dirs)]
+    mounts += [_Mount("ro", f, os.path.realpath(f)) for f in _ETC_FILES if os.path.isfile(f)]
+    return mounts
+
+
+def _mounts(runtime: list[_Mount], scratch: Path, settings: SandboxSettings) -> list[_Mount]:
+    """The whole root, parents before what is mounted beneath them."""
+    mounts = [
+        *runtime,
+        _Mount("dev", "/dev"),
+        _Mount("proc", "/proc"),
+        _Mount("tmpfs", "/tmp", size=f"{settings.tmp_mb}m"),
+        _Mount("rw", str(scratch), str(scratch)),
+    ]
+    return sorted(mounts, key=lambda m: len(Path(m.dst).parts))
+
+
+def _bwrap_layers(root: bool, network: bool) -> list[str]:
+    return [
+        "bwrap",
+        *([] if root else ["userns"]),
+        "mountns",
+        "pidns",
+        "ipcns",
+        *(["netns"] if network else []),
+        "minimal-root",
+    ]
+
+
+def _bwrap_args(bwrap: str, mounts: list[_Mount], config: dict[str, Any]) -> list[str]:
+    """bubblewrap's options for the same namespaces and root the built-in path makes."""
+    root = config["uid"] is not None
+    args = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    if config["unshare_net"]:
+        args.append("--unshare-net")
+    if root:
+        # The supervisor switches the code to the run's transient uid itself.
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args.append("--unshare-user")
+    made: set[str] = set()
+    for m in mounts:
+        # bubblewrap gives the directories it makes on the way the source's parents'
+        # modes (a 0700 home would lock the transient uid out): make them 0755 first.
+        for parent in reversed(Path(m.dst).parents[:-1]):
+            if str(parent) not in made:
+                args += ["--perms", "0755", "--dir", str(parent)]
+        made.update(str(p) for p in Path(m.dst).parents)
+        made.add(m.dst)
+        if m.kind == "ro":
+            args += ["--ro-bind", m.src, m.dst]
+        elif m.kind == "rw":
+            args += ["--bind", m.src, m.dst]
+        elif m.kind == "tmpfs":
+            size = int(m.size.rstrip("m")) * _MIB
+            args += ["--perms", "1777", "--size", str(size), "--tmpfs", m.dst]
+        elif m.kind == "dev":
+            args += ["--dev", m.dst]
+        elif m.kind == "proc":
+            args += ["--proc", m.dst]
+        else:
+            args += ["--symlink", m.src, m.dst]
+    return [*args, "--remount-ro", "/", "--chdir", config["scratch"]]
+
+
+@functools.cache
+def _child_source(name: str) -> str:
+    """The text of a stdlib-only script beside this module, sent to a child with ``-c``."""
+    return Path(__file__).with_name(name).read_text(encoding="utf-8")
 
 
 def _environment(scratch: Path) -> dict[str, str]:
@@ -499,27 +627,94 @@ def _environment(scratch: Path) -> dict[str, str]:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove the scratch directory, even parts the code made unreadable to its owner.
+    """Remove the scratch directory, however deep, even parts the code made unreadable.
 
-    Runs after every process of the run is dead, so nothing changes underneath.
+    Runs after every process of the run is dead, so nothing changes underneath. Not
+    recursive: on 3.11 ``shutil.rmtree`` and ``os.walk`` recurse once per level, and
+    code can nest directories thousands deep (a RecursionError here once stopped every
+    worker). Each subdirectory found is moved up to the top of the scratch directory
+    and emptied from there, so no path is longer than two names (PATH_MAX never
+    matters) and at most two directories are open at once.
     """
-    if os.geteuid() != 0:  # root needs no permission; others first restore their own
+    owner = os.geteuid() != 0  # root needs no permission; others first restore their own
+    if owner:
         with contextlib.suppress(OSError):
             path.chmod(stat.S_IRWXU)
-        for dirpath, dirnames, _files in os.walk(path):
-            for name in dirnames:
-                child = os.path.join(dirpath, name)
-                if not os.path.islink(child):
-                    with contextlib.suppress(OSError):
-                        os.chmod(child, stat.S_IRWXU)
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("sandbox: could not remove %s: %s", path, exc)
+        return
+    failures: list[str] = []
+    fresh = 0
 
-    def report(_func: Any, target: str, _exc: Any) -> None:
-        log.warning("sandbox: could not remove %s", target)
+    def empty(fd: int, pending: list[str]) -> None:
+        """Unlink the directory's files; move its subdirectories to the top, to do later."""
+        nonlocal fresh
+        with os.scandir(fd) as entries:
+            found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for name, is_dir in found:
+            try:
+                if not is_dir:
+                    os.unlink(name, dir_fd=fd)
+                    continue
+                if owner:  # moving a directory rewrites its ".." entry: it must be writable
+                    os.chmod(name, stat.S_IRWXU, dir_fd=fd)
+                if fd == top:
+                    pending.append(name)
+                    continue
+                while True:
+                    fresh += 1
+                    moved = f".tale-rm-{fresh}"
+                    try:
+                        os.rename(name, moved, src_dir_fd=fd, dst_dir_fd=top)
+                        break
+                    except (FileExistsError, IsADirectoryError, NotADirectoryError):
+                        continue
+                    except OSError as exc:
+                        if exc.errno != errno.ENOTEMPTY:
+                            raise
+                pending.append(moved)
+            except OSError as exc:
+                failures.append(f"{name}: {exc.strerror}")
 
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=report)  # pragma: no cover - 3.12+
-    else:
-        shutil.rmtree(path, onerror=report)
+    try:
+        pending: list[str] = []
+        empty(top, pending)
+        while pending:
+            name = pending.pop()
+            try:
+                if owner:
+                    os.chmod(name, stat.S_IRWXU, dir_fd=top)
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+            except FileNotFoundError:
+                continue  # replaced by a moved directory of the same name, itself pending
+            except OSError as exc:
+                failures.append(f"{name}: {exc.strerror}")
+                continue
+            try:
+                empty(fd, pending)
+            finally:
+                os.close(fd)
+            try:
+                os.rmdir(name, dir_fd=top)
+            except OSError as exc:
+                failures.append(f"{name}: {exc.strerror}")
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        failures.append(f"{path}: {exc.strerror}")
+    if failures:
+        log.warning(
+            "sandbox: could not remove all of %s (%d left, first: %s)",
+            path,
+            len(failures),
+            failures[0],
+        )
 
 
 # --- the verdict ------------------------------------------------------------------
@@ -593,398 +788,3 @@ def _error_line(stderr: str) -> int | None:
 def _tail(text: str, chars: int) -> str:
     text = text.strip()
     return text if len(text) <= chars else "..." + text[-chars:]
-
-
-# --- code that runs in the child --------------------------------------------------
-#
-# The two functions below are not called in the daemon: their source is sent to
-# fresh interpreters with ``-c``. They import what they use and touch no module
-# globals.
-
-
-@functools.cache
-def _launcher_source() -> str:
-    return "\n".join(
-        [
-            "from __future__ import annotations",
-            inspect.getsource(_launch),
-            "_launch()",
-        ]
-    )
-
-
-@functools.cache
-def _bootstrap_source() -> str:
-    return "\n".join(
-        [
-            "from __future__ import annotations",
-            inspect.getsource(_bootstrap),
-            "_bootstrap()",
-        ]
-    )
-
-
-def _launch() -> None:  # pragma: no cover - runs in the launcher process
-    """Set up the kernel layers, then exec the target interpreter with the bootstrap.
-
-    Runs as ``python -I -S -c`` in a fresh single-threaded process, in the
-    scratch directory. Reports on the status fd (close-on-exec, so a successful
-    exec closes it): ``{"network": ..., "layers": [...]}`` just before exec,
-    ``{"error": ...}`` if anything fails — the code then never runs.
-    """
-    import ctypes
-    import json
-    import os
-    import resource
-    import sys
-
-    cfg = json.loads(sys.argv[1])
-    status_fd: int = cfg["status_fd"]
-    os.set_inheritable(status_fd, False)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.mount.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_ulong,
-        ctypes.c_char_p,
-    ]
-    layers: list[str] = []
-
-    def report(**fields: object) -> None:
-        os.write(status_fd, json.dumps(fields).encode() + b"\n")
-
-    def fail(message: str) -> NoReturn:
-        report(error=message)
-        os._exit(125)
-
-    def check(rc: int, what: str) -> None:
-        if rc < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    clone_newns, clone_newuser, clone_newnet = 0x00020000, 0x10000000, 0x40000000
-    ms_rdonly, ms_nosuid, ms_nodev, ms_remount = 1, 2, 4, 32
-    ms_bind, ms_rec, ms_private = 4096, 16384, 1 << 18
-
-    def namespaces(uid: int | None, want_net: bool, binds: list[list[Any]]) -> str:
-        """Enter new namespaces; return the network isolation obtained."""
-        if uid is not None:  # root: no user namespace needed
-            base = clone_newns if binds else 0
-            if want_net and libc.unshare(base | clone_newnet) == 0:
-                layers.append("netns")
-                if base:
-                    layers.append("mountns")
-                return "namespace"
-            if base:
-                check(libc.unshare(base), "unshare(CLONE_NEWNS)")
-                layers.append("mountns")
-            return "python-hook"
-        if not want_net:
-            return "python-hook"
-        real_uid, real_gid = os.getuid(), os.getgid()
-        if libc.unshare(clone_newuser | clone_newnet) != 0:
-            return "python-hook"
-        # Map our own ids, so the code keeps its ordinary, capability-less identity.
-        for name, text in (
-            ("setgroups", "deny"),
-            ("uid_map", f"{real_uid} {real_uid} 1"),
-            ("gid_map", f"{real_gid} {real_gid} 1"),
-        ):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-        layers.extend(["userns", "netns"])
-        return "namespace"
-
-    def reach(binds: list[list[Any]]) -> None:
-        """Make paths under private directories (a 0700 home) reachable by the run's uid.
-
-        A tmpfs hides each blocking directory in this mount namespace only; the
-        needed paths are bind-mounted back at their own place (read-only, except
-        the scratch directory), so nothing else of that directory is visible.
-        """
-        check(libc.mount(None, b"/", None, ms_rec | ms_private, None), "make / private")
-        fds = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p, w) for p, _b, w in binds]
-        os.umask(0o022)
-        for blocker in dict.fromkeys(b for _p, b, _w in binds):
-            opts = b"mode=0755,size=1m"
-            check(
-                libc.mount(b"tmpfs", blocker.encode(), b"tmpfs", ms_nosuid | ms_nodev, opts),
-                blocker,
-            )
-        for fd, path, writable in fds:
-            os.makedirs(path, exist_ok=True)
-            check(
-                libc.mount(
-                    f"/proc/self/fd/{fd}".encode(), path.encode(), None, ms_bind | ms_rec, None
-                ),
-                path,
-            )
-            if not writable:
-                flags = ms_bind | ms_remount | ms_rdonly
-                check(libc.mount(None, path.encode(), None, flags, None), f"read-only {path}")
-            os.close(fd)
-
-    def landlock(scratch: str, want_net: bool) -> None:
-        """Writes only beneath the scratch dir; no TCP; no signals out (as the ABI allows)."""
-
-        def syscall(*args: int | None) -> int:
-            return int(libc.syscall(*[ctypes.c_long(a or 0) for a in args]))
-
-        create, add_rule, restrict = 444, 445, 446
-        abi = syscall(create, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
-        if abi < 1:
-            return
-        write_file, remove_dir, remove_file = 1 << 1, 1 << 4, 1 << 5
-        make = sum(1 << b for b in range(6, 13))  # char, dir, reg, sock, fifo, block, sym
-        refer, truncate = 1 << 13, 1 << 14
-        handled = write_file | remove_dir | remove_file | make
-        file_rights = write_file
-        if abi >= 2:
-            handled |= refer
-        if abi >= 3:
-            handled |= truncate
-            file_rights |= truncate
-
-        class RulesetAttr(ctypes.Structure):
-            _fields_ = [
-                ("fs", ctypes.c_uint64),
-                ("net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64),
-            ]
-
-        class PathBeneath(ctypes.Structure):
-            _pack_ = 1
-            _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-        attr = RulesetAttr(fs=handled)
-        size = 8
-        if abi >= 4 and want_net:
-            attr.net = (1 << 0) | (1 << 1)  # bind_tcp, connect_tcp: no rule allows either
-            size = 16
-        if abi >= 6:
-            attr.scoped = (1 << 0) | (1 << 1)  # abstract unix sockets, signals
-            size = 24
-        ruleset = syscall(create, ctypes.addressof(attr), size, 0)
-        check(ruleset, "landlock_create_ruleset")
-        for path, rights in ((scratch, handled), ("/dev/null", file_rights)):
-            fd = os.open(path, os.O_PATH)
-            rule = PathBeneath(allowed=rights, parent_fd=fd)
-            check(syscall(add_rule, ruleset, 1, ctypes.addressof(rule), 0), f"landlock {path}")
-            os.close(fd)
-        check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-        check(syscall(restrict, ruleset, 0), "landlock_restrict_self")
-        os.close(ruleset)
-        layers.append("landlock-fs")
-        if attr.net:
-            layers.append("landlock-net")
-        if attr.scoped:
-            layers.append("landlock-scope")
-
-    def limit(res: int, soft: int, hard: int | None = None) -> None:
-        hard = soft if hard is None else hard
-        _cur_soft, cur_hard = resource.getrlimit(res)
-        if cur_hard != resource.RLIM_INFINITY:
-            hard = min(hard, cur_hard)
-            soft = min(soft, hard)
-        resource.setrlimit(res, (soft, hard))
-
-    try:
-        uid: int | None = cfg["uid"]
-        network = namespaces(uid, cfg["network"], cfg["binds"])
-        if cfg["binds"]:
-            reach(cfg["binds"])
-        os.chdir(cfg["scratch"])
-        landlock(cfg["scratch"], cfg["network"])
-        if uid is not None:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            layers.append("uid")
-        lim = cfg["limits"]
-        limit(resource.RLIMIT_CORE, 0)
-        limit(resource.RLIMIT_NOFILE, lim["nofile"])
-        limit(resource.RLIMIT_FSIZE, lim["fsize"])
-        limit(resource.RLIMIT_NPROC, lim["nproc"])
-        limit(resource.RLIMIT_CPU, lim["cpu"], lim["cpu"] + 1)
-        limit(resource.RLIMIT_AS, lim["as"])
-        layers.append("rlimits")
-    except OSError as exc:
-        fail(f"set-up failed: {exc}")
-    report(network=network, layers=layers)
-    argv: list[str] = cfg["argv"]
-    try:
-        os.execve(argv[0], argv, cfg["env"])
-    except OSError as exc:
-        fail(f"cannot run {argv[0]}: {exc.strerror}")
-
-
-def _bootstrap() -> None:  # pragma: no cover - runs in the sandboxed interpreter
-    """Install the audit hooks, then run ``main.py`` as ``__main__``.
-
-    Runs with ``-c`` in the target interpreter, after the kernel layers are in
-    place. The hook closes over private copies of the functions it uses, and the
-    only reference to it is the interpreter's hook list (``gc`` inspection is
-    refused), so the code cannot reach it to change its mind.
-    """
-    import builtins
-    import json
-    import os
-    import sys
-    import traceback
-    import types
-
-    cfg = json.loads(sys.argv[1])
-
-    def install(scratch: str) -> None:
-        lstat, readlink, getcwd, getpid = os.lstat, os.readlink, os.getcwd, os.getpid
-        fspath, fsdecode = os.fspath, os.fsdecode
-        is_link = __import__("stat").S_ISLNK
-        pid = getpid()
-        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-        devices = frozenset(("/dev/null", "/dev/stdout", "/dev/stderr"))
-        processes = "starting processes"
-        network = "network access"
-        # event -> what it does, for the refusal message
-        refused = {
-            "os.fork": processes,
-            "os.forkpty": processes,
-            "os.exec": processes,
-            "os.posix_spawn": processes,
-            "os.spawn": processes,
-            "os.system": processes,
-            "os.startfile": processes,
-            "subprocess.Popen": processes,
-            "pty.spawn": processes,
-            "webbrowser.open": processes,
-            "os.killpg": "signalling other processes",
-            "socket.bind": network,
-            "socket.connect": network,
-            "socket.sendto": network,
-            "socket.sendmsg": network,
-            "socket.getaddrinfo": network,
-            "socket.gethostbyname": network,
-            "socket.gethostbyname_ex": network,
-            "socket.gethostbyaddr": network,
-            "socket.getnameinfo": network,
-            "socket.sethostname": network,
-            "resource.setrlimit": "changing resource limits",
-            "resource.prlimit": "changing resource limits",
-            "gc.get_objects": "inspecting the interpreter's objects",
-            "gc.get_referrers": "inspecting the interpreter's objects",
-            "gc.get_referents": "inspecting the interpreter's objects",
-        }
-        # event -> positions of (path, dir_fd) pairs it writes to
-        writes: dict[str, tuple[tuple[int, int | None], ...]] = {
-            "os.mkdir": ((0, 2),),
-            "os.rmdir": ((0, 1),),
-            "os.remove": ((0, 1),),
-            "os.rename": ((0, 2), (1, 3)),
-            "os.link": ((0, 2), (1, 3)),
-            "os.symlink": ((1, 2),),
-            "os.truncate": ((0, None),),
-            "os.chmod": ((0, 2),),
-            "os.chown": ((0, 3),),
-            "os.utime": ((0, 3),),
-            "os.chflags": ((0, None),),
-            "os.setxattr": ((0, None),),
-            "os.removexattr": ((0, None),),
-        }
-
-        def resolve(path: str, depth: int = 0) -> str:
-            """Like os.path.realpath, on private copies of the primitives."""
-            if not path.startswith("/"):
-                path = getcwd() + "/" + path
-            out = ""
-            for part in path.split("/"):
-                if part in ("", "."):
-                    continue
-                if part == "..":
-                    out = out.rsplit("/", 1)[0]
-                    continue
-                candidate = out + "/" + part
-                try:
-                    link = is_link(lstat(candidate).st_mode)
-                except OSError:
-                    link = False
-                if link and depth < 40:
-                    target = readlink(candidate)
-                    out = resolve(
-                        target if target.startswith("/") else out + "/" + target, depth + 1
-                    )
-                else:
-                    out = candidate
-            return out or "/"
-
-        root = resolve(scratch)
-
-        def allowed(target: Any, dir_fd: object = None) -> bool:
-            if isinstance(target, int):
-                return True  # an fd already open
-            path = fsdecode(fspath(target))
-            if isinstance(dir_fd, int) and dir_fd >= 0 and not path.startswith("/"):
-                path = readlink(f"/proc/self/fd/{dir_fd}") + "/" + path
-            real = resolve(path)
-            return real == root or real.startswith(root + "/") or path in devices
-
-        def refuse(what: str, event: str) -> NoReturn:
-            raise PermissionError(f"sandbox: {what} is not allowed ({event})")
-
-        def hook(event: str, args: tuple[Any, ...]) -> None:
-            if event in refused:
-                refuse(refused[event], event)
-            if event.startswith("ctypes."):
-                refuse("ctypes", event)
-            if event == "open":
-                target, mode, flags = args
-                writing = bool(flags & write_flags) or any(c in (mode or "") for c in "wax+")
-                if writing and not allowed(target):
-                    refuse(f"writing {target!r} outside the scratch directory", event)
-            elif event in writes:
-                for at, fd_at in writes[event]:
-                    if not allowed(args[at], args[fd_at] if fd_at is not None else None):
-                        refuse(f"changing {args[at]!r} outside the scratch directory", event)
-            elif event == "socket.__new__":
-                if args[1] != 1:  # AF_UNIX only (socketpair, asyncio's self-pipe)
-                    refuse(network, event)
-            elif event == "os.kill":
-                if args[0] != pid:
-                    refuse("signalling other processes", event)
-            elif event == "sqlite3.connect":
-                db = args[0]
-                if isinstance(db, str) and db.startswith("file:"):
-                    db = db[5:].split("?", 1)[0]
-                if db not in (":memory:", "", b"", b":memory:") and not allowed(db):
-                    refuse(f"a database at {args[0]!r} outside the scratch directory", event)
-
-        sys.addaudithook(hook)
-
-    if cfg["hooks"]:
-        install(cfg["scratch"])
-    del install
-
-    with open(cfg["main"], encoding="utf-8") as f:
-        source = f.read()
-    main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=cfg["main"], __builtins__=builtins)
-    sys.modules["__main__"] = main
-    sys.argv[:] = [cfg["main"]]
-
-    def excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
-        # Drop the bootstrap's and the hook's frames ("<string>"): noise to a model.
-        report = traceback.TracebackException(kind, exc, tb)
-        pending, seen = [report], set()
-        while pending:
-            te = pending.pop()
-            if id(te) in seen:
-                continue
-            seen.add(id(te))
-            kept = [frame for frame in te.stack if frame.filename != "<string>"]
-            te.stack = traceback.StackSummary.from_list(kept)
-            pending.extend(t for t in (te.__cause__, te.__context__) if t is not None)
-            pending.extend(getattr(te, "exceptions", None) or ())
-        sys.stderr.write("".join(report.format()))
-
-    sys.excepthook = excepthook
-    exec(compile(source, cfg["main"], "exec", dont_inherit=True), main.__dict__)

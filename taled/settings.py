@@ -206,8 +206,14 @@ class SandboxSettings(BaseModel):
     max_output_chars: int = Field(default=4000, ge=100, le=1_000_000)
     """Stdout/stderr kept from a run (the rest is cut) and fed back on failure."""
     network: Literal["namespace", "off"] = "namespace"
-    """'namespace' runs code in a fresh network namespace (no network) where the kernel
-    allows it, refusing sockets otherwise; 'off' only refuses sockets in Python."""
+    """'namespace' runs code in a fresh network namespace (no network, not even
+    loopback); 'off' shares the host's network, sockets refused only by the audit hooks."""
+    isolation: Literal["auto", "bwrap", "builtin"] = "auto"
+    """Who builds the namespaces and the minimal root: 'auto' uses bubblewrap (bwrap)
+    when installed and the built-in unshare/pivot_root path otherwise; neither means
+    the code is refused, never run unconfined."""
+    tmp_mb: int = Field(default=64, ge=1, le=65_536)
+    """Size of the run's private /tmp (a tmpfs, counted against memory) in MiB."""
 
 
 class GateSettings(BaseModel):

@@ -407,3 +407,24 @@ def test_an_outcome_serializes_to_json_types() -> None:
         "checks": [{"criterion": "contains:paris", "passed": True, "detail": "contains 'paris'"}],
         "feedback": "",
     }
+
+
+def test_secrets_the_code_printed_are_redacted_from_the_feedback() -> None:
+    """Feedback for the model quotes the code's error output with keys taken out."""
+    key = "sk-proj-" + "Ab3" * 12
+    pem = (
+        "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+        "b3BlbnNzaC1rZXktdjEAAAA\n"
+        "-----END OPENSSH PRIVATE KEY-----"
+    )
+    answer = (
+        "```python\nimport sys\n"
+        f"sys.stderr.write({pem!r} + '\\n')\n"
+        f"raise ValueError('OPENAI_API_KEY={key}')\n```"
+    )
+    outcome = gate(answer)
+    assert not outcome.passed
+    assert key not in outcome.feedback
+    assert "b3BlbnNzaC1rZXktdjEAAAA" not in outcome.feedback
+    assert "OPENAI_API_KEY=[REDACTED]" in outcome.feedback
+    assert "ValueError" in outcome.feedback

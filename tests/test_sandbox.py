@@ -34,6 +34,19 @@ from taled.settings import SandboxSettings
 REPO = Path(taled.__file__).resolve().parents[1]
 FAST: dict[str, Any] = {"timeout_seconds": 2.0, "cpu_seconds": 1, "memory_mb": 128}
 HOOKS = pytest.mark.parametrize("hooks", [True, False], ids=["audit-hook", "kernel"])
+# Both ways of building the namespaces and the root: bubblewrap (when installed) and ours.
+ISOLATIONS = pytest.mark.parametrize(
+    "isolation",
+    [
+        pytest.param(
+            "bwrap",
+            marks=pytest.mark.skipif(
+                shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"
+            ),
+        ),
+        "builtin",
+    ],
+)
 
 
 def run(
@@ -64,14 +77,19 @@ def need(layers: tuple[str, ...], *wanted: str) -> None:
         pytest.skip(f"kernel layer unavailable here: {', '.join(missing)}")
 
 
-def refused_by(result: SandboxResult, hooks: bool, kernel_error: str) -> None:
-    """The run failed because of the hook (with hooks) or with ``kernel_error``."""
+def refused_by(result: SandboxResult, hooks: bool, *kernel_errors: str) -> None:
+    """The run failed because of the hook (with hooks) or with one of ``kernel_errors``."""
     assert not result.ok
     if hooks:
         assert "PermissionError: sandbox:" in result.stderr, result.stderr
     else:
-        assert kernel_error in result.stderr, result.stderr
+        assert any(error in result.stderr for error in kernel_errors), result.stderr
         assert "sandbox:" not in result.stderr
+
+
+# Outside the scratch dir, a path is either absent from the sandbox's root (ENOENT),
+# read-only (EROFS) or denied by Landlock (EACCES).
+HIDDEN_OR_DENIED = ("[Errno 2]", "[Errno 13]", "[Errno 30]")
 
 
 @pytest.fixture
@@ -337,12 +355,15 @@ def outside_targets() -> list[Path]:
 def test_writing_outside_the_scratch_dir_is_refused(
     hooks: bool, where: str, layers: tuple[str, ...]
 ) -> None:
-    """Writing to /tmp, the repository or $HOME fails and leaves no file."""
+    """Writing to /tmp, the repository or $HOME leaves no file there: the hook refuses it,
+    and without the hook the repository and $HOME do not exist in the sandbox's root
+    while /tmp is the run's own tmpfs."""
     if not hooks:
-        need(layers, "landlock-fs")
+        need(layers, "landlock-fs", "minimal-root")
     target = dict(zip(["tmp", "repo", "home"], outside_targets(), strict=True))[where]
     result = run(f"open({str(target)!r}, 'w').write('escaped')\n", hooks=hooks)
-    refused_by(result, hooks, "PermissionError: [Errno 13] Permission denied")
+    if hooks or where != "tmp":
+        refused_by(result, hooks, *HIDDEN_OR_DENIED)
     assert not target.exists()
 
 
@@ -353,19 +374,19 @@ def test_a_symlink_out_of_the_scratch_dir_cannot_be_written_through(
     """A link in the scratch dir to an outside path does not make that path writable."""
     if not hooks:
         need(layers, "landlock-fs")
-    target = outside_targets()[0]
+    target = outside_targets()[1]
     code = f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')\n"
     result = run(code, hooks=hooks)
-    refused_by(result, hooks, "PermissionError: [Errno 13] Permission denied")
+    refused_by(result, hooks, *HIDDEN_OR_DENIED)
     assert not target.exists()
 
 
 def test_creating_a_fifo_outside_the_scratch_dir_is_refused(layers: tuple[str, ...]) -> None:
     """os.mkfifo, which has no audit event, is stopped by Landlock even with the hooks on."""
     need(layers, "landlock-fs")
-    target = outside_targets()[0]
+    target = outside_targets()[1]
     result = run(f"import os\nos.mkfifo({str(target)!r})\n")
-    assert "PermissionError: [Errno 13] Permission denied" in result.stderr
+    assert any(error in result.stderr for error in HIDDEN_OR_DENIED), result.stderr
     assert not target.exists()
 
 
@@ -442,7 +463,7 @@ def test_code_from_a_root_daemon_runs_unprivileged(tmp_path: Path) -> None:
     result = run(code)
     uid, gid, groups = result.stdout.split(" ", 2)
     assert _UID_BASE <= int(uid) < _UID_BASE + _UID_SPAN and gid == uid and groups == "[]\n"
-    assert "PermissionError" in result.stderr
+    assert any(error in result.stderr for error in HIDDEN_OR_DENIED), result.stderr
 
 
 # --- network ---------------------------------------------------------------------------------
@@ -467,9 +488,10 @@ def test_a_network_connection_is_refused(
     assert no_connection(tcp_server)
 
 
-def test_udp_is_blocked_by_the_network_namespace(layers: tuple[str, ...]) -> None:
-    """Without hooks (and UDP is outside Landlock), a datagram to 127.0.0.1 never arrives."""
-    need(layers, "netns")
+@ISOLATIONS
+def test_udp_is_blocked_by_the_network_namespace(isolation: str) -> None:
+    """Without hooks (and UDP is outside Landlock), a datagram to 127.0.0.1 never arrives:
+    the run's loopback is its own namespace's (down in ours, up but empty in bwrap's)."""
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.1", 0))
     server.setblocking(False)
@@ -480,8 +502,10 @@ def test_udp_is_blocked_by_the_network_namespace(layers: tuple[str, ...]) -> Non
             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
             f"s.sendto(b'x', ('127.0.0.1', {port}))\n"
         )
-        result = run(code, hooks=False)
-        assert "OSError: [Errno 101] Network is unreachable" in result.stderr
+        result = run(code, hooks=False, isolation=isolation)
+        assert "netns" in result.kernel_layers
+        if isolation == "builtin":
+            assert "OSError: [Errno 101] Network is unreachable" in result.stderr
         assert result.network_isolation == "namespace"
         assert no_connection(server)
     finally:
@@ -503,6 +527,126 @@ def test_name_lookups_are_refused_by_the_audit_hook() -> None:
     """DNS lookups (a data channel of their own) are refused before any packet is sent."""
     result = run("import socket\nsocket.getaddrinfo('example.com', 80)\n", network="off")
     assert "network access is not allowed (socket.getaddrinfo)" in result.stderr
+
+
+# --- what the sandbox's root holds (the kernel boundary) ----------------------------------
+
+
+@pytest.fixture
+def reachable_socket() -> Iterator[tuple[Path, socket.socket]]:
+    """A listening Unix socket anyone may connect to, as a daemon's socket would be to
+    its own uid: only the sandbox's root can keep code away from it."""
+    where = Path(tempfile.mkdtemp(prefix="tale-sock-"))
+    where.chmod(0o755)
+    path = where / "taled.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    path.chmod(0o777)
+    listener.listen()
+    listener.setblocking(False)
+    yield path, listener
+    listener.close()
+    shutil.rmtree(where, ignore_errors=True)
+
+
+@ISOLATIONS
+def test_a_subinterpreter_cannot_reach_a_unix_socket(
+    isolation: str, reachable_socket: tuple[Path, socket.socket]
+) -> None:
+    """A subinterpreter runs without the audit hooks; the socket is still not there,
+    because it is absent from the sandbox's mount namespace."""
+    path, listener = reachable_socket
+    inner = f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(path)!r})\nprint('in')\n"
+    code = f"import _xxsubinterpreters as si\nsi.run_string(si.create(), {inner!r})\n"
+    result = run(code, hooks=False, isolation=isolation)
+    assert "FileNotFoundError" in result.stderr, result.stderr
+    assert "in" not in result.stdout
+    assert no_connection(listener)
+
+
+def test_starting_a_subinterpreter_trips_the_audit_hook() -> None:
+    """With the hooks on, importing the subinterpreter module is refused as a tripwire."""
+    result = run("import _xxsubinterpreters\n")
+    assert "sandbox: starting a subinterpreter is not allowed (import)" in result.stderr
+
+
+@ISOLATIONS
+def test_a_world_readable_file_outside_is_not_in_the_sandbox(isolation: str) -> None:
+    """A copy of the task store in a readable directory (any file the daemon's uid could
+    read) does not exist in the sandbox's root."""
+    where = Path(tempfile.mkdtemp(prefix="tale-data-"))
+    try:
+        where.chmod(0o755)
+        db = where / "tale.db"
+        db.write_text("other tasks' text")
+        db.chmod(0o644)
+        result = run(f"print(open({str(db)!r}).read())\n", hooks=False, isolation=isolation)
+        assert "FileNotFoundError" in result.stderr, result.stderr
+        assert "other tasks" not in result.stdout
+    finally:
+        shutil.rmtree(where)
+
+
+@ISOLATIONS
+def test_the_sandbox_root_holds_only_the_runtime(isolation: str) -> None:
+    """The root has the read-only runtime, /dev, /proc, a private /tmp and the scratch
+    dir's path: no home, no runtime dir, no data dir; the PID namespace is the run's own."""
+    code = (
+        "import os\n"
+        "print(sorted(p for p in ('/home', '/root/.ssh', '/run', '/var', '/etc/passwd', '/work')"
+        " if os.path.lexists(p)))\n"
+        "print(os.getpid() < 5)\n"
+        "print(open('/tmp/x', 'w').write('private'))\n"
+    )
+    result = run(code, hooks=False, isolation=isolation)
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == ["[]", "True", "7"]
+    assert not Path("/tmp/x").exists() or Path("/tmp/x").read_text() != "private"
+
+
+@ISOLATIONS
+def test_landlock_refuses_reads_outside_the_allowed_paths(isolation: str) -> None:
+    """Listing the root directory, which the mount namespace shows, is refused by Landlock's
+    read rules: reading is confined to the runtime, /proc, /dev's few files and scratch."""
+    result = run("import os\nprint(os.listdir('/'))\n", hooks=False, isolation=isolation)
+    assert "landlock-fs" in result.kernel_layers
+    assert "PermissionError: [Errno 13]" in result.stderr, result.stderr
+
+
+SECCOMP_PROBE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    rc = getattr(libc, name)(*args)
+    print(name, rc, ctypes.get_errno())
+call("unshare", 0x10000000)            # CLONE_NEWUSER: a way to regain capabilities
+call("ptrace", 0, 0, 0, 0)             # PTRACE_TRACEME
+call("syscall", {keyctl}, 0, 0, 0, 0)  # the kernel keyring
+call("setsid")                         # leaving the process group the daemon kills
+call("mount", b"none", b"/tmp", b"tmpfs", 0, None)
+"""
+
+
+@ISOLATIONS
+def test_seccomp_denies_the_syscalls_escapes_need(isolation: str) -> None:
+    """With the hooks off and ctypes in hand, namespace, ptrace, keyring, setsid and mount
+    syscalls fail with EPERM."""
+    keyctl = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+    if keyctl is None:
+        pytest.skip(f"no seccomp filter for {os.uname().machine}")
+    result = run(SECCOMP_PROBE.format(keyctl=keyctl), hooks=False, isolation=isolation)
+    assert "seccomp" in result.kernel_layers
+    assert result.ok, result.stderr
+    for line in result.stdout.splitlines():
+        _name, rc, errno = line.split()
+        assert (rc, errno) == ("-1", "1"), line
+
+
+def test_bwrap_required_but_missing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """isolation = 'bwrap' without bubblewrap on PATH refuses to run the code, saying why."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(Unavailable, match="bubblewrap is not installed"):
+        run("print(1)", isolation="bwrap")
 
 
 # --- setup -----------------------------------------------------------------------------------
@@ -561,28 +705,56 @@ def _non_root_runner(stage: Path) -> list[str] | None:
     ]
 
 
-def test_kernel_layers_hold_for_a_non_root_daemon(scratch_root: Path, tmp_path: Path) -> None:
-    """A daemon running as an ordinary user gets a user+network namespace, NPROC and
-    Landlock: fork, outside writes and connections fail with the hooks off, and the
-    scratch dir goes even when the code locked its owner out of parts of it."""
+@ISOLATIONS
+def test_kernel_layers_hold_for_a_non_root_daemon(
+    isolation: str, scratch_root: Path, tmp_path: Path
+) -> None:
+    """A daemon running as an ordinary user (the usual case) gives its runs a user, mount,
+    PID and network namespace, NPROC and Landlock: with the hooks off, fork, outside
+    writes and TCP fail; the user's own private file and the daemon's own socket, both
+    reachable by that uid outside the sandbox, do not exist inside it; and the scratch
+    dir goes even when the code locked its owner out of parts of it."""
     prefix = _non_root_runner(tmp_path)
     if prefix is None:
         pytest.skip("needs root, unshare and setpriv to start an unprivileged daemon")
-    target = outside_targets()[0]
+    # The user's world: a private key in their home and the daemon's socket.
+    user_home = Path(tempfile.mkdtemp(prefix="tale-user-"))
+    secret = user_home / ".ssh" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n")
+    sock_path = user_home / "taled.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock_path))
+    listener.listen()
+    listener.setblocking(False)
+    for path in (user_home, secret.parent, secret, sock_path):
+        os.chown(path, 61000, 61000)
+    user_home.chmod(0o700)
+    target = outside_targets()[1]
+    connect_unix = (
+        f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(sock_path)!r})\nprint('in')\n"
+    )
     codes = {
-        "whoami": "import os\nprint(os.getuid())\n",
+        "whoami": "import os\nprint(os.getuid(), os.getpid())\n",
         "fork": "import os\nos.fork()\n",
         "write": f"open({str(target)!r}, 'w')\n",
         "connect": "import socket\nsocket.socket().connect(('127.0.0.1', 9))\n",
+        "secret": f"print(open({str(secret)!r}).read())\n",
+        "socket": connect_unix,
+        "subinterpreter": (
+            f"import _xxsubinterpreters as si\nsi.run_string(si.create(), {connect_unix!r})\n"
+        ),
         "lock": "import os\nos.makedirs('x/y')\nos.chmod('x/y', 0)\nos.chmod('x', 0)\n",
     }
     program = (
-        "import asyncio, json, sys\n"
+        "import asyncio, json, socket, sys\n"
         "from taled.sandbox import run_python\n"
         "from taled.settings import SandboxSettings\n"
-        "out = {}\n"
+        # Outside the sandbox this uid can read its key and reach its daemon.
+        "out = {'control': [open(sys.argv[3]).read(), []]}\n"
+        "socket.socket(socket.AF_UNIX).connect(sys.argv[4])\n"
         "for name, code in json.loads(sys.argv[1]).items():\n"
-        "    settings = SandboxSettings(timeout_seconds=5)\n"
+        "    settings = SandboxSettings(timeout_seconds=5, isolation=sys.argv[5])\n"
         "    run = run_python(code, settings, scratch_root=sys.argv[2], audit_hooks=False)\n"
         "    r = asyncio.run(run)\n"
         "    out[name] = [r.stdout + r.stderr, list(r.kernel_layers)]\n"
@@ -590,23 +762,34 @@ def test_kernel_layers_hold_for_a_non_root_daemon(scratch_root: Path, tmp_path: 
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
     scratch_root.chmod(0o777)
-    proc = subprocess.run(
-        [*prefix, sys.executable, "-c", program, json.dumps(codes), str(scratch_root)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert out["whoami"][0] == "61000\n"
-    assert {"userns", "netns", "rlimits"} <= set(out["whoami"][1])
-    assert "uid" not in out["whoami"][1]
+    argv = [json.dumps(codes), str(scratch_root), str(secret), str(sock_path), isolation]
+    try:
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-c", program, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=90,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        listener.accept()[0].close()  # the control's connection
+        assert no_connection(listener)  # and none from the sandbox
+    finally:
+        listener.close()
+        shutil.rmtree(user_home, ignore_errors=True)
+    assert "secret" in out["control"][0]
+    assert out["whoami"][0].split()[0] == "61000"
+    layers = set(out["whoami"][1])
+    assert {"userns", "mountns", "pidns", "netns", "minimal-root", "seccomp", "rlimits"} <= layers
+    assert "uid" not in layers
     assert "BlockingIOError: [Errno 11]" in out["fork"][0]
-    if "landlock-fs" in out["write"][1]:
-        assert "PermissionError: [Errno 13]" in out["write"][0]
+    assert any(error in out["write"][0] for error in HIDDEN_OR_DENIED), out["write"][0]
     assert not target.exists()
     assert "Errno 13" in out["connect"][0] or "Errno 101" in out["connect"][0]
+    assert "FileNotFoundError" in out["secret"][0], out["secret"][0]
+    assert "FileNotFoundError" in out["socket"][0], out["socket"][0]
+    assert "FileNotFoundError" in out["subinterpreter"][0], out["subinterpreter"][0]
     assert out["lock"][0] == ""
     assert list(scratch_root.iterdir()) == []  # removed despite the locked directories
