@@ -123,7 +123,9 @@ async def run_python(
     try:
         (scratch / _MAIN).write_text(code, encoding="utf-8")
         if uid is not None:
-            os.chown(scratch, uid, uid)
+            # The run's own files: the daemon's umask (0077) would keep them from it.
+            for path in (scratch, scratch / _MAIN):
+                os.chown(path, uid, uid)
         isolation, bwrap = _isolation(settings)
         run = _Run(
             settings=settings,

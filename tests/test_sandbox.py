@@ -793,3 +793,14 @@ def test_kernel_layers_hold_for_a_non_root_daemon(
     assert "FileNotFoundError" in out["subinterpreter"][0], out["subinterpreter"][0]
     assert out["lock"][0] == ""
     assert list(scratch_root.iterdir()) == []  # removed despite the locked directories
+
+
+def test_code_runs_under_the_daemons_private_umask() -> None:
+    """The daemon creates its files with umask 0077; the run can still read its code."""
+    old = os.umask(0o077)
+    try:
+        result = run("print('read')\n")
+    finally:
+        os.umask(old)
+    assert result.ok, result.stderr
+    assert result.stdout == "read\n"
