@@ -62,6 +62,8 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
             fail(exc.message, exc.code)
         except DaemonUnreachable as exc:
             fail(f"{exc}", Exit.UNREACHABLE)
+        except paths.PathError as exc:
+            fail(f"{exc}", Exit.USAGE)
         except RpcError as exc:
             if exc.code in _USAGE_CODES:
                 fail(exc.message, Exit.USAGE)
@@ -262,6 +264,10 @@ def _print_summary(info: dict[str, Any]) -> None:
     workers = info.get("workers", {})
     emit(f"tasks    {counts or 'none yet'}")
     emit(f"workers  {workers.get('busy', 0)}/{workers.get('limit', 0)} busy")
+    # Workers that cannot work (an older daemon reports none): down, or blocked waiting.
+    for kind in ("down", "blocked"):
+        for w in workers.get(kind, []):
+            emit(f"worker   {w['worker']} {kind}: {w['reason']}")
     for m in info.get("models", []):
         # An older daemon reports no health, only whether the model is loaded.
         health = m.get("health") or ("ok" if m["loaded"] else "not loaded")
@@ -504,9 +510,10 @@ def usage(
     if json_out:
         emit_json(report)
         return
+    from tale_client.sanitize import printable_doc
     from tale_client.usage_view import render
 
-    emit_rich(render(report))
+    emit_rich(render(printable_doc(report)))
 
 
 # -- talking ------------------------------------------------------------------
@@ -720,6 +727,45 @@ def daemon_status(json_out: JsonOpt = False) -> None:
     emit(f"socket   {info['socket']}")
     emit(f"database {info['database']}")
     _print_summary(info)
+
+
+@app.command(rich_help_panel="Daemon")
+@handle_errors
+def doctor(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Repair what can be repaired: restore the database from its newest good "
+            "backup, move a damaged checkpoint ref back or drop it, rebuild full-text "
+            "indexes. The daemon must be stopped.",
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check tale's data (database, backups, checkpoints); --repair fixes what it can.
+
+    Works while the daemon is down, as when it will not start. Exit code 0 healthy,
+    1 problems found (or not all repaired), 2 --repair while the daemon runs.
+    docs/operations.md explains each check and repair.
+    """
+    import importlib.util
+    import subprocess
+
+    # Run by the daemon's own code, in a process of its own: the thin client never
+    # imports taled, and this must work when the daemon will not start.
+    if importlib.util.find_spec("taled") is None:
+        raise CliError("tale doctor needs the daemon (taled) installed beside tale", Exit.FAILED)
+    argv = [sys.executable, "-m", "taled.doctor"]
+    argv += ["--repair"] if repair else []
+    argv += ["--json"] if json_out else []
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.stdout:
+        emit_piece(done.stdout)
+    if done.stderr:
+        note(done.stderr.rstrip("\n"))
+    if done.returncode:
+        raise typer.Exit(done.returncode)
 
 
 @daemon_app.command("install")

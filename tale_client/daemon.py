@@ -1,8 +1,15 @@
-"""Finding, starting and stopping the daemon, and its systemd user unit."""
+"""Finding, starting and stopping the daemon, and its systemd user unit.
+
+A daemon started here writes its log to ``<data dir>/taled.log`` itself
+(``taled --log-file``), rotating it by size; its stdout and stderr go to the same
+file, so what it prints before its logging is set up (a config error) is there
+too. The data directory is made 0700 and the log 0600 before the daemon starts.
+"""
 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import signal
@@ -23,13 +30,15 @@ __all__ = [
     "exec_start_line",
     "install_unit",
     "render_unit",
+    "spawn_daemon",
     "start_daemon",
+    "start_timeout",
     "stop_daemon",
 ]
 
 # Loading the embedded model takes well under a second; a bigger one or a cold
 # disk can take much longer, so the wait is generous and overridable.
-START_TIMEOUT_SECONDS = float(os.environ.get("TALE_START_TIMEOUT", "60"))
+START_TIMEOUT_SECONDS = 60.0
 _POLL_SECONDS = 0.05
 
 UNIT_TEMPLATE = """\
@@ -52,6 +61,9 @@ WatchdogSec=30
 TimeoutStartSec=180
 # Longer than the daemon's default shutdown grace (daemon.shutdown_grace_seconds).
 TimeoutStopSec=60
+# The database, log and checkpoints hold prompts and answers: private whatever the
+# login session's umask (the daemon sets 077 itself too).
+UMask=0077
 
 [Install]
 WantedBy=default.target
@@ -140,22 +152,53 @@ def _socket_answers() -> bool:
     return True
 
 
-def start_daemon(timeout: float = START_TIMEOUT_SECONDS) -> int:
-    """Start taled in the background and wait until its socket answers; returns its pid.
-
-    Raises DaemonUnreachable, with the end of the daemon's log, if it cannot start.
-    """
+def spawn_daemon() -> subprocess.Popen[bytes]:
+    """Start taled in the background, in its own session, logging to ``paths.log_file()``."""
     log_path = paths.log_file()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "taled"],
+    try:
+        # Made private here, not only by the daemon: it writes to the log before it
+        # gets to repairing anything.
+        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_path.parent.chmod(0o700)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        raise DaemonUnreachable(f"cannot start the daemon: {exc}") from None
+    with os.fdopen(fd, "ab") as log:
+        os.fchmod(fd, 0o600)
+        # Its own session: the daemon outlives the command (and a ctrl+c in it).
+        return subprocess.Popen(
+            [sys.executable, "-m", "taled", "--log-file", str(log_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             start_new_session=True,
             close_fds=True,
         )
+
+
+def start_timeout() -> float:
+    """How long to wait for a daemon to start: ``$TALE_START_TIMEOUT`` or 60 s."""
+    text = os.environ.get("TALE_START_TIMEOUT", "")
+    if not text:
+        return START_TIMEOUT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise DaemonUnreachable(f"TALE_START_TIMEOUT={text!r} must be a positive number of seconds")
+    return seconds
+
+
+def start_daemon(timeout: float | None = None) -> int:
+    """Start taled in the background and wait until its socket answers; returns its pid.
+
+    ``timeout`` defaults to ``start_timeout()``. Raises DaemonUnreachable, with the
+    end of the daemon's log, if it cannot start.
+    """
+    timeout = start_timeout() if timeout is None else timeout
+    log_path = paths.log_file()
+    proc = spawn_daemon()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _socket_answers():

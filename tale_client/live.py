@@ -6,7 +6,10 @@ Kept out of ``cli.py`` so rich's progress machinery loads only when a bar is sho
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tale_client.sanitize import printable
 
 __all__ = ["ProgressBar"]
 
@@ -34,4 +37,7 @@ class ProgressBar:
 
     def update(self, step: float, total: float | None, message: str) -> None:
         """Move the bar to ``step`` of ``total`` (indeterminate without one)."""
-        self._bar.update(self._id, completed=step, total=total, description=message)
+        # The message quotes the task: neither its escape sequences nor its brackets
+        # (rich markup) may reach the terminal as anything but text.
+        description = escape(printable(message))
+        self._bar.update(self._id, completed=step, total=total, description=description)

@@ -1,7 +1,8 @@
 """The only module that writes stdout, and the one that owns stderr and exit codes.
 
 Answers go to stdout (``--json``: exactly one JSON document); progress and
-diagnostics go to stderr.
+diagnostics go to stderr. Text from the daemon is made ``printable`` on its way
+out (tale_client/sanitize.py says why); JSON keeps it exact.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import sys
 from enum import IntEnum
 from typing import Any, NoReturn
+
+from tale_client.sanitize import json_safe, printable
 
 __all__ = [
     "CliError",
@@ -43,25 +46,27 @@ class CliError(Exception):
 
 def emit(text: str) -> None:
     """Write an answer line to stdout."""
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(printable(text) + "\n")
     sys.stdout.flush()
 
 
 def emit_piece(text: str) -> None:
     """Write streamed text to stdout as it arrives (no newline)."""
-    sys.stdout.write(text)
+    sys.stdout.write(printable(text))
     sys.stdout.flush()
 
 
 def emit_json(doc: Any) -> None:
-    """Write one JSON document to stdout."""
-    json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")
+    """Write one JSON document to stdout (C0 controls are escaped by JSON, C1 here)."""
+    sys.stdout.write(json_safe(json.dumps(doc, indent=2, ensure_ascii=False)) + "\n")
     sys.stdout.flush()
 
 
 def emit_rich(renderables: list[Any]) -> None:
-    """Write rich renderables (tables, text) to stdout; plain when NO_COLOR or not a TTY."""
+    """Write rich renderables (tables, text) to stdout; plain when NO_COLOR or not a TTY.
+
+    Rich passes escape sequences in its text through: build them from ``printable_doc``.
+    """
     # Imported here: rich's console is only worth loading for the commands that draw tables.
     from rich.console import Console
 
@@ -73,7 +78,7 @@ def emit_rich(renderables: list[Any]) -> None:
 
 def note(text: str) -> None:
     """A diagnostic or progress line on stderr."""
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text) + "\n")
     sys.stderr.flush()
 
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "PathError",
     "config_file",
     "data_dir",
     "lock_file",
@@ -17,6 +18,10 @@ __all__ = [
     "runtime_dir",
     "socket_path",
 ]
+
+
+class PathError(ValueError):
+    """An environment variable names a path tale cannot use; the message says which."""
 
 
 def _xdg(var: str, fallback: Path) -> Path:
@@ -37,6 +42,10 @@ def socket_path() -> Path:
     """The daemon's Unix socket: ``$TALE_SOCKET`` or ``<runtime dir>/taled.sock``."""
     override = os.environ.get("TALE_SOCKET", "")
     if override:
+        if not os.path.isabs(override):
+            # The daemon and its clients run in different directories: a relative
+            # path would name a different socket for each of them.
+            raise PathError(f"TALE_SOCKET={override!r} must be an absolute path")
         return Path(override)
     return runtime_dir() / "taled.sock"
 

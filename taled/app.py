@@ -1,15 +1,19 @@
 """The daemon: its services, wired in one place, with explicit phases.
 
-    startup   lock the socket path → open the store and the checkpoint repository
+    startup   lock the socket path → check the database (quick_check; a damaged
+              one stops start-up with a line naming it and `tale doctor`) → open the
+              store → open the checkpoint repository and check its refs
               → the embedder's clients (if learning.embeddings is set; no I/O)
               → the learning engine → requeue interrupted tasks (each resumes from
-              its latest checkpoint) → load the models → listen → READY=1 → start
-              the workers; in the background, load the embedding model
+              its latest checkpoint; a crash, not a kill, counts against them) and
+              finish restores a crash cut off → load the models → listen → READY=1 → start
+              the workers; in the background, load the embedding model and back
+              the database up (then every store.backup_interval_minutes)
     main loop serve MCP sessions and ping the watchdog until SIGTERM/SIGINT
     shutdown  STOPPING=1 → refuse new tasks → let running calls finish within the
               grace period, then stop them (their tasks go back to the queue)
               → close the socket → unload models → release the embedder
-              → flush and close the store
+              → flush and close the store → back it up (if it changed)
 
 Signal handlers only set a flag; everything else happens in ``serve``.
 """
@@ -21,6 +25,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -30,9 +35,10 @@ import anyio
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 
-from taled import __version__, paths
+from taled import __version__, doctor, paths
 from taled.chat import ChatService
 from taled.checkpoints import CheckpointStore
+from taled.crashlog import CrashLog
 from taled.embeddings import EmbeddingService
 from taled.errors import TaleError
 from taled.learning import LearningEngine
@@ -102,6 +108,7 @@ class App:
             max_state_bytes=cp.max_state_bytes,
         )
         self.retention = Retention(self.store, self.checkpoints, cp)
+        self.crash_log = CrashLog(paths.data_dir() / "crash.log")
         self.progress = ProgressHub()
         self.runner = Runner(
             self.store,
@@ -156,6 +163,8 @@ class App:
         self._stop = anyio.Event()
         self.ready_seconds: float | None = None
         self._started_at = time.time()
+        # Set once the store passed its check and opened: only then is it backed up.
+        self._store_opened = False
 
     async def status(self) -> dict[str, Any]:
         """What ``tale daemon status`` shows."""
@@ -166,7 +175,11 @@ class App:
             "database": str(self.store.path),
             "uptime_seconds": round(time.time() - self._started_at, 1),
             "ready_seconds": self.ready_seconds,
-            "workers": {"busy": self.runner.busy, "limit": self.settings.queue.workers},
+            "workers": {
+                "busy": self.runner.busy,
+                "limit": self.settings.queue.workers,
+                **self.runner.health(),
+            },
             "tasks": await self.store.count_by_state(),
             "models": [
                 {
@@ -221,6 +234,7 @@ class App:
                     tg.start_soon(self.monitor.run)
                     # After READY, not before: the embedding model's load must not delay it.
                     tg.start_soon(self.learning.warm)
+                    tg.start_soon(self._backups)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")
@@ -237,21 +251,24 @@ class App:
 
     async def _startup(self) -> None:
         self.listener.lock()
+        paths.secure_data_dir()
+        check = self.settings.store.check_on_start
+        if check:
+            rebuilt = await anyio.to_thread.run_sync(doctor.check_store_on_start, self.store.path)
+            for table in rebuilt:
+                log.warning("the full-text index %s was damaged; rebuilt it", table)
         await self.store.open()
+        self._store_opened = True
         await self.monitor.start()
         await self.checkpoints.open()
+        if check:
+            await doctor.check_checkpoints_on_start(self.checkpoints)
         if self.embeddings is not None:
             await self.embeddings.start()
         await self.learning.start()
-        requeued = await self.store.requeue_running(
-            "daemon restarted; the task was interrupted and runs again"
-        )
-        if requeued:
-            log.warning(
-                "requeued %d task(s) interrupted by a crash; each resumes from its latest "
-                "checkpoint",
-                len(requeued),
-            )
+        # Interrupted tasks go back to the queue; a crash (not a kill) counts against
+        # them, and restores a crash cut off are finished, before anyone can look.
+        await self.runner.recover(self.crash_log.arm())
         await self.pool.start()
         await self.listener.listen()
         if self._stop.is_set():
@@ -269,7 +286,33 @@ class App:
         await self.checkpoints.close()
         await self.monitor.stop()
         await self.store.close()
+        self.crash_log.disarm()
+        if self._store_opened:
+            await self._backup()
         log.info("taled stopped")
+
+    async def _backups(self) -> None:
+        """Back the database up now, then every ``store.backup_interval_minutes``."""
+        minutes = self.settings.store.backup_interval_minutes
+        while minutes:
+            await self._backup()
+            await anyio.sleep(minutes * 60)
+
+    async def _backup(self) -> None:
+        if not self.settings.store.backup_interval_minutes:
+            return
+        try:
+            made = await self.store.backup(
+                paths.data_dir() / "backups", self.settings.store.backups_keep
+            )
+        except TaleError as exc:
+            log.error("no backup made: %s", exc.message)
+        except (OSError, sqlite3.Error) as exc:
+            # A full disk, say: the daemon goes on; the next round tries again.
+            log.error("no backup made of %s: %s", self.store.path, exc)
+        else:
+            if made is not None:
+                log.info("database backed up to %s", made)
 
     async def _session(
         self,

@@ -17,13 +17,16 @@ Crash safety: objects are fsynced before the ref that names them is written
 ``*.lock`` files behind that would block that ref forever; ``open()`` holds an
 ``flock`` on the repository for the store's lifetime (the kernel drops it when
 the process dies), so a store that gets it knows every leftover lock is stale
-and removes it.
+and removes it. A write that finds the disk full raises ``DiskFull`` (nothing was
+written) and leaves a lock file behind (dulwich removes it only when the final rename
+fails, not the flush): those are removed then too, while no other operation runs.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -46,9 +49,16 @@ from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
 from dulwich.refs import Ref
 from dulwich.repo import Repo
 
-from taled.errors import DaemonError, InvalidInput, NotFound, TaleError, Unavailable
+from taled.errors import (
+    CheckpointDamaged,
+    DaemonError,
+    DiskFull,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 
-__all__ = ["Checkpoint", "CheckpointStore", "GcReport"]
+__all__ = ["Checkpoint", "CheckpointStore", "GcReport", "RefDamage"]
 
 T = TypeVar("T")
 
@@ -59,6 +69,7 @@ _FILE_MODE = 0o100644
 _LOCK_NAME = "taled.flock"
 
 _TASK_ID = re.compile(r"[0-9a-f]{12}")
+_SHA = re.compile(rb"[0-9a-f]{40}")
 _COMMIT = re.compile(r"[0-9a-f]{7,40}")
 _MAX_STEP_CHARS = 200
 _MAX_MESSAGE_CHARS = 500
@@ -86,6 +97,23 @@ class GcReport:
     loose_objects_before: int
     loose_objects_after: int
     packs_after: int
+
+
+@dataclass(frozen=True)
+class RefDamage:
+    """A damaged ref under ``refs/tale/``, as ``verify()`` found it."""
+
+    ref: str
+    """The full ref name, e.g. ``refs/tale/tasks/0123456789ab``."""
+    task_id: str | None
+    """The task it belongs to (None: not a task's ref at all)."""
+    problem: str
+    """What is wrong, one sentence without the ref's name."""
+    held: str
+    """What the ref holds (a commit id, or the garbage in it)."""
+    keeps: int | None
+    """How many checkpoints a repair keeps (0: the ref is dropped); None when only
+    the head was checked."""
 
 
 class _Gate:
@@ -163,11 +191,20 @@ class CheckpointStore:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def open(self) -> None:
-        """Create the repository if missing, lock it for this process, clear stale locks."""
+    async def open(self, *, read_only: bool = False) -> None:
+        """Create the repository if missing, lock it for this process, clear stale locks.
+
+        ``read_only`` opens an existing repository beside the daemon that holds it
+        (``tale doctor``'s check): no lock, no clean-up, nothing created; read only.
+        """
         if self._repo is not None:
             return
-        await anyio.to_thread.run_sync(self._open_sync)
+        await anyio.to_thread.run_sync(self._open_read_only if read_only else self._open_sync)
+
+    def _open_read_only(self) -> None:
+        if not (self.path / "HEAD").is_file():
+            raise DaemonError(f"{self.path} is not a git repository")
+        self._repo = Repo(str(self.path))
 
     async def close(self) -> None:
         """Wait for running operations, then release the repository."""
@@ -282,6 +319,28 @@ class CheckpointStore:
             repo = self._open_repo()
             return await anyio.to_thread.run_sync(partial(_gc_sync, repo))
 
+    async def verify(self, *, deep: bool = False) -> builtins.list[RefDamage]:
+        """Every ref under ``refs/tale/`` that is damaged, sorted by ref name.
+
+        A ref is healthy when it is a task's ref and holds the id of a commit that is in
+        the repository: start-up's check, cheap enough for thousands of tasks. ``deep``
+        (``tale doctor``) also walks every task's whole history, reading every commit
+        and its ``state.json``.
+        """
+        return await self._run(partial(self._verify_sync, deep))
+
+    async def repair(self, damage: RefDamage) -> str:
+        """Repair one damaged ref and say what was done (what it held, where it is now).
+
+        The ref moves back to its newest checkpoint whose state is readable (its history
+        rewritten to leave out unreadable checkpoints and to end where it broke), or
+        is dropped when none is. Objects are never deleted. Every other operation
+        waits meanwhile.
+        """
+        async with self._gate.exclusive():
+            self._open_repo()
+            return await anyio.to_thread.run_sync(partial(self._repair_sync, damage.ref))
+
     # -- helpers (event loop) ----------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -300,9 +359,24 @@ class CheckpointStore:
                 del self._task_locks[task_id]
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        async with self._gate.shared():
-            self._open_repo()
-            return await anyio.to_thread.run_sync(fn)
+        try:
+            async with self._gate.shared():
+                self._open_repo()
+                return await anyio.to_thread.run_sync(fn)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A write cut short by a full disk leaves its git lock file behind (dulwich
+            # removes it only when the rename fails, not the flush), and that file
+            # would block its object or ref for good: clear them while nobody writes.
+            await self._remove_stale_locks()
+            where = f"writing {exc.filename}" if exc.filename else ""
+            raise DiskFull(str(self.path), where) from None
+
+    async def _remove_stale_locks(self) -> None:
+        async with self._gate.exclusive():
+            if self._repo is not None:
+                await anyio.to_thread.run_sync(partial(_remove_stale_locks, self.path))
 
     def _open_repo(self) -> Repo:
         if self._repo is None:
@@ -353,11 +427,13 @@ class CheckpointStore:
         try:
             state = json.loads(blob.as_raw_string())
         except ValueError as exc:
-            raise TaleError(
-                f"checkpoint {_hex(commit.id)} of task {task_id} is damaged: {exc}"
+            raise self._damaged(
+                f"checkpoint {_hex(commit.id)} of task {task_id} holds no valid JSON ({exc})"
             ) from exc
         if not isinstance(state, dict):
-            raise TaleError(f"checkpoint {_hex(commit.id)} of task {task_id} is not an object")
+            raise self._damaged(
+                f"checkpoint {_hex(commit.id)} of task {task_id} holds no JSON object"
+            )
         return state
 
     def _list_sync(self, task_id: str, limit: int | None) -> builtins.list[Checkpoint]:
@@ -407,6 +483,122 @@ class CheckpointStore:
         names = self._open_repo().refs.keys(base=Ref(REF_PREFIX.rstrip("/").encode()))
         return sorted(n.decode() for n in names if _TASK_ID.fullmatch(n.decode()))
 
+    def _verify_sync(self, deep: bool) -> builtins.list[RefDamage]:
+        refs = self._open_repo().refs
+        names = sorted(Ref(b"refs/tale/" + n) for n in refs.keys(base=Ref(b"refs/tale")))
+        found = (self._survey(name, deep)[0] for name in names)
+        return [d for d in found if d is not None]
+
+    def _survey(self, name: Ref, deep: bool) -> tuple[RefDamage | None, builtins.list[Commit]]:
+        """What is wrong with one ref, and its commits a repair keeps, newest first.
+
+        ``deep`` walks first parents from the head until the history ends or a commit
+        is missing, reading every state; a repair keeps the commits from the newest
+        one with a readable state down to the break, leaving out unreadable ones.
+        Otherwise only the head commit's presence is checked (and nothing is kept).
+        """
+        ref = name.decode("utf-8", "replace")
+        task_id = ref.removeprefix(REF_PREFIX)
+        if not ref.startswith(REF_PREFIX) or not _TASK_ID.fullmatch(task_id):
+            held = _hex(self._open_repo().refs.read_ref(name) or b"")
+            return RefDamage(ref, None, "is not a task's checkpoint ref", held, 0), []
+        try:
+            head: bytes = self._open_repo().refs[name]
+        except KeyError:  # a symbolic ref to nothing
+            head = self._open_repo().refs.read_ref(name) or b""
+        if not _SHA.fullmatch(head):
+            return RefDamage(ref, task_id, "holds no commit id", _hex(head[:60]), 0), []
+        if not deep:
+            # Start-up's check: a lookup in the object store, no read (about 60 µs a
+            # ref); a head that is there but unreadable is named when a resume reads it.
+            if ObjectID(head) in self._open_repo().object_store:
+                return None, []
+            problem = f"names commit {_hex(head)}, which is missing"
+            return RefDamage(ref, task_id, problem, _hex(head), None), []
+        walked: builtins.list[tuple[Commit, bool]] = []
+        broken: str | None = None
+        sha: ObjectID | None = ObjectID(head)
+        while sha is not None:
+            try:
+                commit = self._commit(sha)
+            except CheckpointDamaged:
+                broken = _hex(sha)
+                break
+            walked.append((commit, self._state_readable(commit)))
+            sha = commit.parents[0] if commit.parents else None
+        newest = next((i for i, (_, ok) in enumerate(walked) if ok), len(walked))
+        keep = [c for c, ok in walked[newest:] if ok]
+        faults = []
+        if not walked:
+            faults.append(f"names commit {broken}, which is missing or unreadable")
+        elif broken is not None:
+            faults.append(f"has a history that breaks at commit {broken} (missing or unreadable)")
+        unreadable = [_hex(c.id)[:12] for c, ok in walked if not ok]
+        if unreadable:
+            more = " ..." if len(unreadable) > 5 else ""
+            faults.append(
+                f"has checkpoint(s) whose state is missing or unreadable: "
+                f"{', '.join(unreadable[:5])}{more}"
+            )
+        if not faults:
+            return None, keep
+        return RefDamage(ref, task_id, "; ".join(faults), _hex(head), len(keep)), keep
+
+    def _state_readable(self, commit: Commit) -> bool:
+        """Whether the commit's state.json is there and holds a JSON object."""
+        try:
+            blob = self._state_blob(_hex(commit.id), commit)
+            return isinstance(json.loads(blob.as_raw_string()), dict)
+        except (CheckpointDamaged, ValueError):
+            return False
+
+    def _repair_sync(self, ref: str) -> str:
+        name = Ref(ref.encode())
+        refs = self._open_repo().refs
+        damage, keep = self._survey(name, deep=True)
+        if damage is None:
+            return "nothing to repair"
+        if not keep:
+            self._retry_locked(lambda: refs.remove_if_equals(name, None))
+            return f"held {damage.held}; dropped it (no readable checkpoint)"
+        walked = list(self._walk_ids(keep[0].id))
+        if walked == [c.id for c in keep]:
+            # The damage is all above the newest readable checkpoint: move back to it.
+            target = keep[0].id
+        else:
+            # Rewrite the kept checkpoints as a fresh chain (as compact() does), so the
+            # history no longer reaches the missing or unreadable ones.
+            parent: ObjectID | None = None
+            for old in reversed(keep):
+                new = Commit()
+                new.tree = old.tree
+                new.parents = [parent] if parent is not None else []
+                new.author, new.committer = old.author, old.committer
+                new.author_time, new.commit_time = old.author_time, old.commit_time
+                new.author_timezone, new.commit_timezone = old.author_timezone, old.commit_timezone
+                new.message = old.message
+                self._add_object(new)
+                parent = new.id
+            assert parent is not None
+            target = parent
+        self._retry_locked(lambda: refs.set_if_equals(name, None, target))
+        return (
+            f"held {damage.held}; moved it to {_hex(target)}, keeping "
+            f"{len(keep)} readable checkpoint(s)"
+        )
+
+    def _walk_ids(self, head: ObjectID) -> Iterator[ObjectID]:
+        """Commit ids along first parents from ``head``, stopping at a missing one."""
+        sha: ObjectID | None = head
+        while sha is not None:
+            try:
+                commit = self._commit(sha)
+            except CheckpointDamaged:
+                yield sha
+                return
+            yield commit.id
+            sha = commit.parents[0] if commit.parents else None
+
     def _head(self, ref: Ref) -> ObjectID | None:
         try:
             return self._open_repo().refs[ref]
@@ -414,10 +606,27 @@ class CheckpointStore:
             return None
 
     def _commit(self, sha: ObjectID) -> Commit:
-        obj = self._open_repo().object_store[sha]
+        obj = self._object(sha, "commit")
         if not isinstance(obj, Commit):
-            raise TaleError(f"object {_hex(sha)} in the checkpoint repository is not a commit")
+            raise self._damaged(f"object {_hex(sha)} is a {obj.type_name.decode()}, not a commit")
         return obj
+
+    def _object(self, sha: ObjectID, what: str) -> ShaFile:
+        """An object from the store; CheckpointDamaged when it is missing or unreadable."""
+        try:
+            return self._open_repo().object_store[sha]
+        except KeyError:
+            raise self._damaged(f"{what} {_hex(sha)} is missing") from None
+        except Exception as exc:
+            # A garbled name, a truncated or corrupt loose object, a bad pack: dulwich
+            # raises AssertionError, zlib.error, ObjectFormatException, ChecksumMismatch...
+            raise self._damaged(f"{what} {_hex(sha)} cannot be read ({exc})") from exc
+
+    def _damaged(self, what: str) -> CheckpointDamaged:
+        return CheckpointDamaged(
+            f"the checkpoint repository {self.path} is damaged: {what}; "
+            "run `tale doctor` (with the daemon stopped, `tale doctor --repair` repairs it)"
+        )
 
     def _walk(self, task_id: str, head: ObjectID | None = None) -> Iterator[Commit]:
         """The task's commits, newest first, read lazily along first parents."""
@@ -460,13 +669,12 @@ class CheckpointStore:
         return found[0]
 
     def _state_blob(self, task_id: str, commit: Commit) -> Blob:
-        repo = self._open_repo()
-        tree = repo.object_store[commit.tree]
+        tree = self._object(commit.tree, f"the tree of checkpoint {_hex(commit.id)}")
         blob = None
         if isinstance(tree, Tree) and STATE_FILE in tree:
-            blob = repo.object_store[tree[STATE_FILE][1]]
+            blob = self._object(tree[STATE_FILE][1], f"the state of checkpoint {_hex(commit.id)}")
         if not isinstance(blob, Blob):
-            raise TaleError(f"checkpoint {_hex(commit.id)} of task {task_id} has no state.json")
+            raise self._damaged(f"checkpoint {_hex(commit.id)} of task {task_id} has no state.json")
         return blob
 
     def _add_object(self, obj: ShaFile) -> None:
@@ -528,7 +736,8 @@ def _ref(task_id: str) -> Ref:
 
 
 def _hex(sha: bytes) -> str:
-    return sha.decode("ascii")
+    # "replace": a garbage ref's bytes are shown, not raised on.
+    return sha.decode("ascii", "replace")
 
 
 def _checkpoint(task_id: str, commit: Commit) -> Checkpoint:

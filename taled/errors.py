@@ -15,7 +15,12 @@ act on. ``taled/server.py`` converts them to protocol errors in one place.
     ├── ConfigError                -32020  the configuration is invalid
     ├── DaemonError                -32030  start-up failed (bad socket path, ...)
     │   └── AlreadyRunning         -32031  another daemon owns the socket
-    └── PlanError                  -32040  no usable plan (a model's answer, a saved plan)
+    ├── PlanError                  -32040  no usable plan (a model's answer, a saved plan)
+    ├── Damaged                    -32050  a data file is damaged: the message names it and
+    │   │                                  says to run `tale doctor`
+    │   ├── StoreDamaged           -32051  the SQLite database (start-up check or a query)
+    │   └── CheckpointDamaged      -32052  a checkpoint ref or object is missing or broken
+    └── DiskFull                   -32060  the disk holding a data file is full: tasks wait
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from __future__ import annotations
 __all__ = [
     "AlreadyRunning",
     "BackendDown",
+    "CheckpointDamaged",
     "ConfigError",
     "DaemonError",
+    "Damaged",
+    "DiskFull",
     "IllegalTransition",
     "InvalidInput",
     "ModelError",
@@ -32,6 +40,7 @@ __all__ = [
     "NotFound",
     "PlanError",
     "RoleDown",
+    "StoreDamaged",
     "TaleError",
     "Unavailable",
 ]
@@ -122,3 +131,41 @@ class PlanError(TaleError):
     """
 
     code = -32040
+
+
+class Damaged(TaleError):
+    """A data file is damaged; the message names it, says what is wrong, and what to do.
+
+    The daemon refuses to start on one (exit code 1) and turns one found later into
+    this error instead of a driver's message; ``tale doctor`` checks and repairs.
+    """
+
+    code = -32050
+
+
+class StoreDamaged(Damaged):
+    """The SQLite database fails its integrity check or a query finds a damaged page."""
+
+    code = -32051
+
+
+class CheckpointDamaged(Damaged):
+    """A checkpoint ref is garbage or names an object that is missing or broken."""
+
+    code = -32052
+
+
+class DiskFull(TaleError):
+    """A write failed because the disk (or the user's quota) holding ``path`` is full.
+
+    Nothing is lost: the write did not happen. A task that hits it waits (parked)
+    until the disk has room again, then resumes from its latest checkpoint.
+    """
+
+    code = -32060
+
+    def __init__(self, path: str, detail: str = "") -> None:
+        self.path = path
+        """The file (or directory) whose write failed."""
+        message = f"the disk holding {path} is full"
+        super().__init__(f"{message} ({detail})" if detail else message)

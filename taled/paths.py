@@ -1,22 +1,33 @@
 """Where tale keeps its socket, data and config (XDG base directories).
 
 ``tale_client/paths.py`` is a standard-library copy of this module for the thin
-client; ``tests/test_paths.py`` pins the two equal.
+client; ``tests/test_paths.py`` pins the two equal. ``secure_data_dir`` is the
+daemon's alone: it repairs the permissions of what is already on disk.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 
 __all__ = [
+    "PathError",
     "config_file",
     "data_dir",
     "lock_file",
     "log_file",
     "runtime_dir",
+    "secure_data_dir",
     "socket_path",
 ]
+
+log = logging.getLogger(__name__)
+
+
+class PathError(ValueError):
+    """An environment variable names a path tale cannot use; the message says which."""
 
 
 def _xdg(var: str, fallback: Path) -> Path:
@@ -37,6 +48,10 @@ def socket_path() -> Path:
     """The daemon's Unix socket: ``$TALE_SOCKET`` or ``<runtime dir>/taled.sock``."""
     override = os.environ.get("TALE_SOCKET", "")
     if override:
+        if not os.path.isabs(override):
+            # The daemon and its clients run in different directories: a relative
+            # path would name a different socket for each of them.
+            raise PathError(f"TALE_SOCKET={override!r} must be an absolute path")
         return Path(override)
     return runtime_dir() / "taled.sock"
 
@@ -60,3 +75,40 @@ def config_file() -> Path:
 def log_file() -> Path:
     """Where an auto-started daemon writes its log."""
     return data_dir() / "taled.log"
+
+
+def secure_data_dir(root: Path | None = None) -> int:
+    """Make the data directory private, whatever the umask was when it was written.
+
+    Creates it if missing. The directory and every directory under it become 0700;
+    every file loses its group and other bits (so 0644 becomes 0600, and a git
+    object written read-only stays read-only, 0400). Symbolic links are left alone
+    and never followed: chmod would change their target, which may live anywhere.
+    Returns how many entries were changed.
+    """
+    root = root if root is not None else data_dir()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    changed = 0
+    # The root itself may be a symlink the user made (data moved to another disk):
+    # its target is what they want private.
+    if stat.S_IMODE(root.stat().st_mode) != 0o700:
+        root.chmod(0o700)
+        changed += 1
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            try:
+                mode = os.lstat(path).st_mode
+                if stat.S_ISLNK(mode):
+                    continue
+                private = 0o700 if stat.S_ISDIR(mode) else stat.S_IMODE(mode) & 0o700
+                if stat.S_IMODE(mode) != private:
+                    os.chmod(path, private)
+                    changed += 1
+            except FileNotFoundError:
+                continue  # removed while we walked (a checkpoint repack, a scratch dir)
+            except PermissionError:
+                log.warning("cannot make %s private: it is not yours", path)
+    if changed:
+        log.info("made %d file(s) under %s private to you (0700/0600)", changed, root)
+    return changed

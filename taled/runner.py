@@ -19,19 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from taled import gates, planner
 from taled.backends.base import CancelToken, ChatMessage, Completion
 from taled.checkpoints import Checkpoint, CheckpointStore
 from taled.errors import (
+    DiskFull,
     IllegalTransition,
     InvalidInput,
     ModelError,
+    NotFound,
     RoleDown,
     TaleError,
     Unavailable,
@@ -50,6 +56,43 @@ from taled.workstate import Attempt, WorkState
 __all__ = ["Runner"]
 
 log = logging.getLogger(__name__)
+
+
+# A worker that failed starts again after this pause, doubling up to the maximum.
+_RESTART_SECONDS = 1.0
+_RESTART_MAX_SECONDS = 30.0
+# A task parked by a full disk: how often its disk is looked at, and the least wait
+# before the first try (doubling with each full disk in a row).
+_ROOM_POLL_SECONDS = 0.25
+_ROOM_FIRST_SECONDS = 1.0
+# Free space that counts as room again: enough for checkpoints and the store's WAL.
+_ROOM_BYTES = 1 << 20
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _disk_full(exc: BaseException, where: Path) -> DiskFull | None:
+    """The exception as DiskFull if it is one (or an OS "no space" error), else None."""
+    if isinstance(exc, DiskFull):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(str(exc.filename or where))
+    return None
+
+
+def _has_room(path: str) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing parent) has room."""
+    at = Path(path)
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    try:
+        fs = os.statvfs(at)
+    except OSError:
+        return True  # cannot tell: let the next write find out
+    inodes = fs.f_files == 0 or fs.f_favail > 0
+    return fs.f_bavail * fs.f_frsize >= _ROOM_BYTES and inodes
 
 
 class _Stopped(Exception):
@@ -130,6 +173,15 @@ class Runner:
         self._running: dict[str, tuple[CancelToken, asyncio.Event]] = {}
         self._parent_locks: dict[str, asyncio.Lock] = {}
         self._stopping = False
+        self._stopped = asyncio.Event()
+        # worker index -> (since, why): restarting after a failure (down), or alive but
+        # unable to work for now (blocked: a full disk, a store refusing claims)
+        self._down: dict[int, tuple[float, str]] = {}
+        self._blocked: dict[int, tuple[float, str]] = {}
+        # task id -> why, while parked by a full disk
+        self._parked: dict[str, str] = {}
+        # Full-disk episodes in a row (reset when a task attempt ends without one).
+        self._full_streak = 0
         queue.on_stop(self._on_stop)
 
     def estimate(self, task_id: str) -> dict[str, Any] | None:
@@ -141,16 +193,83 @@ class Runner:
         """Tasks being executed right now."""
         return len(self._running)
 
+    def health(self) -> dict[str, Any]:
+        """The workers for ``daemon_status``: how many are alive; those down (restarting
+        after a failure) and those blocked (alive, waiting for a full disk or a store
+        that refuses claims), each with why and since when; the tasks parked by a full disk.
+        """
+        down = dict(self._down)
+        for i, worker in enumerate(self._workers):
+            if worker.done() and not self._stopping:
+                down[i] = (time.time(), "not running")
+
+        def listed(workers: dict[int, tuple[float, str]]) -> list[dict[str, Any]]:
+            return [
+                {"worker": i, "since": round(since, 3), "reason": why}
+                for i, (since, why) in sorted(workers.items())
+            ]
+
+        return {
+            "alive": len(self._workers) - len(down),
+            "down": listed(down),
+            "blocked": listed(self._blocked),
+            "parked": [{"id": task_id, "reason": why} for task_id, why in self._parked.items()],
+        }
+
+    async def recover(self, crash: str | None) -> None:
+        """Start-up, before the workers: requeue what a stop or a crash interrupted, and
+        finish the restores a crash cut off.
+
+        ``crash`` is what the previous run died of when it died of a fatal error of its
+        own (None after a clean stop or a kill): it counts against each task that was
+        running, and one that reaches ``runner.quarantine_after`` crashes is failed.
+        """
+        requeued = await self._store.requeue_running(
+            "daemon restarted; the task was interrupted and runs again",
+            crash=crash,
+            quarantine_after=self._settings.quarantine_after,
+        )
+        if requeued:
+            log.warning(
+                "requeued %d task(s) interrupted by a crash; each resumes from its latest "
+                "checkpoint",
+                len(requeued),
+            )
+        for task in await self._store.pending_restores():
+            assert task.restore_to is not None
+            try:
+                history = await self._checkpoints.list(task.id)
+                target = next((c for c in history if c.commit == task.restore_to), None)
+                if target is None:
+                    raise NotFound(f"its checkpoint {task.restore_to[:12]} is gone")
+                saved, ws = await self._write_restore(task, target)
+                await self._queue_restored(task, target, ws)
+            except TaleError as exc:
+                log.error(
+                    "task %s: the restore a crash cut off could not be finished: %s",
+                    task.id,
+                    exc.message,
+                )
+                await self._store.unmark_restore(task.id)
+            else:
+                log.warning(
+                    "task %s: finished its restore to %s that a crash cut off",
+                    task.id,
+                    saved.commit[:12],
+                )
+
     async def start(self) -> None:
         """Start the workers."""
         self._scratch.mkdir(parents=True, exist_ok=True)
         self._workers = [
-            asyncio.create_task(self._work(i), name=f"worker-{i}") for i in range(self._n_workers)
+            asyncio.create_task(self._supervise(i), name=f"worker-{i}")
+            for i in range(self._n_workers)
         ]
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; let calls finish for ``grace`` seconds, then stop them."""
         self._stopping = True
+        self._stopped.set()
         self._queue.stop_accepting()
         if not self._workers:
             return
@@ -177,27 +296,184 @@ class Runner:
         if task.state == TaskState.CANCELLED and task.parent_id is not None:
             await self._settle_parent(task.parent_id)
 
+    # -- workers -----------------------------------------------------------
+
+    async def _supervise(self, index: int) -> None:
+        """Run worker ``index`` until the daemon stops; if it ever fails, start it again.
+
+        ``_work`` handles every task's errors itself, so this is the last line: a
+        failure there (the store refusing even to record one) is logged with its
+        traceback and the worker restarts after a pause, growing to 30 s.
+        """
+        failures = 0
+        while not self._stopping:
+            try:
+                await self._work(index)
+            except Exception as exc:
+                failures += 1
+                pause = min(_RESTART_SECONDS * 2 ** (failures - 1), _RESTART_MAX_SECONDS)
+                log.exception("worker %d failed; it starts again in %.0f s", index, pause)
+                self._down[index] = (time.time(), f"restarting after an error: {_describe(exc)}")
+                await self._sleep(pause)
+                self._down.pop(index, None)
+            else:
+                break
+        log.debug("worker %d stopped", index)
+
     async def _work(self, index: int) -> None:
         while not self._stopping:
-            task = await self._queue.next_task()
+            task = await self._claim(index)
             if task is None:
                 return
-            token, released = CancelToken(), asyncio.Event()
-            self._running[task.id] = (token, released)
+            await self._attempt(index, task)
+
+    async def _claim(self, index: int) -> TaskRecord | None:
+        """The next task to run; None once stopping.
+
+        A store that cannot hand one out (its disk full, a read failing) is asked
+        again after a pause: the worker waits, shown as blocked in ``daemon_status``.
+        """
+        failures = 0
+        full_before = False
+        while not self._stopping:
             try:
-                await self._execute(task, token)
-            except _Stopped:
-                pass
-            except TaleError as exc:
-                log.exception("worker %d could not finish task %s", index, task.id)
-                if not self._stopping:
-                    why = f"internal error: {exc.message}"
-                    await self._finish(task.id, TaskState.FAILED, why, error=why)
-                # When stopping, the task stays 'running'; the next start requeues it.
-            finally:
-                del self._running[task.id]
-                released.set()
-        log.debug("worker %d stopped", index)
+                task = await self._queue.next_task()
+            except Exception as exc:
+                full = _disk_full(exc, self._store.path)
+                if full is not None:
+                    full_before = True
+                    self._blocked[index] = (time.time(), f"cannot claim a task: {full.message}")
+                    await self._wait_for_room(full, None)
+                    continue
+                failures += 1
+                pause = min(_RESTART_SECONDS * 2 ** (failures - 1), _RESTART_MAX_SECONDS)
+                if failures == 1:
+                    log.exception("worker %d cannot claim a task; it tries again", index)
+                else:
+                    log.warning("worker %d still cannot claim a task: %s", index, _describe(exc))
+                self._blocked[index] = (time.time(), f"cannot claim a task: {_describe(exc)}")
+                await self._sleep(pause)
+                continue
+            self._blocked.pop(index, None)
+            if full_before:
+                log.info("the store's disk has room again: tasks are claimed as before")
+                self._full_streak = 0
+            return task
+        return None
+
+    async def _attempt(self, index: int, task: TaskRecord) -> None:
+        """Carry one claimed task as far as it goes; whatever it raises, the worker goes on.
+
+        A full disk parks the task until there is room; any other error fails this
+        task (not the worker) with the reason, logged with its traceback.
+        """
+        token, released = CancelToken(), asyncio.Event()
+        self._running[task.id] = (token, released)
+        try:
+            await self._execute(task, token)
+        except _Stopped:
+            pass
+        except Exception as exc:  # noqa: BLE001 - one task's error must not end its worker
+            full = _disk_full(exc, self._scratch)
+            if full is not None:
+                await self._park(index, task, full, token)
+            else:
+                await self._fail_unexpectedly(index, task, exc, token)
+        else:
+            if self._full_streak:
+                log.info("the disk has room again: tasks run as before")
+            self._full_streak = 0
+        finally:
+            del self._running[task.id]
+            released.set()
+
+    async def _fail_unexpectedly(
+        self, index: int, task: TaskRecord, exc: Exception, token: CancelToken
+    ) -> None:
+        """Fail a task whose attempt raised an error the runner did not expect."""
+        why = f"internal error: {exc.message if isinstance(exc, TaleError) else _describe(exc)}"
+        log.exception("worker %d could not finish task %s", index, task.id)
+        if self._stopping:
+            return  # the task stays 'running'; the next start requeues it
+        try:
+            current = await self._store.get_task(task.id)
+            if current.state in FINAL_STATES or current.state == TaskState.PAUSED:
+                return
+            failed = await self._finish(task.id, TaskState.FAILED, why, current.state, error=why)
+            if failed and task.parent_id is not None:
+                await self._settle_parent(task.parent_id)
+        except Exception as again:
+            full = _disk_full(again, self._store.path)
+            if full is None:
+                raise
+            # The failure cannot be recorded yet: hold the task until the disk has room;
+            # it then runs again, and fails again (recorded, this time) if it must.
+            await self._park(index, task, full, token)
+
+    async def _park(self, index: int, task: TaskRecord, full: DiskFull, token: CancelToken) -> None:
+        """Hold a task a full disk stopped until the disk has room, then queue it again.
+
+        Nothing is lost: the write that failed did not happen, and the task resumes
+        from its latest checkpoint. While parked it is ``waiting`` with the reason
+        (when the store's own disk can record that) and its worker waits with it.
+        """
+        why = f"{full.message}; the task waits for space and resumes by itself"
+        self._parked[task.id] = full.message
+        self._blocked[index] = (time.time(), f"task {task.id} parked: {full.message}")
+        self._progress.update(task.id, doing=f"waiting: {full.message}")
+        try:
+            try:
+                state = (await self._store.get_task(task.id)).state  # reads need no space
+                if state == TaskState.RUNNING:
+                    if not await self._finish(task.id, TaskState.WAITING, why):
+                        return  # paused or cancelled meanwhile
+                elif state != TaskState.WAITING:
+                    return  # paused, cancelled or finished meanwhile
+                parked_in = TaskState.WAITING
+            except DiskFull:
+                parked_in = TaskState.RUNNING  # the store cannot record it: parked in memory
+            while await self._wait_for_room(full, token):
+                try:
+                    if await self._finish(
+                        task.id,
+                        TaskState.QUEUED,
+                        "the disk has room again; the task resumes from its latest checkpoint",
+                        parked_in,
+                    ):
+                        self._queue.wake()
+                    return
+                except DiskFull as again:
+                    full = again
+            # Stopped, paused or cancelled while parked: a paused task is queued again by
+            # resume, a stopped daemon requeues it on start.
+        finally:
+            self._parked.pop(task.id, None)
+            self._blocked.pop(index, None)
+
+    async def _wait_for_room(self, full: DiskFull, token: CancelToken | None) -> bool:
+        """Wait until the disk ``full`` names has room again; False if stopped first.
+
+        Room is what ``statvfs`` shows free; a quota it cannot see is tried again after
+        ``runner.disk_full_retry_seconds``. Full disks in a row wait longer each time
+        (1 s, 2 s, 4 s ... up to that setting) and only the first is logged as a warning.
+        """
+        self._full_streak += 1
+        limit = self._settings.disk_full_retry_seconds
+        least = min(_ROOM_FIRST_SECONDS * 2 ** (self._full_streak - 1), limit)
+        level = logging.WARNING if self._full_streak == 1 else logging.DEBUG
+        log.log(level, "%s: work waits for space and resumes by itself", full.message)
+        started = time.monotonic()
+        while not self._stopping and not (token is not None and token.cancelled):
+            await self._sleep(_ROOM_POLL_SECONDS)
+            waited = time.monotonic() - started
+            if (waited >= least and _has_room(full.path)) or waited >= limit:
+                return not self._stopping and not (token is not None and token.cancelled)
+        return False
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early when the daemon stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
 
     # -- one task ----------------------------------------------------------
 
@@ -235,6 +511,12 @@ class Runner:
                     self._learning.forget(task.id)
 
     async def _run_task(self, task: TaskRecord, ws: WorkState, token: CancelToken) -> None:
+        if ws.phase == "done":
+            # Finished and checkpointed, but its last write to the store did not happen
+            # (a crash, a full disk): record the result now.
+            why = self._why_done(ws)
+            await self._finish(task.id, TaskState.COMPLETED, why, result=ws.result or "")
+            return
         assessment = await self._assess(task, ws)
         route = self._router.for_task(task)
         criteria = gates.parse_criteria(list(task.criteria))
@@ -883,6 +1165,11 @@ class Runner:
         Without ``commit``, the newest checkpoint that is not a failed attempt.
         Subtasks of the abandoned plan round are cancelled; finished steps in
         the restored state are kept.
+
+        One step as far as anyone can see: the store records the restore first
+        (``restore_to``), then the checkpoint is written, then the task is queued
+        and the record cleared in one transaction. A daemon killed in between
+        finishes the restore when it starts again (``recover``), before it answers.
         """
         task = await self._store.get_task(task_id)
         if task.state not in (TaskState.PAUSED, TaskState.FAILED):
@@ -905,24 +1192,46 @@ class Runner:
                     "lists them"
                 )
             target = matches[0]
-        current = WorkState.from_json(await self._checkpoints.load(task_id))
-        ws = WorkState.from_json(await self._checkpoints.load(task_id, target.commit))
+        # Shielded: a caller that goes away mid-restore must not leave half of one.
+        with anyio.CancelScope(shield=True):
+            await self._store.mark_restore(task_id, target.commit, task.state)
+            try:
+                saved, ws = await self._write_restore(task, target)
+            except BaseException:
+                # Its checkpoint was not written: the restore did not happen at all.
+                await self._store.unmark_restore(task_id)
+                raise
+            await self._queue_restored(task, target, ws)
+        return await self._store.get_task(task_id), saved
+
+    async def _write_restore(
+        self, task: TaskRecord, target: Checkpoint
+    ) -> tuple[Checkpoint, WorkState]:
+        """A restore's checkpoint, after cancelling the abandoned round's subtasks.
+
+        Only a restore raises a checkpoint's round above the store's: a latest state
+        with a higher round is this restore's own, written before a crash cut it off.
+        """
+        current = WorkState.from_json(await self._checkpoints.load(task.id))
+        latest = await self._checkpoints.latest(task.id)
+        if current.round > task.round and latest is not None:
+            return latest, current
+        ws = WorkState.from_json(await self._checkpoints.load(task.id, target.commit))
         ws.round = current.round + 1
         await self._queue.cancel_subtasks(
-            task_id, f"superseded: its parent was restored to {target.commit[:12]}"
+            task.id, f"superseded: its parent was restored to {target.commit[:12]}"
         )
         saved = await self._save(
             ws, "restore", f"restored to {target.commit[:12]} ({target.step}: {target.message})"
         )
-        await self._store.transition(
-            task_id,
-            TaskState.QUEUED,
-            f"restored to checkpoint {target.commit[:12]} ({target.step})",
-            expect=task.state,
-            restoring=True,
-            error=None,
-            result=None,
-            round=ws.round,
-        )
+        return saved, ws
+
+    async def _queue_restored(self, task: TaskRecord, target: Checkpoint, ws: WorkState) -> None:
+        """Queue a task whose restore checkpoint is written; clears its restore record."""
+        reason = f"restored to checkpoint {target.commit[:12]} ({target.step})"
+        if not await self._store.finish_restore(task.id, reason, ws.round):
+            current = await self._store.get_task(task.id)
+            raise IllegalTransition(
+                f"task {task.id} became {current.state} while being restored; it was not queued"
+            )
         self._queue.wake()
-        return await self._store.get_task(task_id), saved

@@ -5,19 +5,27 @@ Precedence, highest first: explicit arguments, ``TALE_*`` environment variables
 ``$XDG_CONFIG_HOME/tale/taled.toml``, then the defaults below. ``etc/taled.toml``
 is the commented copy of these defaults; a test pins the two equal.
 
-Every table forbids unknown keys, so a typo is an error that names the key.
+Every table forbids unknown keys, so a typo is an error that names the key; a
+``TALE_*`` variable that names no setting is one too (naming the variable), and
+so is a value that is not a finite number. An error says where the bad value came
+from: the variable or the file.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -50,7 +58,9 @@ __all__ = [
     "parse_model_spec",
 ]
 
-_STRICT = ConfigDict(extra="forbid", validate_default=True)
+# inf and nan are valid TOML and valid Python floats; no setting means either
+# (inf would pass "gt=0", nan fails every bound with a misleading message).
+_STRICT = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 Role = Literal["ux", "task"]
 """The model roles: ``ux`` answers people, ``task`` does the work."""
@@ -73,6 +83,16 @@ class DaemonSettings(BaseModel):
     """On SIGTERM, how long running model calls may finish before they are cancelled."""
     watchdog_fraction: float = Field(default=0.5, gt=0, lt=1)
     """WATCHDOG=1 is sent every WATCHDOG_USEC times this fraction (systemd asks for < 1)."""
+    log_max_bytes: int = Field(default=10 * 2**20, ge=4096, le=2**40)
+    """A daemon started by tale writes <data dir>/taled.log and rotates it at this size
+    (under systemd the journal keeps the log instead)."""
+    log_backups: int = Field(default=3, ge=1, le=100)
+    """Rotated log files kept beside it: taled.log.1 (the newest) to taled.log.N."""
+    log_repeats: int = Field(default=5, ge=1, le=10_000)
+    """The same warning or error (from one place in the code) is logged at most this
+    many times per log_repeat_seconds; the rest are counted and the count logged."""
+    log_repeat_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """The window of log_repeats."""
 
 
 class ServerSettings(BaseModel):
@@ -116,6 +136,14 @@ class StoreSettings(BaseModel):
     """How long a connection waits for a lock before failing."""
     read_connections: int = Field(default=4, ge=1, le=64)
     """Pooled read connections (writes go through one group-committing writer)."""
+    check_on_start: bool = True
+    """Before start-up, check the database (PRAGMA quick_check) and the checkpoint refs;
+    a damaged one stops the daemon with a line naming it (then run: tale doctor)."""
+    backup_interval_minutes: float = Field(default=60.0, ge=0, le=10_080)
+    """Back the database up to <data>/backups this often, and at start-up and clean
+    shutdown, when it changed since the last backup (0: no backups)."""
+    backups_keep: int = Field(default=3, ge=1, le=1000)
+    """How many backups to keep; the oldest goes when a new one is written."""
 
 
 class RunnerSettings(BaseModel):
@@ -137,6 +165,12 @@ class RunnerSettings(BaseModel):
     stop_wait_seconds: float = Field(default=10.0, gt=0, le=600)
     """Pause and cancel answer once the stopped call's partial answer is checkpointed,
     or after this long."""
+    quarantine_after: int = Field(default=3, ge=0, le=100)
+    """A task the daemon crashed on this many times (a fatal error such as a segfault
+    while it ran, not a kill) is failed as quarantined instead of run again (0: never)."""
+    disk_full_retry_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """A task parked by a full disk resumes once the disk shows room; a full disk it
+    cannot see (a quota) is tried again after this long."""
 
 
 class LoopSettings(BaseModel):
@@ -628,6 +662,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        allow_inf_nan=False,
     )
 
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
@@ -666,30 +701,143 @@ class Settings(BaseSettings):
 _TOML_FILE: dict[str, Path | None] = {"path": None}
 
 
+# TALE_* variables that are not settings: the socket path (taled/paths.py and its
+# client copy) and how long the client waits for a daemon it starts. A daemon
+# started by the client inherits the client's environment, so both are allowed.
+OTHER_VARIABLES = frozenset({"TALE_SOCKET", "TALE_START_TIMEOUT"})
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Load settings from defaults, ``config_file`` (if it exists), env and overrides.
 
-    Raises ConfigError with every problem named by its dotted key.
+    Raises ConfigError with every problem named by its dotted key and its source
+    (the ``TALE_*`` variable or the file).
     """
+    if config_file is not None and config_file.exists() and not config_file.is_file():
+        # pydantic-settings would skip it without a word.
+        raise ConfigError(f"configuration {config_file} is not a file")
     path = config_file if config_file is not None and config_file.exists() else None
+    found = _scan_environment(os.environ)
+    if found.malformed:
+        raise ConfigError("invalid TALE_* environment: " + "; ".join(found.malformed))
     _TOML_FILE["path"] = path
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        where = f" ({path} or TALE_* environment)" if path else " (TALE_* environment)"
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {_describe(err)}"
+            f" ({_source(tuple(str(p) for p in err['loc']), found, path)})"
             for err in exc.errors()
         )
-        raise ConfigError(f"invalid configuration{where}: {problems}") from None
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    except SettingsError as exc:
+        # The variables were checked above, so this is the file (or a source's own bug).
+        raise ConfigError(f"cannot read configuration {path or '(environment)'}: {exc}") from None
     except (OSError, ValueError) as exc:
         # tomllib.TOMLDecodeError is a ValueError: a syntax error in the file.
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
     finally:
         _TOML_FILE["path"] = None
+    # An OpenAI-compatible server's key may well live in a TALE_ variable.
+    unknown = [u for name, u in found.unknown.items() if name != settings.models.openai.api_key_env]
+    if unknown:
+        raise ConfigError("invalid TALE_* environment: " + "; ".join(unknown))
+    return settings
+
+
+class _Environment:
+    """What the TALE_* variables set, and what is wrong with them."""
+
+    def __init__(self) -> None:
+        self.paths: dict[tuple[str, ...], tuple[str, Any]] = {}
+        """Dotted setting path -> (variable, its value parsed as JSON where it is JSON)."""
+        self.unknown: dict[str, str] = {}
+        """Variable -> what is wrong: it names no setting."""
+        self.malformed: list[str] = []
+        """A table or list variable whose value is not JSON."""
+
+
+def _scan_environment(environ: Mapping[str, str]) -> _Environment:
+    """Resolve every TALE_* variable to the setting it sets, as pydantic-settings will.
+
+    pydantic-settings ignores a variable that matches no field (so TALE_QUEU__WORKERS
+    would do nothing) and blames a bad JSON value on no source at all.
+    """
+    found = _Environment()
+    for var, value in environ.items():
+        if not var.upper().startswith("TALE_") or var.upper() in OTHER_VARIABLES:
+            continue
+        parts = tuple(var[len("TALE_") :].lower().split("__"))
+        model: type[BaseModel] = Settings
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            field = model.model_fields.get(part)
+            if field is None:
+                found.unknown[var] = _unknown(var, parts[:depth], part, model)
+                found.paths[parts] = (var, value)  # validation names it too, in a table
+                break
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                if last:
+                    _json(var, value, found, parts, table=True)
+                model = kind
+                continue
+            if get_origin(kind) in (dict, list):
+                # Deeper parts are the dict's keys, checked by validation.
+                if last:
+                    _json(var, value, found, parts, table=False)
+                else:
+                    found.paths[parts] = (var, value)
+            elif not last:
+                dotted = ".".join(parts[: depth + 1])
+                found.malformed.append(f"{var}: {dotted} is one value, not a table of keys")
+            else:
+                found.paths[parts] = (var, value)
+            break
+    return found
+
+
+def _json(
+    var: str, value: str, found: _Environment, parts: tuple[str, ...], *, table: bool
+) -> None:
+    try:
+        found.paths[parts] = (var, json.loads(value))
+    except ValueError:
+        form = f"a JSON object of its keys, or set one key: {var}__KEY=VALUE" if table else "JSON"
+        found.malformed.append(f"{var}: its value must be {form}, not {value[:40]!r}")
+
+
+def _unknown(var: str, table: tuple[str, ...], part: str, model: type[BaseModel]) -> str:
+    where = f"in [{'.'.join(table)}]" if table else "at the top (settings are TALE_<TABLE>__<KEY>)"
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(part, names, n=1)
+    suggestion = ""
+    if close:
+        fixed = "__".join((*table, close[0])).upper()
+        rest = var.upper().split("__")[len(table) + 1 :]
+        suggestion = f"; did you mean {'__'.join(('TALE_' + fixed, *rest))}?"
+    return (
+        f"{var} names no setting: no {part!r} {where}{suggestion} (etc/taled.toml lists them all)"
+    )
+
+
+def _source(loc: tuple[str, ...], found: _Environment, path: Path | None) -> str:
+    """Where the value at ``loc`` came from: the variable that set it, else the file."""
+    for parts, (var, value) in found.paths.items():
+        if loc[: len(parts)] == parts:
+            inner: Any = value
+            for key in loc[len(parts) :]:
+                inner = inner.get(key) if isinstance(inner, dict) else None
+            if inner is not None:
+                return f"from {var}"
+        elif parts[: len(loc)] == loc:
+            return f"from {var}"  # a check of the whole table, one of whose keys it set
+    return f"from {path}" if path is not None else "from the defaults"
 
 
 def _describe(err: Any) -> str:
     if err.get("type") == "extra_forbidden":
         return "unknown key (check its spelling against etc/taled.toml)"
+    if err.get("type") == "finite_number":
+        return "must be a finite number (not inf or nan)"
     return str(err.get("msg", "invalid value"))

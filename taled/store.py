@@ -13,11 +13,14 @@ entry per version, applied in order at open, so later versions migrate old data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import secrets
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,8 +30,16 @@ from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from taled.errors import IllegalTransition, NotFound, TaleError, Unavailable
-from taled.lifecycle import FINAL_STATES, TaskState, check_transition
+from taled.doctor import DOCTOR_HINT, is_damage, take_backup
+from taled.errors import (
+    DiskFull,
+    IllegalTransition,
+    NotFound,
+    StoreDamaged,
+    TaleError,
+    Unavailable,
+)
+from taled.lifecycle import FINAL_STATES, RESTORE_TRANSITIONS, TaskState, check_transition
 from taled.settings import StoreSettings
 
 __all__ = [
@@ -68,6 +79,8 @@ tasks = sa.Table(
     sa.Column("title", sa.Text),
     sa.Column("criteria", sa.Text),
     sa.Column("round", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("restore_to", sa.Text),
 )
 
 task_deps = sa.Table(
@@ -397,8 +410,18 @@ _V7 = [
 # decomposition spent on it.
 _V8 = ["ALTER TABLE task_outcomes ADD COLUMN answer_tokens INTEGER"]
 
+# Version 9 (reliability): how many times the daemon crashed while running a task
+# (a task that keeps crashing it is quarantined), and the checkpoint a restore in
+# progress rewinds to (set before the checkpoint is written, cleared with the
+# restore's transition, so a restore cut off by a crash is finished on start).
+_V9 = [
+    "ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN restore_to TEXT",
+    "CREATE INDEX tasks_restoring ON tasks (id) WHERE restore_to IS NOT NULL",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -446,6 +469,10 @@ class TaskRecord:
     """Which plan round of its parent a subtask belongs to (a restore starts a new one)."""
     needs: tuple[str, ...] = ()
     """Ids of the sibling subtasks this one waits for."""
+    crashes: int = 0
+    """Times the daemon crashed (a fatal error, not a kill) while running this task."""
+    restore_to: str | None = None
+    """The checkpoint commit a restore in progress rewinds to (None: no restore pending)."""
 
 
 @dataclass(frozen=True)
@@ -502,6 +529,8 @@ def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
         title=row.title,
         criteria=tuple(json.loads(row.criteria)) if row.criteria else (),
         round=row.round,
+        crashes=row.crashes,
+        restore_to=row.restore_to,
     )
 
 
@@ -530,6 +559,7 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._ledger_pending: set[asyncio.Future[Any]] = set()
+        self._damage_logged = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -543,8 +573,15 @@ class Store:
         self._reader_engine = self._engine(
             url, begin=None, pool_size=self._settings.read_connections
         )
-        self._wconn = await self._writer_engine.connect()
-        await self._migrate(self._wconn)
+        try:
+            self._wconn = await self._writer_engine.connect()
+            await self._migrate(self._wconn)
+        except SQLAlchemyError as exc:
+            # Start-up's check (taled.doctor) catches most damage first; this is the rest.
+            damaged = self._damaged(exc)
+            if damaged is None:
+                raise
+            raise damaged from None
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
 
     async def close(self) -> None:
@@ -663,15 +700,20 @@ class Store:
                         value = await op.fn(conn)
                     except (TaleError, SQLAlchemyError) as exc:
                         await savepoint.rollback()
-                        results.append((op, None, exc))
+                        results.append((op, None, self._write_error(exc)))
                     else:
                         await savepoint.commit()
                         results.append((op, value, None))
         except SQLAlchemyError as exc:
-            log.exception("group commit of %d writes failed", len(batch))
+            failure = self._write_error(exc)
+            if isinstance(failure, DiskFull | StoreDamaged):
+                # Expected, and said once per batch: a traceback would say nothing more.
+                log.warning("%d writes not committed: %s", len(batch), failure.message)
+            else:
+                log.exception("group commit of %d writes failed", len(batch))
             for op in batch:
                 if not op.future.done():
-                    op.future.set_exception(TaleError(f"the store could not commit: {exc}"))
+                    op.future.set_exception(failure)
             return
         # Only now is everything durable: answer the callers.
         for op, value, error in results:
@@ -681,6 +723,19 @@ class Store:
                 op.future.set_exception(error)
             else:
                 op.future.set_result(value)
+
+    def _write_error(self, exc: BaseException) -> BaseException:
+        """A driver's error as the store's own: DiskFull when the disk is full, else
+        a TaleError with the database's message (never SQLAlchemy's URL)."""
+        if not isinstance(exc, SQLAlchemyError):
+            return exc
+        cause = getattr(exc, "orig", None) or exc
+        if _disk_full(cause):
+            return DiskFull(str(self.path))
+        damaged = self._damaged(exc)
+        if damaged is not None:
+            return damaged
+        return TaleError(f"the store could not write to {self.path}: {cause}")
 
     @staticmethod
     async def _insert_submits(
@@ -787,26 +842,43 @@ class Store:
         """Move the most urgent queued task to running and return it, or None."""
 
         async def apply(conn: AsyncConnection) -> TaskRecord | None:
-            row = (await conn.execute(_NEXT_READY)).first()
-            if row is None:
-                return None
-            await _move(
-                conn,
-                row.id,
-                TaskState.QUEUED,
-                TaskState.RUNNING,
-                "picked up by a worker",
-                attempts=row.attempts + 1,
-            )
-            return _row_to_task(row)
+            while True:
+                row = (await conn.execute(_NEXT_READY)).first()
+                if row is None:
+                    return None
+                try:
+                    task = _row_to_task(row)
+                except (ValueError, TypeError) as exc:
+                    # Claimed again and again, a row that cannot be read would stop
+                    # the whole queue: it fails, and the next one is claimed.
+                    why = f"its record in {self.path} is damaged ({exc}); it cannot run"
+                    log.error("task %s %s", row.id, why)
+                    await _move(conn, row.id, TaskState.QUEUED, TaskState.FAILED, why, error=why)
+                    continue
+                await _move(
+                    conn,
+                    row.id,
+                    TaskState.QUEUED,
+                    TaskState.RUNNING,
+                    "picked up by a worker",
+                    attempts=row.attempts + 1,
+                )
+                return task
 
         return await self.write(apply)
 
-    async def requeue_running(self, reason: str) -> list[str]:
-        """Put every running task back in the queue (crash recovery).
+    async def requeue_running(
+        self, reason: str, *, crash: str | None = None, quarantine_after: int = 0
+    ) -> list[str]:
+        """Put every running task back in the queue (crash recovery); return their ids.
 
         So are waiting ones, except a planned task whose subtasks are still
         unfinished: it goes on waiting for them.
+
+        ``crash`` says what the previous run died of when it died of a fatal error
+        of its own (not a kill): each task that was running has one crash counted,
+        and one that reaches ``quarantine_after`` crashes (0: never) is failed
+        instead of run again: quarantined.
         """
 
         async def apply(conn: AsyncConnection) -> list[str]:
@@ -814,6 +886,22 @@ class Store:
             moved = []
             for row in rows:
                 current = TaskState(row.state)
+                if crash is not None and current == TaskState.RUNNING:
+                    crashes = row.crashes + 1
+                    if quarantine_after and crashes >= quarantine_after:
+                        why = (
+                            f"quarantined: the daemon crashed {crashes} times while running "
+                            f"this task (last: {crash}); it is not run again by itself. "
+                            f"`tale restore {row.id}` runs it again"
+                        )
+                        await _move(
+                            conn, row.id, current, TaskState.FAILED, why, error=why, crashes=crashes
+                        )
+                        log.error("task %s %s", row.id, why)
+                        continue
+                    await _move(conn, row.id, current, TaskState.QUEUED, reason, crashes=crashes)
+                    moved.append(row.id)
+                    continue
                 if current == TaskState.WAITING:
                     await _move(conn, row.id, current, TaskState.RUNNING, reason)
                     current = TaskState.RUNNING
@@ -822,6 +910,77 @@ class Store:
             return moved
 
         return await self.write(apply)
+
+    async def mark_restore(self, task_id: str, commit: str, expect: TaskState) -> None:
+        """Record that a restore to ``commit`` begins, before its checkpoint is written.
+
+        IllegalTransition if the task left ``expect`` or another restore of it is
+        under way. A daemon that dies before ``finish_restore`` finishes it on start.
+        """
+
+        async def apply(conn: AsyncConnection) -> None:
+            row = (
+                await conn.execute(
+                    sa.select(tasks.c.state, tasks.c.restore_to).where(tasks.c.id == task_id)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
+            if row.state != expect.value:
+                raise IllegalTransition(
+                    f"task {task_id} is {row.state}, no longer {expect}; it was not restored"
+                )
+            if row.restore_to is not None:
+                raise IllegalTransition(f"task {task_id} is being restored already")
+            await conn.execute(
+                tasks.update().where(tasks.c.id == task_id).values(restore_to=commit)
+            )
+
+        await self.write(apply)
+
+    async def finish_restore(self, task_id: str, reason: str, plan_round: int) -> bool:
+        """Queue a task whose restore checkpoint is written, clearing its restore mark.
+
+        One transaction. False (the mark cleared, the task left as it is) when it is no
+        longer paused or failed, say cancelled while being restored.
+        """
+
+        async def apply(conn: AsyncConnection) -> bool:
+            current = await _current_state(conn, task_id)
+            await conn.execute(tasks.update().where(tasks.c.id == task_id).values(restore_to=None))
+            if current not in RESTORE_TRANSITIONS:
+                return False
+            check_transition(task_id, current, TaskState.QUEUED, restoring=True)
+            await _move(
+                conn,
+                task_id,
+                current,
+                TaskState.QUEUED,
+                reason,
+                error=None,
+                result=None,
+                round=plan_round,
+                crashes=0,
+            )
+            return True
+
+        return await self.write(apply)
+
+    async def unmark_restore(self, task_id: str) -> None:
+        """Forget a restore that did not happen (its checkpoint was never written)."""
+
+        async def apply(conn: AsyncConnection) -> None:
+            await conn.execute(tasks.update().where(tasks.c.id == task_id).values(restore_to=None))
+
+        await self.write(apply)
+
+    async def pending_restores(self) -> list[TaskRecord]:
+        """Tasks whose restore was begun and not finished (a crash cut it off)."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(sa.select(tasks).where(tasks.c.restore_to.is_not(None)))
+            ).all()
+        return [_row_to_task(r) for r in rows]
 
     async def get_task(self, task_id: str) -> TaskRecord:
         """One task with its transitions and token totals; NotFound if unknown."""
@@ -1072,10 +1231,37 @@ class Store:
         """A reader connection (``async with store.read() as conn``)."""
         return self._read()
 
-    def _read(self) -> Any:
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
         if self._reader_engine is None:
             raise Unavailable("the store is not open")
-        return self._reader_engine.connect()
+        try:
+            async with self._reader_engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            # A damaged page found by a query: say so, not the driver's SQL statement.
+            damaged = self._damaged(exc)
+            if damaged is None:
+                raise
+            raise damaged from exc
+
+    def _damaged(self, exc: BaseException) -> StoreDamaged | None:
+        """StoreDamaged when a driver's error says the file is damaged (logged once)."""
+        cause = getattr(exc, "orig", None) or exc
+        if not is_damage(cause):
+            return None
+        if not self._damage_logged:
+            self._damage_logged = True
+            log.error("the database %s is damaged: %s; %s", self.path, cause, DOCTOR_HINT)
+        return StoreDamaged(f"the database {self.path} is damaged ({cause}); {DOCTOR_HINT}")
+
+    async def backup(self, directory: Path, keep: int) -> Path | None:
+        """Back the database up into ``directory``, keeping the newest ``keep`` backups.
+
+        None when nothing changed since the newest backup. Runs in a thread with one
+        read snapshot (see ``taled.doctor.take_backup``): the writer never waits for it.
+        """
+        return await asyncio.to_thread(take_backup, self.path, directory, keep)
 
 
 def _full_tasks() -> sa.Select[Any]:
@@ -1169,7 +1355,7 @@ _NEXT_READY = (
     .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
     .limit(1)
 )
-_INTERRUPTED = sa.select(tasks.c.id, tasks.c.state).where(
+_INTERRUPTED = sa.select(tasks.c.id, tasks.c.state, tasks.c.crashes).where(
     sa.or_(
         tasks.c.state == TaskState.RUNNING.value,
         sa.and_(
@@ -1191,6 +1377,16 @@ def _full_row_to_task(row: sa.Row[Any]) -> TaskRecord:
         completion_tokens=int(row.completion_total),
         needs=tuple(json.loads(row.needs)) if row.needs else (),
     )
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether a database error is SQLite's SQLITE_FULL or an OS "no space" error."""
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return bool(code & 0xFF == sqlite3.SQLITE_FULL)
+        return "database or disk is full" in str(error)
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _totals(row: Any) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """The Unix socket: a private listener, one MCP session per connection.
 
 The socket lives in a 0700 directory and is itself 0600; every connection's
-peer uid is checked with SO_PEERCRED before a byte is read. Frames are
+peer uid is checked with SO_PEERCRED before a byte is read. Nothing else at the
+socket's path is ever removed: only a socket that no daemon answers on, found
+while holding the lock, is replaced; a file, a directory or a link there (a
+mistyped TALE_SOCKET) stops the daemon with an error that says what is there. Frames are
 newline-delimited JSON-RPC; a frame that is not JSON, or longer than
 ``max_frame_bytes``, is answered here with a JSON-RPC error (the SDK would drop
 it silently) and the session goes on.
@@ -15,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -57,6 +61,36 @@ def _error_frame(code: int, message: str, request_id: Any = None) -> bytes:
     return (json.dumps(body) + "\n").encode()
 
 
+# What a lock file holds: nothing yet, or the pid of the daemon that took it last.
+_PID_LINE = re.compile(rb"(\d{1,10}\n?)?")
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            # A full backlog (EAGAIN) or a timeout: someone is there, just busy.
+            return True
+    return True
+
+
+def _lock_file_problem(lock: IO[bytes]) -> str:
+    """Why the opened file cannot be the daemon's lock ('' if it can)."""
+    info = os.fstat(lock.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_uid != os.getuid():
+        return "belongs to another user"
+    if not _PID_LINE.fullmatch(lock.read(64)):
+        return "is not a taled lock file (it holds more than a pid)"
+    return ""
+
+
 def _has_id(line: bytes) -> bool:
     try:
         doc = json.loads(line)
@@ -82,10 +116,17 @@ class SocketListener:
         self._max_connections = max_connections
         self._lock_file: IO[bytes] | None = None
         self._listener: Any = None
+        self._created_socket = False
         self._active = 0
 
     def lock(self) -> None:
-        """Take the one-daemon-per-socket lock; DaemonError if another daemon holds it."""
+        """Take the one-daemon-per-socket lock; DaemonError if another daemon holds it.
+
+        Also DaemonError, before anything is created, if the socket's path is
+        relative, too long, or holds something other than a socket.
+        """
+        if not self.path.is_absolute():
+            raise DaemonError(f"socket path {self.path} is relative; give an absolute path")
         size = len(os.fsencode(self.path))
         if size > _MAX_SOCKET_PATH:
             raise DaemonError(
@@ -99,13 +140,20 @@ class SocketListener:
             raise DaemonError(f"{directory} is not a directory owned by you; refusing to use it")
         if stat.S_IMODE(info.st_mode) & 0o077 and directory.name == "tale":
             directory.chmod(0o700)
+        self._check_socket_path()
         self._take_lock()
 
     async def listen(self) -> None:
         """Replace a stale socket and listen on a fresh one (0600). Call after lock()."""
         assert self._lock_file is not None, "lock() first"
-        if self.path.exists() or self.path.is_symlink():
-            # We hold the lock, so whatever is there belongs to a dead daemon.
+        if self._check_socket_path():
+            # We hold the lock, yet check: a socket someone answers on is not stale
+            # (the lock file was deleted, or the path is another program's socket).
+            if _answers(self.path):
+                raise DaemonError(
+                    f"something already answers on {self.path} without holding "
+                    f"{self._lock_path}; stop it, or set TALE_SOCKET to another path"
+                )
             log.warning("removing stale socket %s left by a daemon that died", self.path)
             self.path.unlink()
         old_umask = os.umask(0o177)
@@ -113,11 +161,45 @@ class SocketListener:
             self._listener = await anyio.create_unix_listener(self.path)
         finally:
             os.umask(old_umask)
+        self._created_socket = True
         os.chmod(self.path, 0o600)
+
+    def _check_socket_path(self) -> bool:
+        """Whether a socket is at the path; DaemonError if anything else is."""
+        try:
+            info = self.path.lstat()
+        except FileNotFoundError:
+            return False
+        if stat.S_ISSOCK(info.st_mode):
+            return True
+        what = (
+            "a directory"
+            if stat.S_ISDIR(info.st_mode)
+            else "a symbolic link"
+            if stat.S_ISLNK(info.st_mode)
+            else "a file that is not a socket"
+        )
+        raise DaemonError(
+            f"{self.path} is {what}; refusing to replace it with the daemon's socket. "
+            "Point TALE_SOCKET at a new path (e.g. $XDG_RUNTIME_DIR/tale/taled.sock)"
+        )
 
     def _take_lock(self) -> None:
         self._lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = open(self._lock_path, "ab")  # noqa: SIM115 - held for the daemon's life
+        # No O_TRUNC and no symlinks followed: the path is derived from TALE_SOCKET, and
+        # whatever file might already be there is only rewritten once it proves ours.
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise DaemonError(f"cannot use {self._lock_path} as the lock file: {exc}") from None
+        lock = os.fdopen(fd, "r+b")
+        problem = _lock_file_problem(lock)
+        if problem:
+            lock.close()
+            raise DaemonError(
+                f"{self._lock_path} {problem}; refusing to take it over as the daemon's lock. "
+                "Point TALE_SOCKET at another path"
+            )
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -128,6 +210,7 @@ class SocketListener:
                     "(`tale daemon status` shows it; `tale daemon stop` stops it)"
                 ) from None
             raise
+        lock.seek(0)
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n".encode())
         lock.flush()
@@ -156,8 +239,12 @@ class SocketListener:
         if self._lock_file is None:
             # Never ours: the socket there (if any) belongs to another daemon.
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._created_socket:
+            # Only the socket this daemon made: start-up may have stopped at
+            # something else at the path, which is not ours to remove.
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._created_socket = False
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

@@ -20,6 +20,7 @@ from taled.errors import BackendDown, ModelError
 from taled.settings import OpenAISettings
 from tests.harness import running_daemon
 from tests.llama_server import ALIAS, LlamaServer, free_port
+from tests.standins.openai_scripted import MODEL, scripted_server
 
 HELLO: list[ChatMessage] = [
     {"role": "system", "content": "You are helpful."},
@@ -481,3 +482,76 @@ def test_a_task_completes_end_to_end_on_an_openai_task_model(server: LlamaServer
         assert row["calls"] >= 1
         assert row["prompt_tokens"] > 0
         assert row["completion_tokens"] > 0
+
+
+def _cancelled_after(url: str, seconds: float) -> tuple[float, list[str], Completion]:
+    """Stream from ``url`` with a 60 s read timeout, cancel after ``seconds``; time the end."""
+
+    async def go() -> tuple[float, list[str], Completion]:
+        backend = _backend(url, MODEL, read_timeout_seconds=60)
+        await backend.load()
+        token = CancelToken()
+        asyncio.get_running_loop().call_later(seconds, token.cancel)
+        out = Completion.empty()
+        pieces: list[str] = []
+        try:
+            async for piece in backend.stream(
+                [{"role": "user", "content": "[[script:story]] Tell me a story"}],
+                max_tokens=100,
+                temperature=0,
+                cancel=token,
+                result=out,
+            ):
+                pieces.append(piece)
+            return time.perf_counter(), pieces, out
+        finally:
+            await backend.unload()
+
+    started = time.perf_counter()
+    ended, pieces, out = asyncio.run(go())
+    return ended - started - seconds, pieces, out
+
+
+def test_a_cancel_interrupts_a_server_that_never_answers_the_request() -> None:
+    """A cancel ends a call whose server took the request and sent nothing, long before the
+    read timeout."""
+    with scripted_server({}, silent=True) as server:
+        late, pieces, out = _cancelled_after(server.base_url, 0.5)
+    assert late < 1.5, f"the call ended {late:.1f} s after its cancel"
+    assert pieces == []
+    assert out.finish_reason == "cancelled"
+    assert not out.counts_exact
+
+
+def test_a_cancel_interrupts_a_stream_that_fell_silent() -> None:
+    """A cancel ends a stream whose server stopped sending mid-answer, keeping what came."""
+    with scripted_server({"story": "once upon a time"}, stall_after=2) as server:
+        late, pieces, out = _cancelled_after(server.base_url, 0.5)
+    assert late < 1.5, f"the call ended {late:.1f} s after its cancel"
+    assert pieces == ["once ", "upon "]
+    assert (out.text, out.finish_reason) == ("once upon ", "cancelled")
+
+
+def test_sigterm_stops_the_daemon_within_its_grace_while_a_remote_model_is_silent() -> None:
+    """SIGTERM stops a daemon whose task model went silent mid-answer within the grace
+    period (not the 60 s read timeout), and the task is queued again for the next start."""
+    with scripted_server({"story": "a story that never ends " * 20}, stall_after=3) as server:
+        env = {
+            "TALE_MODELS__TASK": server.spec,
+            "TALE_MODELS__OPENAI__READ_TIMEOUT_SECONDS": "60",
+            "TALE_DAEMON__SHUTDOWN_GRACE_SECONDS": "1",
+        }
+        with running_daemon(env) as d:
+            task_id = d.call("submit_task", text="[[script:story]] Tell me a story")["id"]
+            deadline = time.monotonic() + 60
+            while server.chats() == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # the three pieces are in; the server is silent now
+            started = time.perf_counter()
+            assert d.stop(timeout=30) == 0, d.log_text()
+            took = time.perf_counter() - started
+            assert took < 8, f"stop took {took:.1f} s:\n{d.log_text()}"
+            d.start()
+            task = d.call("get_task", id=task_id)
+    assert task["state"] in ("queued", "running"), task
+    assert any("daemon stopped mid-task" in t["reason"] for t in task["transitions"]), task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,8 @@ import tale_client.paths as client_paths
 import taled.paths as daemon_paths
 
 FUNCTIONS = ["config_file", "data_dir", "lock_file", "log_file", "runtime_dir", "socket_path"]
+# The daemon's alone: it repairs files on disk, which the client never does.
+DAEMON_ONLY = ["secure_data_dir"]
 VARS = ["XDG_RUNTIME_DIR", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "TALE_SOCKET", "HOME"]
 
 values = st.one_of(
@@ -23,8 +26,17 @@ values = st.one_of(
 
 
 def test_both_copies_export_the_same_functions() -> None:
-    """tale_client/paths.py has every function taled/paths.py has."""
-    assert sorted(client_paths.__all__) == sorted(daemon_paths.__all__) == FUNCTIONS
+    """tale_client/paths.py has every path rule taled/paths.py has, and the same error."""
+    assert sorted(client_paths.__all__) == ["PathError", *FUNCTIONS]
+    assert sorted(daemon_paths.__all__) == sorted(["PathError", *FUNCTIONS, *DAEMON_ONLY])
+
+
+def _outcome(fn: Any) -> object:
+    """What a path rule gives: its path, or its error's message."""
+    try:
+        return fn()
+    except ValueError as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 @settings(max_examples=200)
@@ -41,7 +53,8 @@ def test_client_and_daemon_resolve_paths_identically(env: dict[str, str | None])
         if not os.environ.get("HOME"):
             os.environ["HOME"] = "/root"
         for name in FUNCTIONS:
-            assert getattr(client_paths, name)() == getattr(daemon_paths, name)(), name
+            client, daemon = getattr(client_paths, name), getattr(daemon_paths, name)
+            assert _outcome(client) == _outcome(daemon), name
     finally:
         for var, value in saved.items():
             if value is None:
@@ -62,3 +75,13 @@ def test_relative_xdg_dirs_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", "relative")
     monkeypatch.setenv("HOME", "/home/u")
     assert str(daemon_paths.data_dir()) == "/home/u/.local/share/tale"
+
+
+@pytest.mark.parametrize("module", [daemon_paths, client_paths], ids=["daemon", "client"])
+def test_a_relative_tale_socket_is_an_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, module: Any
+) -> None:
+    """TALE_SOCKET=taled.sock would name a different socket in every directory: refused."""
+    monkeypatch.setenv("TALE_SOCKET", "taled.sock")
+    with pytest.raises(module.PathError, match=r"TALE_SOCKET='taled\.sock' must be an absolute"):
+        module.socket_path()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -117,3 +118,74 @@ def test_too_long_socket_path_stops_taled_with_a_clear_message(home: Home) -> No
     assert "too long" in proc.stderr
     assert str(long_path) in proc.stderr
     assert not long_path.parent.exists()
+
+
+# --- what TALE_SOCKET may point at --------------------------------------------------
+
+
+def test_tale_socket_at_a_regular_file_leaves_it_and_its_lock_neighbour_alone(home: Home) -> None:
+    """TALE_SOCKET naming a file: taled exits 1 saying so; the file and FILE.lock are intact."""
+    target = home.root / "notes.txt"
+    target.write_text("my notes\n")
+    neighbour = home.root / "notes.txt.lock"
+    neighbour.write_text("also mine\n")
+    home.env["TALE_SOCKET"] = str(target)
+    proc = _taled(home)
+    assert proc.returncode == 1
+    assert f"{target} is a file that is not a socket" in proc.stderr
+    assert target.read_text() == "my notes\n"
+    assert neighbour.read_text() == "also mine\n"
+
+
+def test_tale_socket_at_a_directory_is_refused_without_a_traceback(home: Home) -> None:
+    """TALE_SOCKET naming a directory: taled exits 1 saying it is a directory, no traceback."""
+    target = home.root / "somedir"
+    target.mkdir()
+    home.env["TALE_SOCKET"] = str(target)
+    proc = _taled(home)
+    assert proc.returncode == 1
+    assert f"{target} is a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert target.is_dir()
+
+
+def test_tale_socket_at_a_symlink_is_refused(home: Home) -> None:
+    """A symbolic link at the socket path is neither followed nor removed."""
+    target = home.root / "elsewhere"
+    target.write_text("x")
+    link = home.root / "taled.sock"
+    link.symlink_to(target)
+    home.env["TALE_SOCKET"] = str(link)
+    proc = _taled(home)
+    assert proc.returncode == 1
+    assert f"{link} is a symbolic link" in proc.stderr
+    assert link.is_symlink()
+    assert target.read_text() == "x"
+
+
+def test_a_lock_path_holding_someone_elses_file_is_not_truncated(home: Home) -> None:
+    """If SOCKET.lock exists and holds more than a pid, taled refuses and leaves it as it was."""
+    sock = home.root / "x.sock"
+    lock = home.root / "x.sock.lock"
+    lock.write_text("an important file\n")
+    home.env["TALE_SOCKET"] = str(sock)
+    proc = _taled(home)
+    assert proc.returncode == 1
+    assert "is not a taled lock file" in proc.stderr
+    assert lock.read_text() == "an important file\n"
+    assert not sock.exists()
+
+
+def test_a_socket_another_process_answers_on_is_not_removed(home: Home) -> None:
+    """A live socket with no taled lock (another program's) is left alone; taled exits 1."""
+    path = home.root / "other.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(path))
+        other.listen()
+        home.env["TALE_SOCKET"] = str(path)
+        proc = _taled(home)
+        assert proc.returncode == 1
+        assert f"something already answers on {path}" in proc.stderr
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # still the other program's, still listening

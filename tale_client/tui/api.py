@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tale_client.sanitize import printable
 from tale_client.tui.client import RpcError, TaleClient, is_unknown_argument, is_unknown_tool
 from tale_client.tui.model import (
     ChatReply,
@@ -148,7 +149,7 @@ class Api:
         stream = self.client.stream_tool("chat", args)
         try:
             async for note in stream:
-                await on_piece(note.message)
+                await on_piece(printable(note.message))
             return ChatReply.from_dict(await stream.result())
         except RpcError as exc:
             # A daemon from before conversations rejects the arguments up front

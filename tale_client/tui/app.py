@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -187,18 +186,14 @@ class TaleApp(App[None]):
         if self._starting():
             self.notify("taled is already starting")
             return
-        log_path = paths.log_file()
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        from tale_client.daemon import spawn_daemon
+
+        try:
             # Its own session: the daemon outlives the app (and a ctrl+c in it).
-            self._daemon_proc = proc = subprocess.Popen(
-                [sys.executable, "-m", "taled"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                close_fds=True,
-            )
+            self._daemon_proc = proc = spawn_daemon()
+        except DaemonUnreachable as exc:  # the data dir or the log cannot be written
+            self.notify(str(exc), severity="error")
+            return
         # Kept for the app's life: a Popen dropped while its process runs warns.
         self._spawned.append(proc)
         self.down_screen.show(self.down_screen.reason, 0, self._start_note())

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tale_client.sanitize import printable
+
 __all__ = [
     "BOARD_COLUMNS",
     "FINAL_STATES",
@@ -69,14 +71,16 @@ def parse_time(stamp: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+# Every string the screens show passes through these two: a model's answer must not
+# reach the terminal with its escape sequences (Textual passes them through).
 def _str(d: dict[str, Any], key: str, default: str = "") -> str:
     value = d.get(key)
-    return default if value is None else str(value)
+    return default if value is None else printable(str(value))
 
 
 def _opt_str(d: dict[str, Any], key: str) -> str | None:
     value = d.get(key)
-    return None if value is None else str(value)
+    return None if value is None else printable(str(value))
 
 
 def _int(d: dict[str, Any], key: str, default: int = 0) -> int:
@@ -193,7 +197,7 @@ class Task:
             progress=Progress.from_dict(progress) if isinstance(progress, dict) else None,
             subtasks=tuple(Task.from_dict(t) for t in _dicts(d.get("subtasks"))),
             needs=tuple(str(n) for n in d.get("needs") or ()),
-            criteria=tuple(str(c) for c in d.get("criteria") or ()),
+            criteria=tuple(printable(str(c)) for c in d.get("criteria") or ()),
         )
 
     @property

@@ -27,6 +27,11 @@ Token counts, best first:
 Errors: no answer from the server (refused, reset, timed out, cut mid-stream)
 or a 5xx is ``BackendDown``; a 4xx is ``ModelError`` with the server's text.
 
+Cancelling interrupts a pending read, not only the next chunk: a server that has
+gone silent would otherwise hold a stopped call (and a daemon's SIGTERM) for the
+whole read timeout. Such a call's counts are estimates: the server is not asked
+for them, as it is not answering.
+
 llama_cpp.server serves one request at a time and, by default
 (``--interrupt_requests True``), ends a running answer when another request
 arrives -- a health probe included. So while a stream is open the probe sends
@@ -36,14 +41,17 @@ server that went silent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from types import TracebackType
 from typing import Any
 
+import anyio
 import httpx
 
 from taled.backends.base import (
@@ -71,6 +79,8 @@ _TOKENIZERS: tuple[tuple[str, Callable[[str, str], dict[str, Any]]], ...] = (
 # Statuses by which a server says "no such endpoint here" (or not in this shape).
 _NOT_THIS_ENDPOINT = {400, 404, 405, 422, 501}
 _ERROR_TEXT_CHARS = 500
+# How often a stream waiting for the server looks at its cancel token.
+_CANCEL_POLL_SECONDS = 0.05
 
 
 class OpenAIBackend:
@@ -195,33 +205,43 @@ class OpenAIBackend:
         first: float | None = None
         self._streams += 1
         try:
-            async with client.stream(
-                "POST", f"{self.base_url}/chat/completions", json=body
-            ) as response:
-                await self._raise_for_status(response)
-                async with contextlib.aclosing(_sse_data(response.aiter_lines())) as events:
-                    async for data in events:
-                        if data.strip() == "[DONE]":
-                            done = True
-                            break
-                        chunk = self._decode(data)
-                        if chunk.get("error"):
-                            raise self._error_from_body(chunk["error"], "streamed an error")
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        for choice in chunk.get("choices") or []:
-                            text = (choice.get("delta") or {}).get("content")
-                            if text:
-                                if first is None:
-                                    first = time.perf_counter()
-                                pieces.append(text)
-                                yield text
-                            if choice.get("finish_reason"):
-                                finish = choice["finish_reason"]
-                        if cancel.cancelled:
-                            # Leaving the block closes the response: the server
-                            # sees the disconnect and stops generating.
-                            break
+            async with _Interrupter(cancel) as interrupter, contextlib.AsyncExitStack() as stack:
+                # Every wait for the server is interruptible by the cancel token; no
+                # scope spans the yield below (our caller's code runs there).
+                with interrupter.reading():
+                    response = await stack.enter_async_context(
+                        client.stream("POST", f"{self.base_url}/chat/completions", json=body)
+                    )
+                    await self._raise_for_status(response)
+                    events = await stack.enter_async_context(
+                        contextlib.aclosing(_sse_data(response.aiter_lines()))
+                    )
+                while not interrupter.interrupted:
+                    with interrupter.reading():
+                        data = await anext(events, None)
+                    if interrupter.interrupted or data is None:
+                        break
+                    if data.strip() == "[DONE]":
+                        done = True
+                        break
+                    chunk = self._decode(data)
+                    if chunk.get("error"):
+                        raise self._error_from_body(chunk["error"], "streamed an error")
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            if first is None:
+                                first = time.perf_counter()
+                            pieces.append(text)
+                            yield text
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                    if cancel.cancelled:
+                        # Leaving the block closes the response: the server
+                        # sees the disconnect and stops generating.
+                        break
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise BackendDown(f"{self._where()} failed while streaming: {_describe(exc)}") from exc
         finally:
@@ -246,6 +266,12 @@ class OpenAIBackend:
             return
         if finish is not None:
             self._stream_usage = False
+        if interrupter.interrupted:
+            # Stopped while the server was silent: it would not answer a count either.
+            result.prompt_tokens = estimate_tokens("\n".join(m["content"] for m in messages))
+            result.completion_tokens = estimate_tokens(result.text)
+            result.counts_exact = False
+            return
         await self._count_without_usage(messages, temperature, result)
 
     async def _count_without_usage(
@@ -430,6 +456,57 @@ class OpenAIBackend:
         if not isinstance(value, dict):
             raise BackendDown(f"{self._where()} sent JSON that is not an object: {text[:200]!r}")
         return value
+
+
+class _Interrupter:
+    """Interrupts a wait for the server as soon as a call's cancel token is set.
+
+    The token is a thread-safe flag, not awaitable: a watcher task looks at it every
+    50 ms and cancels the scope of the read in progress (``reading()``), if any; a read
+    begun after the token was set is cancelled at once.
+    """
+
+    def __init__(self, cancel: CancelToken) -> None:
+        self._cancel = cancel
+        self._scope: anyio.CancelScope | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.interrupted = False
+        """Whether a read was cut off by the token (the server was silent then)."""
+
+    async def __aenter__(self) -> _Interrupter:
+        self._watcher = asyncio.create_task(self._watch(), name="openai-cancel-watch")
+        return self
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def _watch(self) -> None:
+        while not self._cancel.cancelled:
+            await asyncio.sleep(_CANCEL_POLL_SECONDS)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A wait for the server that the cancel token interrupts."""
+        with anyio.CancelScope() as scope:
+            if self._cancel.cancelled:
+                scope.cancel()
+            self._scope = scope
+            try:
+                yield
+            finally:
+                self._scope = None
+        if scope.cancelled_caught:
+            self.interrupted = True
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:

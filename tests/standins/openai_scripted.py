@@ -11,6 +11,10 @@ The answer: the latest user message that names a script entry as ``[[script:NAME
 (a retry's feedback names none, so the task's own text decides) is answered with that
 entry's text; an unknown name, or none, gets ``OK.``. Every
 request body is kept, so a test can see exactly what travelled to the model.
+
+Timing, for tests of a slow or hung model: ``delay`` seconds pass before each streamed
+piece (a word); after ``stall_after`` pieces the stream falls silent and stays open
+until the server stops; ``silent`` reads a chat request and never answers it.
 """
 
 from __future__ import annotations
@@ -33,9 +37,20 @@ _KEY = re.compile(r"\[\[script:([\w-]+)\]\]")
 class ScriptedServer:
     """The running server: its URL and every request body it received."""
 
-    def __init__(self, script: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        script: Mapping[str, str],
+        *,
+        delay: float = 0.0,
+        stall_after: int | None = None,
+        silent: bool = False,
+    ) -> None:
         self.script = dict(script)
         self.requests: list[dict[str, Any]] = []
+        self.delay = delay
+        self.stall_after = stall_after
+        self.silent = silent
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._http.daemon_threads = True
@@ -50,6 +65,11 @@ class ScriptedServer:
     def spec(self) -> str:
         """The model spec for a role: ``openai:<base_url>#scripted``."""
         return f"openai:{self.base_url}#{MODEL}"
+
+    def chats(self) -> int:
+        """How many chat requests arrived so far."""
+        with self._lock:
+            return len(self.requests)
 
     def received(self) -> str:
         """Every request body received so far, as one string (to search for leaks)."""
@@ -68,6 +88,7 @@ class ScriptedServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopped.set()  # lets a stalled or silent answer end
         self._http.shutdown()
         self._http.server_close()
 
@@ -94,6 +115,10 @@ class ScriptedServer:
                     return
                 with server._lock:
                     server.requests.append(body)
+                if server.silent:
+                    server._stopped.wait()
+                    self.close_connection = True
+                    return
                 text = server.answer(body)
                 prompt = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
                 usage = {
@@ -102,9 +127,14 @@ class ScriptedServer:
                     "total_tokens": prompt + max(1, len(text.split())),
                 }
                 if body.get("stream"):
-                    self._stream(
-                        text, usage, bool((body.get("stream_options") or {}).get("include_usage"))
-                    )
+                    try:
+                        self._stream(
+                            text,
+                            usage,
+                            bool((body.get("stream_options") or {}).get("include_usage")),
+                        )
+                    except (BrokenPipeError, ConnectionResetError):
+                        self.close_connection = True  # a stopped call hung up mid-answer
                     return
                 self._json(
                     200,
@@ -141,9 +171,18 @@ class ScriptedServer:
                     self.wfile.write(f"data: {json.dumps({**base, **chunk})}\n\n".encode())
 
                 send({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
-                for piece in re.findall(r"\S*\s*", text):
-                    if piece:
-                        send({"choices": [{"index": 0, "delta": {"content": piece}}]})
+                self.wfile.flush()
+                pieces = [piece for piece in re.findall(r"\S*\s*", text) if piece]
+                for n, piece in enumerate(pieces):
+                    if server.stall_after is not None and n >= server.stall_after:
+                        server._stopped.wait()
+                        self.close_connection = True
+                        return
+                    if server.delay and server._stopped.wait(server.delay):
+                        self.close_connection = True
+                        return
+                    send({"choices": [{"index": 0, "delta": {"content": piece}}]})
+                    self.wfile.flush()
                 send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
                 if include_usage:
                     send({"choices": [], "usage": usage})
@@ -163,9 +202,15 @@ class ScriptedServer:
 
 
 @contextmanager
-def scripted_server(script: Mapping[str, str]) -> Iterator[ScriptedServer]:
+def scripted_server(
+    script: Mapping[str, str],
+    *,
+    delay: float = 0.0,
+    stall_after: int | None = None,
+    silent: bool = False,
+) -> Iterator[ScriptedServer]:
     """A started scripted server, stopped afterwards."""
-    server = ScriptedServer(script)
+    server = ScriptedServer(script, delay=delay, stall_after=stall_after, silent=silent)
     server.start()
     try:
         yield server

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from textual.screen import Screen
 
+from tale_client.sanitize import printable
 from tale_client.tui.api import Api
 from tale_client.tui.client import DaemonUnreachable, RpcError
 
@@ -32,7 +33,7 @@ async def call_api(screen: Screen[Any], call: Callable[[Api], Awaitable[T]], wha
     except DaemonUnreachable:
         return None
     except RpcError as exc:
-        screen.notify(f"{what}: {exc.message}", severity="error", timeout=6)
+        screen.notify(f"{what}: {printable(exc.message)}", severity="error", timeout=6)
     except TimeoutError:
         screen.notify(f"{what}: the daemon did not answer in time", severity="warning")
     return None
