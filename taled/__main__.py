@@ -5,7 +5,7 @@ Exit codes: 0 stopped cleanly; 1 start-up failed (model, store, socket);
 
 Everything the daemon writes is private to its user whatever umask it inherits
 (the umask is set to 077 first thing); the log goes to stderr, or with
-``--log-file`` to a file the daemon rotates itself (taled/logs.py).
+``--log-file`` to a file the daemon rotates itself (taled/daemon/logs.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_file is not None and not args.log_file.is_absolute():
         print(f"taled: --log-file {args.log_file} must be an absolute path", file=sys.stderr)
         return EXIT_CONFIG
-    from taled.logs import setup_logging
+    from taled.daemon.logs import setup_logging
 
     try:
         repeats = setup_logging(settings.daemon, args.log_file)

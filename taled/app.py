@@ -36,26 +36,26 @@ from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 
 from taled import __version__, doctor, paths
-from taled.chat import ChatService
-from taled.checkpoints import CheckpointStore
-from taled.crashlog import CrashLog
-from taled.embeddings import EmbeddingService
+from taled.chat.service import ChatService
+from taled.checkpoints.repo import CheckpointStore
+from taled.checkpoints.retention import Retention
+from taled.daemon.crashlog import CrashLog
+from taled.daemon.sdnotify import Notifier
+from taled.daemon.server import build_server
+from taled.daemon.transport import SocketListener
+from taled.db.store import Store
 from taled.errors import TaleError
-from taled.learning import LearningEngine
-from taled.metrics import Metrics
-from taled.monitor import Monitor
-from taled.pool import ModelPool
-from taled.progress import ProgressHub
-from taled.queue import TaskQueue
-from taled.retention import Retention
-from taled.routing import Router
-from taled.runner import Runner
-from taled.sdnotify import Notifier
-from taled.server import build_server
+from taled.learning.embeddings import EmbeddingService
+from taled.learning.engine import LearningEngine
+from taled.models.pool import ModelPool
+from taled.models.routing import Router
+from taled.reporting.metrics import Metrics
+from taled.reporting.monitor import Monitor
+from taled.reporting.usage import UsageReport
 from taled.settings import Settings
-from taled.store import Store
-from taled.transport import SocketListener
-from taled.usage import UsageReport
+from taled.tasks.progress import ProgressHub
+from taled.tasks.queue import TaskQueue
+from taled.tasks.runner import Runner
 
 __all__ = ["App"]
 

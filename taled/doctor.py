@@ -50,7 +50,7 @@ import anyio
 import anyio.to_thread
 
 from taled import paths
-from taled.checkpoints import CheckpointStore, RefDamage
+from taled.checkpoints.repo import CheckpointStore, RefDamage
 from taled.errors import CheckpointDamaged, DaemonError, StoreDamaged, TaleError
 
 __all__ = [

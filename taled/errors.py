@@ -1,7 +1,7 @@
 """The daemon's one error tree.
 
 Every error a client can see carries a JSON-RPC code and a message a person can
-act on. ``taled/server.py`` converts them to protocol errors in one place.
+act on. ``taled/daemon/server.py`` converts them to protocol errors in one place.
 
     TaleError                      -32603  internal error
     ├── InvalidInput               -32602  bad arguments: nothing was written

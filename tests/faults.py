@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from taled.checkpoints import CheckpointStore
+from taled.checkpoints.repo import CheckpointStore
 from tests.harness import Daemon, Home
 
 SETTINGS = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from taled.backends.llamacpp import embedded_model_path
+from taled.models.backends.llamacpp import embedded_model_path
 
 READY_TIMEOUT = 60.0
 ALIAS = "smollm2"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from taled.gates import parse_criteria
+from taled.tasks.gates.gates import parse_criteria
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tests" / "bench" / "bench_savings.py"

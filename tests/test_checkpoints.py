@@ -26,7 +26,7 @@ from dulwich.repo import Repo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taled.checkpoints import Checkpoint, CheckpointStore
+from taled.checkpoints.repo import Checkpoint, CheckpointStore
 from taled.errors import DaemonError, InvalidInput, NotFound, Unavailable
 from tests import strategies
 
@@ -625,7 +625,7 @@ def test_an_empty_directory_becomes_a_bare_repository(tmp_path: Path) -> None:
 _CRASH_WRITER = """
 import asyncio, sys
 from pathlib import Path
-from taled.checkpoints import CheckpointStore
+from taled.checkpoints.repo import CheckpointStore
 
 async def main():
     store = CheckpointStore(Path(sys.argv[1]))

@@ -25,17 +25,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from taled.backends.llamacpp import embedded_model_path
-from taled.embeddings import (
+from taled.db.store import _MIGRATIONS, SCHEMA_VERSION, Store
+from taled.errors import BackendDown, ConfigError, ModelError
+from taled.learning.embeddings import (
     EmbeddingService,
     LlamaCppEmbedder,
     OllamaEmbedder,
     OpenAIEmbedder,
     normalised,
 )
-from taled.errors import BackendDown, ConfigError, ModelError
-from taled.learning import LearningEngine, Outcome
-from taled.memory import SimilarTasks, VectorIndex, blend, cosine, cosine_part, jaccard, words
+from taled.learning.engine import LearningEngine, Outcome
+from taled.learning.memory import (
+    SimilarTasks,
+    VectorIndex,
+    blend,
+    cosine,
+    cosine_part,
+    jaccard,
+    words,
+)
+from taled.models.backends.llamacpp import embedded_model_path
 from taled.settings import (
     LearningSettings,
     LlamaCppSettings,
@@ -45,7 +54,6 @@ from taled.settings import (
     StoreSettings,
     load_settings,
 )
-from taled.store import _MIGRATIONS, SCHEMA_VERSION, Store
 from tests.harness import Daemon, Home, running_daemon
 from tests.llama_server import free_port
 from tests.standins.ollama_server import OllamaStandIn
@@ -141,7 +149,7 @@ def test_a_missing_gguf_is_an_outage_not_a_crash(caplog: pytest.LogCaptureFixtur
         await service.stop()
         return out
 
-    with caplog.at_level(logging.WARNING, logger="taled.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="taled.learning.embeddings"):
         assert asyncio.run(run()) == [None, None, None]
     assert sum("unavailable" in r.message for r in caplog.records) == 1
     assert service.down and "neither a known name" in (service.last_error or "")
@@ -334,7 +342,7 @@ def test_an_outage_is_logged_once_retried_later_and_its_end_noticed(
         finally:
             await service.stop()
 
-    with caplog.at_level(logging.INFO, logger="taled.embeddings"):
+    with caplog.at_level(logging.INFO, logger="taled.learning.embeddings"):
         down, still, back = asyncio.run(run())
     assert (down, still, back) == ([False] * 3, [False], [True, True])
     assert (service.failures, service.skipped, service.outages, service.calls) == (2, 2, 1, 2)
@@ -651,7 +659,7 @@ def test_a_bad_embeddings_spec_is_an_error_naming_the_key(
 
 def test_embedding_specs_name_their_backend() -> None:
     """Each spec form builds the embedder of its backend, keyed as its vectors are stored."""
-    from taled.embeddings import embedder_for
+    from taled.learning.embeddings import embedder_for
 
     models = ModelsSettings()
     assert isinstance(embedder_for("llamacpp:smollm2-135m", models), LlamaCppEmbedder)

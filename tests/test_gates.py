@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taled.errors import InvalidInput
-from taled.gates import (
+from taled.settings import GateSettings, SandboxSettings
+from taled.tasks.gates.gates import (
     MAX_CRITERIA,
     MAX_CRITERION_CHARS,
     Criterion,
@@ -24,7 +25,6 @@ from taled.gates import (
     extract_python,
     parse_criteria,
 )
-from taled.settings import GateSettings, SandboxSettings
 
 GATES = GateSettings(sandbox=SandboxSettings(timeout_seconds=2, cpu_seconds=1))
 

@@ -7,7 +7,7 @@ import asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taled.intent import ACTIONS, KINDS, IntentDetector, parse_vote, read_signals
+from taled.chat.intent import ACTIONS, KINDS, IntentDetector, parse_vote, read_signals
 
 DETECTOR = IntentDetector(consult_margin=0.35, model_weight=1.0)
 

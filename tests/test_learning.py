@@ -14,21 +14,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taled.budget import BudgetPredictor, clamp_budget
-from taled.complexity import (
+from taled.db.store import _V5, Store
+from taled.learning.budget import BudgetPredictor, clamp_budget
+from taled.learning.complexity import (
     LEVELS,
     ComplexityModel,
     history_weight,
     label_outcome,
     prior_probabilities,
 )
-from taled.learning import LearningEngine, Outcome
-from taled.memory import Neighbour, fts_query
-from taled.planner import features
-from taled.progress import ProgressHub
-from taled.selection import TACTICS, Selector, Tactic, Tactics, explores
+from taled.learning.engine import LearningEngine, Outcome
+from taled.learning.memory import Neighbour, fts_query
+from taled.learning.selection import TACTICS, Selector, Tactic, Tactics, explores
 from taled.settings import LearningSettings, Level, ModelsSettings, StoreSettings
-from taled.store import _V5, Store
+from taled.tasks.planning.planner import features
+from taled.tasks.progress import ProgressHub
 
 LEARNING = LearningSettings()
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from taled.lenient_json import (
+from taled.tasks.planning.lenient_json import (
     MAX_DEPTH,
     Candidate,
     JsonTooDeep,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tale_client.rpc import RpcError
 from taled.errors import IllegalTransition
-from taled.lifecycle import FINAL_STATES, TRANSITIONS, TaskState, check_transition
+from taled.tasks.lifecycle import FINAL_STATES, TRANSITIONS, TaskState, check_transition
 from tests.harness import Daemon
 
 ILLEGAL_TRANSITION = -32002

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from taled.backends.base import CancelToken, ChatMessage, Completion
-from taled.backends.llamacpp import LlamaCppBackend, embedded_model_path
+from taled.db.store import Store
 from taled.errors import ModelError
-from taled.pool import ModelPool
+from taled.models.backends.base import CancelToken, ChatMessage, Completion
+from taled.models.backends.llamacpp import LlamaCppBackend, embedded_model_path
+from taled.models.pool import ModelPool
 from taled.settings import LlamaCppSettings, ModelsSettings, StoreSettings
-from taled.store import Store
 from tests.harness import Daemon, Home
 
 MESSAGES: list[ChatMessage] = [
@@ -164,7 +164,7 @@ def test_a_call_past_its_deadline_fails_the_task_with_the_setting_named() -> Non
 _LOAD = """
 import sys
 from llama_cpp import Llama
-from taled.backends.llamacpp import embedded_model_path, model_params
+from taled.models.backends.llamacpp import embedded_model_path, model_params
 with model_params(repack=sys.argv[1] == "on"):
     Llama(model_path=str(embedded_model_path()), n_ctx=256, verbose=True)
 import llama_cpp.llama_cpp as native

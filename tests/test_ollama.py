@@ -24,9 +24,9 @@ import httpx
 import ollama
 import pytest
 
-from taled.backends.base import CancelToken, ChatMessage, Completion
-from taled.backends.ollama import OllamaBackend
 from taled.errors import BackendDown, ModelError
+from taled.models.backends.base import CancelToken, ChatMessage, Completion
+from taled.models.backends.ollama import OllamaBackend
 from taled.settings import OllamaSettings
 from tests.harness import running_daemon
 from tests.standins.ollama_server import OllamaStandIn

@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from taled.backends.base import CancelToken, ChatMessage, Completion
-from taled.backends.openai import OpenAIBackend
 from taled.errors import BackendDown, ModelError
+from taled.models.backends.base import CancelToken, ChatMessage, Completion
+from taled.models.backends.openai import OpenAIBackend
 from taled.settings import OpenAISettings
 from tests.harness import running_daemon
 from tests.llama_server import ALIAS, LlamaServer, free_port

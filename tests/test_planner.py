@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from taled.errors import PlanError, TaleError
-from taled.planner import (
+from taled.tasks.planning.planner import (
     MAX_INSTRUCTION_CHARS,
     MAX_TITLE_CHARS,
     Plan,

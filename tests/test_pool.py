@@ -20,13 +20,13 @@ from typing import Any
 import httpx
 import pytest
 
-from taled.backends.base import ChatMessage
-from taled.backends.llamacpp import embedded_model_path
+from taled.db.store import Store, TaskRecord
 from taled.errors import Unavailable
-from taled.pool import ModelPool, ModelStatus
-from taled.routing import Route, Router
+from taled.models.backends.base import ChatMessage
+from taled.models.backends.llamacpp import embedded_model_path
+from taled.models.pool import ModelPool, ModelStatus
+from taled.models.routing import Route, Router
 from taled.settings import LlamaCppSettings, ModelsSettings, PoolSettings, Role, StoreSettings
-from taled.store import Store, TaskRecord
 from tests.harness import Daemon, running_daemon
 
 HELLO: list[ChatMessage] = [{"role": "user", "content": "Say hello."}]
@@ -302,7 +302,7 @@ def test_the_ux_role_keeps_answering_while_the_task_role_is_down(tmp_path: Path)
 
 
 def _task(model: str | None = None) -> TaskRecord:
-    from taled.lifecycle import TaskState
+    from taled.tasks.lifecycle import TaskState
 
     return TaskRecord("a" * 12, "x", TaskState.RUNNING, 50, None, None, 1, 0.0, 0.0, model=model)
 

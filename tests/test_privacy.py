@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from taled.logs import RepeatFilter
+from taled.daemon.logs import RepeatFilter
 from taled.paths import secure_data_dir
 from tests.harness import Daemon, Home
 
@@ -195,7 +195,7 @@ def test_an_auto_started_daemons_log_is_rotated_at_its_size_limit(home: Home) ->
 _NATIVE_AFTER_ROTATION = """
 import logging, os, sys
 from pathlib import Path
-from taled.logs import RotatingLogFile
+from taled.daemon.logs import RotatingLogFile
 handler = RotatingLogFile(Path(sys.argv[1]), max_bytes=4096, backups=1)
 logging.getLogger().addHandler(handler)
 for n in range(100):
@@ -257,7 +257,7 @@ def test_a_warning_repeated_in_a_loop_is_logged_a_few_times_then_counted(home: H
     refused = [line for line in daemon.log_text().splitlines() if "refused a connection" in line]
     assert len(refused) == 3
     assert "more in the next" in refused[2]
-    assert "57 more warning(s) from taled.transport" in daemon.log_text()
+    assert "57 more warning(s) from taled.daemon.transport" in daemon.log_text()
 
 
 class _Clock:
@@ -271,7 +271,7 @@ class _Clock:
 
 
 def _record(msg: str, *args: object, line: int = 10) -> logging.LogRecord:
-    return logging.LogRecord("taled.store", logging.ERROR, "store.py", line, msg, args, None)
+    return logging.LogRecord("taled.db.store", logging.ERROR, "store.py", line, msg, args, None)
 
 
 def test_the_first_record_after_the_window_carries_the_dropped_count() -> None:
@@ -295,7 +295,9 @@ def test_records_from_different_places_are_limited_separately() -> None:
     assert limiter.filter(_record("a", line=10))
     assert not limiter.filter(_record("a", line=10))
     assert limiter.filter(_record("b", line=20))
-    assert limiter.pending() == ["1 more error(s) from taled.store (store.py:10) were not logged"]
+    assert limiter.pending() == [
+        "1 more error(s) from taled.db.store (store.py:10) were not logged"
+    ]
 
 
 def test_different_exceptions_from_one_place_are_limited_separately() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taled.redact import REDACTED, redact
+from taled.tasks.gates.redact import REDACTED, redact
 
 SECRETS = [
     "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
@@ -51,7 +51,7 @@ def test_the_daemons_own_secret_environment_values_are_redacted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A value of an environment variable named like a secret is redacted anywhere."""
-    from taled import redact as module
+    from taled.tasks.gates import redact as module
 
     monkeypatch.setenv("MY_SERVICE_TOKEN", "plainwordsecret")
     module._environment_secrets.cache_clear()

@@ -8,7 +8,7 @@ import sqlite3
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taled.repetition import LoopGuard, loop_start
+from taled.models.repetition import LoopGuard, loop_start
 from taled.settings import LoopSettings
 from tests.harness import running_daemon
 

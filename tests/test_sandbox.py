@@ -28,8 +28,8 @@ import pytest
 
 import taled
 from taled.errors import Unavailable
-from taled.sandbox import _UID_BASE, _UID_SPAN, SandboxResult, run_python
 from taled.settings import SandboxSettings
+from taled.tasks.gates.sandbox import _UID_BASE, _UID_SPAN, SandboxResult, run_python
 
 REPO = Path(taled.__file__).resolve().parents[1]
 FAST: dict[str, Any] = {"timeout_seconds": 2.0, "cpu_seconds": 1, "memory_mb": 128}
@@ -748,7 +748,7 @@ def test_kernel_layers_hold_for_a_non_root_daemon(
     }
     program = (
         "import asyncio, json, socket, sys\n"
-        "from taled.sandbox import run_python\n"
+        "from taled.tasks.gates.sandbox import run_python\n"
         "from taled.settings import SandboxSettings\n"
         # Outside the sandbox this uid can read its key and reach its daemon.
         "out = {'control': [open(sys.argv[3]).read(), []]}\n"

@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 from tale_client.rpc import Connection, DaemonUnreachable
-from taled.sdnotify import Notifier
+from taled.daemon.sdnotify import Notifier
 from tests.harness import Daemon, Home
 
 STARTUP_TIMEOUT = 60.0

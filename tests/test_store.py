@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from taled.db.store import _MIGRATIONS, SCHEMA_VERSION, Store
 from taled.errors import NotFound, TaleError
-from taled.lifecycle import TaskState
 from taled.settings import StoreSettings
-from taled.store import _MIGRATIONS, SCHEMA_VERSION, Store
+from taled.tasks.lifecycle import TaskState
 
 
 def _store(path: Path) -> Store:

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tale_client.rpc import RpcError
-from taled.monitor import Monitor
+from taled.db.store import Store
+from taled.reporting.monitor import Monitor
+from taled.reporting.usage import UsageReport, learning_curve, since_days
 from taled.settings import ChatSettings, MetricsSettings, StoreSettings, UsageSettings
-from taled.store import Store
-from taled.usage import UsageReport, learning_curve, since_days
 from tests.harness import Daemon, Home, running_daemon
 
 TOKENS = "SUM(prompt_tokens), SUM(completion_tokens), COUNT(*)"

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from taled.checkpoints import CheckpointStore
+from taled.checkpoints.repo import CheckpointStore
 from tests.bench.bench_core import pct, print_report
 
 TASK = "0123456789ab"

@@ -50,7 +50,7 @@ def direct_llama(**extra: Any) -> Any:
     import psutil
     from llama_cpp import Llama
 
-    from taled.backends.llamacpp import embedded_model_path, model_params
+    from taled.models.backends.llamacpp import embedded_model_path, model_params
     from taled.settings import LlamaCppSettings
 
     s = LlamaCppSettings()

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from taled.intent import IntentDetector, judge_messages, parse_vote
+from taled.chat.intent import IntentDetector, judge_messages, parse_vote
 from tests.bench.bench_core import machine
 from tests.harness import running_daemon
 
@@ -126,7 +126,7 @@ def _direct(messages: list[dict[str, str]]) -> str:
     if _LLM is None:
         from llama_cpp import Llama
 
-        from taled.backends.llamacpp import embedded_model_path
+        from taled.models.backends.llamacpp import embedded_model_path
 
         _LLM = Llama(model_path=str(embedded_model_path()), n_ctx=2048, verbose=False)
     out = _LLM.create_chat_completion(messages=messages, max_tokens=3, temperature=0.0)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import psutil
 
-from taled.backends.llamacpp import embedded_model_path
+from taled.models.backends.llamacpp import embedded_model_path
 from taled.settings import ChatSettings
 from tests.bench.bench_core import LONG_TASK, direct_llama, machine, pct
 from tests.harness import Daemon, Home

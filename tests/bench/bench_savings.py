@@ -16,7 +16,7 @@ several conversations, in order) twice on the same GGUF, in one run:
   ``max_tokens``; when the history no longer fits, the oldest messages are dropped
   (counted).
 
-Both answers to an item with criteria are checked by the same ``taled.gates.check``.
+Both answers to an item with criteria are checked by the same ``taled.tasks.gates.gates.check``.
 The report (JSON in ``--out``, a Markdown table on stdout, a PNG) gives task-model
 and total tokens with the share saved, gate pass rates, the budget-prediction MAPE
 over the replay (from the learning engine's ``task_outcomes``) and on a fixed set of
@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 from tale_client.rpc import Connection, RpcError
-from taled.backends.llamacpp import embedded_model_path
-from taled.gates import check, parse_criteria
-from taled.learning import LearningEngine, Outcome, predictable_tokens
+from taled.db.store import Store
+from taled.learning.engine import LearningEngine, Outcome, predictable_tokens
+from taled.models.backends.llamacpp import embedded_model_path
 from taled.settings import (
     ChatSettings,
     GateSettings,
@@ -63,7 +63,7 @@ from taled.settings import (
     Settings,
     StoreSettings,
 )
-from taled.store import Store
+from taled.tasks.gates.gates import check, parse_criteria
 from tests.bench.bench_core import direct_llama, machine
 from tests.harness import TEST_SETTINGS, Daemon, Home
 
@@ -464,7 +464,7 @@ def _ape(predicted: float, actual: float) -> float:
 
 
 def _actual(outcome: dict[str, Any]) -> int:
-    """What a prediction is held to (taled.learning.predictable_tokens)."""
+    """What a prediction is held to (taled.learning.engine.predictable_tokens)."""
     return predictable_tokens(outcome.get("answer_tokens"), outcome.get("completion_tokens") or 0)
 
 

@@ -78,7 +78,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from taled.backends.llamacpp import embedded_model_path
+from taled.models.backends.llamacpp import embedded_model_path
 
 __all__ = ["Generation", "OllamaStandIn", "main"]
 

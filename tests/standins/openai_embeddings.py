@@ -23,7 +23,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from taled.backends.llamacpp import embedded_model_path
+from taled.models.backends.llamacpp import embedded_model_path
 
 __all__ = ["OpenAIEmbeddingsStandIn"]
 

@@ -1,0 +1,496 @@
+"""The conversation agent: one turn of a persisted conversation on the UX model.
+
+A turn reads the message's intent (taled.chat.intent). A confident task is queued
+and the reply names its id; a request too vague, or a task the signals are
+unsure of, gets one clarifying question whose "yes" queues it; a question about
+the user's own tasks is answered from the store (taled.chat.recall); anything else is
+a streamed reply of the UX model over the conversation's summary and recent
+messages. Tasks this conversation handed off report how they moved since the
+last turn, first thing in the reply.
+
+When the history outgrows ``chat.context_tokens``, its older part is folded
+into a stored summary (one UX call, in the ledger with step ``summary``), and
+each later call records in the ledger the prompt tokens the summary saved. The
+fold is made ahead, in the background right after a reply, once the history
+passes ``chat.summarise_ahead_share`` of the limit: the user reads the reply
+while it runs, and the next turn's first token does not wait for a summary
+(it waits only for a fold still running, under the conversation's lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from taled.chat.conversations import Conversation, Conversations, Message, Pending
+from taled.chat.intent import Intent, IntentDetector, judge_messages
+from taled.chat.recall import Recall, task_update
+from taled.db.store import Store, TaskRecord
+from taled.errors import ModelError, TaleError
+from taled.models.backends.base import ChatMessage, Completion
+from taled.models.pool import ModelPool
+from taled.models.routing import Router
+from taled.settings import ChatSettings
+from taled.tasks.progress import ProgressHub
+from taled.tasks.queue import TaskQueue
+from taled.text import clean_text
+
+__all__ = ["ChatService", "Turn"]
+
+log = logging.getLogger(__name__)
+
+_YES = re.compile(
+    r"^(?:y|yes|yep|yeah|yup|sure|ok|okay|please|please do|do it|go ahead|go for it|queue it|"
+    r"as a task|sounds good|absolutely|yes please|definitely|correct|right)\b[\s.!]*$"
+)
+_NO = re.compile(
+    r"^(?:n|no|nope|nah|don't|do not|never ?mind|just chat(?:ting)?|just talking|no thanks|"
+    r"not now|forget it)\b[\s.!]*$"
+)
+
+
+@dataclass
+class Turn:
+    """What one chat turn did."""
+
+    conversation: str
+    text: str
+    intent: Intent
+    completion: Completion
+    task: TaskRecord | None = None
+    handed_off: bool = False
+    """True when this turn queued ``task``."""
+    updates: list[str] = field(default_factory=list)
+    summarised: bool = False
+    """Older messages were folded into the summary for this turn's prompt, or are being
+    folded right after its reply (in the background)."""
+
+
+# The latest hand-offs named in a chat prompt; the store has the rest.
+_TASKS_IN_PROMPT = 5
+
+
+def _chat_only(messages: list[Message]) -> list[Message]:
+    """The plain conversation: exchanges whose user message was read as chat.
+
+    Hand-offs, clarifying questions and answers from the store are worded by
+    tale, not the model; the prompt names the handed-off tasks instead.
+    """
+    kept: list[Message] = []
+    keep_reply = False
+    for m in messages:
+        if m.role == "user":
+            keep_reply = m.intent == "chat" and m.action is None
+            if keep_reply:
+                kept.append(m)
+        elif keep_reply:
+            kept.append(m)
+    return kept
+
+
+def _after(messages: list[Message], seq: int) -> list[Message]:
+    """The plain conversation after ``seq`` (what a summary up to ``seq`` leaves out)."""
+    return _chat_only([m for m in messages if m.seq > seq])
+
+
+class _Budget:
+    """Characters per token, first guessed, then learned from the backend's counts."""
+
+    def __init__(self, guess: float) -> None:
+        self._chars = 0.0
+        self._tokens = 0.0
+        self._guess = guess
+
+    def tokens(self, text: str) -> int:
+        ratio = self._chars / self._tokens if self._tokens > 0 else self._guess
+        return max(1, round(len(text) / ratio))
+
+    def learn(self, chars: int, tokens: int) -> None:
+        if tokens > 0:
+            self._chars += chars
+            self._tokens += tokens
+
+
+class ChatService:
+    """The UX agent behind the ``chat`` tool and ``tale ask``."""
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        settings: ChatSettings,
+        router: Router,
+        store: Store,
+        queue: TaskQueue,
+        progress: ProgressHub,
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._router = router
+        self._queue = queue
+        self._progress = progress
+        self._store = store
+        self.conversations = Conversations(store, settings.title_chars)
+        self._recall = Recall(
+            store, queue, self.conversations, progress, result_chars=settings.result_chars
+        )
+        self._detector = IntentDetector(
+            consult_margin=settings.intent_consult_margin,
+            model_weight=settings.intent_model_weight,
+        )
+        self._budget = _Budget(settings.chars_per_token)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._folds: dict[str, asyncio.Task[None]] = {}
+
+    async def stop(self) -> None:
+        """Cancel summaries still being made ahead (the next turn makes them again)."""
+        folds = list(self._folds.values())
+        for fold in folds:
+            fold.cancel()
+        await asyncio.gather(*folds, return_exceptions=True)
+
+    def validate(self, text: str) -> str:
+        """Strip and check a chat message; InvalidInput says what is wrong."""
+        return clean_text(
+            text,
+            what="chat message",
+            limit=self._settings.max_text_chars,
+            empty_hint="say something",
+            too_long_hint=" (submit long work as a task instead)",
+        )
+
+    async def detect(self, text: str, conversation_id: str | None = None) -> Intent:
+        """How ``text`` reads: signals, and the UX model's judgement when they are close."""
+
+        async def judge(message: str) -> str:
+            answer = await self._side_call(
+                judge_messages(message),  # type: ignore[arg-type]
+                max_tokens=self._settings.intent_judge_tokens,
+                step="intent",
+                conversation_id=conversation_id,
+            )
+            return answer or ""
+
+        return await self._detector.detect(text, judge)
+
+    async def _side_call(
+        self,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int,
+        step: str,
+        conversation_id: str | None,
+    ) -> str | None:
+        """A short UX call the agent makes for itself (its ledger step says which).
+
+        A failing model degrades the turn (no vote, no new summary), it does not fail it.
+        """
+        try:
+            out = await self._pool.complete(
+                self._router.for_chat().role,
+                messages,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                timeout=self._settings.call_timeout_seconds,
+                step=step,
+                conversation_id=conversation_id,
+            )
+        except ModelError as exc:
+            log.warning("conversation %s: the %s call failed: %s", conversation_id, step, exc)
+            return None
+        return out.text
+
+    async def turn(
+        self,
+        text: str,
+        on_text: Callable[[str], Awaitable[None]],
+        *,
+        conversation: str | None = None,
+        new: bool = False,
+    ) -> Turn:
+        """One turn: stream the reply to ``on_text`` and return what happened."""
+        clean = self.validate(text)
+        if new:
+            conv = await self.conversations.create(clean)
+        elif conversation is not None:
+            conv = await self.conversations.get(conversation)
+        else:
+            conv = await self.conversations.latest() or await self.conversations.create(clean)
+        lock = self._locks.setdefault(conv.id, asyncio.Lock())
+        async with lock:
+            # Re-read under the lock: a concurrent turn may have changed it.
+            conv = await self.conversations.get(conv.id)
+            return await self._turn(conv, clean, on_text)
+
+    async def _turn(
+        self, conv: Conversation, text: str, on_text: Callable[[str], Awaitable[None]]
+    ) -> Turn:
+        updates = await self._updates(conv.id)
+        said: list[str] = []
+
+        async def say(piece: str) -> None:
+            said.append(piece)
+            await on_text(piece)
+
+        if updates:
+            await say("\n".join(updates) + "\n\n")
+
+        pending = conv.pending
+        lowered = " ".join(text.lower().split())
+        if pending is not None:
+            await self.conversations.set_pending(conv.id, None)
+        if pending is not None and _YES.match(lowered):
+            intent = Intent(
+                "task",
+                1.0,
+                {"chat": 0.0, "task": 1.0, "unclear": 0.0},
+                features=("confirmed the clarifying question",),
+            )
+            message = await self._add_user(conv.id, text, intent)
+            return await self._hand_off(conv, pending.text, intent, message, say, said, updates)
+        if pending is not None and _NO.match(lowered):
+            intent = Intent(
+                "chat",
+                1.0,
+                {"chat": 1.0, "task": 0.0, "unclear": 0.0},
+                features=("declined the clarifying question",),
+            )
+            await self._add_user(conv.id, text, intent)
+            await say("Alright, I won't queue it. What would you like instead?")
+            return await self._finish(conv.id, intent, said, updates)
+
+        intent = await self.detect(text, conv.id)
+        message = await self._add_user(conv.id, text, intent)
+        if intent.kind == "task" and intent.confidence >= self._settings.handoff_min_confidence:
+            return await self._hand_off(conv, text, intent, message, say, said, updates)
+        if intent.kind in ("task", "unclear"):
+            await self.conversations.set_pending(conv.id, Pending("task", text))
+            await say(self._clarify(text, intent))
+            return await self._finish(conv.id, intent, said, updates)
+        if intent.action is not None:
+            answer = await self._recall.answer(
+                intent.action, text, intent.task_ids, conv.id, message
+            )
+            await say(answer.text)
+            return await self._finish(conv.id, intent, said, updates, task=answer.task)
+        streamed = len(said)
+        completion, summarised = await self._reply(conv, say)
+        # A reply stopped for repeating itself streamed more than it keeps (see
+        # taled.models.repetition): the conversation stores what it keeps.
+        said[streamed:] = [completion.text]
+        turn = await self._finish(conv.id, intent, said, updates, completion=completion)
+        turn.summarised = summarised or await self._fold_ahead(conv.id)
+        return turn
+
+    async def _fold_ahead(self, conversation_id: str) -> bool:
+        """Start folding the history in the background if it is past the ahead share."""
+        share = self._settings.summarise_ahead_share
+        if share >= 1 or conversation_id in self._folds:
+            return False
+        summary, recent = await self._unfolded(conversation_id)
+        limit = int(self._settings.context_tokens * share)
+        if not self._over(summary, recent, limit):
+            return False
+        fold = asyncio.create_task(self._fold_later(conversation_id, limit))
+        self._folds[conversation_id] = fold
+        fold.add_done_callback(lambda _t: self._folds.pop(conversation_id, None))
+        return True
+
+    async def _unfolded(self, conversation_id: str) -> tuple[str | None, list[Message]]:
+        """The conversation's summary and the messages after what it covers."""
+        conv = await self.conversations.get(conversation_id)
+        everything = await self.conversations.messages(conversation_id)
+        return conv.summary, _after(everything, conv.summary_upto)
+
+    async def _fold_later(self, conversation_id: str, limit: int) -> None:
+        # Under the conversation's lock: the turn that started it has released it,
+        # and the next turn waits for the summary rather than making its own.
+        async with self._locks.setdefault(conversation_id, asyncio.Lock()):
+            try:
+                summary, recent = await self._unfolded(conversation_id)
+                await self._fit(conversation_id, summary, recent, limit)
+            except TaleError as exc:
+                # The next turn folds it itself if it still must.
+                log.warning("conversation %s: the summary ahead failed: %s", conversation_id, exc)
+
+    async def _add_user(self, conversation_id: str, text: str, intent: Intent) -> Message:
+        return await self.conversations.add(
+            conversation_id,
+            "user",
+            text,
+            intent=intent.kind,
+            confidence=intent.confidence,
+            action=intent.action,
+        )
+
+    async def _finish(
+        self,
+        conversation_id: str,
+        intent: Intent,
+        said: list[str],
+        updates: list[str],
+        *,
+        task: TaskRecord | None = None,
+        handed_off: bool = False,
+        completion: Completion | None = None,
+    ) -> Turn:
+        reply = "".join(said)
+        await self.conversations.add(
+            conversation_id,
+            "assistant",
+            reply,
+            task_id=task.id if handed_off and task is not None else None,
+        )
+        out = completion or Completion.empty()
+        out.text = reply
+        return Turn(conversation_id, reply, intent, out, task, handed_off, updates)
+
+    def _clarify(self, text: str, intent: Intent) -> str:
+        short = " ".join(text.split())
+        short = short if len(short) <= 60 else short[:59].rstrip() + "…"
+        if intent.kind == "task":
+            return (
+                f"Shall I queue “{short}” as a background task? "
+                "Say yes to queue it, or no if you'd rather just talk."
+            )
+        return (
+            f"What would you like me to do with “{short}”? Tell me what to make, "
+            "for example “write a Python script that …”, and I'll queue it as a task "
+            "(or say yes to queue it as it is)."
+        )
+
+    async def _hand_off(
+        self,
+        conv: Conversation,
+        text: str,
+        intent: Intent,
+        message: Message,
+        say: Callable[[str], Awaitable[None]],
+        said: list[str],
+        updates: list[str],
+    ) -> Turn:
+        task = await self._queue.submit(text)
+        await self.conversations.track_task(conv.id, task.id, task.state)
+        await say(
+            f"On it: I queued that as task {task.id}. I'll tell you here how it goes; "
+            "ask “how is my task doing?” any time."
+        )
+        return await self._finish(conv.id, intent, said, updates, task=task, handed_off=True)
+
+    async def _updates(self, conversation_id: str) -> list[str]:
+        """Natural-language news of handed-off tasks whose state changed since last said."""
+        lines: list[str] = []
+        for task_id, reported in await self.conversations.tracked(conversation_id):
+            task = await self._store.get_task(task_id)
+            if task.state == reported:
+                continue
+            await self.conversations.track_task(conversation_id, task_id, task.state)
+            if task.state in ("queued", "running", "waiting") and reported in ("queued", "running"):
+                # Starting to run is not news worth interrupting a conversation for.
+                continue
+            lines.append(task_update(task, self._progress))
+        return lines
+
+    async def _reply(
+        self, conv: Conversation, say: Callable[[str], Awaitable[None]]
+    ) -> tuple[Completion, bool]:
+        # Read once: the summary's fit, the prompt and the saving all come from it.
+        everything = await self.conversations.messages(conv.id)
+        summary, upto = conv.summary, conv.summary_upto
+        folded = await self._fit(
+            conv.id, summary, _after(everything, upto), self._settings.context_tokens
+        )
+        if folded is not None:
+            summary, upto = folded
+        recent = _after(everything, upto)
+        system = self._settings.system_prompt
+        if summary:
+            system += "\n\nThe conversation so far, in short: " + summary
+        handed = await self._handed_off(conv.id)
+        if handed:
+            system += "\n\nTasks you queued for the user: " + handed
+        messages: list[ChatMessage] = [{"role": "system", "content": system}]
+        messages += [
+            {"role": "user" if m.role == "user" else "assistant", "content": m.text} for m in recent
+        ]
+        saved = 0
+        if upto:
+            before = _chat_only([m for m in everything if m.seq <= upto])
+            folded_tokens = sum(self._budget.tokens(m.text) for m in before)
+            saved = max(0, folded_tokens - self._budget.tokens(summary or ""))
+        result = Completion.empty()
+        async for piece in self._pool.stream(
+            self._router.for_chat().role,
+            messages,
+            max_tokens=self._settings.max_tokens,
+            temperature=self._settings.temperature,
+            timeout=self._settings.call_timeout_seconds,
+            result=result,
+            conversation_id=conv.id,
+            saved_tokens=saved,
+        ):
+            await say(piece)
+        self._budget.learn(sum(len(m["content"]) for m in messages), result.prompt_tokens)
+        return result, folded is not None
+
+    async def _handed_off(self, conversation_id: str) -> str:
+        tracked = (await self.conversations.tracked(conversation_id))[-_TASKS_IN_PROMPT:]
+        parts = []
+        for task_id, _ in tracked:
+            task = await self._store.get_task(task_id)
+            parts.append(f"{task.id} “{' '.join(task.text.split())[:60]}” ({task.state})")
+        return "; ".join(parts)
+
+    def _over(self, summary: str | None, recent: list[Message], limit: int) -> bool:
+        """Whether the history is over ``limit`` tokens with something old enough to fold."""
+        if len(recent) <= self._settings.keep_recent_messages:
+            return False
+        used = self._budget.tokens(summary or "") + sum(self._budget.tokens(m.text) for m in recent)
+        return used > limit
+
+    async def _fit(
+        self, conversation_id: str, summary: str | None, recent: list[Message], limit: int
+    ) -> tuple[str, int] | None:
+        """Fold the oldest of ``recent`` into the summary if the history is over ``limit``.
+
+        Returns the new summary and the seq it covers up to, or None if nothing was folded.
+        """
+        if not self._over(summary, recent, limit):
+            return None
+        fold = recent[: -self._settings.keep_recent_messages]
+        new = await self._summarise(conversation_id, summary, fold)
+        if new is None:
+            return None
+        await self.conversations.set_summary(conversation_id, new, fold[-1].seq)
+        log.info("conversation %s: %d messages folded into its summary", conversation_id, len(fold))
+        return new, fold[-1].seq
+
+    async def _summarise(
+        self, conversation_id: str, summary: str | None, fold: list[Message]
+    ) -> str | None:
+        lines = [f"{m.role}: {' '.join(m.text.split())}" for m in fold]
+        body = "\n".join(lines)
+        # The summary call must itself fit: keep the newest part of what is folded.
+        limit = int(self._settings.context_tokens * self._settings.chars_per_token)
+        if len(body) > limit:
+            body = "…" + body[-limit:]
+        prompt = (
+            (f"Summary so far: {summary}\n\n" if summary else "")
+            + "Conversation:\n"
+            + body
+            + "\n\nWrite a short summary of this conversation: who asked what, what was "
+            "answered or decided, and any task ids. Plain sentences."
+        )
+        out = await self._side_call(
+            [
+                {"role": "system", "content": "You summarise conversations briefly."},
+                {"role": "user", "content": prompt},
+            ],
+            max_tokens=self._settings.summary_max_tokens,
+            step="summary",
+            conversation_id=conversation_id,
+        )
+        # Handed-off tasks need no place in it: every chat prompt names them anyway.
+        return (out or "").strip() or None

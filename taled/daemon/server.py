@@ -1,0 +1,654 @@
+"""The MCP surface: tool schemas, argument validation and dispatch.
+
+Tool arguments are validated here against pydantic models whose JSON Schemas are
+what ``tools/list`` publishes, so the schema a client sees is the one enforced.
+This module is also the one place where a ``TaleError`` becomes a JSON-RPC error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import mcp_types as types
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
+from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from taled import __version__
+from taled.chat.conversations import Conversation, Message
+from taled.chat.intent import Intent
+from taled.chat.service import ChatService, Turn
+from taled.checkpoints.repo import Checkpoint, CheckpointStore
+from taled.db.store import Store, TaskRecord
+from taled.errors import InvalidInput, TaleError
+from taled.reporting.metrics import Metrics
+from taled.reporting.usage import UsageReport
+from taled.tasks.lifecycle import FINAL_STATES, TaskState
+from taled.tasks.progress import Progress, ProgressHub
+from taled.tasks.queue import TaskQueue
+from taled.tasks.runner import Runner
+
+__all__ = ["TOOLS", "build_server", "task_to_json"]
+
+log = logging.getLogger(__name__)
+
+TASK_ID_PATTERN = r"^[0-9a-f]{12}$"
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SubmitTaskArgs(_Args):
+    """Queue a task for the task model; returns its id at once."""
+
+    text: str = Field(min_length=1, description="What to do: 1..10,000 characters once trimmed.")
+    priority: int | None = Field(
+        default=None, ge=0, le=100, description="0..100, higher runs first; default 50."
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=3,
+        max_length=2000,
+        description="Run on this model instead of the task role's, as backend:model "
+        "(llamacpp:NAME, ollama:NAME[:TAG], openai:URL#MODEL); loaded on demand.",
+    )
+    criteria: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
+        default=None,
+        max_length=20,
+        description="Done criteria the result must pass: 'python' (its code runs), "
+        "'contains:TEXT', 'regex:PATTERN', 'assert:CODE' (its code then CODE runs), "
+        "'output:TEXT' (running its code prints TEXT).",
+    )
+
+
+class TaskIdArgs(_Args):
+    """Arguments naming one task."""
+
+    id: str = Field(pattern=TASK_ID_PATTERN, description="A task id: 12 lowercase hex digits.")
+
+
+class ListTasksArgs(_Args):
+    """Filter and bound a task listing."""
+
+    state: (
+        Literal["queued", "running", "waiting", "paused", "completed", "failed", "cancelled"] | None
+    ) = Field(default=None, description="Only tasks in this state.")
+    limit: int | None = Field(
+        default=None, ge=1, le=100_000, description="Most tasks returned, newest first."
+    )
+
+
+class CheckpointsArgs(TaskIdArgs):
+    """A task and how many of its checkpoints to list."""
+
+    limit: int | None = Field(default=None, ge=1, le=100_000, description="Newest first.")
+
+
+class RestoreArgs(TaskIdArgs):
+    """A task and the checkpoint to rewind it to."""
+
+    commit: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{7,40}$",
+        description="A checkpoint's commit (7..40 hex digits); default: the newest "
+        "checkpoint that is not a failed attempt.",
+    )
+
+
+class SetPriorityArgs(TaskIdArgs):
+    """A task and its new priority."""
+
+    priority: int = Field(ge=0, le=100, description="0..100, higher runs first.")
+
+
+class NoArgs(_Args):
+    """No arguments."""
+
+
+class UsageArgs(_Args):
+    """The period and the length of the usage report's top lists."""
+
+    days: int | None = Field(
+        default=None,
+        ge=1,
+        le=3650,
+        description="Only today and the days-1 before (local dates); default: all history.",
+    )
+    top: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Tasks, conversations and recent violations listed; default usage.top.",
+    )
+
+
+CONVERSATION_ID = Field(
+    default=None,
+    pattern=TASK_ID_PATTERN,
+    description="A conversation id (12 lowercase hex digits); default: the most recent one.",
+)
+
+
+class ChatArgs(_Args):
+    """One chat message for the UX agent."""
+
+    text: str = Field(min_length=1, description="What you say: 1..4,000 characters once trimmed.")
+    conversation: str | None = CONVERSATION_ID
+    new: bool = Field(default=False, description="Start a new conversation with this message.")
+
+
+class DetectIntentArgs(_Args):
+    """A message whose intent to read, without acting on it."""
+
+    text: str = Field(min_length=1, description="A chat message: 1..4,000 characters once trimmed.")
+
+
+class ConversationArgs(_Args):
+    """Arguments naming one conversation."""
+
+    id: str = Field(
+        pattern=TASK_ID_PATTERN, description="A conversation id: 12 lowercase hex digits."
+    )
+
+
+class ListConversationsArgs(_Args):
+    """How many conversations to list."""
+
+    limit: int | None = Field(
+        default=None, ge=1, le=10_000, description="Most conversations, most recent first."
+    )
+
+
+def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str, Any]:
+    """The wire form of a task (the CLI's --json contract)."""
+    return {
+        "id": task.id,
+        "parent_id": task.parent_id,
+        "step": task.step,
+        "title": task.title,
+        "needs": list(task.needs),
+        "criteria": list(task.criteria),
+        "progress": progress.to_json() if progress is not None else None,
+        "state": task.state.value,
+        "priority": task.priority,
+        "model": task.model,
+        "text": task.text,
+        "result": task.result,
+        "error": task.error,
+        "attempts": task.attempts,
+        "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at),
+        "transitions": [
+            {"from": t.from_state, "to": t.to_state, "at": _iso(t.at), "reason": t.reason}
+            for t in task.transitions
+        ],
+        "tokens": _tokens(task.prompt_tokens, task.completion_tokens),
+    }
+
+
+def _checkpoint_json(c: Checkpoint) -> dict[str, Any]:
+    return {"commit": c.commit, "at": _iso(c.at), "step": c.step, "message": c.message}
+
+
+def _tokens(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt": prompt, "completion": completion, "total": prompt + completion}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _intent_json(intent: Intent) -> dict[str, Any]:
+    return {
+        "kind": intent.kind,
+        "confidence": intent.confidence,
+        "probabilities": intent.probabilities,
+        "action": intent.action,
+        "signals": list(intent.features),
+        "model_vote": intent.model_vote,
+    }
+
+
+def _conversation_json(c: Conversation) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "title": c.title,
+        "created_at": _iso(c.created_at),
+        "updated_at": _iso(c.updated_at),
+        "messages": c.messages,
+    }
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    return {
+        "seq": m.seq,
+        "role": m.role,
+        "text": m.text,
+        "at": _iso(m.at),
+        "task": m.task_id,
+        "intent": m.intent,
+        "confidence": m.confidence,
+        "action": m.action,
+    }
+
+
+def _turn_json(turn: Turn) -> dict[str, Any]:
+    done = turn.completion
+    return {
+        "text": turn.text,
+        "conversation": turn.conversation,
+        "intent": _intent_json(turn.intent),
+        "task": None
+        if turn.task is None
+        else {"id": turn.task.id, "state": turn.task.state.value, "text": turn.task.text},
+        "handed_off": turn.handed_off,
+        "updates": turn.updates,
+        "summarised": turn.summarised,
+        "finish_reason": done.finish_reason,
+        "tokens": _tokens(done.prompt_tokens, done.completion_tokens),
+    }
+
+
+# Streams text to the caller as MCP progress notifications (a no-op when the
+# caller sent no progress token).
+Report = Callable[[float, str, float | None], Awaitable[None]]
+Handler = Callable[[Any, Report], Awaitable[dict[str, Any]]]
+
+
+StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class _Tools:
+    def __init__(
+        self,
+        store: Store,
+        queue: TaskQueue,
+        status: StatusProvider,
+        models: StatusProvider,
+        chat: ChatService,
+        runner: Runner,
+        checkpoints: CheckpointStore,
+        progress: ProgressHub,
+        metrics: Metrics,
+        max_list_limit: int,
+        list_limit: int,
+        conversation_limit: int,
+        stream_interval: float,
+        usage_report: UsageReport,
+    ) -> None:
+        self.runner = runner
+        self.metrics_service = metrics
+        self.usage_report = usage_report
+        self.conversation_limit = conversation_limit
+        self.checkpoints = checkpoints
+        self.progress = progress
+        self.store = store
+        self.queue = queue
+        self.status = status
+        self.models = models
+        self.chat_service = chat
+        self.stream_interval = stream_interval
+        self.max_list_limit = max_list_limit
+        self.list_limit = list_limit
+
+    async def submit_task(self, args: SubmitTaskArgs, _report: Report) -> dict[str, Any]:
+        task = await self.queue.submit(args.text, args.priority, args.model, args.criteria)
+        return task_to_json(task)
+
+    async def get_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        return await self._tree(await self.store.get_task(args.id))
+
+    async def _tree(self, task: TaskRecord) -> dict[str, Any]:
+        """A task with its progress and, recursively, its subtasks (current plan round)."""
+        out = task_to_json(task, self.progress.get(task.id))
+        if task.parent_id is None:
+            # The learning engine's estimate, from memory (no query): level, tokens, budget.
+            out["estimate"] = self.runner.estimate(task.id)
+        out["subtasks"] = [
+            await self._tree(child) for child in await self.store.children(task.id, task.round)
+        ]
+        return out
+
+    async def watch_task(self, args: TaskIdArgs, report: Report) -> dict[str, Any]:
+        # A notification goes out whenever the line a person would read changes
+        # (state, step, tokens, elapsed seconds), at most every stream_interval; the
+        # store is re-read at least every second for state changes.
+        seen = -1
+        last = ""
+        while True:
+            task = await self.store.get_task(args.id)
+            progress = self.progress.get(task.id)
+            if progress is not None and task.state not in FINAL_STATES:
+                line = f"{task.state} · {progress.line()}"
+                step, total = float(progress.step), float(progress.steps)
+            elif task.state in FINAL_STATES:
+                took = task.updated_at - task.created_at
+                line, step, total = f"{task.state} after {took:.1f} s", 0.0, None
+            else:
+                waited = time.time() - task.updated_at
+                line, step, total = f"{task.state} · {waited:.0f} s", 0.0, None
+            if line != last:
+                last = line
+                await report(step, line, total)
+            if task.state in FINAL_STATES:
+                return await self._tree(task)
+            seen = await self.progress.wait_change(seen, 1.0)
+            await asyncio.sleep(self.stream_interval)
+
+    async def list_checkpoints(self, args: CheckpointsArgs, _report: Report) -> dict[str, Any]:
+        await self.store.get_task(args.id)  # NotFound for an unknown task
+        found = await self.checkpoints.list(args.id, args.limit)
+        return {"task_id": args.id, "checkpoints": [_checkpoint_json(c) for c in found]}
+
+    async def restore_checkpoint(self, args: RestoreArgs, _report: Report) -> dict[str, Any]:
+        task, saved = await self.runner.restore(args.id, args.commit)
+        return {"task": task_to_json(task), "checkpoint": _checkpoint_json(saved)}
+
+    async def list_tasks(self, args: ListTasksArgs, _report: Report) -> dict[str, Any]:
+        limit = args.limit if args.limit is not None else self.list_limit
+        if limit > self.max_list_limit:
+            raise InvalidInput(f"limit {limit} is above the maximum of {self.max_list_limit}")
+        state = TaskState(args.state) if args.state else None
+        tasks = await self.store.list_tasks(state, limit)
+        return {"tasks": [task_to_json(t) for t in tasks]}
+
+    async def cancel_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        return task_to_json(await self.queue.cancel(args.id))
+
+    async def pause_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        return task_to_json(await self.queue.pause(args.id))
+
+    async def resume_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        return task_to_json(await self.queue.resume(args.id))
+
+    async def set_priority(self, args: SetPriorityArgs, _report: Report) -> dict[str, Any]:
+        return task_to_json(await self.queue.set_priority(args.id, args.priority))
+
+    async def usage(self, args: UsageArgs, _report: Report) -> dict[str, Any]:
+        return await self.usage_report.report(args.days, args.top)
+
+    async def daemon_status(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+        return await self.status()
+
+    async def models_status(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+        return await self.models()
+
+    async def chat(self, args: ChatArgs, report: Report) -> dict[str, Any]:
+        # One notification per token costs more than the token (~0.6 ms each here):
+        # pieces are gathered and sent at most every stream_interval, the first at once.
+        interval = self.stream_interval
+        pending: list[str] = []
+        sent = 0
+        last = float("-inf")
+
+        async def flush() -> None:
+            nonlocal sent, last
+            if pending:
+                sent += 1
+                last = time.monotonic()
+                await report(sent, "".join(pending), None)
+                pending.clear()
+
+        async def on_text(piece: str) -> None:
+            pending.append(piece)
+            if time.monotonic() - last >= interval:
+                await flush()
+
+        turn = await self.chat_service.turn(
+            args.text, on_text, conversation=args.conversation, new=args.new
+        )
+        await flush()
+        return _turn_json(turn)
+
+    async def detect_intent(self, args: DetectIntentArgs, _report: Report) -> dict[str, Any]:
+        return _intent_json(await self.chat_service.detect(self.chat_service.validate(args.text)))
+
+    async def list_conversations(
+        self, args: ListConversationsArgs, _report: Report
+    ) -> dict[str, Any]:
+        found = await self.chat_service.conversations.recent(args.limit or self.conversation_limit)
+        return {"conversations": [_conversation_json(c) for c in found]}
+
+    async def get_conversation(self, args: ConversationArgs, _report: Report) -> dict[str, Any]:
+        conversations = self.chat_service.conversations
+        conv = await conversations.get(args.id)
+        messages = await conversations.messages(conv.id)
+        return {
+            **_conversation_json(conv),
+            "summary": conv.summary,
+            "summary_upto": conv.summary_upto,
+            "pending": None if conv.pending is None else conv.pending.text,
+            "messages": [_message_json(m) for m in messages],
+        }
+
+    async def metrics(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+        return await self.metrics_service.snapshot()
+
+
+# name -> (argument model, description)
+TOOLS: dict[str, tuple[type[_Args], str]] = {
+    "submit_task": (
+        SubmitTaskArgs,
+        "Queue a task for the task model. Returns the task (with its id) as soon as it is stored.",
+    ),
+    "get_task": (
+        TaskIdArgs,
+        "One task: state, priority, result, transitions, tokens, live progress and its "
+        "subtasks (the same, recursively).",
+    ),
+    "watch_task": (
+        TaskIdArgs,
+        "Follow a task until it ends, then return it. With a progress token, each change "
+        "of state or progress (step i of n, tokens, elapsed, ETA) is a progress notification.",
+    ),
+    "list_checkpoints": (
+        CheckpointsArgs,
+        "A task's checkpoints, newest first: commit, time, step and message.",
+    ),
+    "restore_checkpoint": (
+        RestoreArgs,
+        "Rewind a paused or failed task to one of its checkpoints and queue it again; "
+        "finished steps in that checkpoint are not run again.",
+    ),
+    "list_tasks": (ListTasksArgs, "Tasks, newest first, optionally filtered by state."),
+    "cancel_task": (
+        TaskIdArgs,
+        "Cancel a task that has not finished; a running model call is stopped.",
+    ),
+    "pause_task": (
+        TaskIdArgs,
+        "Pause a queued, running or waiting task; a running model call is stopped and the "
+        "partial answer is checkpointed and continued on resume.",
+    ),
+    "resume_task": (TaskIdArgs, "Put a paused task back in the queue."),
+    "set_priority": (
+        SetPriorityArgs,
+        "Change an unfinished task's priority (0..100, higher runs first).",
+    ),
+    "usage": (
+        UsageArgs,
+        "The usage report: tokens (calls, prompt, completion, failures) overall and by model, "
+        "role, route, day, top task (subtasks folded in), complexity and top conversation; "
+        "budget prediction error (MAPE by day and as a learning curve) and truncation rate; "
+        "savings (summaries, turns answered from the store, tasks routed to the UX model, and "
+        "an estimate against a naive single-model design, with its method); recorded "
+        "performance-target violations.",
+    ),
+    "chat": (
+        ChatArgs,
+        "One turn of a conversation with the UX agent (the most recent conversation unless "
+        "one is named or new is true). A request for work is queued as a task and the reply "
+        "names it; a vague one gets a clarifying question; questions about your tasks are "
+        "answered from the store. With a progress token, the reply streams as "
+        "notifications/progress whose message is the next piece of text.",
+    ),
+    "detect_intent": (
+        DetectIntentArgs,
+        "How the agent would read a message (chat, task or unclear, with confidence, the "
+        "signals that fired and the UX model's vote), without acting on it.",
+    ),
+    "list_conversations": (
+        ListConversationsArgs,
+        "Conversations, most recently active first: id, title, times, message count.",
+    ),
+    "get_conversation": (
+        ConversationArgs,
+        "One conversation: its messages (with the task each handed off), and the summary "
+        "its older part was folded into.",
+    ),
+    "metrics": (
+        NoArgs,
+        "Live metrics: tokens per minute per model, latencies against the spec's targets, "
+        "queue depth and recent target violations with their context (live, from the "
+        "window), and the newest violations the monitor recorded (kept across restarts).",
+    ),
+    "models_status": (
+        NoArgs,
+        "The model pool: each role's and optional model's backend, model, pinned, loaded, "
+        "health, who serves a role that is down, memory, calls and tokens since start, "
+        "reloads, evictions, last error.",
+    ),
+    "daemon_status": (
+        NoArgs,
+        "The daemon: version, pid, uptime, models, workers, tasks by state, and the "
+        "learning engine (its embeddings' model, state, lookups and bm25 fallbacks).",
+    ),
+}
+
+
+def _schema(model: type[_Args]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    schema["additionalProperties"] = False
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+        # pydantic spells Optional as anyOf [T, null]; keep the plain type for clients.
+        if "anyOf" in prop:
+            options = [o for o in prop.pop("anyOf") if o.get("type") != "null"]
+            if len(options) == 1:
+                prop.update(options[0])
+        prop.pop("default", None)
+    return schema
+
+
+def _describe_validation(tool: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "arguments"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(TOOLS[tool][0].model_fields) or "none"
+            parts.append(f"unknown argument {field!r} (allowed: {allowed})")
+        elif err["type"] == "string_too_short" and field == "text":
+            parts.append(
+                "chat message is empty; say something"
+                if tool == "chat"
+                else "task text is empty; say what you want done"
+            )
+        elif err["type"] == "missing":
+            parts.append(f"missing required argument {field!r}")
+        elif err["type"] == "string_pattern_mismatch" and field == "id":
+            parts.append(
+                f"{err['input']!r} is not a task id (12 lowercase hex digits, as `tale list` shows)"
+            )
+        else:
+            parts.append(
+                f"{field!r}: {err['msg']} (got {json.dumps(err.get('input'), default=str)[:80]})"
+            )
+    return f"{tool}: " + "; ".join(parts)
+
+
+def build_server(
+    store: Store,
+    queue: TaskQueue,
+    status: StatusProvider,
+    models: StatusProvider,
+    chat: ChatService,
+    runner: Runner,
+    checkpoints: CheckpointStore,
+    progress: ProgressHub,
+    metrics: Metrics,
+    *,
+    list_limit: int,
+    max_list_limit: int,
+    conversation_limit: int,
+    stream_interval: float,
+    usage: UsageReport,
+) -> Server[Any]:
+    """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
+    tools = _Tools(
+        store,
+        queue,
+        status,
+        models,
+        chat,
+        runner,
+        checkpoints,
+        progress,
+        metrics,
+        max_list_limit=max_list_limit,
+        list_limit=list_limit,
+        conversation_limit=conversation_limit,
+        stream_interval=stream_interval,
+        usage_report=usage,
+    )
+    listed = [
+        types.Tool(name=name, description=desc, input_schema=_schema(model))
+        for name, (model, desc) in TOOLS.items()
+    ]
+
+    async def on_list_tools(
+        _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=listed)
+
+    async def on_call_tool(
+        ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        entry = TOOLS.get(params.name)
+        if entry is None:
+            raise MCPError(
+                InvalidInput.code,
+                f"unknown tool {params.name!r}; tools: {', '.join(TOOLS)}",
+            )
+        model, _ = entry
+        try:
+            args = model.model_validate(params.arguments or {})
+        except ValidationError as exc:
+            raise MCPError(InvalidInput.code, _describe_validation(params.name, exc)) from None
+        handler: Handler = getattr(tools, params.name)
+
+        async def report(progress: float, message: str, total: float | None) -> None:
+            await ctx.session.report_progress(progress, total, message)
+
+        started = time.perf_counter()
+        try:
+            result = await handler(args, report)
+        except TaleError as exc:
+            raise MCPError(exc.code, exc.message) from None
+        finally:
+            metrics.time_tool(params.name, time.perf_counter() - started)
+        return types.CallToolResult(
+            content=[types.TextContent(text=json.dumps(result))],
+            structured_content=result,
+        )
+
+    server: Server[Any] = Server(
+        "taled",
+        version=__version__,
+        instructions="tale runs your tasks in the background on local models. "
+        "submit_task queues one; get_task and list_tasks follow them.",
+        on_list_tools=on_list_tools,
+        on_call_tool=on_call_tool,
+    )
+    # The SDK wraps every request in an OpenTelemetry span by default; tale exports
+    # no traces, and the no-op spans cost a measurable share of each request.
+    server.middleware = []
+    return server

@@ -1,0 +1,2 @@
+"""The SQLite store: tables, migrations, the group-committing writer and the
+task repository."""

@@ -1,0 +1,662 @@
+"""The learning engine: it assesses each task at start and learns from how it ended.
+
+    start   load the newest outcomes from ``task_outcomes`` and fit everything
+            (a restart keeps what was learned: it all lives in SQLite)
+    assess  at a top-level task's start: level and confidence (taled.learning.complexity),
+            similar past tasks (taled.learning.memory; by bm25, and by embedding when
+            ``learning.embeddings`` is set: the task's text is embedded here), predicted
+            tokens, budget and ETA (taled.learning.budget), the role and thinking mode
+            (taled.learning.selection). The runner saves it in the task's checkpoint, so a
+            resumed task keeps it.
+    record  when a top-level task completes or fails: its tokens (its subtasks'
+            included, from the ledger), steps, retries and truncations, labelled,
+            inserted into ``task_outcomes`` and ``task_memory`` (and its text's
+            embedding into ``task_embeddings``, reusing the one made at assess); then
+            refit.
+
+With ``learning.enabled = false`` tasks are still assessed and recorded (so the
+history is there when it is turned on), but nothing assessed is acted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taled.db.store import Store, TaskRecord, model_calls, task_outcomes, tasks, transitions
+from taled.errors import TaleError
+from taled.learning.budget import BudgetPredictor
+from taled.learning.complexity import ComplexityModel, label_outcome
+from taled.learning.embeddings import EmbeddingService
+from taled.learning.memory import SimilarTasks, Vector, save_vector
+from taled.learning.selection import TACTICS, Selector, Tactic, Tactics
+from taled.settings import LearningSettings, Level, ModelsSettings, Role, parse_model_spec
+from taled.tasks.lifecycle import TaskState
+from taled.tasks.planning import planner
+from taled.tasks.workstate import WorkState
+
+__all__ = ["Assessment", "LearningEngine", "Outcome", "model_key", "predictable_tokens"]
+
+log = logging.getLogger(__name__)
+
+# Finished tasks whose estimates get_task can still show without a query.
+_KEEP_ESTIMATES = 1000
+# Embeddings made at assess kept for the record (running tasks; a bound for the rest).
+_KEEP_VECTORS = 1000
+# Ledger rows looked at for a model's generation speed.
+_SPEED_ROWS = 500
+# The classifier is refitted after every record while history is small, then after
+# every (distinct tasks / this) records: a full fit on 5,000 tasks takes about a second.
+_REFIT_SHARE = 200
+
+
+def model_key(backend: str | None, model: str | None) -> str:
+    """How a model is named in the engine's statistics: ``backend:model`` as the ledger has it."""
+    return f"{backend or '?'}:{model or '?'}"
+
+
+def _spec_key(spec: str) -> str:
+    parsed = parse_model_spec(spec)
+    name = f"{parsed.base_url}#{parsed.model}" if parsed.backend == "openai" else parsed.model
+    return model_key(parsed.backend, name)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the engine expects of a task when it starts."""
+
+    level: Level
+    confidence: float
+    probabilities: dict[str, float]
+    history_weight: float
+    predicted_tokens: int
+    budget: int
+    similar: list[str]
+    """Ids of the similar past tasks the prediction used, nearest first."""
+    role: Role
+    think: bool
+    reason: str
+    """Why this role (for the log and get_task)."""
+    model: str
+    """The model the prediction was for (``backend:model``)."""
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    similarity: str = "bm25"
+    """How the similar tasks were found: ``bm25``, ``bm25+embedding``, or
+    ``bm25 (embedding unavailable)`` when the embedder failed and the lookup fell back."""
+    similar_via: list[str] = field(default_factory=list)
+    """For each similar task, how it was found: ``bm25``, ``embedding`` or both."""
+    skip: list[str] = field(default_factory=list)
+    """Costly tactics this task goes without (taled.learning.selection.Tactics): ``retry``,
+    ``decompose``, ``plan``; each for the reason in ``tactics``."""
+    tactics: dict[str, str] = field(default_factory=dict)
+    """Why each tactic is used or skipped."""
+
+    def allows(self, tactic: Tactic) -> bool:
+        """Whether the task may be carried with ``tactic``."""
+        return tactic not in self.skip
+
+    def to_json(self) -> dict[str, Any]:
+        """The checkpoint form."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Assessment:
+        """Read the checkpoint form back."""
+        return cls(**data)
+
+    def summary(self) -> dict[str, Any]:
+        """What get_task shows as ``estimate``."""
+        return {
+            "level": self.level,
+            "confidence": self.confidence,
+            "predicted_tokens": self.predicted_tokens,
+            "budget": self.budget,
+            "similar": list(self.similar),
+            "similar_via": list(self.similar_via),
+            "similarity": self.similarity,
+            "role": self.role,
+            "think": self.think,
+            "eta_seconds": self.eta_seconds,
+            "skip": list(self.skip),
+        }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One finished top-level task, as ``task_outcomes`` stores it."""
+
+    task_id: str
+    text: str
+    predicted_level: str
+    confidence: float
+    completion_tokens: int
+    success: bool
+    role: str
+    backend: str | None
+    model: str | None
+    predicted_tokens: int | None = None
+    budget_tokens: int | None = None
+    prompt_tokens: int = 0
+    steps: int = 1
+    retries: int = 0
+    truncations: int = 0
+    gate_passed: bool | None = None
+    thinking: bool = False
+    seconds: float = 0.0
+    at: float = field(default_factory=time.time)
+    planned: bool | None = None
+    """Planned into subtasks up front (None: not known, an older row)."""
+    retried: bool | None = None
+    """Its first direct answer failed and was retried on the same model."""
+    retry_worked: bool | None = None
+    """A retry's answer passed."""
+    decomposed: bool | None = None
+    """Decomposed into subtasks after its direct answers failed."""
+    retry_tokens: int | None = None
+    """Tokens (prompt and completion) of its direct answer's retries."""
+    plan_tokens: int | None = None
+    """Tokens of everything but its direct answers: a plan, subtasks, an aggregation."""
+    answer_tokens: int | None = None
+    """Completion tokens of its first direct answer (continuations included): what a
+    budget caps. None without a direct answer (planned up front)."""
+
+
+def predictable_tokens(answer_tokens: int | None, completion_tokens: int) -> int:
+    """The tokens a prediction for a task is held to: its first direct answer's, the
+    one a budget caps; the whole task's when it had none (or was recorded before). Its
+    SQL twin is ``taled.db.store.PREDICTABLE_TOKENS_SQL``.
+
+    Not the whole task's: a one-word answer the model failed and decomposition rescued
+    cost a thousand tokens, and taught as that it had similar tasks budgeted 10x over.
+    """
+    return answer_tokens if answer_tokens else completion_tokens
+
+
+class LearningEngine:
+    """Owns the classifier, the budget predictor and the selector, and their history."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: LearningSettings,
+        models: ModelsSettings,
+        ceiling: int,
+        thinks: Callable[[str], bool] | None = None,
+        embeddings: EmbeddingService | None = None,
+    ) -> None:
+        """``thinks(role)``: whether the role's model can think (recorded in outcomes);
+        ``embeddings``: the embedder of ``learning.embeddings`` (None: bm25 alone)."""
+        self._store = store
+        self._thinks = thinks or (lambda _role: False)
+        self.settings = settings
+        self._models = models
+        self.ceiling = ceiling
+        """The fixed max_tokens (runner.max_tokens) a budget never exceeds."""
+        self._embeddings = embeddings
+        self._memory = SimilarTasks(store, embeddings, settings)
+        self._vectors: OrderedDict[str, Vector] = OrderedDict()
+        self._classifier = ComplexityModel(settings.history_half_weight)
+        self._budget = BudgetPredictor(settings)
+        self._selector = Selector(settings)
+        self._tactics = Tactics(settings)
+        self._history: list[tuple[str, dict[str, float], Level]] = []
+        self._speed: dict[str, float] = {}
+        self._active: dict[str, Assessment] = {}
+        self._estimates: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._refit: asyncio.Task[None] | None = None
+        self._unfitted = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether assessments are acted on (budgets, routing, thinking)."""
+        return self.settings.enabled
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Learn everything from the stored outcomes."""
+        async with self._store.read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(task_outcomes)
+                    .order_by(task_outcomes.c.at.desc())
+                    .limit(self.settings.history_limit)
+                )
+            ).all()
+        for row in reversed(rows):
+            self._observe(row.text, json.loads(row.features), row)
+            self._estimates[row.task_id] = _finished(row, row.level)
+        self._trim_estimates()
+        await self._memory.start()
+        await self._fit()
+        await self._measure_speed()
+        log.info(
+            "learning engine: %d past tasks (%d distinct), %s",
+            len(rows),
+            self._classifier.distinct,
+            "enabled" if self.enabled else "observing only (learning.enabled = false)",
+        )
+
+    async def stop(self) -> None:
+        """Let a refit in progress finish."""
+        if self._refit is not None:
+            await self._refit
+
+    async def warm(self) -> None:
+        """After READY, in the background: load the embedding model, then embed the stored
+        tasks that have no vector of it yet (a no-op without embeddings)."""
+        if self._embeddings is None:
+            return
+        await self._embeddings.warm()
+        if self._embeddings.down:
+            return
+        try:
+            await self._memory.backfill()
+        except TaleError as exc:
+            # The store closing under it (a shutdown), say: the next start goes on.
+            log.warning("similar tasks: the embedding backfill stopped: %s", exc.message)
+
+    def status(self) -> dict[str, Any]:
+        """What ``daemon_status`` shows of the engine: history size and the embeddings'
+        state, with how many lookups fell back to bm25 alone."""
+        return {
+            "enabled": self.enabled,
+            "distinct_tasks": self._classifier.distinct,
+            "embeddings": self._memory.status(),
+        }
+
+    # -- assessing -----------------------------------------------------------
+
+    async def assess(self, task: TaskRecord) -> Assessment:
+        """Classify a new top-level task and predict its tokens, route and thinking."""
+        feats = planner.features(task.text)
+        estimate = self._classifier.predict(task.text, feats)
+        choice = self._selector.choose(task.id, estimate.level, _spec_key(self._models.ux))
+        reason = choice.reason
+        if task.model is not None:
+            reason = "per-task model override"
+        elif not self.enabled:
+            reason = "learning disabled: tasks run on the task model"
+        role: Role = choice.role if task.model is None and self.enabled else "task"
+        spec = task.model or (self._models.ux if role == "ux" else self._models.task)
+        key = _spec_key(spec)
+        found = await self._memory.lookup(task.text, self.settings.neighbours)
+        if found.vector is not None:
+            self._vectors[task.id] = found.vector
+            while len(self._vectors) > _KEEP_VECTORS:
+                self._vectors.popitem(last=False)
+        neighbours = found.neighbours
+        prediction = self._budget.predict(key, estimate.level, neighbours, self.ceiling)
+        speed = self._speed.get(key)
+        skip: list[str] = []
+        tactics: dict[str, str] = {}
+        # Tactics are judged on the task model, where retries and plans run; a task
+        # sent to ux escalates to the task model instead.
+        if self.enabled and role == "task":
+            for tactic in TACTICS:
+                allowed, why = self._tactics.allows(task.id, key, estimate.level, tactic)
+                tactics[tactic] = why
+                if not allowed:
+                    skip.append(tactic)
+        return Assessment(
+            level=estimate.level,
+            confidence=estimate.confidence,
+            probabilities={k: round(v, 4) for k, v in estimate.probabilities.items()},
+            history_weight=estimate.history_weight,
+            predicted_tokens=prediction.tokens,
+            budget=prediction.budget,
+            similar=[n.task_id for n in neighbours],
+            role=role,
+            think=choice.think,
+            reason=reason,
+            model=key,
+            tokens_per_second=round(speed, 2) if speed else None,
+            eta_seconds=round(prediction.tokens / speed, 1) if speed else None,
+            similarity=found.method,
+            similar_via=[n.via for n in neighbours],
+            skip=skip,
+            tactics=tactics,
+        )
+
+    def remember(self, task_id: str, assessment: Assessment) -> None:
+        """Hold a running task's assessment (for routing advice and get_task)."""
+        self._active[task_id] = assessment
+        self._estimates.pop(task_id, None)
+
+    def forget(self, task_id: str) -> None:
+        """Drop a task's assessment once it has left the runner (cancelled, say)."""
+        self._active.pop(task_id, None)
+        self._vectors.pop(task_id, None)
+
+    def advise(self, task: TaskRecord) -> Role | None:
+        """The RouteAdvisor hook: the role assessed for this top-level task."""
+        if not self.enabled or task.parent_id is not None:
+            return None
+        assessment = self._active.get(task.id)
+        return assessment.role if assessment is not None else None
+
+    def think(self, task: TaskRecord) -> bool | None:
+        """Thinking on or off for this task's calls; None leaves the model's default."""
+        root = self._active.get(task.id if task.parent_id is None else task.parent_id)
+        if not self.enabled or root is None:
+            return None
+        return root.think
+
+    def estimate(self, task_id: str) -> dict[str, Any] | None:
+        """What get_task shows for a task: its assessment, and its outcome once recorded."""
+        active = self._active.get(task_id)
+        if active is not None:
+            return active.summary()
+        return self._estimates.get(task_id)
+
+    # -- learning ------------------------------------------------------------
+
+    async def record(self, task: TaskRecord, ws: WorkState | None) -> Outcome | None:
+        """Record a finished (completed or failed) top-level task and learn from it."""
+        if task.parent_id is not None or task.state not in (
+            TaskState.COMPLETED,
+            TaskState.FAILED,
+        ):
+            return None
+        assessment = self._active.get(task.id)
+        if assessment is None and ws is not None and ws.estimate:
+            assessment = Assessment.from_json(ws.estimate)
+        if assessment is None:
+            assessment = await self.assess(task)
+        steps = 1
+        if ws is not None and ws.plan is not None:
+            steps = max(len(ws.plan.get("steps", [])), 1)
+        gate_passed: bool | None = None
+        if ws is not None:
+            final = ws.attempts.get("aggregate" if ws.plan is not None else "answer", [])
+            if final:
+                gate_passed = final[-1].passed
+        success = task.state == TaskState.COMPLETED
+        truncations = ws.truncations if ws is not None else 0
+        tactics = _tactics_used(ws)
+        vector = await self._vector_for(task.id, task.text)
+
+        async def apply(conn: AsyncConnection) -> Outcome:
+            facts = await _ledger_facts(conn, task.id)
+            outcome = Outcome(
+                task_id=task.id,
+                text=task.text,
+                predicted_level=assessment.level,
+                confidence=assessment.confidence,
+                predicted_tokens=assessment.predicted_tokens,
+                budget_tokens=assessment.budget if self.enabled else None,
+                completion_tokens=facts["completion_tokens"],
+                prompt_tokens=facts["prompt_tokens"],
+                steps=steps,
+                retries=facts["retries"],
+                truncations=truncations,
+                gate_passed=gate_passed if success else False,
+                success=success,
+                role=facts["role"] or assessment.role,
+                backend=facts["backend"],
+                model=facts["model"],
+                thinking=bool(
+                    self.enabled
+                    and assessment.think
+                    and self._thinks(facts["role"] or assessment.role)
+                ),
+                seconds=max(task.updated_at - (facts["started"] or task.created_at), 0.0),
+                retry_tokens=facts["retry_tokens"],
+                plan_tokens=facts["plan_tokens"],
+                answer_tokens=facts["answer_tokens"],
+                **tactics,
+            )
+            await _insert(conn, outcome, self._label(outcome))
+            if vector is not None and self._embeddings is not None:
+                await save_vector(conn, task.id, self._embeddings.key, vector)
+            return outcome
+
+        outcome = await self._store.write(apply)
+        if vector is not None:
+            self._memory.add(task.id, vector)
+        await self.add(outcome)
+        finished = self._estimates.get(task.id, {})
+        self._estimates[task.id] = {**assessment.summary(), **finished}
+        # Only now: get_task shows the assessment until the outcome replaces it.
+        self._active.pop(task.id, None)
+        return outcome
+
+    async def ingest(self, outcome: Outcome) -> None:
+        """Store an outcome observed elsewhere (an imported or replayed history), and learn."""
+        level = self._label(outcome)
+        vector = await self._vector_for(outcome.task_id, outcome.text)
+
+        async def apply(conn: AsyncConnection) -> None:
+            await _insert(conn, outcome, level)
+            if vector is not None and self._embeddings is not None:
+                await save_vector(conn, outcome.task_id, self._embeddings.key, vector)
+
+        await self._store.write(apply)
+        if vector is not None:
+            self._memory.add(outcome.task_id, vector)
+        await self.add(outcome)
+
+    async def _vector_for(self, task_id: str, text: str) -> Vector | None:
+        """A finished task's embedding: the one made when it was assessed, else a new one
+        (None without embeddings, or when the embedder fails: counted)."""
+        if self._embeddings is None:
+            return None
+        vector = self._vectors.pop(task_id, None)
+        if vector is None:
+            vector = await self._memory.embed(text)
+            if vector is None:
+                self._memory.unembedded += 1
+        return vector
+
+    async def add(self, outcome: Outcome) -> None:
+        """Learn from one outcome already in the store (refits the classifier)."""
+        feats = planner.features(outcome.text)
+        level = self._label(outcome)
+        self._observe(outcome.text, feats, _Row(outcome, level))
+        self._estimates[outcome.task_id] = _finished(outcome, level)
+        self._trim_estimates()
+        self._unfitted += 1
+        if self._unfitted >= max(1, self._classifier.distinct // _REFIT_SHARE):
+            await self._fit()
+        await self._measure_speed()
+
+    def _label(self, outcome: Outcome) -> Level:
+        return label_outcome(
+            self.settings,
+            completion_tokens=outcome.completion_tokens,
+            steps=outcome.steps,
+            retries=outcome.retries,
+            success=outcome.success,
+        )
+
+    def _observe(self, text: str, feats: dict[str, float], row: Any) -> None:
+        self._history.append((text, feats, row.level))
+        del self._history[: -self.settings.history_limit]
+        model, level = model_key(row.backend, row.model), row.predicted_level
+        self._budget.observe(
+            model, level, text, predictable_tokens(row.answer_tokens, row.completion_tokens)
+        )
+        self._selector.observe(row.role, level, bool(row.success), row.retries, model)
+        if row.role == "task":
+            # What a tactic cost is the tokens of its own calls (rows recorded before
+            # those were kept: the whole task's).
+            whole = int(row.prompt_tokens or 0) + int(row.completion_tokens or 0)
+            retry = whole if row.retry_tokens is None else int(row.retry_tokens)
+            planning = whole if row.plan_tokens is None else int(row.plan_tokens)
+            if row.planned:
+                self._tactics.observe(model, level, "plan", bool(row.success), planning)
+            if row.retried:
+                self._tactics.observe(model, level, "retry", bool(row.retry_worked), retry)
+            if row.decomposed:
+                self._tactics.observe(model, level, "decompose", bool(row.success), planning)
+
+    async def _fit(self) -> None:
+        """Fit a fresh classifier off the event loop, then swap it in."""
+        async with self._lock:
+            model = ComplexityModel(self.settings.history_half_weight)
+            history = list(self._history)
+            self._refit = asyncio.create_task(asyncio.to_thread(model.fit, history))
+            try:
+                await self._refit
+            finally:
+                self._refit = None
+            self._classifier = model
+            self._unfitted = 0
+
+    async def _measure_speed(self) -> None:
+        """Each model's generation speed (tokens/s) over its newest ledger rows."""
+        c = model_calls.c
+        recent = (
+            sa.select(c.backend, c.model, c.completion_tokens, c.generation_ms)
+            .where(c.completion_tokens > 0, c.generation_ms > 0)
+            .order_by(c.seq.desc())
+            .limit(_SPEED_ROWS)
+            .subquery()
+        )
+        query = sa.select(
+            recent.c.backend,
+            recent.c.model,
+            sa.func.sum(recent.c.completion_tokens),
+            sa.func.sum(recent.c.generation_ms),
+        ).group_by(recent.c.backend, recent.c.model)
+        async with self._store.read() as conn:
+            rows = (await conn.execute(query)).all()
+        self._speed = {
+            model_key(backend, model): float(tokens) * 1000 / float(ms)
+            for backend, model, tokens, ms in rows
+            if ms
+        }
+
+    def _trim_estimates(self) -> None:
+        while len(self._estimates) > _KEEP_ESTIMATES:
+            self._estimates.popitem(last=False)
+
+
+def _tactics_used(ws: WorkState | None) -> dict[str, Any]:
+    """Which costly tactics carried the task, from its final state (None: unknown)."""
+    if ws is None:
+        return {"planned": None, "retried": None, "retry_worked": None, "decomposed": None}
+    answers = ws.attempts.get("answer", [])
+    # A retry is a second attempt on the same model; a ux task's second attempt is an
+    # escalation to the task model, not a retry of ux.
+    retries = [a for a in answers[1:] if a.stage == "more tokens"]
+    retried = bool(answers) and not answers[0].passed and bool(retries)
+    return {
+        "planned": ws.plan is not None and not ws.decomposed,
+        "retried": retried,
+        "retry_worked": retried and any(a.passed for a in retries),
+        "decomposed": ws.decomposed,
+    }
+
+
+def _finished(row: Any, level: str) -> dict[str, Any]:
+    """get_task's estimate of a finished task: what was predicted, and what happened."""
+    return {
+        "level": row.predicted_level,
+        "confidence": row.confidence,
+        "predicted_tokens": row.predicted_tokens,
+        "budget": row.budget_tokens,
+        "role": row.role,
+        "outcome": {
+            "level": level,
+            "completion_tokens": row.completion_tokens,
+            "answer_tokens": row.answer_tokens,
+            "truncations": row.truncations,
+            "success": bool(row.success),
+        },
+    }
+
+
+@dataclass(frozen=True)
+class _Row:
+    """An Outcome seen through the columns ``_observe`` reads."""
+
+    outcome: Outcome
+    level: Level
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.outcome, name)
+
+
+async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
+    """A task's token totals and retries (its subtasks' included), its first call's role
+    and model, and when it first ran. Runs in the writer, after every ledger row queued
+    before it."""
+    tree = sa.select(tasks.c.id).where(tasks.c.id == task_id).cte("tree", recursive=True)
+    tree = tree.union_all(sa.select(tasks.c.id).where(tasks.c.parent_id == tree.c.id))
+    c = model_calls.c
+    spent = c.prompt_tokens + c.completion_tokens
+    # The task's own direct answers: the first and its retries; everything else in the
+    # tree (a plan, subtasks, an aggregation) is what planning cost.
+    direct = (c.task_id == task_id) & ((c.step == "answer") | c.step.like("answer#%"))
+    retry = (c.task_id == task_id) & c.step.like("answer#%")
+    first = (c.task_id == task_id) & (c.step == "answer")
+    sums = (
+        await conn.execute(
+            sa.select(
+                sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((c.step.like("%#%"), 1), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((retry, spent), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((direct, 0), else_=spent)), 0),
+                sa.func.sum(sa.case((first, c.completion_tokens), else_=None)),
+            ).where(c.task_id.in_(sa.select(tree.c.id)))
+        )
+    ).one()
+    # The first call's role and model are the ones the task was routed to; a failure
+    # there that another model recovered must count against them, not for the rescuer.
+    first_call = (
+        await conn.execute(
+            sa.select(c.role, c.backend, c.model)
+            .where(c.task_id == task_id)
+            .order_by(c.seq)
+            .limit(1)
+        )
+    ).first()
+    started = (
+        await conn.execute(
+            sa.select(sa.func.min(transitions.c.at)).where(
+                transitions.c.task_id == task_id,
+                transitions.c.to_state == TaskState.RUNNING.value,
+            )
+        )
+    ).scalar()
+    return {
+        "prompt_tokens": int(sums[0]),
+        "completion_tokens": int(sums[1]),
+        "retries": int(sums[2]),
+        "retry_tokens": int(sums[3]),
+        "plan_tokens": int(sums[4]),
+        "answer_tokens": None if sums[5] is None else int(sums[5]),
+        "role": first_call.role if first_call else None,
+        "backend": first_call.backend if first_call else None,
+        "model": first_call.model if first_call else None,
+        "started": started,
+    }
+
+
+async def _insert(conn: AsyncConnection, outcome: Outcome, level: Level) -> None:
+    """Insert (or, for a task finished again after a restore, replace) its outcome."""
+    row = asdict(outcome)
+    row["features"] = json.dumps(planner.features(outcome.text))
+    row["level"] = level
+    await conn.execute(task_outcomes.delete().where(task_outcomes.c.task_id == outcome.task_id))
+    await conn.execute(task_outcomes.insert().values(**row))
+    await conn.execute(
+        sa.text("DELETE FROM task_memory WHERE task_id = :id"), {"id": outcome.task_id}
+    )
+    await conn.execute(
+        sa.text("INSERT INTO task_memory (task_id, text) VALUES (:id, :text)"),
+        {"id": outcome.task_id, "text": outcome.text},
+    )

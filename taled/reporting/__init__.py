@@ -1,0 +1,2 @@
+"""Reporting: live metrics against the targets, recorded violations, the usage
+report."""

@@ -1,0 +1,2 @@
+"""Tasks: the durable queue, the lifecycle state machine, the runner and its
+workers, the state a checkpoint holds, live progress."""
