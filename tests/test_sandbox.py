@@ -804,3 +804,31 @@ def test_code_runs_under_the_daemons_private_umask() -> None:
         os.umask(old)
     assert result.ok, result.stderr
     assert result.stdout == "read\n"
+
+
+@ISOLATIONS
+def test_a_daemon_running_from_a_virtualenv_can_run_code(isolation: str, tmp_path: Path) -> None:
+    """The usual install (a venv whose python is a symlink outside the sandbox's root)
+    still starts the sandbox: the launcher is the venv's real interpreter."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    program = (
+        "import asyncio, sys\n"
+        "from taled.tasks.gates.sandbox import run_python\n"
+        "from taled.settings import SandboxSettings\n"
+        "settings = SandboxSettings(timeout_seconds=5, isolation=sys.argv[1])\n"
+        "r = asyncio.run(run_python('print(6 * 7)', settings))\n"
+        "print(r.stdout.strip(), r.ok)\n"
+    )
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([str(REPO), *site])}
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", program, isolation],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["42", "True"]

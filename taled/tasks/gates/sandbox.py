@@ -273,7 +273,10 @@ class _Run:
 
     def _command(self, config: dict[str, Any]) -> list[str]:
         """The launcher's argv: the child script, behind bubblewrap when that isolates."""
-        script = [sys.executable, "-I", "-S", "-B", "-c", _child_source("sandbox_child.py")]
+        # The real binary, not a venv's symlink to it: the venv is not in the sandbox's
+        # root, the interpreter's own installation is.
+        launcher = os.path.realpath(sys.executable)
+        script = [launcher, "-I", "-S", "-B", "-c", _child_source("sandbox_child.py")]
         script.append(json.dumps(config))
         if self.isolation == "builtin":
             return script
