@@ -374,7 +374,7 @@ def checkpoints(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """A task's checkpoints, newest first: commit, time, step, message."""
+    """A task's checkpoints, newest first: commit, time, step, kind, message."""
     if limit is not None and limit < 1:
         raise CliError(f"--limit must be at least 1, not {limit}", Exit.USAGE)
     args: dict[str, Any] = {"id": task_id}
@@ -388,9 +388,10 @@ def checkpoints(
     if not found["checkpoints"]:
         emit(f"task {task_id} has no checkpoints yet")
         return
-    emit(f"{'COMMIT':<12}  {'TIME':<24}  {'STEP':<14}  MESSAGE")
+    emit(f"{'COMMIT':<12}  {'TIME':<24}  {'STEP':<14}  {'KIND':<14}  MESSAGE")
     for c in found["checkpoints"]:
-        emit(f"{c['commit'][:12]:<12}  {c['at']:<24}  {c['step']:<14}  {c['message']}")
+        kind = c.get("kind", "")  # a daemon before checkpoint kinds sends none
+        emit(f"{c['commit'][:12]:<12}  {c['at']:<24}  {c['step']:<14}  {kind:<14}  {c['message']}")
 
 
 @app.command(rich_help_panel="Tasks")

@@ -6,6 +6,7 @@ back from the real git repository and the ledger from the real SQLite file.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import sqlite3
@@ -16,6 +17,7 @@ from datetime import datetime
 
 import pytest
 
+from taled.checkpoints.repo import CheckpointKind, CheckpointStore
 from tests.harness import Daemon, running_daemon
 
 # Three independent deliverables: the plan is a DAG with a parallel layer and a
@@ -246,6 +248,41 @@ def test_restore_refuses_a_task_that_is_not_paused_or_failed(one_step_daemon: Da
     )
     bad = d.home.tale("restore", task_id, "nothex!")
     assert bad.returncode == 2 and "commit" in bad.stderr
+
+
+def test_restore_by_default_skips_failed_attempts_by_their_kind() -> None:
+    """Without a commit, restore goes to the newest checkpoint that is not a failed
+    attempt, judged by its kind: a ``decompose`` checkpoint (whose message says answers
+    "failed") is a valid target."""
+    with running_daemon({"TALE_RUNNER__MAX_TOKENS": "16"}) as d:
+        task_id = d.call("submit_task", text="Say hi", criteria=["contains:NEVER-THERE"])["id"]
+        assert d.wait_for(task_id)["state"] == "failed"
+        d.stop()  # the daemon holds the repository; seed its history while it is down
+
+        async def seed() -> str:
+            store = CheckpointStore(d.home.data / "checkpoints.git")
+            await store.open()
+            try:
+                state = await store.load(task_id)
+                decompose = await store.commit(
+                    task_id,
+                    state,
+                    "decompose",
+                    "direct answers failed: decomposing",
+                    kind=CheckpointKind.DECOMPOSE,
+                )
+                await store.commit(
+                    task_id, state, "answer#3", "attempt failed", CheckpointKind.ATTEMPT_FAILED
+                )
+                return decompose.commit
+            finally:
+                await store.close()
+
+        decompose = asyncio.run(seed())
+        d.start()
+        proc = d.home.tale("restore", task_id)
+        assert proc.returncode == 0, proc.stderr
+        assert f"restored to {decompose[:12]}" in proc.stdout
 
 
 GATED = {

@@ -37,6 +37,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,7 +59,7 @@ from taled.errors import (
     Unavailable,
 )
 
-__all__ = ["Checkpoint", "CheckpointStore", "GcReport", "RefDamage"]
+__all__ = ["Checkpoint", "CheckpointKind", "CheckpointStore", "GcReport", "RefDamage"]
 
 T = TypeVar("T")
 
@@ -75,6 +76,37 @@ _MAX_STEP_CHARS = 200
 _MAX_MESSAGE_CHARS = 500
 
 
+class CheckpointKind(StrEnum):
+    """What a checkpoint records, kept in its commit as a ``Kind:`` trailer.
+
+    Decisions about checkpoints (which one ``restore`` goes back to by default) are
+    taken on this, never on a message's wording.
+    """
+
+    START = "start"
+    """Classified and routed; nothing produced yet."""
+    PLAN = "plan"
+    DECOMPOSE = "decompose"
+    """Direct answers failed; the task is planned into subtasks next."""
+    SUBTASKS = "subtasks"
+    """Some of the plan's steps finished."""
+    SUBTASKS_DONE = "subtasks-done"
+    STEP_DONE = "step-done"
+    """A subtask finished (in its own history, and in its parent's)."""
+    ATTEMPT_PASSED = "attempt-passed"
+    ATTEMPT_FAILED = "attempt-failed"
+    """An answer that failed its gate."""
+    BUDGET_CUT = "budget-cut"
+    PARTIAL = "partial"
+    """The text of an answer still being written."""
+    PAUSE = "pause"
+    """A call stopped by pause, cancel or shutdown, its partial text kept."""
+    RESTORE = "restore"
+    DONE = "done"
+    UNSPECIFIED = "unspecified"
+    """Written without a kind, or by a version before kinds (no trailer)."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One saved state of a task."""
@@ -86,6 +118,7 @@ class Checkpoint:
     """Commit time, seconds since the epoch (whole seconds: git stores no fraction)."""
     step: str
     message: str
+    kind: CheckpointKind = CheckpointKind.UNSPECIFIED
 
 
 @dataclass(frozen=True)
@@ -249,9 +282,14 @@ class CheckpointStore:
     # -- public API --------------------------------------------------------
 
     async def commit(
-        self, task_id: str, state: dict[str, Any], step: str, message: str
+        self,
+        task_id: str,
+        state: dict[str, Any],
+        step: str,
+        message: str,
+        kind: CheckpointKind = CheckpointKind.UNSPECIFIED,
     ) -> Checkpoint:
-        """Save ``state`` as the task's newest checkpoint.
+        """Save ``state`` as the task's newest checkpoint, of ``kind``.
 
         ``step`` is one line (1..200 characters); ``message`` has its whitespace
         collapsed to single spaces and is cut at 500 characters (empty: the step).
@@ -259,8 +297,9 @@ class CheckpointStore:
         _check_task_id(task_id)
         step = _clean_step(step)
         subject = _clean_message(message) or step
+        kind = CheckpointKind(kind)
         async with self._task_lock(task_id):
-            return await self._run(partial(self._commit_state, task_id, state, step, subject))
+            return await self._run(partial(self._commit_state, task_id, state, step, subject, kind))
 
     async def latest(self, task_id: str) -> Checkpoint | None:
         """The task's newest checkpoint, or None when it has none."""
@@ -386,18 +425,20 @@ class CheckpointStore:
     # -- worker-thread side ------------------------------------------------
 
     def _commit_state(
-        self, task_id: str, state: dict[str, Any], step: str, subject: str
+        self, task_id: str, state: dict[str, Any], step: str, subject: str, kind: CheckpointKind
     ) -> Checkpoint:
         blob = Blob.from_string(_encode_state(state, self._max_state_bytes))
         tree = Tree()
         tree.add(STATE_FILE, _FILE_MODE, blob.id)
         self._add_object(blob)
         self._add_object(tree)
-        return self._append(task_id, tree.id, step, subject)
+        return self._append(task_id, tree.id, step, subject, kind)
 
-    def _append(self, task_id: str, tree: ObjectID, step: str, subject: str) -> Checkpoint:
+    def _append(
+        self, task_id: str, tree: ObjectID, step: str, subject: str, kind: CheckpointKind
+    ) -> Checkpoint:
         ref = _ref(task_id)
-        message = f"{subject}\n\nStep: {step}\nTask: {task_id}\n".encode()
+        message = f"{subject}\n\nStep: {step}\nKind: {kind}\nTask: {task_id}\n".encode()
         deadline = time.monotonic() + self._contention_timeout
         attempt = 0
         while True:
@@ -443,7 +484,9 @@ class CheckpointStore:
         source = self._resolve(task_id, want)
         self._state_blob(task_id, source)  # refuse to restore a damaged checkpoint
         step = _checkpoint(task_id, source).step
-        return self._append(task_id, source.tree, step, f"restored {_hex(source.id)[:7]}")
+        return self._append(
+            task_id, source.tree, step, f"restored {_hex(source.id)[:7]}", CheckpointKind.RESTORE
+        )
 
     def _compact_sync(self, task_id: str, keep: int) -> int:
         ref = _ref(task_id)
@@ -744,15 +787,21 @@ def _checkpoint(task_id: str, commit: Commit) -> Checkpoint:
     text = commit.message.decode("utf-8", "replace")
     subject, _, rest = text.partition("\n")
     step = ""
+    kind = CheckpointKind.UNSPECIFIED
     for line in rest.splitlines():
         if line.startswith("Step: "):
             step = line[len("Step: ") :]
+        elif line.startswith("Kind: "):
+            # A kind this version does not know (written by a newer one) reads as unspecified.
+            with contextlib.suppress(ValueError):
+                kind = CheckpointKind(line[len("Kind: ") :])
     return Checkpoint(
         commit=_hex(commit.id),
         task_id=task_id,
         at=float(commit.commit_time),
         step=step,
         message=subject,
+        kind=kind,
     )
 
 

@@ -195,7 +195,13 @@ def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str
 
 
 def _checkpoint_json(c: Checkpoint) -> dict[str, Any]:
-    return {"commit": c.commit, "at": _iso(c.at), "step": c.step, "message": c.message}
+    return {
+        "commit": c.commit,
+        "at": _iso(c.at),
+        "step": c.step,
+        "kind": c.kind.value,
+        "message": c.message,
+    }
 
 
 def _tokens(prompt: int, completion: int) -> dict[str, int]:
@@ -451,7 +457,7 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     ),
     "list_checkpoints": (
         CheckpointsArgs,
-        "A task's checkpoints, newest first: commit, time, step and message.",
+        "A task's checkpoints, newest first: commit, time, step, kind and message.",
     ),
     "restore_checkpoint": (
         RestoreArgs,

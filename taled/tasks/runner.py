@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from taled.checkpoints.repo import Checkpoint, CheckpointStore
+from taled.checkpoints.repo import Checkpoint, CheckpointKind, CheckpointStore
 from taled.db.store import Store, SubtaskSpec, TaskRecord
 from taled.errors import (
     DiskFull,
@@ -536,6 +536,7 @@ class Runner:
             level = assessment.level if assessment is not None else complexity.level
             await self._save(
                 ws,
+                CheckpointKind.START,
                 "start",
                 f"classified {level} ({complexity.score:.2f}); runs on {route.role}",
             )
@@ -558,7 +559,9 @@ class Runner:
                 )
             except _Decompose:
                 ws.phase, ws.decomposed = "plan", True
-                await self._save(ws, "decompose", "direct answers failed: decomposing")
+                await self._save(
+                    ws, CheckpointKind.DECOMPOSE, "decompose", "direct answers failed: decomposing"
+                )
             else:
                 await self._complete(task, ws)
                 return
@@ -609,7 +612,7 @@ class Runner:
                 can_decompose=False,
             )
             ws.phase = "done"
-            await self._save(ws, f"{task.step} done", "subtask finished")
+            await self._save(ws, CheckpointKind.STEP_DONE, f"{task.step} done", "subtask finished")
         await self._record_in_parent(task, ws.result or "")
         if await self._finish(task.id, TaskState.COMPLETED, "step done", result=ws.result or ""):
             await self._settle_parent(task.parent_id)
@@ -667,7 +670,7 @@ class Runner:
 
     async def _complete(self, task: TaskRecord, ws: WorkState) -> None:
         ws.phase = "done"
-        await self._save(ws, "done", "task finished")
+        await self._save(ws, CheckpointKind.DONE, "done", "task finished")
         await self._finish(task.id, TaskState.COMPLETED, self._why_done(ws), result=ws.result or "")
 
     @staticmethod
@@ -735,7 +738,12 @@ class Runner:
         for attempt in attempts:
             ws.done_at.setdefault(attempt.key, now)
         notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""
-        await self._save(ws, "plan", f"planned {len(plan.steps)} steps from {plan.source}{notes}")
+        await self._save(
+            ws,
+            CheckpointKind.PLAN,
+            "plan",
+            f"planned {len(plan.steps)} steps from {plan.source}{notes}",
+        )
         self._progress.update(task.id, steps=self._steps(ws, task), step=1)
 
     async def _gather(self, task: TaskRecord, ws: WorkState) -> bool:
@@ -755,11 +763,19 @@ class Runner:
                     raise _Failed(f"subtask {step.id} ({step.title}) {child.state.value}: {why}")
             if len(ws.outputs) == len(plan.steps):
                 ws.phase = "aggregate"
-                await self._save(ws, "subtasks done", "every step finished; aggregating")
+                await self._save(
+                    ws,
+                    CheckpointKind.SUBTASKS_DONE,
+                    "subtasks done",
+                    "every step finished; aggregating",
+                )
                 return True
             if len(ws.outputs) != before:
                 await self._save(
-                    ws, "subtasks", f"{len(ws.outputs)} of {len(plan.steps)} steps done"
+                    ws,
+                    CheckpointKind.SUBTASKS,
+                    "subtasks",
+                    f"{len(ws.outputs)} of {len(plan.steps)} steps done",
                 )
             specs = [
                 SubtaskSpec(step=s.id, title=s.title, text=s.instruction, needs=tuple(s.needs))
@@ -797,6 +813,7 @@ class Runner:
             plan_steps = len((ws.plan or {}).get("steps", []))
             await self._save(
                 ws,
+                CheckpointKind.STEP_DONE,
                 f"{task.step} done",
                 f"subtask {task.id} finished ({len(ws.outputs)}/{plan_steps})",
             )
@@ -911,6 +928,7 @@ class Runner:
                     ws.partial = {"key": key, "text": output}
                     await self._save(
                         ws,
+                        CheckpointKind.BUDGET_CUT,
                         "budget cut",
                         f"{key} cut at its budget of {limit} tokens; continuing up to "
                         f"{stage.max_tokens}",
@@ -933,7 +951,10 @@ class Runner:
             ws.partial = None
             ws.done_at[key] = time.time()
             verdict = "passed" if attempt.passed else f"failed: {attempt.detail[:200]}"
-            await self._save(ws, key, f"{stage.name} attempt {verdict}")
+            kind = (
+                CheckpointKind.ATTEMPT_PASSED if attempt.passed else CheckpointKind.ATTEMPT_FAILED
+            )
+            await self._save(ws, kind, key, f"{stage.name} attempt {verdict}")
             if attempt.passed:
                 return attempt.output
         if can_decompose and not ws.decomposed and self._planning.decompose:
@@ -1038,7 +1059,12 @@ class Runner:
             if len(pieces) > saved:
                 saved = len(pieces)
                 ws.partial = {"key": key, "text": earlier + "".join(pieces)}
-                await self._save(ws, "partial", f"{len(ws.partial['text'])} chars of {key} so far")
+                await self._save(
+                    ws,
+                    CheckpointKind.PARTIAL,
+                    "partial",
+                    f"{len(ws.partial['text'])} chars of {key} so far",
+                )
 
     async def _stopped_mid_call(
         self,
@@ -1052,7 +1078,10 @@ class Runner:
             ws.partial = {"key": key, "text": earlier + completion.text}
             why = "daemon stopping" if self._stopping else "paused or cancelled"
             await self._save(
-                ws, "pause", f"{why} during {key}: {len(ws.partial['text'])} chars kept"
+                ws,
+                CheckpointKind.PAUSE,
+                "pause",
+                f"{why} during {key}: {len(ws.partial['text'])} chars kept",
             )
         if self._stopping:
             await self._finish(
@@ -1075,8 +1104,12 @@ class Runner:
 
     # -- helpers -----------------------------------------------------------
 
-    async def _save(self, ws: WorkState, step: str, message: str) -> Checkpoint:
-        return await self._checkpoints.commit(ws.task_id, ws.to_json(), step=step, message=message)
+    async def _save(
+        self, ws: WorkState, kind: CheckpointKind, step: str, message: str
+    ) -> Checkpoint:
+        return await self._checkpoints.commit(
+            ws.task_id, ws.to_json(), step=step, message=message, kind=kind
+        )
 
     def _messages(self, text: str) -> list[ChatMessage]:
         return [
@@ -1183,7 +1216,9 @@ class Runner:
         if not history:
             raise InvalidInput(f"task {task_id} has no checkpoints to restore")
         if commit is None:
-            target = next((c for c in history if "failed" not in c.message), history[-1])
+            target = next(
+                (c for c in history if c.kind != CheckpointKind.ATTEMPT_FAILED), history[-1]
+            )
         else:
             matches = [c for c in history if c.commit.startswith(commit.lower())]
             if len(matches) != 1:
@@ -1223,7 +1258,10 @@ class Runner:
             task.id, f"superseded: its parent was restored to {target.commit[:12]}"
         )
         saved = await self._save(
-            ws, "restore", f"restored to {target.commit[:12]} ({target.step}: {target.message})"
+            ws,
+            CheckpointKind.RESTORE,
+            "restore",
+            f"restored to {target.commit[:12]} ({target.step}: {target.message})",
         )
         return saved, ws
 
