@@ -293,7 +293,9 @@ def take_backup(db: Path, directory: Path, keep: int) -> Path | None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in directory.glob(".tale-*.tmp"):  # left by a crash mid-backup
         stale.unlink(missing_ok=True)
-    final = directory / f"tale-{_stamp()}.db"
+    # Milliseconds in the name: two backups in one second must not replace each other.
+    now = time.time()
+    final = directory / f"tale-{_stamp(now).removesuffix('Z')}.{int(now % 1 * 1000):03d}Z.db"
     tmp = directory / f".{final.name}.tmp"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     try:
@@ -383,10 +385,10 @@ def _iso(at: float) -> str:
 
 def _taken_at(path: Path, fallback: float) -> str:
     """When a backup was taken: its name says (its mtime is the database's then)."""
+    # tale-20261204T230854.123Z (or, before milliseconds, tale-20261204T230854Z)
+    stamp = path.stem.removeprefix("tale-").removesuffix("Z").split(".")[0]
     try:
-        at = float(
-            calendar.timegm(time.strptime(path.stem.removeprefix("tale-"), "%Y%m%dT%H%M%SZ"))
-        )
+        at = float(calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S")))
     except ValueError:
         at = fallback
     return _iso(at)
