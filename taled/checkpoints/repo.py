@@ -458,6 +458,23 @@ class CheckpointStore:
             attempt += 1
             self._back_off(deadline, attempt, f"save a checkpoint of task {task_id}")
 
+    def _rechain(self, newest_first: builtins.list[Commit]) -> ObjectID:
+        """Write ``newest_first`` again as a fresh chain (same trees, authors, times and
+        messages); return its new head. Compaction and repair both rewrite history so."""
+        parent: ObjectID | None = None
+        for old in reversed(newest_first):
+            new = Commit()
+            new.tree = old.tree
+            new.parents = [parent] if parent is not None else []
+            new.author, new.committer = old.author, old.committer
+            new.author_time, new.commit_time = old.author_time, old.commit_time
+            new.author_timezone, new.commit_timezone = old.author_timezone, old.commit_timezone
+            new.message = old.message
+            self._add_object(new)
+            parent = new.id
+        assert parent is not None
+        return parent
+
     def _latest_sync(self, task_id: str) -> Checkpoint | None:
         head = self._head(_ref(task_id))
         return None if head is None else _checkpoint(task_id, self._commit(head))
@@ -497,18 +514,7 @@ class CheckpointStore:
             chain = self._history(task_id, None, head=head)
             if head is None or len(chain) <= keep:
                 return 0
-            parent: ObjectID | None = None
-            for old in reversed(chain[:keep]):
-                new = Commit()
-                new.tree = old.tree
-                new.parents = [parent] if parent is not None else []
-                new.author, new.committer = old.author, old.committer
-                new.author_time, new.commit_time = old.author_time, old.commit_time
-                new.author_timezone, new.commit_timezone = old.author_timezone, old.commit_timezone
-                new.message = old.message
-                self._add_object(new)
-                parent = new.id
-            assert parent is not None
+            parent = self._rechain(chain[:keep])
             if self._swap(ref, head, parent):
                 return len(chain) - keep
             attempt += 1
@@ -605,25 +611,9 @@ class CheckpointStore:
             self._retry_locked(lambda: refs.remove_if_equals(name, None))
             return f"held {damage.held}; dropped it (no readable checkpoint)"
         walked = list(self._walk_ids(keep[0].id))
-        if walked == [c.id for c in keep]:
-            # The damage is all above the newest readable checkpoint: move back to it.
-            target = keep[0].id
-        else:
-            # Rewrite the kept checkpoints as a fresh chain (as compact() does), so the
-            # history no longer reaches the missing or unreadable ones.
-            parent: ObjectID | None = None
-            for old in reversed(keep):
-                new = Commit()
-                new.tree = old.tree
-                new.parents = [parent] if parent is not None else []
-                new.author, new.committer = old.author, old.committer
-                new.author_time, new.commit_time = old.author_time, old.commit_time
-                new.author_timezone, new.commit_timezone = old.author_timezone, old.commit_timezone
-                new.message = old.message
-                self._add_object(new)
-                parent = new.id
-            assert parent is not None
-            target = parent
+        # Damage all above the newest readable checkpoint: move back to it. Else rewrite
+        # the kept checkpoints as a fresh chain, so history no longer reaches the bad ones.
+        target = keep[0].id if walked == [c.id for c in keep] else self._rechain(keep)
         self._retry_locked(lambda: refs.set_if_equals(name, None, target))
         return (
             f"held {damage.held}; moved it to {_hex(target)}, keeping "
