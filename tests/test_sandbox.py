@@ -832,3 +832,32 @@ def test_a_daemon_running_from_a_virtualenv_can_run_code(isolation: str, tmp_pat
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["42", "True"]
+
+
+def _old_bwrap(where: Path) -> Path:
+    """A `bwrap` whose --help lists none of the options the sandbox's root needs."""
+    fake = where / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'usage: bwrap [OPTIONS...] [--] COMMAND [ARGS...]'\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def test_auto_passes_over_a_bubblewrap_too_old_for_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """isolation = 'auto' with an old bubblewrap first on PATH builds the root itself."""
+    _old_bwrap(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    result = run("print(1)\n", isolation="auto")
+    assert result.ok, result.stderr
+    assert "bwrap" not in result.kernel_layers and "minimal-root" in result.kernel_layers
+
+
+def test_bwrap_required_but_too_old_is_refused_naming_what_it_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """isolation = 'bwrap' with an old bubblewrap refuses, naming the missing options."""
+    fake = _old_bwrap(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    with pytest.raises(Unavailable, match=f"bubblewrap at {fake} lacks --perms, --size"):
+        run("print(1)\n", isolation="bwrap")

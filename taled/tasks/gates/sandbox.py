@@ -36,6 +36,7 @@ import secrets
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -501,18 +502,42 @@ _ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 
 
 def _isolation(settings: SandboxSettings) -> tuple[Isolation, str]:
-    """Who builds the namespaces and the minimal root: bubblewrap when installed, else us."""
+    """Who builds the namespaces and the minimal root: bubblewrap when installed (and new
+    enough for the options the root needs), else us."""
     if settings.isolation == "builtin":
         return "builtin", ""
     found = shutil.which("bwrap") or ""
-    if found:
+    missing = _bwrap_missing(found) if found else ()
+    if found and not missing:
         return "bwrap", found
     if settings.isolation == "bwrap":
+        why = (
+            f"bubblewrap at {found} lacks {', '.join(missing)} (0.8 or newer has them)"
+            if found
+            else "bubblewrap is not installed (install the bubblewrap package"
+        )
         raise Unavailable(
-            "the sandbox could not start: gates.sandbox.isolation is 'bwrap' but bubblewrap "
-            "is not installed (install the bubblewrap package, or set isolation = 'auto')"
+            f"the sandbox could not start: gates.sandbox.isolation is 'bwrap' but {why}"
+            + ("" if found else ", or set isolation = 'auto')")
         )
     return "builtin", ""
+
+
+# Options of bubblewrap the sandbox's root is built with that older releases lack.
+_BWRAP_NEEDS = ("--perms", "--size", "--remount-ro", "--die-with-parent")
+
+
+@functools.cache
+def _bwrap_missing(path: str) -> tuple[str, ...]:
+    """The options in _BWRAP_NEEDS that ``path --help`` does not list (asked once)."""
+    try:
+        done = subprocess.run(
+            [path, "--help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return _BWRAP_NEEDS
+    listed = done.stdout + done.stderr
+    return tuple(option for option in _BWRAP_NEEDS if option not in listed)
 
 
 @dataclass(frozen=True)
