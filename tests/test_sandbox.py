@@ -861,3 +861,12 @@ def test_bwrap_required_but_too_old_is_refused_naming_what_it_lacks(
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     with pytest.raises(Unavailable, match=f"bubblewrap at {fake} lacks --perms, --size"):
         run("print(1)\n", isolation="bwrap")
+
+
+def test_a_deep_directory_chain_is_not_slowed_by_the_audit_hook() -> None:
+    """Making and entering 1,100 nested directories (each write checked by the hook)
+    stays well inside the default CPU limit: the hook does not walk the cwd again."""
+    code = "import os\nfor _ in range(1100):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')\n"
+    result = run(code, cpu_seconds=5, timeout_seconds=10)
+    assert result.ok, result.reason
+    assert result.stdout == "deep\n"

@@ -91,9 +91,12 @@ def main() -> None:  # pragma: no cover - runs in the sandboxed interpreter
 
         def resolve(path: str, depth: int = 0) -> str:
             """Like os.path.realpath, on private copies of the primitives."""
-            if not path.startswith("/"):
-                path = getcwd() + "/" + path
             out = ""
+            if not path.startswith("/"):
+                # The kernel's cwd has no symlinks in it: start there rather than walk it
+                # again (a cwd thousands of directories deep made every write cost as many
+                # lstat calls, and a deep mkdir chain quadratic time).
+                out = getcwd().rstrip("/")
             for part in path.split("/"):
                 if part in ("", "."):
                     continue
