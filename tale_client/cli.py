@@ -111,12 +111,53 @@ def _root(
 # -- tasks -------------------------------------------------------------------
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+FileOpt = Annotated[
+    str | None,
+    typer.Option("--file", "-f", help="Read the text from this UTF-8 file (- for stdin)."),
+]
+
+
+def _read_text(text: str | None, file: str | None, what: str) -> str:
+    """The text given as the argument, or read from stdin (``-``) or from ``--file``.
+
+    Anything that cannot be read, is not UTF-8 or is empty is a usage error (exit 2)
+    raised before the daemon is contacted, so nothing is submitted.
+    """
+    if text is not None and file is not None:
+        raise CliError(f"give the {what} or --file, not both", Exit.USAGE)
+    if text is None and file is None:
+        raise CliError(f"missing the {what}: give it, - to read stdin, or --file PATH", Exit.USAGE)
+    if text is not None and text != "-":
+        return text
+    source = "-" if file is None else file
+    if source == "-":
+        name, data = "stdin", sys.stdin.buffer.read()
+    else:
+        name = source
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise CliError(f"cannot read {source}: {exc.strerror or exc}", Exit.USAGE) from None
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(
+            f"{name} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})", Exit.USAGE
+        ) from None
+    if not content.strip():
+        raise CliError(f"{name} is empty; it should hold the {what}", Exit.USAGE)
+    return content
 
 
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def submit(
-    text: Annotated[str, typer.Argument(help="What to do (1..10,000 characters).")],
+    text: Annotated[
+        str | None,
+        typer.Argument(help="What to do (1..10,000 characters); - reads it from stdin."),
+    ] = None,
+    file: FileOpt = None,
     priority: Annotated[
         int | None, typer.Option("--priority", "-p", help="0..100, higher runs first (default 50).")
     ] = None,
@@ -144,6 +185,7 @@ def submit(
     json_out: JsonOpt = False,
 ) -> None:
     """Queue a task and print its id (or, with --wait, follow it and print its result)."""
+    text = _read_text(text, file, "task text")
     if not text.strip():
         raise CliError("task text is empty; say what you want done", Exit.USAGE)
     if priority is not None and not 0 <= priority <= 100:
@@ -523,7 +565,11 @@ def usage(
 @app.command(rich_help_panel="Conversation")
 @handle_errors
 def ask(
-    text: Annotated[str, typer.Argument(help="What you say (1..4,000 characters).")],
+    text: Annotated[
+        str | None,
+        typer.Argument(help="What you say (1..4,000 characters); - reads it from stdin."),
+    ] = None,
+    file: FileOpt = None,
     conversation: Annotated[
         str | None,
         typer.Option(
@@ -541,6 +587,7 @@ def ask(
     A request for work is queued as a task (the reply names its id); questions
     like "how is my task doing?" are answered from the task store.
     """
+    text = _read_text(text, file, "chat message")
     if not text.strip():
         raise CliError("chat message is empty; say something", Exit.USAGE)
     if conversation is not None and new:

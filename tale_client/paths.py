@@ -7,6 +7,7 @@ twice; ``tests/test_paths.py`` pins the two copies equal.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 __all__ = [
@@ -20,6 +21,10 @@ __all__ = [
 ]
 
 
+# Where systemd-logind makes each logged-in user's runtime directory (XDG_RUNTIME_DIR).
+_SYSTEMD_RUNTIME_ROOT = "/run/user"
+
+
 class PathError(ValueError):
     """An environment variable names a path tale cannot use; the message says which."""
 
@@ -31,11 +36,30 @@ def _xdg(var: str, fallback: Path) -> Path:
 
 
 def runtime_dir() -> Path:
-    """The private directory that holds the socket."""
+    """The private directory that holds the socket.
+
+    ``$XDG_RUNTIME_DIR/tale``. When that is unset, as it is for an MCP server an
+    editor launches with a minimal environment, the directory systemd makes for every
+    login, ``/run/user/$UID/tale``, so the editor finds the daemon the shell started;
+    ``/tmp/tale-$UID`` only where there is no such directory (no systemd, a container).
+    """
     base = os.environ.get("XDG_RUNTIME_DIR", "")
     if base and os.path.isabs(base):
         return Path(base) / "tale"
-    return Path(f"/tmp/tale-{os.getuid()}")
+    uid = os.getuid()
+    login = Path(_SYSTEMD_RUNTIME_ROOT) / str(uid)
+    if _is_own_directory(login, uid):
+        return login / "tale"
+    return Path(f"/tmp/tale-{uid}")
+
+
+def _is_own_directory(path: Path, uid: int) -> bool:
+    """Whether ``path`` is a directory (not a link to one) that belongs to ``uid``."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == uid
 
 
 def socket_path() -> Path:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         type=Path,
         default=None,
-        help=f"config file (default: {paths.config_file()})",
+        help=f"config file, which must exist (default: {paths.config_file()}, if it exists)",
     )
     parser.add_argument(
         "--log-file",
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    if args.config is not None and not args.config.exists():
+        # The default file is optional; one named on the command line is meant to be read.
+        print(f"taled: --config {args.config}: no such file", file=sys.stderr)
+        return EXIT_CONFIG
     from taled.settings import load_settings
 
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +33,28 @@ def shared_daemon() -> Iterator[Daemon]:
     """One real taled for a module's read-mostly tests (saves start-ups)."""
     with running_daemon() as d:
         yield d
+
+
+@pytest.fixture
+def login_runtime_dir() -> Iterator[Path]:
+    """``/run/user/$UID`` as systemd-logind makes it at login; created here if absent.
+
+    The real directory, not a stand-in: the path rules look for it there. What this
+    fixture creates it removes; a ``tale`` directory already in it (a real daemon of
+    this user) skips the test rather than disturb it.
+    """
+    root = Path("/run/user")
+    path = root / str(os.getuid())
+    if (path / "tale").exists():
+        pytest.skip(f"{path / 'tale'} exists: a daemon of this user may be using it")
+    made_root = not root.exists()
+    made = not path.exists()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path / "tale", ignore_errors=True)
+        if made:
+            path.rmdir()
+        if made_root:
+            root.rmdir()

@@ -67,7 +67,7 @@ class Home:
 
     @property
     def socket(self) -> Path:
-        return self.root / "r" / "tale" / "taled.sock"
+        return Path(self.env["XDG_RUNTIME_DIR"]) / "tale" / "taled.sock"
 
     @property
     def data(self) -> Path:

@@ -132,3 +132,82 @@ def test_daemon_logs_shows_the_auto_started_daemons_log(home: Home) -> None:
         assert "taled ready in" in proc.stdout
     finally:
         home.tale("daemon", "stop")
+
+
+# -- the text from stdin or a file -----------------------------------------------------
+
+
+def _text_of(daemon: Daemon, task_id: str) -> str:
+    proc = daemon.home.tale("status", task_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    text: str = json.loads(proc.stdout)["text"]
+    return text
+
+
+def test_submit_dash_reads_the_task_text_from_stdin(shared_daemon: Daemon) -> None:
+    """`tale submit -` queues the text piped to it, not the text "-"."""
+    proc = shared_daemon.home.tale("submit", "-", input="Name a colour\nfrom stdin\n")
+    assert proc.returncode == 0, proc.stderr
+    assert _text_of(shared_daemon, proc.stdout.strip()).strip() == "Name a colour\nfrom stdin"
+
+
+def test_submit_file_reads_the_task_text_from_the_file(shared_daemon: Daemon) -> None:
+    """`tale submit --file PATH` queues the file's UTF-8 text."""
+    path = shared_daemon.home.root / "task.txt"
+    path.write_text("Name a colour, café\n", encoding="utf-8")
+    proc = shared_daemon.home.tale("submit", "--file", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert _text_of(shared_daemon, proc.stdout.strip()).strip() == "Name a colour, café"
+
+
+def test_submit_file_over_the_limit_exits_2_like_the_argument(shared_daemon: Daemon) -> None:
+    """A file of 10,001 characters is refused with exit 2, as the same text given inline is."""
+    path = shared_daemon.home.root / "long.txt"
+    path.write_text("x" * 10_001)
+    proc = shared_daemon.home.tale("submit", "--file", str(path))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "10000" in proc.stderr.replace(",", "").replace("_", "")
+
+
+def test_submit_dash_with_empty_stdin_exits_2_submitting_nothing(home: Home) -> None:
+    """`tale submit -` with nothing on stdin exits 2 saying so, before any daemon is reached."""
+    proc = home.tale("submit", "-", input="")
+    assert proc.returncode == 2
+    assert "stdin is empty" in proc.stderr
+    assert not home.socket.exists()
+
+
+def test_ask_dash_with_empty_stdin_exits_2_sending_nothing(home: Home) -> None:
+    """`tale ask -` reads stdin too: an empty one exits 2 before any daemon is reached."""
+    proc = home.tale("ask", "-", input=" \n")
+    assert proc.returncode == 2
+    assert "stdin is empty" in proc.stderr
+    assert not home.socket.exists()
+
+
+def test_submit_missing_file_exits_2_naming_it(home: Home) -> None:
+    """`tale submit --file` of a file that does not exist exits 2 naming the path."""
+    missing = home.root / "no-such.txt"
+    proc = home.tale("submit", "--file", str(missing), input="")
+    assert proc.returncode == 2
+    assert f"cannot read {missing}: No such file or directory" in proc.stderr
+    assert not home.socket.exists()
+
+
+def test_submit_file_that_is_not_utf8_exits_2_saying_so(home: Home) -> None:
+    """A --file in Latin-1 is refused with exit 2 saying it is not UTF-8, nothing submitted."""
+    path = home.root / "latin1.txt"
+    path.write_bytes("caf\xe9".encode("latin-1"))
+    proc = home.tale("submit", "--file", str(path), input="")
+    assert proc.returncode == 2
+    assert f"{path} is not UTF-8 text" in proc.stderr
+    assert not home.socket.exists()
+
+
+def test_submit_with_both_text_and_file_exits_2(home: Home) -> None:
+    """Text given twice, as the argument and with --file, is a usage error, not a guess."""
+    proc = home.tale("submit", "do this", "--file", "/dev/null", input="")
+    assert proc.returncode == 2
+    assert "not both" in proc.stderr
+    assert not home.socket.exists()

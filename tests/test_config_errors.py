@@ -155,3 +155,18 @@ def test_a_bad_start_timeout_is_an_error_naming_it(home: Home, value: str) -> No
     assert f"TALE_START_TIMEOUT={value!r} must be a positive number of seconds" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not home.socket.exists()
+
+
+def test_taled_with_a_missing_config_file_exits_2_naming_it(home: Home) -> None:
+    """taled --config PATH with no file at PATH exits 2 naming the path, not run on defaults."""
+    missing = home.root / "nowhere" / "taled.toml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "taled", "--config", str(missing)],
+        env=home.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"--config {missing}: no such file" in proc.stderr
+    assert not home.socket.exists()

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
 import mcp_types as types
 import pytest
 from mcp.client.session import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
 from mcp.shared.exceptions import MCPError
 
-from tests.harness import Daemon
+from tests.harness import Daemon, Home
 
 
 def _bridge(daemon: Daemon) -> StdioServerParameters:
@@ -86,3 +87,36 @@ def test_sdk_client_pings(shared_daemon: Daemon) -> None:
         return await session.send_ping()
 
     run(shared_daemon, body)
+
+
+def test_tale_mcp_in_an_editors_minimal_environment_finds_the_shells_daemon(
+    login_runtime_dir: Path,
+) -> None:
+    """`tale mcp` launched with only the SDK's default variables reaches the running daemon."""
+    assert "XDG_RUNTIME_DIR" not in get_default_environment()
+    home = Home(extra_env={"XDG_RUNTIME_DIR": str(login_runtime_dir)})
+    daemon = Daemon(home)
+    try:
+        daemon.start()
+        task_id = home.tale("submit", "Name a colour").stdout.strip()
+        # What an editor passes: the SDK's default variables, HOME isolated in the test home.
+        editor = StdioServerParameters(
+            command=sys.executable,
+            args=["-m", "tale_client.cli", "mcp"],
+            env={"HOME": str(home.root)},
+        )
+
+        async def get_task() -> Any:
+            async with (
+                stdio_client(editor) as (read, write),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                return await session.call_tool("get_task", {"id": task_id})
+
+        got = anyio.run(get_task)
+        assert got.structured_content is not None
+        assert got.structured_content["id"] == task_id
+    finally:
+        daemon.kill_if_running()
+        home.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,3 +86,15 @@ def test_a_relative_tale_socket_is_an_error_naming_it(
     monkeypatch.setenv("TALE_SOCKET", "taled.sock")
     with pytest.raises(module.PathError, match=r"TALE_SOCKET='taled\.sock' must be an absolute"):
         module.socket_path()
+
+
+@pytest.mark.parametrize("module", [daemon_paths, client_paths], ids=["daemon", "client"])
+def test_without_xdg_runtime_dir_the_socket_is_the_login_shells(
+    monkeypatch: pytest.MonkeyPatch, login_runtime_dir: Path, module: Any
+) -> None:
+    """An editor's environment without XDG_RUNTIME_DIR names the socket a login shell does."""
+    monkeypatch.delenv("TALE_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(login_runtime_dir))
+    shell = module.socket_path()
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert module.socket_path() == shell == login_runtime_dir / "tale" / "taled.sock"
