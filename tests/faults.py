@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from taled.checkpoints.repo import CheckpointStore
+from taled.tasks.workstate import AttemptKey
 from tests.harness import Daemon, Home
 
 SETTINGS = {
@@ -123,8 +124,11 @@ def _audit(home: Home, audit: Audit) -> None:
     audit.states = Counter(states.values())
     db = sqlite3.connect(home.data / "tale.db")
     calls = db.execute(
-        "SELECT task_id, step, at - total_ms / 1000.0 FROM model_calls WHERE task_id IS NOT NULL"
+        "SELECT task_id, step, attempt, at - total_ms / 1000.0 FROM model_calls"
+        " WHERE task_id IS NOT NULL"
     ).fetchall()
+    # Checkpoints name an attempt by its key's text form ('answer#2').
+    calls = [(t, str(AttemptKey(step, n)) if step else None, s) for t, step, n, s in calls]
     results = dict(db.execute("SELECT id, result FROM tasks").fetchall())
     audit.interrupted = db.execute(
         "SELECT COUNT(*) FROM transitions WHERE reason LIKE 'daemon restarted%'"

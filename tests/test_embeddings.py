@@ -601,7 +601,8 @@ def test_tasks_recorded_before_embeddings_are_backfilled(
 def test_a_version_5_database_gains_the_embeddings_table(tmp_path: Path) -> None:
     """Opening a schema-5 database migrates it to the current schema, adding
     task_embeddings (v6), the outcomes' tactic columns (v7), answer_tokens (v8) and the
-    tasks' crash count and pending restore (v9)."""
+    tasks' crash count and pending restore (v9), and the ledger's attempt and looped
+    columns (v10)."""
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     for statements in _MIGRATIONS[:5]:
@@ -619,7 +620,7 @@ def test_a_version_5_database_gains_the_embeddings_table(tmp_path: Path) -> None
         finally:
             await store.close()
 
-    assert asyncio.run(run()) == SCHEMA_VERSION == 9
+    assert asyncio.run(run()) == SCHEMA_VERSION == 10
     migrated = sqlite3.connect(path)
     columns = [r[1] for r in migrated.execute("PRAGMA table_info(task_embeddings)")]
     assert columns == ["task_id", "model", "dimension", "vector"]

@@ -134,9 +134,14 @@ def test_a_task_that_fails_on_ux_escalates_to_the_task_model(home: Home) -> None
         )["id"]
         assert daemon.wait_for(task_id)["state"] == "failed"
         calls = _rows(
-            home, "SELECT role, step FROM model_calls WHERE task_id = ? ORDER BY seq", task_id
+            home,
+            "SELECT role, step, attempt FROM model_calls WHERE task_id = ? ORDER BY seq",
+            task_id,
         )
-        assert [(c["role"], c["step"]) for c in calls] == [("ux", "answer"), ("task", "answer#2")]
+        assert [(c["role"], c["step"], c["attempt"]) for c in calls] == [
+            ("ux", "answer", 1),
+            ("task", "answer", 2),
+        ]
         outcome = _outcome(home, task_id)
         assert outcome["role"] == "ux"  # counted against ux, which failed it
         assert outcome["success"] == 0 and outcome["retries"] == 1
@@ -156,10 +161,12 @@ def test_an_answer_cut_by_its_budget_is_continued_and_counted(home: Home) -> Non
         assert task["estimate"]["budget"] == 8
         calls = _rows(
             home,
-            "SELECT step, completion_tokens FROM model_calls WHERE task_id = ? ORDER BY seq",
+            "SELECT step, attempt, completion_tokens FROM model_calls"
+            " WHERE task_id = ? ORDER BY seq",
             task_id,
         )
-        assert [c["step"] for c in calls] == ["answer", "answer"]
+        # One attempt, continued: both calls are its first attempt at the answer.
+        assert [(c["step"], c["attempt"]) for c in calls] == [("answer", 1), ("answer", 1)]
         assert calls[0]["completion_tokens"] == 8
         assert calls[1]["completion_tokens"] == 48 - 8
         # Continued, not restarted: the answer's opening is not written a second time.
@@ -251,17 +258,17 @@ HOPELESS = {"text": "Say hello to my friend", "criteria": ["contains:XYZZY-never
 DECOMPOSING = {"TALE_PLANNER__DECOMPOSE": "true", "TALE_LEARNING__TACTIC_EXPLORE_RATE": "0"}
 
 
-def _steps_of_a_hopeless_task(home: Home) -> tuple[list[str], dict[str, Any]]:
+def _steps_of_a_hopeless_task(home: Home) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     daemon = Daemon(home).start()
     try:
         task_id = daemon.call("submit_task", **HOPELESS)["id"]
         task = daemon.wait_for(task_id)
         assert task["state"] == "failed"
         steps = [
-            r["step"]
+            (r["step"], r["attempt"])
             for r in _rows(
                 home,
-                "SELECT m.step FROM model_calls m JOIN tasks t ON t.id = m.task_id"
+                "SELECT m.step, m.attempt FROM model_calls m JOIN tasks t ON t.id = m.task_id"
                 " WHERE t.id = ? OR t.parent_id = ? ORDER BY m.seq",
                 task_id,
                 task_id,
@@ -279,7 +286,7 @@ def test_decomposing_is_skipped_where_it_never_rescued_a_task(home: Home) -> Non
     Daemon(home).start().stop()
     _seed_tactic_history(home, "decomposed", uses=5, worked=False)
     steps, task = _steps_of_a_hopeless_task(home)
-    assert steps == ["answer", "answer#2"]
+    assert steps == [("answer", 1), ("answer", 2)]
     assert "not tried, from history: decompose skipped: it carried 0 of 5" in task["error"]
     assert task["estimate"]["skip"] == ["decompose"]
 
@@ -290,7 +297,7 @@ def test_decomposing_is_kept_where_it_rescued_tasks(home: Home) -> None:
     Daemon(home).start().stop()
     _seed_tactic_history(home, "decomposed", uses=5, worked=True)
     steps, task = _steps_of_a_hopeless_task(home)
-    assert "plan" in steps
+    assert ("plan", 1) in steps
     assert task["estimate"]["skip"] == []
 
 
@@ -300,7 +307,7 @@ def test_a_retry_is_skipped_where_retries_never_passed(home: Home) -> None:
     Daemon(home).start().stop()
     _seed_tactic_history(home, "retried", uses=6, worked=False)
     steps, task = _steps_of_a_hopeless_task(home)
-    assert steps == ["answer"]
+    assert steps == [("answer", 1)]
     assert "retry skipped: it carried 0 of 6" in task["error"]
 
 
@@ -314,14 +321,15 @@ def test_tactics_used_are_recorded_with_the_outcome(home: Home) -> None:
     # Their costs: the retry's call, and every call of the plan, subtasks and aggregation.
     calls = _rows(
         home,
-        "SELECT m.task_id, m.step, m.prompt_tokens + m.completion_tokens AS n"
+        "SELECT m.task_id, m.step, m.attempt, m.prompt_tokens + m.completion_tokens AS n"
         " FROM model_calls m JOIN tasks t ON t.id = m.task_id WHERE t.id = ? OR t.parent_id = ?",
         task["id"],
         task["id"],
     )
     mine = [c for c in calls if c["task_id"] == task["id"]]
-    retries = sum(c["n"] for c in mine if c["step"].startswith("answer#"))
-    direct = sum(c["n"] for c in mine if c["step"] == "answer" or c["step"].startswith("answer#"))
+    direct = [c for c in mine if c["step"] == "answer"]
+    retries = sum(c["n"] for c in direct if c["attempt"] > 1)
+    direct = sum(c["n"] for c in direct)
     assert outcome["retry_tokens"] == retries > 0
     assert outcome["plan_tokens"] == sum(c["n"] for c in calls) - direct > 0
 
@@ -334,7 +342,8 @@ def test_a_rescued_task_records_its_first_answers_tokens_apart(home: Home) -> No
     outcome = _outcome(home, task["id"])
     (first,) = _rows(
         home,
-        "SELECT SUM(completion_tokens) AS n FROM model_calls WHERE task_id = ? AND step = 'answer'",
+        "SELECT SUM(completion_tokens) AS n FROM model_calls"
+        " WHERE task_id = ? AND step = 'answer' AND attempt = 1",
         task["id"],
     )
     assert outcome["answer_tokens"] == first["n"] > 0

@@ -55,7 +55,7 @@ def _ledger(daemon: Daemon, task_ids: list[str]) -> list[sqlite3.Row]:
     db.row_factory = sqlite3.Row
     marks = ",".join("?" * len(task_ids))
     rows = db.execute(
-        f"SELECT task_id, step, success, at - total_ms / 1000.0 AS started, at AS ended "
+        f"SELECT task_id, step, attempt, success, at - total_ms / 1000.0 AS started, at AS ended "
         f"FROM model_calls WHERE task_id IN ({marks}) ORDER BY seq",
         task_ids,
     ).fetchall()
@@ -149,7 +149,10 @@ def test_every_step_is_checkpointed_and_tale_checkpoints_lists_them(
     # Written while the daemon runs, the repository is valid git all along.
     _git(planner_daemon, "fsck", "--strict")
     table = planner_daemon.home.tale("checkpoints", task_id)
-    assert table.stdout.splitlines()[0].split() == ["COMMIT", "TIME", "STEP", "MESSAGE"]
+    assert table.stdout.splitlines()[0].split() == ["COMMIT", "TIME", "STEP", "KIND", "MESSAGE"]
+    kinds = [c["kind"] for c in reversed(listed)]
+    assert kinds[0] == "start" and kinds[1] == "plan" and kinds[-1] == "done"
+    assert "step-done" in kinds
 
 
 def test_a_simple_task_is_answered_in_one_step(planner_daemon: Daemon) -> None:
@@ -293,6 +296,25 @@ GATED = {
 }
 
 
+def test_a_retried_answer_is_one_step_in_the_ledger_with_numbered_attempts() -> None:
+    """Each attempt at a retried answer is a ledger row of step ``answer`` with its own
+    attempt number; its checkpoints still name it ``answer``, ``answer#2``."""
+    settings = {
+        "TALE_PLANNER__DECOMPOSE": "false",
+        "TALE_RUNNER__MAX_TOKENS": "8",
+        "TALE_GATES__ATTEMPTS": "2",
+    }
+    with running_daemon(settings) as d:
+        task_id = d.call("submit_task", text="Say hello", criteria=["contains:xyzzy-never-said"])[
+            "id"
+        ]
+        assert d.wait_for(task_id, timeout=240)["state"] == "failed"
+        calls = _ledger(d, [task_id])
+        assert [(r["step"], r["attempt"]) for r in calls] == [("answer", 1), ("answer", 2)]
+        listed = d.call("list_checkpoints", id=task_id)["checkpoints"]
+        assert [c["step"] for c in listed[:2]] == ["answer#2", "answer"]
+
+
 def test_a_failing_gate_is_fed_back_and_recovered_in_order_then_fails_saying_what_was_tried() -> (
     None
 ):
@@ -309,7 +331,7 @@ def test_a_failing_gate_is_fed_back_and_recovered_in_order_then_fails_saying_wha
         assert "(fallback model, 32 tokens, llamacpp:smollm2-135m)" in error
         assert "xyzzy-never-said" in error
         calls = _ledger(d, [task_id])
-        assert [r["step"] for r in calls] == ["answer", "answer#2", "answer#3", "answer#4"]
+        assert [(r["step"], r["attempt"]) for r in calls] == [("answer", n) for n in (1, 2, 3, 4)]
         # The gate's complaint went back to the model with the retry.
         listed = d.call("list_checkpoints", id=task_id)["checkpoints"]
         assert all("failed" in c["message"] for c in listed[:4])

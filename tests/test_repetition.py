@@ -80,9 +80,10 @@ _LOOPY = (
 )
 
 
-def _answers(guard: bool) -> tuple[list[tuple[str, int, str | None]], int]:
-    """Each _LOOPY task's result, completion tokens and ledger note, in a fresh daemon,
-    and the calls `tale usage` says were stopped for looping."""
+def _answers(guard: bool) -> tuple[list[tuple[str, int, bool]], int]:
+    """Each _LOOPY task's result, completion tokens and whether the ledger says the pool
+    stopped it for looping, in a fresh daemon, and the calls `tale usage` says were
+    stopped for looping."""
     settings = {"TALE_LOOPS__ENABLED": str(guard).lower(), "TALE_RUNNER__MAX_TOKENS": "300"}
     out = []
     with running_daemon(settings) as daemon:
@@ -91,11 +92,11 @@ def _answers(guard: bool) -> tuple[list[tuple[str, int, str | None]], int]:
             task = daemon.wait_for(task_id)
             assert task["state"] == "completed"
             with sqlite3.connect(daemon.home.data / "tale.db") as db:
-                tokens, note = db.execute(
-                    "SELECT completion_tokens, note FROM model_calls WHERE task_id = ?",
+                tokens, looped = db.execute(
+                    "SELECT completion_tokens, looped FROM model_calls WHERE task_id = ?",
                     (task_id,),
                 ).fetchone()
-            out.append((task["result"], tokens, note))
+            out.append((task["result"], tokens, bool(looped)))
         stopped = daemon.call("usage")["savings"]["loops_stopped"]["calls"]
     return out, stopped
 
@@ -105,8 +106,8 @@ def test_looping_answers_are_stopped_where_they_start_repeating() -> None:
     it, early, keeping what the model wrote before the repeats; the others are untouched."""
     (free, none_stopped), (guarded, reported) = _answers(False), _answers(True)
     stopped = 0
-    for (free_text, free_tokens, _), (text, tokens, note) in zip(free, guarded, strict=True):
-        if note is not None and "stopped repeating itself" in note:
+    for (free_text, free_tokens, _), (text, tokens, looped) in zip(free, guarded, strict=True):
+        if looped:
             stopped += 1
             assert tokens < free_tokens
             assert free_text.startswith(text)
@@ -146,12 +147,12 @@ def test_looping_chat_replies_are_stopped_and_stored_without_their_repeats() -> 
         for text in _RAMBLE:
             turn = daemon.call("chat", text=text, new=True)
             with sqlite3.connect(daemon.home.data / "tale.db") as db:
-                tokens, note = db.execute(
-                    "SELECT completion_tokens, note FROM model_calls"
+                tokens, looped = db.execute(
+                    "SELECT completion_tokens, looped FROM model_calls"
                     " WHERE conversation_id = ? AND step IS NULL",
                     (turn["conversation"],),
                 ).fetchone()
-            if note and "stopped repeating itself" in note:
+            if looped:
                 stopped += 1
                 assert tokens < 256
             stored = daemon.call("get_conversation", id=turn["conversation"])["messages"][-1]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from taled.db.store import _MIGRATIONS, SCHEMA_VERSION, Store
+from taled.db.store import _MIGRATIONS, SCHEMA_VERSION, AttemptKey, CallRecord, Store
 from taled.errors import NotFound, TaleError
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import TaskState
@@ -81,6 +82,82 @@ def test_a_version_1_database_migrates_without_losing_data(tmp_path: Path) -> No
     assert asyncio.run(run()) == (SCHEMA_VERSION, "done", None, 1)
     with sqlite3.connect(tmp_path / "t.db") as db:
         assert db.execute("SELECT route, counts_exact FROM model_calls").fetchall() == [("role", 1)]
+
+
+def _v9_database_with_calls(path: Path, calls: list[tuple[str | None, str | None]]) -> None:
+    """A schema-9 database whose ledger holds one call per (step, note)."""
+    with sqlite3.connect(path) as db:
+        for statements in _MIGRATIONS[:9]:
+            for statement in statements:
+                db.execute(statement)
+        db.executemany(
+            "INSERT INTO model_calls (at, task_id, role, backend, model, prompt_tokens, "
+            "completion_tokens, load_ms, prompt_ms, generation_ms, total_ms, success, step, "
+            "note) VALUES (1.5, 'a', 'task', 'llamacpp', 'm', 7, 9, 0, 1, 2, 3, 1, ?, ?)",
+            calls,
+        )
+        db.execute("PRAGMA user_version=9")
+
+
+def _migrated(path: Path, columns: str) -> list[tuple[Any, ...]]:
+    async def run() -> int:
+        store = _store(path)
+        await store.open()
+        try:
+            return await store.schema_version()
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == SCHEMA_VERSION
+    with sqlite3.connect(path) as db:
+        return db.execute(f"SELECT {columns} FROM model_calls ORDER BY seq").fetchall()
+
+
+def test_a_version_9_ledger_splits_attempt_numbers_out_of_its_steps(tmp_path: Path) -> None:
+    """Legacy steps named ``answer#2`` become step ``answer``, attempt 2; the rest attempt 1."""
+    steps = ["answer", "answer#2", "plan#3", "s2", "s2#12", "intent", None, "odd#x"]
+    _v9_database_with_calls(tmp_path / "t.db", [(s, None) for s in steps])
+    assert _migrated(tmp_path / "t.db", "step, attempt") == [
+        ("answer", 1),
+        ("answer", 2),
+        ("plan", 3),
+        ("s2", 1),
+        ("s2", 12),
+        ("intent", 1),
+        (None, 1),
+        ("odd#x", 1),
+    ]
+
+
+def test_a_version_9_ledger_marks_the_calls_its_note_says_looped(tmp_path: Path) -> None:
+    """A call whose note says the pool stopped it repeating itself is marked looped."""
+    notes = [None, "stopped repeating itself; kept 40 characters", "task model x was down: y"]
+    _v9_database_with_calls(tmp_path / "t.db", [("answer", n) for n in notes])
+    assert _migrated(tmp_path / "t.db", "looped") == [(0,), (1,), (0,)]
+
+
+def test_a_new_ledger_row_keeps_its_step_and_attempt_apart(tmp_path: Path) -> None:
+    """A call recorded for the second attempt at ``answer`` is stored as step ``answer``,
+    attempt 2; a call without a key has neither."""
+
+    async def run() -> None:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            for key in (AttemptKey("answer", 2), None):
+                store.record_call(
+                    CallRecord(
+                        "task", "llamacpp", "m", None, 1, 2, 0.0, 0.0, 0.0, 0.0, True, key=key
+                    )
+                )
+            await store.ledger_settled()
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        rows = db.execute("SELECT step, attempt FROM model_calls ORDER BY seq").fetchall()
+    assert rows == [("answer", 2), (None, 1)]
 
 
 def test_reopening_keeps_every_task(tmp_path: Path) -> None:

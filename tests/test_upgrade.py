@@ -49,6 +49,15 @@ def test_a_v8_home_migrates_and_keeps_every_task(upgraded: Daemon) -> None:
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 9
 
 
+def test_a_v8_ledgers_retry_is_split_into_its_step_and_attempt(upgraded: Daemon) -> None:
+    """The failed task's ``answer#2`` ledger row reads step ``answer``, attempt 2."""
+    with sqlite3.connect(upgraded.home.data / "tale.db") as db:
+        rows = db.execute(
+            "SELECT step, attempt FROM model_calls WHERE task_id = ? ORDER BY seq", (FAILED,)
+        ).fetchall()
+    assert rows == [("answer", 1), ("answer", 2)]
+
+
 def test_tasks_a_v8_daemon_was_killed_in_resume_and_finish(upgraded: Daemon) -> None:
     """The tasks interrupted by the kill are requeued on start and run to the end."""
     for task_id in INTERRUPTED:

@@ -36,6 +36,7 @@ from taled.models.routing import Router
 from taled.settings import ChatSettings
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
+from taled.tasks.workstate import AttemptKey
 from taled.text import clean_text
 
 __all__ = ["ChatService", "Turn"]
@@ -168,7 +169,7 @@ class ChatService:
             answer = await self._side_call(
                 judge_messages(message),  # type: ignore[arg-type]
                 max_tokens=self._settings.intent_judge_tokens,
-                step="intent",
+                key=AttemptKey("intent"),
                 conversation_id=conversation_id,
             )
             return answer or ""
@@ -180,7 +181,7 @@ class ChatService:
         messages: list[ChatMessage],
         *,
         max_tokens: int,
-        step: str,
+        key: AttemptKey,
         conversation_id: str | None,
     ) -> str | None:
         """A short UX call the agent makes for itself (its ledger step says which).
@@ -194,11 +195,11 @@ class ChatService:
                 max_tokens=max_tokens,
                 temperature=0.0,
                 timeout=self._settings.call_timeout_seconds,
-                step=step,
+                key=key,
                 conversation_id=conversation_id,
             )
         except ModelError as exc:
-            log.warning("conversation %s: the %s call failed: %s", conversation_id, step, exc)
+            log.warning("conversation %s: the %s call failed: %s", conversation_id, key, exc)
             return None
         return out.text
 
@@ -489,7 +490,7 @@ class ChatService:
                 {"role": "user", "content": prompt},
             ],
             max_tokens=self._settings.summary_max_tokens,
-            step="summary",
+            key=AttemptKey("summary"),
             conversation_id=conversation_id,
         )
         # Handed-off tasks need no place in it: every chat prompt names them anyway.

@@ -41,10 +41,12 @@ from taled.errors import (
 )
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import FINAL_STATES, RESTORE_TRANSITIONS, TaskState, check_transition
+from taled.tasks.workstate import AttemptKey
 
 __all__ = [
     "PREDICTABLE_TOKENS_SQL",
     "SCHEMA_VERSION",
+    "AttemptKey",  # a ledger row's key, for services that see the ledger but not tasks
     "CallRecord",
     "Store",
     "SubtaskSpec",
@@ -124,6 +126,8 @@ model_calls = sa.Table(
     sa.Column("step", sa.Text),
     sa.Column("conversation_id", sa.Text),
     sa.Column("saved_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("looped", sa.Boolean, nullable=False, server_default="0"),
 )
 
 conversations = sa.Table(
@@ -420,8 +424,24 @@ _V9 = [
     "CREATE INDEX tasks_restoring ON tasks (id) WHERE restore_to IS NOT NULL",
 ]
 
+# Version 10 (decisions on columns, not on words): which attempt at its step a call
+# was, and whether the pool stopped it for repeating itself, each in a column of its
+# own. Rows written before named a retry in the step itself ('answer#2') and a stopped
+# loop only in the note; both are read back here, once, and nowhere else.
+_V10 = [
+    "ALTER TABLE model_calls ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
+    """UPDATE model_calls
+        SET attempt = CAST(substr(step, instr(step, '#') + 1) AS INTEGER),
+            step = substr(step, 1, instr(step, '#') - 1)
+        WHERE instr(step, '#') > 1
+          AND substr(step, instr(step, '#') + 1) GLOB '[1-9]*'
+          AND substr(step, instr(step, '#') + 1) NOT GLOB '*[^0-9]*'""",
+    "ALTER TABLE model_calls ADD COLUMN looped BOOLEAN NOT NULL DEFAULT 0",
+    "UPDATE model_calls SET looped = 1 WHERE instr(note, 'stopped repeating itself') > 0",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -495,11 +515,15 @@ class CallRecord:
     """How the model was chosen: 'role', 'override' or 'fallback'."""
     note: str | None = None
     counts_exact: bool = True
-    step: str | None = None
-    """The task's step this call served (``answer``, ``plan``, ``s2``...)."""
+    key: AttemptKey | None = None
+    """The step this call served and which attempt at it (``answer``, ``plan``, ``s2``...;
+    ``intent`` and ``summary`` for chat's own calls); the ledger's ``step`` and
+    ``attempt`` columns."""
     conversation_id: str | None = None
     saved_tokens: int = 0
     """Prompt tokens a conversation summary kept out of this call (an estimate)."""
+    looped: bool = False
+    """The pool stopped the answer where it started repeating itself (taled.models.repetition)."""
     at: float = field(default_factory=time.time)
     """When the call ended (it started ``total_ms`` earlier)."""
 
@@ -1159,8 +1183,12 @@ class Store:
         read (``usage``) waits for rows still in flight.
         """
 
+        row = {k: v for k, v in call.__dict__.items() if k != "key"}
+        row["step"] = call.key.step if call.key is not None else None
+        row["attempt"] = call.key.number if call.key is not None else 1
+
         async def apply(conn: AsyncConnection) -> None:
-            await conn.execute(model_calls.insert().values(**call.__dict__))
+            await conn.execute(model_calls.insert().values(**row))
 
         loop = asyncio.get_running_loop()
         op = _WriteOp(future=loop.create_future(), fn=apply)

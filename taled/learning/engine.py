@@ -599,15 +599,15 @@ async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
     spent = c.prompt_tokens + c.completion_tokens
     # The task's own direct answers: the first and its retries; everything else in the
     # tree (a plan, subtasks, an aggregation) is what planning cost.
-    direct = (c.task_id == task_id) & ((c.step == "answer") | c.step.like("answer#%"))
-    retry = (c.task_id == task_id) & c.step.like("answer#%")
-    first = (c.task_id == task_id) & (c.step == "answer")
+    direct = (c.task_id == task_id) & (c.step == "answer")
+    retry = direct & (c.attempt > 1)
+    first = direct & (c.attempt == 1)
     sums = (
         await conn.execute(
             sa.select(
                 sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0),
                 sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
-                sa.func.coalesce(sa.func.sum(sa.case((c.step.like("%#%"), 1), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((c.attempt > 1, 1), else_=0)), 0),
                 sa.func.coalesce(sa.func.sum(sa.case((retry, spent), else_=0)), 0),
                 sa.func.coalesce(sa.func.sum(sa.case((direct, 0), else_=spent)), 0),
                 sa.func.sum(sa.case((first, c.completion_tokens), else_=None)),

@@ -31,7 +31,7 @@ from typing import Literal
 import anyio
 import psutil
 
-from taled.db.store import CallRecord, Store
+from taled.db.store import AttemptKey, CallRecord, Store
 from taled.errors import BackendDown, InvalidInput, ModelError, ModelTimeout, RoleDown
 from taled.models.backends.base import Backend, CancelToken, ChatMessage, Completion, continuation
 from taled.models.backends.llamacpp import LlamaCppBackend
@@ -114,7 +114,8 @@ class _Request:
     task_id: str | None
     cancel: CancelToken
     model: str | None
-    step: str | None = None
+    key: AttemptKey | None = None
+    """The step (and attempt at it) the call serves, for the ledger."""
     on_piece: Callable[[str], None] | None = None
     on_restart: Callable[[], None] | None = None
     conversation_id: str | None = None
@@ -508,7 +509,7 @@ class ModelPool:
         task_id: str | None = None,
         cancel: CancelToken | None = None,
         model: str | None = None,
-        step: str | None = None,
+        key: AttemptKey | None = None,
         on_piece: Callable[[str], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         conversation_id: str | None = None,
@@ -520,8 +521,9 @@ class ModelPool:
         Nobody has seen partial text, so a backend failing mid-answer restarts the
         call (once) on wherever the role now routes. ``on_piece`` sees each piece
         as it arrives (for progress), ``on_restart`` hears that the pieces seen so far
-        are void (the call starts over); ``step`` names the task's step in the ledger;
-        ``think`` switches a thinking model's reasoning (backends without one ignore it).
+        are void (the call starts over); ``key`` names the step, and which attempt at
+        it, in the ledger; ``think`` switches a thinking model's reasoning (backends
+        without one ignore it).
         ``partial`` is an answer of the model's own, cut off, to continue: the result's
         text is what follows it (see ``backends.base.continuation``, chosen per backend
         because a fallback may serve the call). A cancelled call returns what it had
@@ -536,7 +538,7 @@ class ModelPool:
             task_id,
             cancel or CancelToken(),
             model,
-            step,
+            key,
             on_piece,
             on_restart,
             conversation_id,
@@ -641,11 +643,13 @@ class ModelPool:
         finally:
             with anyio.CancelScope(shield=True):
                 await pieces.aclose()
+            looped = False
             if guard is not None and guard.cut is not None and not request.cancel.cancelled:
+                looped = True
                 out.text = guard.trimmed(out.text)
                 out.finish_reason = "stop"
-                looped = f"stopped repeating itself; kept {len(out.text)} characters"
-                note = f"{note}; {looped}" if note else looped
+                kept = f"stopped repeating itself; kept {len(out.text)} characters"
+                note = f"{note}; {kept}" if note else kept
             total_ms = (time.perf_counter() - started) * 1000
             if error is None and out.finish_reason == "cancelled":
                 error = "cancelled"
@@ -685,9 +689,10 @@ class ModelPool:
                     route=route,
                     note=note,
                     counts_exact=out.counts_exact,
-                    step=request.step,
+                    key=request.key,
                     conversation_id=request.conversation_id,
                     saved_tokens=request.saved_tokens,
+                    looped=looped,
                 )
             )
 

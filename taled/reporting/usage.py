@@ -106,10 +106,7 @@ _ROUTED_TO_UX = sa.text(
     "FROM model_calls WHERE role = 'ux' AND task_id IS NOT NULL AND at >= :since"
 )
 # Calls the pool stopped because the answer had started repeating itself (taled.models.repetition).
-_LOOPS_STOPPED = sa.text(
-    "SELECT COUNT(*) AS calls FROM model_calls "
-    "WHERE note LIKE '%stopped repeating itself%' AND at >= :since"
-)
+_LOOPS_STOPPED = sa.text("SELECT COUNT(*) AS calls FROM model_calls WHERE looped AND at >= :since")
 # Each message with its conversation's running length and the user message it answers.
 _MESSAGES = (
     "WITH m AS (SELECT role, at, action, task_id, length(text) AS n, "

@@ -52,7 +52,7 @@ from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.planning import planner
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
-from taled.tasks.workstate import Attempt, WorkState
+from taled.tasks.workstate import Attempt, AttemptKey, WorkState
 
 __all__ = ["Runner"]
 
@@ -697,7 +697,7 @@ class Runner:
         plan: planner.Plan | None = None
         messages = planner.plan_messages(task.text, self._planning.max_steps)
         while plan is None and len(attempts) < self._planning.plan_attempts:
-            key = "plan" if not attempts else f"plan#{len(attempts) + 1}"
+            key = AttemptKey("plan", len(attempts) + 1)
             self._progress.update(task.id, doing="planning")
             try:
                 completion = await self._call(
@@ -736,7 +736,7 @@ class Runner:
         ws.plan, ws.phase = plan.to_json(), "subtasks"
         now = time.time()
         for attempt in attempts:
-            ws.done_at.setdefault(attempt.key, now)
+            ws.done_at.setdefault(str(attempt.key), now)
         notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""
         await self._save(
             ws,
@@ -879,22 +879,22 @@ class Runner:
         while (at := _next_stage(stages, attempts)) < len(stages):
             stage = stages[at]
             i = len(attempts)
-            key = step if i == 0 else f"{step}#{i + 1}"
+            key = AttemptKey(step, i + 1)
             prompt = list(messages)
             if attempts and attempts[-1].output and attempts[-1].detail:
                 prompt += [
                     {"role": "assistant", "content": attempts[-1].output},
                     {"role": "user", "content": attempts[-1].detail},
                 ]
-            partial = ws.partial["text"] if ws.partial and ws.partial["key"] == key else ""
+            partial = ws.partial["text"] if ws.partial and ws.partial["key"] == str(key) else ""
             limit = stage.max_tokens
             budgeted = budget is not None and at == 0 and budget < stage.max_tokens
             if budgeted:
                 assert budget is not None
-                limit = stage.max_tokens - budget if key in ws.cut else budget
+                limit = stage.max_tokens - budget if str(key) in ws.cut else budget
             doing = self._doing_step(step, stage)
             self._progress.update(
-                task.id, doing=f"{doing} (past its budget)" if key in ws.cut else doing
+                task.id, doing=f"{doing} (past its budget)" if str(key) in ws.cut else doing
             )
             try:
                 completion = await self._call(
@@ -920,12 +920,12 @@ class Runner:
 
             else:
                 output = partial + completion.text
-                if budgeted and completion.finish_reason == "length" and key not in ws.cut:
+                if budgeted and completion.finish_reason == "length" and str(key) not in ws.cut:
                     # Cut by the learned budget, not by the fixed limit: continue it.
-                    ws.cut.append(key)
+                    ws.cut.append(str(key))
                     ws.truncations += 1
                     ws.tokens += completion.completion_tokens
-                    ws.partial = {"key": key, "text": output}
+                    ws.partial = {"key": str(key), "text": output}
                     await self._save(
                         ws,
                         CheckpointKind.BUDGET_CUT,
@@ -939,7 +939,7 @@ class Runner:
                     key,
                     stage.name,
                     stage.model,
-                    stage.max_tokens if budgeted and key in ws.cut else limit,
+                    stage.max_tokens if budgeted and str(key) in ws.cut else limit,
                     output,
                     completion.finish_reason,
                     passed,
@@ -949,12 +949,12 @@ class Runner:
                 ws.tokens += completion.completion_tokens
             attempts.append(attempt)
             ws.partial = None
-            ws.done_at[key] = time.time()
+            ws.done_at[str(key)] = time.time()
             verdict = "passed" if attempt.passed else f"failed: {attempt.detail[:200]}"
             kind = (
                 CheckpointKind.ATTEMPT_PASSED if attempt.passed else CheckpointKind.ATTEMPT_FAILED
             )
-            await self._save(ws, kind, key, f"{stage.name} attempt {verdict}")
+            await self._save(ws, kind, str(key), f"{stage.name} attempt {verdict}")
             if attempt.passed:
                 return attempt.output
         if can_decompose and not ws.decomposed and self._planning.decompose:
@@ -976,10 +976,10 @@ class Runner:
         route: Route,
         messages: list[ChatMessage],
         max_tokens: int,
-        key: str,
+        key: AttemptKey,
         token: CancelToken,
         *,
-        partial_of: tuple[WorkState, str, str] | None = None,
+        partial_of: tuple[WorkState, AttemptKey, str] | None = None,
     ) -> Completion:
         """One model call of a step. Raises _Stopped if the task stops meanwhile.
 
@@ -1013,7 +1013,7 @@ class Runner:
                     timeout=self._settings.call_timeout_seconds,
                     task_id=task.id,
                     cancel=token,
-                    step=key,
+                    key=key,
                     on_piece=counted,
                     on_restart=pieces.clear,
                     think=self._learning.think(task) if self._learning is not None else None,
@@ -1046,7 +1046,10 @@ class Runner:
                 raise _Stopped
 
     async def _save_partials(
-        self, partial_of: tuple[WorkState, str, str], pieces: list[str], answered: asyncio.Event
+        self,
+        partial_of: tuple[WorkState, AttemptKey, str],
+        pieces: list[str],
+        answered: asyncio.Event,
     ) -> None:
         """Checkpoint the answer so far every ``partial_checkpoint_seconds`` until it ends."""
         ws, key, earlier = partial_of
@@ -1058,7 +1061,7 @@ class Runner:
                 return
             if len(pieces) > saved:
                 saved = len(pieces)
-                ws.partial = {"key": key, "text": earlier + "".join(pieces)}
+                ws.partial = {"key": str(key), "text": earlier + "".join(pieces)}
                 await self._save(
                     ws,
                     CheckpointKind.PARTIAL,
@@ -1070,12 +1073,12 @@ class Runner:
         self,
         task: TaskRecord,
         completion: Completion | None,
-        partial_of: tuple[WorkState, str, str] | None,
+        partial_of: tuple[WorkState, AttemptKey, str] | None,
     ) -> None:
         """Checkpoint what a stopped call had written; requeue the task on shutdown."""
         if partial_of is not None and completion is not None and completion.text:
             ws, key, earlier = partial_of
-            ws.partial = {"key": key, "text": earlier + completion.text}
+            ws.partial = {"key": str(key), "text": earlier + completion.text}
             why = "daemon stopping" if self._stopping else "paused or cancelled"
             await self._save(
                 ws,
