@@ -870,3 +870,16 @@ def test_a_deep_directory_chain_is_not_slowed_by_the_audit_hook() -> None:
     result = run(code, cpu_seconds=5, timeout_seconds=10)
     assert result.ok, result.reason
     assert result.stdout == "deep\n"
+
+
+@ISOLATIONS
+def test_a_configured_virtualenv_runs_as_that_virtualenv(isolation: str, tmp_path: Path) -> None:
+    """A venv configured as the interpreter is in the sandbox's root and runs as itself."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    tmp_path.chmod(0o755)  # as a user's project directory would be
+    result = run(
+        "import sys\nprint(sys.prefix)\n", python=str(venv / "bin" / "python"), isolation=isolation
+    )
+    assert result.ok, result.stderr
+    assert result.stdout.strip() == str(venv)

@@ -456,9 +456,10 @@ async def _interpreter(configured: str) -> _Interpreter:
     problem = f"the sandbox could not start: {configured!r} is not a working Python"
     try:
         proc = await asyncio.create_subprocess_exec(
+            # Without -S: in 3.11 site.py is what makes sys.prefix a venv's, and the
+            # venv must be in the sandbox's root (the code runs with site, too).
             configured,
             "-I",
-            "-S",
             "-c",
             _PROBE,
             stdin=asyncio.subprocess.DEVNULL,
