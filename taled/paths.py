@@ -118,6 +118,11 @@ def secure_data_dir(root: Path | None = None) -> int:
         root.chmod(0o700)
         changed += 1
     for top, dirs, files in os.walk(root):
+        if top == str(root) and "scratch" in dirs:
+            # Sandbox runs' own directories (the runner removes any left behind, however
+            # deep: os.walk would recurse once per level of them). Only its top is ours.
+            dirs.remove("scratch")
+            files = [*files, "scratch"]
         for name in dirs + files:
             path = os.path.join(top, name)
             try:

@@ -373,3 +373,28 @@ def test_kill_9_during_a_restore_never_leaves_it_half_done() -> None:
     assert half_done == [], (
         f"half-done restores (task, state, has a restore checkpoint): {half_done}"
     )
+
+
+def test_a_deep_scratch_dir_left_by_a_killed_run_does_not_stop_the_next_start() -> None:
+    """A directory chain 1,100 deep left in the scratch dir (a daemon killed mid-gate)
+    neither stops start-up (the data dir's mode repair walks the tree) nor stays."""
+    home = Home()
+    left = home.data / "scratch" / "tale-sandbox-leftover"
+    left.mkdir(parents=True)
+    here = os.getcwd()
+    try:
+        os.chdir(left)
+        for _ in range(1100):
+            os.mkdir("d")
+            os.chdir("d")
+    finally:
+        os.chdir(here)
+    daemon = Daemon(home)
+    try:
+        daemon.start()
+        task_id = daemon.call("submit_task", text="Say hi")["id"]
+        assert daemon.wait_for(task_id)["state"] == "completed"
+        assert not left.exists()
+    finally:
+        daemon.kill_if_running()
+        home.cleanup()

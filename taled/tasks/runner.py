@@ -47,7 +47,7 @@ from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.models.pool import ModelPool
 from taled.models.routing import Route, Router
 from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
-from taled.tasks.gates import gates
+from taled.tasks.gates import gates, sandbox
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.planning import planner
 from taled.tasks.progress import ProgressHub
@@ -262,6 +262,10 @@ class Runner:
     async def start(self) -> None:
         """Start the workers."""
         self._scratch.mkdir(parents=True, exist_ok=True)
+        # A daemon killed mid-gate leaves its run's scratch directory behind.
+        left = await asyncio.to_thread(sandbox.remove_leftovers, self._scratch)
+        if left:
+            log.info("removed %d scratch director(ies) a stopped run left behind", left)
         self._workers = [
             asyncio.create_task(self._supervise(i), name=f"worker-{i}")
             for i in range(self._n_workers)

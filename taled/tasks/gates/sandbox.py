@@ -49,7 +49,7 @@ from taled.errors import Unavailable
 if TYPE_CHECKING:
     from taled.settings import SandboxSettings
 
-__all__ = ["NetworkIsolation", "SandboxResult", "run_python"]
+__all__ = ["NetworkIsolation", "SandboxResult", "remove_leftovers", "run_python"]
 
 log = logging.getLogger(__name__)
 
@@ -655,6 +655,18 @@ def _environment(scratch: Path) -> dict[str, str]:
         "USER": "sandbox",
         "LOGNAME": "sandbox",
     }
+
+
+def remove_leftovers(scratch_root: Path) -> int:
+    """Remove the scratch directories a killed daemon left under ``scratch_root``
+    (however deep their code nested them); return how many there were."""
+    found = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(scratch_root) as entries:
+        for entry in list(entries):
+            if entry.name.startswith("tale-sandbox-") and entry.is_dir(follow_symlinks=False):
+                _remove_tree(Path(entry.path))
+                found += 1
+    return found
 
 
 def _remove_tree(path: Path) -> None:
