@@ -25,6 +25,8 @@ act on. ``taled/daemon/server.py`` converts them to protocol errors in one place
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "AlreadyRunning",
     "BackendDown",
@@ -43,6 +45,7 @@ __all__ = [
     "StoreDamaged",
     "TaleError",
     "Unavailable",
+    "is_no_space",
 ]
 
 
@@ -153,6 +156,11 @@ class CheckpointDamaged(Damaged):
     """A checkpoint ref is garbage or names an object that is missing or broken."""
 
     code = -32052
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is the OS saying the disk (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFull(TaleError):

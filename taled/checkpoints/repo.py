@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import fcntl
 import itertools
 import json
@@ -57,6 +56,7 @@ from taled.errors import (
     InvalidInput,
     NotFound,
     Unavailable,
+    is_no_space,
 )
 
 __all__ = ["Checkpoint", "CheckpointKind", "CheckpointStore", "GcReport", "RefDamage"]
@@ -403,7 +403,7 @@ class CheckpointStore:
                 self._open_repo()
                 return await anyio.to_thread.run_sync(fn)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_no_space(exc):
                 raise
             # A write cut short by a full disk leaves its git lock file behind (dulwich
             # removes it only when the rename fails, not the flush), and that file

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import secrets
@@ -38,6 +37,7 @@ from taled.errors import (
     StoreDamaged,
     TaleError,
     Unavailable,
+    is_no_space,
 )
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import FINAL_STATES, RESTORE_TRANSITIONS, TaskState, check_transition
@@ -1414,7 +1414,7 @@ def _disk_full(error: BaseException) -> bool:
         if isinstance(code, int):
             return bool(code & 0xFF == sqlite3.SQLITE_FULL)
         return "database or disk is full" in str(error)
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return is_no_space(error)
 
 
 def _totals(row: Any) -> dict[str, Any]:

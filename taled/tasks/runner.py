@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -40,6 +39,7 @@ from taled.errors import (
     RoleDown,
     TaleError,
     Unavailable,
+    is_no_space,
 )
 from taled.learning.engine import Assessment, LearningEngine
 from taled.learning.selection import Tactic
@@ -78,7 +78,7 @@ def _disk_full(exc: BaseException, where: Path) -> DiskFull | None:
     """The exception as DiskFull if it is one (or an OS "no space" error), else None."""
     if isinstance(exc, DiskFull):
         return exc
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, OSError) and is_no_space(exc):
         return DiskFull(str(exc.filename or where))
     return None
 
