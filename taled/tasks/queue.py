@@ -159,8 +159,11 @@ class TaskQueue:
             task_id, TaskState.QUEUED, "resumed by the user", expect=TaskState.PAUSED
         )
         await self._cascade(task_id, TaskState.QUEUED, {TaskState.PAUSED}, "its parent was resumed")
+        # Read before waking the workers: the answer is the task as resumed (queued),
+        # not as an idle worker may already have claimed it.
+        resumed = await self._store.get_task(task_id)
         self._wake.set()
-        return await self._store.get_task(task_id)
+        return resumed
 
     async def set_priority(self, task_id: str, priority: int) -> TaskRecord:
         """Change an unfinished task's priority (0..100, higher runs first)."""
