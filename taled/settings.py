@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
@@ -32,15 +33,18 @@ from pydantic_settings import (
 from taled.errors import ConfigError
 
 __all__ = [
+    "AgentSettings",
     "BackendSpec",
     "ChatSettings",
     "CheckpointSettings",
     "DaemonSettings",
+    "Decision",
     "GateSettings",
     "LearningSettings",
     "Level",
     "LlamaCppSettings",
     "LoopSettings",
+    "McpServerSettings",
     "ModelsSettings",
     "OllamaSettings",
     "OpenAISettings",
@@ -48,12 +52,15 @@ __all__ = [
     "PoolSettings",
     "QueueSettings",
     "Role",
+    "RunToolSettings",
     "RunnerSettings",
     "SandboxSettings",
     "ServerSettings",
     "Settings",
     "StoreSettings",
+    "ToolsSettings",
     "UsageSettings",
+    "WorkspaceSettings",
     "load_settings",
     "parse_model_spec",
 ]
@@ -500,6 +507,144 @@ def parse_model_spec(spec: str) -> BackendSpec:
     raise ValueError(f"unknown backend {backend!r} in {spec!r}; backends: {', '.join(BACKENDS)}")
 
 
+class WorkspaceSettings(BaseModel):
+    """Where an acting task works: its own copy of the user's directory, or a scratch one."""
+
+    model_config = _STRICT
+
+    max_copy_mb: int = Field(default=512, ge=1, le=1_048_576)
+    """A directory bigger than this (files copied, excludes left out) is refused for --in."""
+    max_files: int = Field(default=20_000, ge=1, le=10_000_000)
+    """A directory with more files than this is refused for --in."""
+    exclude: list[str] = Field(
+        default_factory=lambda: [".git", ".venv", "venv", "node_modules", "__pycache__", ".tox"]
+    )
+    """Directory names never copied into a workspace (nor diffed, nor applied back)."""
+
+
+class RunToolSettings(BaseModel):
+    """The ``run`` tool: a command in the sandbox, the workspace its only writable place."""
+
+    model_config = _STRICT
+
+    timeout_seconds: float = Field(default=120.0, gt=0, le=86_400)
+    """Wall time a command may take before its process group is killed."""
+    cpu_seconds: int = Field(default=120, ge=1, le=86_400)
+    """CPU time (RLIMIT_CPU) a command may use."""
+    memory_mb: int = Field(default=1024, ge=16, le=1_048_576)
+    """Address space (RLIMIT_AS) of each process of a command."""
+    max_processes: int = Field(default=64, ge=1, le=4096)
+    """Processes a command may have at once (fork bombs stop here)."""
+    max_file_mb: int = Field(default=256, ge=1, le=1_048_576)
+    """Largest file a command may write (RLIMIT_FSIZE)."""
+    max_output_chars: int = Field(default=8000, ge=100, le=10_000_000)
+    """Output (stdout and stderr) kept and fed back; the middle of a longer one is cut."""
+    network: bool = False
+    """Whether commands may use the network (off: a namespace with loopback only)."""
+
+
+class McpServerSettings(BaseModel):
+    """One of the user's MCP servers, started and supervised by the daemon."""
+
+    model_config = _STRICT
+
+    command: str = ""
+    """Program of a stdio server (found on PATH, or a path)."""
+    args: list[str] = Field(default_factory=list)
+    """Its arguments."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for it (the daemon's own is not passed, except PATH and HOME)."""
+    url: str = ""
+    """A streamable-HTTP server's URL instead of a command."""
+    enabled: bool = True
+    """False: listed, never started."""
+    call_timeout_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """How long one tool call may take."""
+    start_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """How long the server may take to start and list its tools."""
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSettings:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("an MCP server needs exactly one of 'command' (stdio) or 'url'")
+        return self
+
+
+Decision = Literal["allow", "ask", "deny"]
+"""What the permission policy says about a tool call."""
+
+
+def _default_policy() -> dict[str, Decision]:
+    return {
+        "list_files": "allow",
+        "read_file": "allow",
+        "search": "allow",
+        "write_file": "allow",
+        "edit_file": "allow",
+        "finish": "allow",
+        "ask_user": "allow",
+        "run": "ask",
+        "mcp": "ask",
+    }
+
+
+class AgentSettings(BaseModel):
+    """The agent loop: how far one acting task may go."""
+
+    model_config = _STRICT
+
+    max_steps: int = Field(default=30, ge=1, le=10_000)
+    """Tool calls one task may make before it stops and fails, saying so."""
+    max_tokens: int = Field(default=512, ge=16, le=131_072)
+    """Tokens one model turn of the loop may write."""
+    wall_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    """Wall time one task's loop may take (time waiting for a person is not counted)."""
+    result_chars: int = Field(default=4000, ge=100, le=1_000_000)
+    """A tool's result is cut to this many characters before it goes to the model."""
+    classify: bool = True
+    """Let the classifier give tools (and a scratch workspace) to a task that names no
+    workspace but plainly asks for files to be made or commands run."""
+
+
+class ToolsSettings(BaseModel):
+    """Acting tasks: workspaces, the built-in tools, the user's MCP servers, permissions."""
+
+    model_config = _STRICT
+
+    workspace: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
+    """Workspaces: what is copied from a user's directory."""
+    run: RunToolSettings = Field(default_factory=RunToolSettings)
+    """The run tool's limits."""
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    """The agent loop's budget."""
+    mcp: dict[str, McpServerSettings] = Field(default_factory=dict)
+    """The user's MCP servers by name; their tools are offered as ``NAME.tool``."""
+    policy: dict[str, Decision] = Field(default_factory=_default_policy)
+    """Rules by key: a tool's name (``read_file``, ``run``), ``run:PREFIX`` for commands
+    that start with PREFIX (the longest prefix wins), ``mcp`` for every MCP server's tools,
+    ``mcp:NAME`` for one server's, ``NAME.tool`` for one of its tools. Keys you set are
+    added to the defaults."""
+
+    @field_validator("mcp")
+    @classmethod
+    def _server_names(cls, value: dict[str, McpServerSettings]) -> dict[str, McpServerSettings]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", name):
+                raise ValueError(
+                    f"MCP server name {name!r}: use letters, digits, '_' or '-' "
+                    "(up to 32, starting with a letter); it prefixes its tools' names"
+                )
+        return value
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _merge_policy(cls, value: object) -> object:
+        # Keys the user sets add to (or override) the safe defaults, not replace them.
+        if isinstance(value, dict):
+            return {**_default_policy(), **value}
+        return value
+
+
 class MetricsSettings(BaseModel):
     """The live metrics (the ``metrics`` tool, the dashboard) and the spec's targets."""
 
@@ -679,6 +824,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
+    tools: ToolsSettings = Field(default_factory=ToolsSettings)
+    """Acting tasks: workspaces, tools, MCP servers, permissions."""
 
     @classmethod
     def settings_customise_sources(

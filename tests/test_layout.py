@@ -27,13 +27,15 @@ COMMON = {"__init__", "errors", "settings", "paths", "text"}
 # service -> the other services it may import. app wires everything.
 ALLOWED: dict[str, set[str]] = {
     "db": {"tasks", "doctor"},
-    "models": {"db"},
+    "models": {"db", "tools"},
     "checkpoints": {"db"},
     "reporting": {"db"},
     "learning": {"db", "models", "tasks"},
-    "tasks": {"db", "models", "checkpoints", "learning"},
+    "sandbox": set(),
+    "tools": {"sandbox", "checkpoints"},
+    "tasks": {"db", "models", "checkpoints", "learning", "sandbox", "tools"},
     "chat": {"db", "models", "tasks"},
-    "daemon": {"db", "tasks", "checkpoints", "chat", "reporting"},
+    "daemon": {"db", "tasks", "checkpoints", "chat", "reporting", "tools"},
     "doctor": {"checkpoints"},
     "__main__": {"app", "daemon"},
 }
@@ -57,7 +59,7 @@ def _modules() -> dict[str, ast.Module]:
 
 
 def _service(module: str) -> str:
-    """``taled.tasks.gates.sandbox`` -> ``tasks``; ``taled.app`` -> ``app``."""
+    """``taled.sandbox.sandbox`` -> ``tasks``; ``taled.app`` -> ``app``."""
     return module.split(".")[1] if "." in module else module
 
 

@@ -28,8 +28,8 @@ from dulwich.objects import Commit, Tree
 from dulwich.refs import Ref
 from dulwich.repo import Repo
 
+from taled.sandbox.sandbox import run_python
 from taled.settings import SandboxSettings
-from taled.tasks.gates.sandbox import run_python
 from tests.harness import Daemon, Home
 from tests.standins.openai_scripted import ScriptedServer, scripted_server
 

@@ -28,8 +28,8 @@ import pytest
 
 import taled
 from taled.errors import Unavailable
+from taled.sandbox.sandbox import _UID_BASE, _UID_SPAN, SandboxResult, run_python
 from taled.settings import SandboxSettings
-from taled.tasks.gates.sandbox import _UID_BASE, _UID_SPAN, SandboxResult, run_python
 
 REPO = Path(taled.__file__).resolve().parents[1]
 FAST: dict[str, Any] = {"timeout_seconds": 2.0, "cpu_seconds": 1, "memory_mb": 128}
@@ -748,7 +748,7 @@ def test_kernel_layers_hold_for_a_non_root_daemon(
     }
     program = (
         "import asyncio, json, socket, sys\n"
-        "from taled.tasks.gates.sandbox import run_python\n"
+        "from taled.sandbox.sandbox import run_python\n"
         "from taled.settings import SandboxSettings\n"
         # Outside the sandbox this uid can read its key and reach its daemon.
         "out = {'control': [open(sys.argv[3]).read(), []]}\n"
@@ -814,7 +814,7 @@ def test_a_daemon_running_from_a_virtualenv_can_run_code(isolation: str, tmp_pat
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     program = (
         "import asyncio, sys\n"
-        "from taled.tasks.gates.sandbox import run_python\n"
+        "from taled.sandbox.sandbox import run_python\n"
         "from taled.settings import SandboxSettings\n"
         "settings = SandboxSettings(timeout_seconds=5, isolation=sys.argv[1])\n"
         "r = asyncio.run(run_python('print(6 * 7)', settings))\n"

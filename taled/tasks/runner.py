@@ -46,8 +46,9 @@ from taled.learning.selection import Tactic
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.models.pool import ModelPool
 from taled.models.routing import Route, Router
+from taled.sandbox import sandbox
 from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
-from taled.tasks.gates import gates, sandbox
+from taled.tasks.gates import gates
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.planning import planner
 from taled.tasks.progress import ProgressHub

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from taled.sandbox.sandbox import run_python
 from taled.settings import SandboxSettings
-from taled.tasks.gates.sandbox import run_python
 from tests.bench.bench_core import pct
 
 CODE = "print(1)\n"

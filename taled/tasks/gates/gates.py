@@ -3,7 +3,7 @@
 A model's answer is not done because the model stopped: a task may carry done
 criteria (``contains:``, ``regex:``, ``python``, ``assert:``, ``output:``), and
 by default any Python code in a result must at least run. ``check`` applies them
-— code runs only in the sandbox (``taled.tasks.gates.sandbox``), never in the daemon — and
+— code runs only in the sandbox (``taled.sandbox.sandbox``), never in the daemon — and
 returns a ``GateOutcome`` whose ``feedback`` is written to be handed back to the
 model for another attempt, so a failure says what broke and how.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from taled.errors import InvalidInput
+from taled.sandbox.sandbox import SandboxResult, run_python
 from taled.tasks.gates.redact import redact
-from taled.tasks.gates.sandbox import SandboxResult, run_python
 
 if TYPE_CHECKING:
     from taled.settings import GateSettings

@@ -7,7 +7,7 @@ kernel, in layers, failing closed (``Unavailable`` when a layer cannot be built,
 never a run without it):
 
 * namespaces — user (unless root), mount, PID, IPC, UTS, network — made by
-  bubblewrap when installed, by ``taled/tasks/gates/sandbox_child.py`` otherwise;
+  bubblewrap when installed, by ``taled/sandbox/child.py`` otherwise;
 * a minimal root: the runtime read-only, the scratch directory read-write, a
   private /tmp, a minimal /dev, the run's own /proc; no home, no runtime dir, no
   data dir — nothing of the daemon's;
@@ -17,7 +17,7 @@ never a run without it):
   a wall clock that kills the process group;
 * a seccomp filter denying the syscalls escapes need.
 
-Python audit hooks (``taled/tasks/gates/sandbox_bootstrap.py``) run on top as a tripwire that
+Python audit hooks (``taled/sandbox/bootstrap.py``) run on top as a tripwire that
 refuses early with a message a model can act on; they are not the boundary.
 ``docs/sandbox.md`` has the threat model, every layer, and the escapes tested.
 """
@@ -236,7 +236,7 @@ class _Run:
             # daemon's dependencies are importable by the code.
             args.append("-S")
         bootstrap = {"scratch": str(self.scratch), "hooks": self.audit_hooks, "main": _MAIN}
-        args += ["-c", _child_source("sandbox_bootstrap.py"), json.dumps(bootstrap)]
+        args += ["-c", _child_source("bootstrap.py"), json.dumps(bootstrap)]
         runtime = _runtime_paths(self.python)
         mounts = _mounts(runtime, self.scratch, s)
         nproc = s.max_processes
@@ -277,7 +277,7 @@ class _Run:
         # The real binary, not a venv's symlink to it: the venv is not in the sandbox's
         # root, the interpreter's own installation is.
         launcher = os.path.realpath(sys.executable)
-        script = [launcher, "-I", "-S", "-B", "-c", _child_source("sandbox_child.py")]
+        script = [launcher, "-I", "-S", "-B", "-c", _child_source("child.py")]
         script.append(json.dumps(config))
         if self.isolation == "builtin":
             return script

@@ -1,7 +1,7 @@
 """The sandboxed interpreter's first code: install the audit hooks, then run ``main.py``.
 
 Sent as text to the target interpreter with ``-c`` (after every kernel layer is in
-place; see ``taled/tasks/gates/sandbox_child.py``), with one JSON argument. The hooks are a
+place; see ``taled/sandbox/child.py``), with one JSON argument. The hooks are a
 tripwire that refuses early with a message a model can act on; they are not the
 boundary (a subinterpreter has none of them, native code ignores them): the
 kernel layers are.

@@ -2,7 +2,7 @@
 
 This file is not imported by the daemon to be run: its text is sent to a fresh
 ``python -I -S -B -c`` process (standard library only, no ``taled`` on its path),
-with one JSON argument from ``taled.tasks.gates.sandbox``. Its stages, in the order they run:
+with one JSON argument from ``taled.sandbox.sandbox``. Its stages, in the order they run:
 
 ``isolate`` (the built-in path; bubblewrap does the same when installed)
     new user (unless root), mount, PID, IPC, UTS and network namespaces; a fresh
