@@ -7,6 +7,7 @@ the hot path (``tale list``); a test checks the modules it imports.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -179,9 +180,21 @@ def submit(
             "--done",
             "-d",
             help="A done criterion the result must pass (repeatable): python, contains:TEXT, "
-            "regex:PATTERN, assert:CODE, output:TEXT.",
+            "regex:PATTERN, assert:CODE, output:TEXT, run:COMMAND (exits 0 in the workspace).",
         ),
     ] = None,
+    in_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--in",
+            metavar="DIR",
+            help="Act on a copy of this directory with tools (read, write, edit, search, "
+            "run); `tale diff` / `tale apply` bring the change back.",
+        ),
+    ] = None,
+    act: Annotated[
+        bool, typer.Option("--act", help="Give the task tools in a fresh scratch workspace.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Queue a task and print its id (or, with --wait, follow it and print its result)."""
@@ -197,6 +210,13 @@ def submit(
         args["model"] = model
     if done:
         args["criteria"] = done
+    if in_dir is not None:
+        where = os.path.abspath(os.path.expanduser(in_dir))
+        if not os.path.isdir(where):
+            raise CliError(f"--in {in_dir}: no such directory", Exit.USAGE)
+        args["workspace"] = where
+    if act:
+        args["act"] = True
     with _connect() as conn:
         task = conn.call_tool("submit_task", args)
         if not wait:
@@ -334,6 +354,18 @@ def _print_task(task: dict[str, Any]) -> None:
             f" · {progress['doing']} · {progress['tokens']} tokens"
             f" · {progress['elapsed_seconds']:.0f} s" + (f" · ETA {eta:.0f} s" if eta else "")
         )
+    if task.get("workspace"):
+        emit(f"works on  a copy of {task['workspace']}")
+    if task.get("approvals"):
+        emit("waiting for you")
+        for a in task["approvals"]:
+            how = "tale answer" if a["kind"] == "question" else "tale approve|deny"
+            emit(f"  {a['id'][:8]}  {a['summary']}   ({how} {a['id'][:8]})")
+    if task.get("tool_calls"):
+        emit("tool calls")
+        for c in task["tool_calls"]:
+            detail = f"  {c['detail']}" if c.get("detail") else ""
+            emit(f"  {c['tool']:<12} {c['outcome']:<11} {c['duration_ms']:>8.0f} ms{detail}")
     if task.get("subtasks"):
         emit("subtasks")
         _print_tree(task["subtasks"], "  ")
@@ -519,6 +551,143 @@ def _task_action(
     elif not quiet:
         emit(f"task {task['id']} {task['state']}")
     return task
+
+
+@app.command(rich_help_panel="Acting")
+@handle_errors
+def approvals(
+    task_id: Annotated[str | None, typer.Argument(metavar="[ID]", help="Only this task's.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """What acting tasks wait for: tool calls to approve, questions to answer."""
+    args: dict[str, Any] = {} if task_id is None else {"task": task_id}
+    with _connect() as conn:
+        found = conn.call_tool("list_approvals", args)
+    if json_out:
+        emit_json(found)
+        return
+    if not found["approvals"]:
+        emit("nothing is waiting for you")
+        return
+    emit(f"{'ID':<8}  {'TASK':<12}  {'KIND':<8}  WHAT")
+    for a in found["approvals"]:
+        emit(f"{a['id'][:8]:<8}  {a['task_id']:<12}  {a['kind']:<8}  {a['summary']}")
+    emit("tale approve ID [--always] · tale deny ID [REASON] · tale answer ID TEXT")
+
+
+@app.command(rich_help_panel="Acting")
+@handle_errors
+def approve(
+    approval_id: Annotated[str, typer.Argument(metavar="ID", help="From `tale approvals`.")],
+    always: Annotated[
+        bool, typer.Option("--always", help="Also allow calls like it from now on.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Let a waiting tool call run."""
+    args: dict[str, Any] = {"id": approval_id}
+    if always:
+        args["always"] = True
+    _decide("approve", args, json_out)
+
+
+@app.command(rich_help_panel="Acting")
+@handle_errors
+def deny(
+    approval_id: Annotated[str, typer.Argument(metavar="ID", help="From `tale approvals`.")],
+    reason: Annotated[
+        str | None, typer.Argument(help="Why, or what to do instead (the model reads it).")
+    ] = None,
+    always: Annotated[
+        bool, typer.Option("--always", help="Also deny calls like it from now on.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Refuse a waiting tool call; the reason goes to the task's model."""
+    args: dict[str, Any] = {"id": approval_id}
+    if reason:
+        args["reason"] = reason
+    if always:
+        args["always"] = True
+    _decide("deny", args, json_out)
+
+
+@app.command(rich_help_panel="Acting")
+@handle_errors
+def answer(
+    approval_id: Annotated[str, typer.Argument(metavar="ID", help="From `tale approvals`.")],
+    text: Annotated[str, typer.Argument(help="Your answer to the task's question.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a task's question."""
+    if not text.strip():
+        raise CliError("the answer is empty", Exit.USAGE)
+    _decide("answer", {"id": approval_id, "text": text}, json_out)
+
+
+def _decide(tool: str, args: dict[str, Any], json_out: bool) -> None:
+    with _connect() as conn:
+        done = conn.call_tool(tool, args)
+    if json_out:
+        emit_json(done)
+        return
+    emit(f"{done['id'][:8]} {done['state']}: {done['summary']} (task {done['task_id']} goes on)")
+
+
+@app.command(rich_help_panel="Acting")
+@handle_errors
+def diff(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="An acting task.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """What an acting task changed, as a unified diff."""
+    with _connect() as conn:
+        found = conn.call_tool("task_diff", {"id": task_id})
+    if json_out:
+        emit_json(found)
+        return
+    if not found["diff"]:
+        emit(f"task {task_id} changed nothing")
+        return
+    sys.stdout.write(found["diff"] if found["diff"].endswith("\n") else found["diff"] + "\n")
+
+
+@app.command("apply", rich_help_panel="Acting")
+@handle_errors
+def apply_(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="An acting task.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Bring an acting task's change into the directory it was given (conflicts refused)."""
+    with _connect() as conn:
+        done = conn.call_tool("apply_task", {"id": task_id})
+    if json_out:
+        emit_json(done)
+        return
+    if not done["applied"]:
+        emit(f"nothing to apply: {done['target']} already has task {task_id}'s change")
+        return
+    for c in done["applied"]:
+        emit(f"{c['kind']:<9} {c['path']}")
+    emit(f"applied {len(done['applied'])} change(s) to {done['target']}")
+
+
+@app.command(rich_help_panel="Acting")
+@handle_errors
+def tools(json_out: JsonOpt = False) -> None:
+    """The tools tasks may use, their permission rules, and your MCP servers."""
+    with _connect() as conn:
+        found = conn.call_tool("list_tools")
+    if json_out:
+        emit_json(found)
+        return
+    for t in found["builtin"]:
+        emit(f"{t['name']:<12} {t['policy']:<6} {t['description']}")
+    for server in found["servers"]:
+        error = f"  ({server['last_error']})" if server.get("last_error") else ""
+        emit(f"mcp:{server['name']:<8} {server['state']:<8} {server.get('tools', 0)} tools{error}")
+    for key, decision in sorted(found.get("rules", {}).items()):
+        emit(f"rule {key} = {decision} (added with --always)")
 
 
 @app.command(rich_help_panel="Ledger")

@@ -43,6 +43,7 @@ from taled.daemon.crashlog import CrashLog
 from taled.daemon.sdnotify import Notifier
 from taled.daemon.server import build_server
 from taled.daemon.transport import SocketListener
+from taled.db.acting import ActingRecords
 from taled.db.store import Store
 from taled.errors import TaleError
 from taled.learning.embeddings import EmbeddingService
@@ -56,6 +57,8 @@ from taled.settings import Settings
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
 from taled.tasks.runner import Runner
+from taled.tools.mcp_client import McpServers
+from taled.tools.service import Acting
 
 __all__ = ["App"]
 
@@ -110,6 +113,17 @@ class App:
         self.retention = Retention(self.store, self.checkpoints, cp)
         self.crash_log = CrashLog(paths.data_dir() / "crash.log")
         self.progress = ProgressHub()
+        # Acting: the user's MCP servers, the built-in tools, approvals and workspaces.
+        self.mcp = McpServers(settings.tools.mcp, log_dir=paths.log_file().parent)
+        self.acting = Acting(
+            settings.tools,
+            settings.gates.sandbox,
+            ActingRecords(self.store),
+            self.checkpoints,
+            data_dir=paths.data_dir(),
+            scratch=paths.data_dir() / "scratch",
+            mcp=self.mcp,
+        )
         self.runner = Runner(
             self.store,
             self.queue,
@@ -124,6 +138,7 @@ class App:
             fallback=settings.models.fallback or None,
             scratch=paths.data_dir() / "scratch",
             learning=self.learning,
+            acting=self.acting,
         )
         self.listener = SocketListener(
             paths.socket_path(),
@@ -158,6 +173,7 @@ class App:
             conversation_limit=settings.chat.list_limit,
             stream_interval=settings.chat.stream_interval_ms / 1000,
             usage=self.usage,
+            acting=self.acting,
         )
         self._init_options = self.server.create_initialization_options()
         self._stop = anyio.Event()
@@ -235,6 +251,7 @@ class App:
                     # After READY, not before: the embedding model's load must not delay it.
                     tg.start_soon(self.learning.warm)
                     tg.start_soon(self._backups)
+                    tg.start_soon(self.mcp.start)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")
@@ -278,6 +295,7 @@ class App:
     async def _shutdown(self) -> None:
         # Each step undoes only what start-up got to, so this runs after any failure.
         await self.listener.close()
+        await self.mcp.stop()
         await self.chat.stop()
         await self.pool.stop()
         await self.learning.stop()

@@ -20,7 +20,9 @@ act on. ``taled/daemon/server.py`` converts them to protocol errors in one place
     │   │                                  says to run `tale doctor`
     │   ├── StoreDamaged           -32051  the SQLite database (start-up check or a query)
     │   └── CheckpointDamaged      -32052  a checkpoint ref or object is missing or broken
-    └── DiskFull                   -32060  the disk holding a data file is full: tasks wait
+    ├── DiskFull                   -32060  the disk holding a data file is full: tasks wait
+    └── Conflict                   -32070  what a request would change was changed by someone
+                                           else meanwhile (`tale apply`): nothing was written
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "BackendDown",
     "CheckpointDamaged",
     "ConfigError",
+    "Conflict",
     "DaemonError",
     "Damaged",
     "DiskFull",
@@ -177,3 +180,17 @@ class DiskFull(TaleError):
         """The file (or directory) whose write failed."""
         message = f"the disk holding {path} is full"
         super().__init__(f"{message} ({detail})" if detail else message)
+
+
+class Conflict(TaleError):
+    """What a request would change was changed meanwhile by someone else; nothing was written.
+
+    ``tale apply`` raises it when files of the user's directory differ from what the
+    task copied: ``paths`` names them (relative to that directory).
+    """
+
+    code = -32070
+
+    def __init__(self, message: str, paths: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.paths = paths

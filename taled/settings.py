@@ -553,7 +553,8 @@ class McpServerSettings(BaseModel):
     args: list[str] = Field(default_factory=list)
     """Its arguments."""
     env: dict[str, str] = Field(default_factory=dict)
-    """Extra environment for it (the daemon's own is not passed, except PATH and HOME)."""
+    """Extra environment for it. The daemon's own is not passed: only PATH, HOME, LANG and the
+    MCP SDK's basics (LOGNAME, SHELL, TERM, USER), then these."""
     url: str = ""
     """A streamable-HTTP server's URL instead of a command."""
     enabled: bool = True
@@ -601,6 +602,9 @@ class AgentSettings(BaseModel):
     """Wall time one task's loop may take (time waiting for a person is not counted)."""
     result_chars: int = Field(default=4000, ge=100, le=1_000_000)
     """A tool's result is cut to this many characters before it goes to the model."""
+    history_chars: int = Field(default=6000, ge=500, le=10_000_000)
+    """When the tool results of a loop add up to more, older ones are shortened (a small
+    model's context is small)."""
     classify: bool = True
     """Let the classifier give tools (and a scratch workspace) to a task that names no
     workspace but plainly asks for files to be made or commands run."""

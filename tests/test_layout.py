@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "reporting": {"db"},
     "learning": {"db", "models", "tasks"},
     "sandbox": set(),
-    "tools": {"sandbox", "checkpoints"},
+    "tools": {"sandbox", "checkpoints", "db"},
     "tasks": {"db", "models", "checkpoints", "learning", "sandbox", "tools"},
     "chat": {"db", "models", "tasks"},
     "daemon": {"db", "tasks", "checkpoints", "chat", "reporting", "tools"},

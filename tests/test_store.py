@@ -37,6 +37,32 @@ def test_a_new_database_is_at_the_current_schema_version(tmp_path: Path) -> None
     assert {"tasks", "transitions", "model_calls"} <= tables
 
 
+def test_the_migrations_build_exactly_the_tables_the_code_declares(tmp_path: Path) -> None:
+    """One schema is the truth: every table and column the SQLAlchemy tables declare is
+    what the migrations make, and the migrations make nothing the tables do not name."""
+    from taled.db.store import metadata
+
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        for statements in _MIGRATIONS:
+            for statement in statements:
+                db.execute(statement)
+        made = {
+            name: {row[1] for row in db.execute(f"PRAGMA table_info({name})")}
+            for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+                " AND sql NOT LIKE 'CREATE VIRTUAL TABLE%'"
+            )
+        }
+    declared = {t.name: {c.name for c in t.columns} for t in metadata.sorted_tables}
+    # Full-text indexes' shadow tables are SQLite's own, not declared.
+    made = {
+        n: cols
+        for n, cols in made.items()
+        if n in declared or not n.endswith(("_data", "_idx", "_content", "_docsize", "_config"))
+    }
+    assert made == declared
+
+
 def test_a_database_from_a_newer_tale_is_refused(tmp_path: Path) -> None:
     """A schema version above ours is an error that says to upgrade, and nothing is changed."""
     with sqlite3.connect(tmp_path / "t.db") as db:

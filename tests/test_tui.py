@@ -2,7 +2,9 @@
 
 Each test drives the app with Textual's Pilot (``App.run_test``) and polls the
 app's own state until what it waits for shows, with a deadline; one runs the
-real ``tale chat`` in tmux and reads the screen back.
+real ``tale chat`` in tmux and reads the screen back. The acting tests run their
+tasks on the scripted OpenAI stand-in (tests/standins/openai_scripted.py), which
+answers with the tool calls a script names: no real model calls a tool on demand.
 """
 
 from __future__ import annotations
@@ -14,20 +16,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from textual.command import CommandList
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Markdown, Static
+from textual.widgets import DataTable, Markdown, Static, TabbedContent
 
+from tale_client.tui.api import Decision, Verdict
 from tale_client.tui.app import TaleApp, build_app
 from tale_client.tui.client import DaemonUnreachable, RpcError, TaleClient
-from tale_client.tui.model import Task
-from tale_client.tui.screens import BoardScreen, DownScreen, TaskScreen
+from tale_client.tui.model import Approval, ApprovalKind, Task
+from tale_client.tui.screens import ApprovalScreen, BoardScreen, DownScreen, TaskScreen
 from tale_client.tui.screens.board import BoardColumn
-from tale_client.tui.widgets import AssistantMessage, TaskCard, TaskMarker
+from tale_client.tui.widgets import ApprovalBanner, AssistantMessage, TaskCard, TaskMarker
 from tests.harness import Daemon, Home, running_daemon
+from tests.standins.openai_scripted import scripted_server
 
 SIZE = (140, 40)
 LONG = "Write a very long story about a dragon, at least 2000 words."
@@ -40,6 +46,34 @@ FAST = {"TALE_CHAT__MAX_TOKENS": "24", "TALE_RUNNER__MAX_TOKENS": "16"}
 def tui_daemon() -> Iterator[Daemon]:
     """One real daemon for the read-mostly TUI tests."""
     with running_daemon(FAST) as d:
+        yield d
+
+
+def _call(name: str, **arguments: Any) -> dict[str, Any]:
+    """A model turn that calls one tool."""
+    return {"tool_calls": [{"name": name, "arguments": arguments}]}
+
+
+# Each entry: the model's turns, one per answer (a text turn finishes the task).
+ACTING_SCRIPT: dict[str, Any] = {
+    "tui-run": [_call("run", command="echo hi > hi.txt"), "wrote hi.txt"],
+    "tui-steps": [
+        _call("write_file", path="a.txt", content="a\n"),
+        _call("list_files", path="."),
+        _call("run", command="echo b > b.txt"),
+        "made a.txt and b.txt",
+    ],
+    "tui-write": [_call("write_file", path="hello.txt", content="hello tui\n"), "wrote it"],
+}
+
+
+@pytest.fixture(scope="module")
+def acting_daemon() -> Iterator[Daemon]:
+    """A real daemon whose task model is the scripted stand-in, for tasks that act."""
+    with (
+        scripted_server(ACTING_SCRIPT) as server,
+        running_daemon({**FAST, "TALE_MODELS__TASK": server.spec}) as d,
+    ):
         yield d
 
 
@@ -72,10 +106,22 @@ def card_of(app: TaleApp, task_id: str) -> Task | None:
     return next((c.tale_task for c in cards), None)
 
 
+def asking(app: TaleApp, task_id: str) -> int:
+    """How many approvals the task's card shows as waiting for a person (0: no card)."""
+    cards = app.board_screen.query(f"#card-{task_id}").results(TaskCard)
+    return next((c.asking for c in cards), 0)
+
+
 def selected(app: TaleApp) -> str | None:
     """The id of the task whose card has the focus."""
     card = app.board_screen.selected()
     return None if card is None else card.task_id
+
+
+def tool_rows(screen: TaskScreen) -> list[tuple[str, str]]:
+    """(tool, outcome) of each row of the task screen's tool calls table."""
+    table = screen.query_one("#tool-calls", DataTable)
+    return [(str(r[1]), str(r[2])) for r in (table.get_row_at(i) for i in range(table.row_count))]
 
 
 def test_chat_streams_the_reply_into_the_conversation(tui_daemon: Daemon) -> None:
@@ -332,3 +378,169 @@ def test_tale_chat_in_a_terminal_streams_a_reply(tui_daemon: Daemon) -> None:
             time.sleep(0.1)
     finally:
         _tmux(sock, "kill-server")
+
+
+RUN_APPROVAL = Approval.from_dict(
+    {
+        "id": "7c1e2a9b3d4f",
+        "task_id": "5eed5eed5eed",
+        "kind": "tool",
+        "tool": "run",
+        "summary": "run: make clean",
+        "arguments": {"command": "make clean"},
+        "rule": "run:make",
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("keys", "verdict", "always", "text"),
+    [
+        (["a"], Verdict.APPROVE, False, ""),
+        (["A"], Verdict.APPROVE, True, ""),
+        (["d", *"use rm", "enter"], Verdict.DENY, False, "use rm"),
+        (["D", "enter"], Verdict.DENY, True, ""),
+    ],
+)
+def test_the_approval_dialogs_keys_decide(
+    keys: list[str], verdict: Verdict, always: bool, text: str
+) -> None:
+    """a approves, A approves always, d opens the reason box and enter denies, D denies always."""
+
+    async def scenario() -> None:
+        app = build_app("board", socket=Path("/nonexistent/taled.sock"), live=False)
+        decided: list[Decision | None] = []
+        async with app.run_test(size=SIZE) as pilot:
+            await app.push_screen(ApprovalScreen(RUN_APPROVAL), decided.append)
+            await pilot.press(*keys)
+            await until(pilot, lambda: bool(decided), "the decision")
+        assert decided == [Decision(RUN_APPROVAL, verdict, always=always, text=text)]
+
+    run(scenario)
+
+
+def test_the_question_dialog_sends_the_answer_typed() -> None:
+    """A question's dialog has an answer box: what is typed there, enter sends."""
+    question = replace(RUN_APPROVAL, kind=ApprovalKind.QUESTION, summary="Which greeting?")
+
+    async def scenario() -> None:
+        app = build_app("board", socket=Path("/nonexistent/taled.sock"), live=False)
+        decided: list[Decision | None] = []
+        async with app.run_test(size=SIZE) as pilot:
+            await app.push_screen(ApprovalScreen(question), decided.append)
+            await pilot.press("enter")  # nothing typed: nothing sent
+            assert isinstance(app.screen, ApprovalScreen)
+            await pilot.press(*"a warm one", "enter")
+            await until(pilot, lambda: bool(decided), "the decision")
+        assert decided == [Decision(question, Verdict.ANSWER, text="a warm one")]
+
+    run(scenario)
+
+
+def test_an_approval_shows_on_the_board_and_approving_it_lets_the_task_go_on(
+    acting_daemon: Daemon,
+) -> None:
+    """A task's run call waiting for approval marks its card and shows in the banner; a then
+    a in the dialog approves it, and the task runs the command and completes."""
+    task_id = acting_daemon.call("submit_task", text="[[script:tui-run]] make hi", act=True)["id"]
+
+    async def scenario() -> None:
+        app = build_app("board", socket=acting_daemon.home.socket)
+        async with app.run_test(size=SIZE) as pilot:
+            board = app.board_screen
+            await until(pilot, lambda: asking(app, task_id) == 1, "the card marked")
+            assert card_column(app, task_id) == "waiting"
+            card = board.query_one(f"#card-{task_id}", TaskCard)
+            assert "waiting for you" in str(card.render())
+            banner = board.query_one("#board-approvals", ApprovalBanner)
+            assert banner.display
+            assert "run: echo hi > hi.txt" in str(banner.render())
+            board.select(task_id)
+            await pilot.press("a")
+            await until(pilot, lambda: isinstance(app.screen, ApprovalScreen), "the dialog")
+            dialog = app.screen
+            assert isinstance(dialog, ApprovalScreen)
+            assert dialog.approval.task_id == task_id
+            assert dialog.approval.summary == "run: echo hi > hi.txt"
+            await pilot.press("a")
+            await until(pilot, lambda: card_column(app, task_id) == "done", "the task to complete")
+            await until(
+                pilot,
+                lambda: all(a.task_id != task_id for a in board.approvals),
+                "the approval to leave the banner",
+            )
+
+    run(scenario)
+    done = acting_daemon.call("get_task", id=task_id)
+    # The text turn after it is the model's finish, a call of its own.
+    assert [(c["tool"], c["outcome"]) for c in done["tool_calls"]] == [
+        ("run", "ok"),
+        ("finish", "ok"),
+    ]
+    assert done["result"] == "wrote hi.txt"
+
+
+def test_task_screen_lists_tool_calls_as_they_happen(acting_daemon: Daemon) -> None:
+    """An acting task's screen lists its calls with their outcomes, and the ones made after
+    its run is approved there (a, then a in the dialog) join the list."""
+    task = acting_daemon.call("submit_task", text="[[script:tui-steps]] make two", act=True)
+    task_id = task["id"]
+    acting_daemon.wait_for(task_id, ("waiting", "completed", "failed"))
+
+    async def scenario() -> None:
+        app = build_app("board", socket=acting_daemon.home.socket)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.api is not None, "the connection")
+            app.open_task(task_id)
+            await until(pilot, lambda: isinstance(app.screen, TaskScreen), "the task screen")
+            screen = app.screen
+            assert isinstance(screen, TaskScreen)
+            await until(pilot, lambda: screen.shown is not None, "the task")
+            await until(
+                pilot,
+                lambda: tool_rows(screen) == [("write_file", "ok"), ("list_files", "ok")],
+                "the two calls made before the run",
+            )
+            banner = screen.query_one("#task-approvals", ApprovalBanner)
+            assert "run: echo b > b.txt" in str(banner.render())
+            await pilot.press("a")
+            await until(pilot, lambda: isinstance(app.screen, ApprovalScreen), "the dialog")
+            await pilot.press("a")
+            await until(
+                pilot, lambda: tool_rows(screen)[2:3] == [("run", "ok")], "the run call listed"
+            )
+            await until(pilot, lambda: getattr(screen.shown, "final", False), "the task's end")
+            assert screen.shown is not None and screen.shown.state == "completed"
+            # The text turn that ended it is the model's finish, listed too.
+            assert tool_rows(screen) == [
+                ("write_file", "ok"),
+                ("list_files", "ok"),
+                ("run", "ok"),
+                ("finish", "ok"),
+            ]
+            assert not banner.display
+
+    run(scenario)
+
+
+def test_task_screen_shows_the_diff_of_what_the_task_changed(acting_daemon: Daemon) -> None:
+    """D on an acting task's screen opens the Diff tab with the task's change to its files."""
+    task_id = acting_daemon.call("submit_task", text="[[script:tui-write]] greet", act=True)["id"]
+    assert acting_daemon.wait_for(task_id)["state"] == "completed"
+
+    async def scenario() -> None:
+        app = build_app("board", socket=acting_daemon.home.socket)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.api is not None, "the connection")
+            app.open_task(task_id)
+            await until(pilot, lambda: isinstance(app.screen, TaskScreen), "the task screen")
+            screen = app.screen
+            assert isinstance(screen, TaskScreen)
+            await until(pilot, lambda: screen.shown is not None, "the task")
+            await pilot.press("D")
+            await until(pilot, lambda: screen.diff is not None, "the diff")
+            assert screen.query_one("#task-tabs", TabbedContent).active == "tab-diff"
+            assert screen.diff is not None and "+hello tui" in screen.diff.diff
+            assert "hello.txt" in screen.diff.diff
+
+    run(scenario)

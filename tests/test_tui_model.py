@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from tale_client.tui.model import ChatReply, Metrics, Task, Usage, UsageRow, board_column
+from tale_client.tui.api import Decision, Verdict
+from tale_client.tui.model import (
+    Approval,
+    ApprovalKind,
+    ChatReply,
+    Metrics,
+    Task,
+    TaskDiff,
+    Usage,
+    UsageRow,
+    board_column,
+)
 from tale_client.tui.screens.dashboard import LedgerRates
 
 
@@ -80,3 +91,77 @@ def test_ledger_rates_are_tokens_per_minute_between_samples() -> None:
     rates.add(Usage(by_model=(UsageRow("m", 2, 160),)), at=30.0)
     assert rates.per_minute() == {"m": 120.0}
     assert list(rates.per_tick) == [60.0]
+
+
+def _approval(**fields: object) -> Approval:
+    return Approval.from_dict(
+        {
+            "id": "7c1e2a9b3d4f",
+            "task_id": "5eed5eed5eed",
+            "kind": "tool",
+            "tool": "run",
+            "summary": "run: echo hi",
+            **fields,
+        }
+    )
+
+
+def test_an_acting_task_reads_its_tool_calls_and_pending_approvals() -> None:
+    """get_task's act, workspace, tool_calls and approvals become objects; a task from an
+    older daemon has none of them."""
+    task = Task.from_dict(
+        {
+            "id": "5eed5eed5eed",
+            "state": "waiting",
+            "act": True,
+            "workspace": None,
+            "tool_calls": [
+                {"call_id": "r0t1c1", "tool": "write_file", "outcome": "ok", "duration_ms": 2.5},
+                {"call_id": "r0t2c1", "tool": "run", "outcome": "error", "detail": "exit 1"},
+            ],
+            "approvals": [
+                {"id": "7c1e2a9b3d4f", "task_id": "5eed5eed5eed", "kind": "question"},
+            ],
+        }
+    )
+    assert task.act and task.workspace is None
+    assert [(c.tool, c.outcome, c.took()) for c in task.tool_calls] == [
+        ("write_file", "ok", "2 ms"),
+        ("run", "error", "-"),
+    ]
+    assert [a.kind for a in task.approvals] == [ApprovalKind.QUESTION]
+    old = Task.from_dict({"id": "a" * 12, "state": "completed"})
+    assert (old.act, old.tool_calls, old.approvals) == (False, (), ())
+
+
+def test_an_approval_of_an_unknown_kind_is_a_yes_or_no_with_its_arguments_made_safe() -> None:
+    """A kind this TUI does not know is treated as a tool call; escape sequences a model put
+    in the arguments are dropped."""
+    approval = _approval(kind="something-new", arguments={"command": "echo \x1b[2Jhi"})
+    assert approval.kind is ApprovalKind.TOOL and not approval.is_question
+    assert approval.arguments == {"command": "echo hi"}
+    assert approval.short_id == "7c1e2a9b"
+
+
+def test_a_decision_becomes_the_arguments_of_its_tool() -> None:
+    """approve and deny carry always (and deny its reason) only when given; answer its text."""
+    tool, question = _approval(), _approval(kind="question")
+    assert Decision(tool, Verdict.APPROVE).arguments() == {"id": tool.id}
+    assert Decision(tool, Verdict.APPROVE, always=True).arguments() == {
+        "id": tool.id,
+        "always": True,
+    }
+    assert Decision(tool, Verdict.DENY, text="not now").arguments() == {
+        "id": tool.id,
+        "reason": "not now",
+    }
+    assert Decision(question, Verdict.ANSWER, text="Celsius").arguments() == {
+        "id": question.id,
+        "text": "Celsius",
+    }
+
+
+def test_a_diff_keeps_its_layout_but_not_escape_sequences() -> None:
+    """task_diff's text keeps newlines and tabs; terminal escapes in file contents go."""
+    diff = TaskDiff.from_dict({"task_id": "t", "state": "completed", "diff": "+a\tb\x1b[31m\n"})
+    assert diff.diff == "+a\tb\n"

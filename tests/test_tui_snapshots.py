@@ -23,6 +23,7 @@ from textual.widgets import TabbedContent
 
 from tale_client.tui.app import TaleApp, build_app
 from tale_client.tui.model import (
+    Approval,
     ChatReply,
     Checkpoint,
     Conversation,
@@ -31,8 +32,9 @@ from tale_client.tui.model import (
     Metrics,
     ModelInfo,
     Task,
+    TaskDiff,
 )
-from tale_client.tui.screens import TaskScreen
+from tale_client.tui.screens import ApprovalScreen, TaskScreen
 
 SIZE = (140, 40)
 SOCKET = Path("/run/user/1000/tale/taled.sock")
@@ -303,6 +305,117 @@ HANDOFF = ChatReply.from_dict(
 )
 
 
+_APPROVALS: list[dict[str, Any]] = [
+    {
+        "id": "7c1e2a9b3d4f",
+        "task_id": "5eed5eed5eed",
+        "call_id": "call-1",
+        "kind": "tool",
+        "tool": "run",
+        "arguments": {"command": "pip install requests && python weather.py --city Paris"},
+        "summary": "run: pip install requests && python weather.py --city Paris",
+        "rule": "run:pip",
+        "state": "pending",
+        "reason": None,
+        "created_at": "2026-01-05T08:51:00.000Z",
+        "decided_at": None,
+    },
+    {
+        "id": "9a8b7c6d5e4f",
+        "task_id": "bead5bead5be",
+        "call_id": "call-2",
+        "kind": "question",
+        "tool": "ask_user",
+        "arguments": {"question": "Celsius or Fahrenheit?"},
+        "summary": "Celsius or Fahrenheit?",
+        "rule": None,
+        "state": "pending",
+        "reason": None,
+        "created_at": "2026-01-05T08:51:30.000Z",
+        "decided_at": None,
+    },
+]
+APPROVALS = [Approval.from_dict(d) for d in _APPROVALS]
+
+# The board's tasks and a second acting task, waiting for an answer.
+ACTING_TASKS = [
+    *TASKS,
+    Task.from_dict(
+        {
+            "id": "bead5bead5be",
+            "state": "waiting",
+            "priority": 60,
+            "text": "Convert the temperatures in data.csv",
+            "created_at": "2026-01-05T08:49:00.000Z",
+            "updated_at": "2026-01-05T08:51:30.000Z",
+        }
+    ),
+]
+
+ACTING_TASK = Task.from_dict(
+    {
+        "id": "5eed5eed5eed",
+        "state": "waiting",
+        "priority": 50,
+        "text": "Build a CLI for the weather API",
+        "created_at": "2026-01-05T08:50:00.000Z",
+        "updated_at": "2026-01-05T08:51:00.000Z",
+        "tokens": {"prompt": 1200, "completion": 340},
+        "act": True,
+        "workspace": "/home/ada/weather",
+        "transitions": _transitions(
+            (None, "queued", "2026-01-05T08:50:00.000Z", "submitted"),
+            ("queued", "running", "2026-01-05T08:50:00.100Z", "worker 1 took it"),
+            ("running", "waiting", "2026-01-05T08:51:00.000Z", "run needs approval"),
+        ),
+        "tool_calls": [
+            {
+                "call_id": f"call-{i}",
+                "tool": tool,
+                "digest": "0123abcd",
+                "outcome": outcome,
+                "duration_ms": ms,
+                "detail": detail,
+                "at": f"2026-01-05T08:50:{10 + 5 * i:02d}.000Z",
+            }
+            for i, (tool, outcome, ms, detail) in enumerate(
+                [
+                    ("list_files", "ok", 3.2, None),
+                    ("read_file", "ok", 1.4, None),
+                    ("write_file", "ok", 2.9, None),
+                    ("read_file", "error", 0.8, "no file named 'config.toml'"),
+                    ("run", "denied", 20150.0, "denied: use the venv's pip"),
+                ]
+            )
+        ],
+        "approvals": [_APPROVALS[0]],
+    }
+)
+
+DIFF = TaskDiff.from_dict(
+    {
+        "task_id": "5eed5eed5eed",
+        "state": "waiting",
+        "workspace": "/home/ada/.local/share/tale/workspaces/5eed5eed5eed",
+        "source": "/home/ada/weather",
+        "diff": "diff --git a/weather.py b/weather.py\n"
+        "--- a/weather.py\n"
+        "+++ b/weather.py\n"
+        "@@ -1,4 +1,9 @@\n"
+        " import sys\n"
+        "+import argparse\n"
+        " \n"
+        "-def main():\n"
+        "-    print(sys.argv)\n"
+        "+def main() -> None:\n"
+        "+    parser = argparse.ArgumentParser()\n"
+        "+    parser.add_argument('--city', required=True)\n"
+        "+    args = parser.parse_args()\n"
+        "+    print(args.city)\n",
+    }
+)
+
+
 def _app(screen: str) -> TaleApp:
     return build_app(screen, socket=SOCKET, live=False)
 
@@ -400,6 +513,90 @@ def test_chat(snap_compare: SnapCompare) -> None:
         screen.show_history(CONVERSATIONS)
         await screen.show_conversation(CONVERSATION)
         await screen.add_exchange("Write a Python function that parses ISO dates", HANDOFF)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+
+
+def test_board_waiting_for_you(snap_compare: SnapCompare) -> None:
+    """You should see a yellow banner under the summary ("2 things wait for you": a run to
+    approve, a question to answer) and both cards in the waiting column marked, in yellow,
+    "waiting for you"."""
+    app = _app("board")
+
+    async def feed(pilot: Pilot[None]) -> None:
+        await app.board_screen.show_tasks(ACTING_TASKS, STATUS, APPROVALS)
+        app.board_screen.select("5eed5eed5eed")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+
+
+def test_approval_dialog(snap_compare: SnapCompare) -> None:
+    """You should see a yellow-bordered box over the board: the task wants to use run, the
+    command, its arguments, the rule "run:pip", and Approve / Always / Deny buttons."""
+    app = _app("board")
+
+    async def feed(pilot: Pilot[None]) -> None:
+        await app.board_screen.show_tasks(ACTING_TASKS, STATUS, APPROVALS)
+        await app.push_screen(ApprovalScreen(APPROVALS[0]))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+
+
+def test_approval_dialog_deny_reason(snap_compare: SnapCompare) -> None:
+    """You should see the approval box after d: a box for the reason under the buttons."""
+    app = _app("board")
+
+    async def feed(pilot: Pilot[None]) -> None:
+        await app.board_screen.show_tasks(ACTING_TASKS, STATUS, APPROVALS)
+        await app.push_screen(ApprovalScreen(APPROVALS[0]))
+        await pilot.press("d", *"use the venv")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+
+
+def test_question_dialog(snap_compare: SnapCompare) -> None:
+    """You should see the box for a question: "Celsius or Fahrenheit?" over an answer box."""
+    app = _app("board")
+
+    async def feed(pilot: Pilot[None]) -> None:
+        await app.board_screen.show_tasks(ACTING_TASKS, STATUS, APPROVALS)
+        await app.push_screen(ApprovalScreen(APPROVALS[1]))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+
+
+def test_task_screen_tool_calls(snap_compare: SnapCompare) -> None:
+    """You should see an acting task waiting: its header says it acts on a copy of
+    /home/ada/weather with 5 tool calls, a banner names the run call it waits for, and the
+    Tool calls tab lists five calls (one error with its detail, one denied taking 20.1 s)."""
+    app = _app("board")
+
+    async def feed(pilot: Pilot[None]) -> None:
+        screen = TaskScreen(ACTING_TASK.id, live=False)
+        await app.push_screen(screen)
+        await screen.show_task(ACTING_TASK, [])
+        screen.query_one("#task-tabs", TabbedContent).active = "tab-tools"
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+
+
+def test_task_screen_diff(snap_compare: SnapCompare) -> None:
+    """You should see the Diff tab: a unified diff of weather.py, added lines green and
+    removed lines red."""
+    app = _app("board")
+
+    async def feed(pilot: Pilot[None]) -> None:
+        screen = TaskScreen(ACTING_TASK.id, live=False)
+        await app.push_screen(screen)
+        await screen.show_task(ACTING_TASK, [])
+        screen.query_one("#task-tabs", TabbedContent).active = "tab-diff"
+        screen.show_diff(DIFF)
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=feed)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from tale_client.sanitize import printable
 from tale_client.tui.client import RpcError, TaleClient, is_unknown_argument, is_unknown_tool
 from tale_client.tui.model import (
+    Approval,
     ChatReply,
     Checkpoint,
     Conversation,
@@ -23,12 +26,44 @@ from tale_client.tui.model import (
     Metrics,
     ModelInfo,
     Task,
+    TaskDiff,
     Usage,
 )
 
-__all__ = ["CALL_TIMEOUT_SECONDS", "Api"]
+__all__ = ["CALL_TIMEOUT_SECONDS", "Api", "Decision", "Verdict"]
 
 CALL_TIMEOUT_SECONDS = 10.0
+
+
+class Verdict(StrEnum):
+    """What a person said to a waiting task; the value is the tool that says it."""
+
+    APPROVE = "approve"
+    DENY = "deny"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A person's decision on one approval, as the approval dialog returns it."""
+
+    approval: Approval
+    verdict: Verdict
+    always: bool = False
+    text: str = ""
+    """The reason of a denial (optional) or the answer to a question."""
+
+    def arguments(self) -> dict[str, Any]:
+        """The tool call's arguments."""
+        args: dict[str, Any] = {"id": self.approval.id}
+        if self.verdict is Verdict.ANSWER:
+            args["text"] = self.text
+            return args
+        if self.always:
+            args["always"] = True
+        if self.verdict is Verdict.DENY and self.text:
+            args["reason"] = self.text
+        return args
 
 
 class Api:
@@ -96,6 +131,23 @@ class Api:
         return [
             Checkpoint.from_dict(c) for c in found.get("checkpoints", []) if isinstance(c, dict)
         ]
+
+    # -- what tasks wait for ---------------------------------------------------
+
+    async def approvals(self, task_id: str | None = None) -> list[Approval] | None:
+        """Pending approvals and questions, oldest first; None if the daemon has no acting."""
+        found = await self._optional("list_approvals", {} if task_id is None else {"task": task_id})
+        if found is None:
+            return None
+        return [Approval.from_dict(a) for a in found.get("approvals", []) if isinstance(a, dict)]
+
+    async def decide(self, decision: Decision) -> Approval:
+        """Approve, deny or answer; the approval as decided."""
+        return Approval.from_dict(await self._call(decision.verdict.value, decision.arguments()))
+
+    async def task_diff(self, task_id: str) -> TaskDiff:
+        """What an acting task changed in its workspace."""
+        return TaskDiff.from_dict(await self._call("task_diff", {"id": task_id}))
 
     # -- the daemon ----------------------------------------------------------
 

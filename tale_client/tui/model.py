@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from tale_client.sanitize import printable
+from tale_client.sanitize import printable, printable_doc
 
 __all__ = [
     "BOARD_COLUMNS",
     "FINAL_STATES",
+    "Approval",
+    "ApprovalKind",
     "ChatMessage",
     "ChatReply",
     "Checkpoint",
@@ -28,8 +31,10 @@ __all__ = [
     "ModelInfo",
     "Progress",
     "Task",
+    "TaskDiff",
     "TaskRef",
     "TokensPoint",
+    "ToolCall",
     "Transition",
     "Usage",
     "UsageRow",
@@ -150,6 +155,117 @@ class Progress:
         return " · ".join(parts)
 
 
+class ApprovalKind(StrEnum):
+    """What a waiting task asks a person: to let a tool call run, or a question."""
+
+    TOOL = "tool"
+    QUESTION = "question"
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A tool call waiting for a person's yes or no, or a model's question (``list_approvals``)."""
+
+    id: str
+    task_id: str
+    kind: ApprovalKind
+    summary: str
+    tool: str = ""
+    call_id: str = ""
+    arguments: dict[str, Any] = field(default_factory=dict, hash=False)
+    rule: str | None = None
+    state: str = "pending"
+    reason: str | None = None
+    created_at: str = ""
+    decided_at: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Approval:
+        kind = d.get("kind")
+        arguments = d.get("arguments")
+        return cls(
+            id=_str(d, "id"),
+            task_id=_str(d, "task_id"),
+            # An unknown kind (a newer daemon) is a yes-or-no: answering it is refused.
+            kind=ApprovalKind.QUESTION if kind == "question" else ApprovalKind.TOOL,
+            summary=_str(d, "summary"),
+            tool=_str(d, "tool"),
+            call_id=_str(d, "call_id"),
+            arguments=printable_doc(arguments) if isinstance(arguments, dict) else {},
+            rule=_opt_str(d, "rule"),
+            state=_str(d, "state", "pending"),
+            reason=_opt_str(d, "reason"),
+            created_at=_str(d, "created_at"),
+            decided_at=_opt_str(d, "decided_at"),
+        )
+
+    @property
+    def short_id(self) -> str:
+        """The first 8 hex digits: what the CLI prints and accepts."""
+        return self.id[:8]
+
+    @property
+    def is_question(self) -> bool:
+        """Whether it wants an answer rather than a yes or no."""
+        return self.kind is ApprovalKind.QUESTION
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call an acting task made (``get_task``'s ``tool_calls``)."""
+
+    call_id: str
+    tool: str
+    outcome: str
+    duration_ms: float | None = None
+    detail: str | None = None
+    at: str = ""
+    digest: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ToolCall:
+        return cls(
+            call_id=_str(d, "call_id"),
+            tool=_str(d, "tool"),
+            outcome=_str(d, "outcome"),
+            duration_ms=_float(d, "duration_ms"),
+            detail=_opt_str(d, "detail"),
+            at=_str(d, "at"),
+            digest=_str(d, "digest"),
+        )
+
+    def took(self) -> str:
+        """``1.2 s``, ``35 ms`` or ``-``."""
+        if self.duration_ms is None:
+            return "-"
+        if self.duration_ms >= 1000:
+            return f"{self.duration_ms / 1000:.1f} s"
+        return f"{self.duration_ms:.0f} ms"
+
+
+@dataclass(frozen=True)
+class TaskDiff:
+    """What an acting task changed in its workspace (``task_diff``)."""
+
+    task_id: str
+    state: str
+    diff: str
+    workspace: str = ""
+    source: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskDiff:
+        # The diff keeps its tabs and newlines; only escape sequences are dropped.
+        diff = d.get("diff")
+        return cls(
+            task_id=_str(d, "task_id"),
+            state=_str(d, "state"),
+            diff="" if diff is None else printable(str(diff)),
+            workspace=_str(d, "workspace"),
+            source=_opt_str(d, "source"),
+        )
+
+
 @dataclass(frozen=True)
 class Task:
     """A task as ``get_task`` / ``list_tasks`` describe it."""
@@ -173,6 +289,10 @@ class Task:
     subtasks: tuple[Task, ...] = ()
     needs: tuple[str, ...] = ()
     criteria: tuple[str, ...] = ()
+    act: bool = False
+    workspace: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    approvals: tuple[Approval, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
@@ -198,6 +318,10 @@ class Task:
             subtasks=tuple(Task.from_dict(t) for t in _dicts(d.get("subtasks"))),
             needs=tuple(str(n) for n in d.get("needs") or ()),
             criteria=tuple(printable(str(c)) for c in d.get("criteria") or ()),
+            act=bool(d.get("act")),
+            workspace=_opt_str(d, "workspace"),
+            tool_calls=tuple(ToolCall.from_dict(c) for c in _dicts(d.get("tool_calls"))),
+            approvals=tuple(Approval.from_dict(a) for a in _dicts(d.get("approvals"))),
         )
 
     @property

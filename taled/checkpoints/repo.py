@@ -45,6 +45,7 @@ import anyio
 import anyio.to_thread
 from dulwich.file import FileLocked
 from dulwich.gc import garbage_collect
+from dulwich.object_store import BaseObjectStore
 from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
 from dulwich.refs import Ref
 from dulwich.repo import Repo
@@ -64,6 +65,8 @@ __all__ = ["Checkpoint", "CheckpointKind", "CheckpointStore", "GcReport", "RefDa
 T = TypeVar("T")
 
 STATE_FILE = b"state.json"
+WORKSPACE_DIR = b"workspace"
+_DIR_MODE = 0o040000
 REF_PREFIX = "refs/tale/tasks/"
 IDENTITY = b"taled <taled@localhost>"
 _FILE_MODE = 0o100644
@@ -102,6 +105,16 @@ class CheckpointKind(StrEnum):
     PAUSE = "pause"
     """A call stopped by pause, cancel or shutdown, its partial text kept."""
     RESTORE = "restore"
+    ACT_START = "act-start"
+    """An acting task's workspace is made; its tree is the diff's left side."""
+    ACT_TURN = "act-turn"
+    """The model proposed tool calls (none has run)."""
+    TOOL_RUNNING = "tool-running"
+    """A tool call is about to run: after a crash it is reported interrupted, not rerun."""
+    TOOL_DONE = "tool-done"
+    """A tool call's result, with the workspace tree after it."""
+    WAITING = "waiting"
+    """A call waits for a person (an approval, or an answer to the model's question)."""
     DONE = "done"
     UNSPECIFIED = "unspecified"
     """Written without a kind, or by a version before kinds (no trailer)."""
@@ -130,6 +143,8 @@ class GcReport:
     loose_objects_before: int
     loose_objects_after: int
     packs_after: int
+    skipped: str = ""
+    """Why gc did nothing this time (a workspace snapshot waits for its commit)."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +234,9 @@ class CheckpointStore:
         self._repo: Repo | None = None
         self._flock_fd: int | None = None
         self._gate = _Gate()
+        # Workspace snapshots whose objects are written and whose commit is not yet:
+        # gc prunes every unreachable object, so it waits for another round meanwhile.
+        self._pins = 0
         # task id -> (lock, holders + waiters); an entry lives only while in use.
         self._task_locks: dict[str, tuple[anyio.Lock, list[int]]] = {}
 
@@ -288,18 +306,31 @@ class CheckpointStore:
         step: str,
         message: str,
         kind: CheckpointKind = CheckpointKind.UNSPECIFIED,
+        *,
+        workspace: str | None = None,
     ) -> Checkpoint:
         """Save ``state`` as the task's newest checkpoint, of ``kind``.
 
         ``step`` is one line (1..200 characters); ``message`` has its whitespace
         collapsed to single spaces and is cut at 500 characters (empty: the step).
+        ``workspace`` is an acting task's workspace as a tree already in this repository
+        (``with_objects``): the commit holds it beside the state, so the files and the
+        state rewind together and the tree lives as long as the checkpoint.
         """
         _check_task_id(task_id)
         step = _clean_step(step)
         subject = _clean_message(message) or step
         kind = CheckpointKind(kind)
+        tree = None if workspace is None else _check_tree(workspace)
         async with self._task_lock(task_id):
-            return await self._run(partial(self._commit_state, task_id, state, step, subject, kind))
+            return await self._run(
+                partial(self._commit_state, task_id, state, step, subject, kind, tree)
+            )
+
+    async def with_objects(self, fn: Callable[[BaseObjectStore], T]) -> T:
+        """Run ``fn`` with the repository's object store, in the store's worker thread
+        (workspace snapshots write their blobs and trees here)."""
+        return await self._run(lambda: fn(self._open_repo().object_store))
 
     async def latest(self, task_id: str) -> Checkpoint | None:
         """The task's newest checkpoint, or None when it has none."""
@@ -355,8 +386,20 @@ class CheckpointStore:
         so run it when idle (it is not incremental).
         """
         async with self._gate.exclusive():
+            if self._pins:
+                return GcReport(0, 0, 0, 0, 0, skipped="a workspace snapshot awaits its commit")
             repo = self._open_repo()
             return await anyio.to_thread.run_sync(partial(_gc_sync, repo))
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep gc off while objects written by ``with_objects`` wait for the commit that
+        makes them reachable (a workspace snapshot, then its checkpoint)."""
+        self._pins += 1
+        try:
+            yield
+        finally:
+            self._pins -= 1
 
     async def verify(self, *, deep: bool = False) -> builtins.list[RefDamage]:
         """Every ref under ``refs/tale/`` that is damaged, sorted by ref name.
@@ -425,11 +468,25 @@ class CheckpointStore:
     # -- worker-thread side ------------------------------------------------
 
     def _commit_state(
-        self, task_id: str, state: dict[str, Any], step: str, subject: str, kind: CheckpointKind
+        self,
+        task_id: str,
+        state: dict[str, Any],
+        step: str,
+        subject: str,
+        kind: CheckpointKind,
+        workspace: ObjectID | None = None,
     ) -> Checkpoint:
         blob = Blob.from_string(_encode_state(state, self._max_state_bytes))
         tree = Tree()
         tree.add(STATE_FILE, _FILE_MODE, blob.id)
+        if workspace is not None:
+            store = self._open_repo().object_store
+            if workspace not in store:
+                raise DaemonError(
+                    f"workspace tree {workspace.decode()} of task {task_id} is not in the "
+                    "checkpoint repository"
+                )
+            tree.add(WORKSPACE_DIR, _DIR_MODE, workspace)
         self._add_object(blob)
         self._add_object(tree)
         return self._append(task_id, tree.id, step, subject, kind)
@@ -762,6 +819,12 @@ class CheckpointStore:
 
 
 # -- module helpers ----------------------------------------------------------
+
+
+def _check_tree(sha: str) -> ObjectID:
+    if not re.fullmatch(r"[0-9a-f]{40}", sha):
+        raise InvalidInput(f"a workspace tree is 40 hex digits, not {sha!r}")
+    return ObjectID(sha.encode())
 
 
 def _ref(task_id: str) -> Ref:

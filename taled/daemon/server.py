@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import mcp_types as types
@@ -26,14 +27,17 @@ from taled.chat.conversations import Conversation, Message
 from taled.chat.intent import Intent
 from taled.chat.service import ChatService, Turn
 from taled.checkpoints.repo import Checkpoint, CheckpointStore
+from taled.db.acting import Approval, ApprovalState
 from taled.db.store import Store, TaskRecord
-from taled.errors import InvalidInput, TaleError
+from taled.errors import IllegalTransition, InvalidInput, TaleError
 from taled.reporting.metrics import Metrics
 from taled.reporting.usage import UsageReport
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.progress import Progress, ProgressHub
 from taled.tasks.queue import TaskQueue
 from taled.tasks.runner import Runner
+from taled.tasks.workstate import WorkState
+from taled.tools.service import Acting, WorkspaceView
 
 __all__ = ["TOOLS", "build_server", "task_to_json"]
 
@@ -65,7 +69,20 @@ class SubmitTaskArgs(_Args):
         max_length=20,
         description="Done criteria the result must pass: 'python' (its code runs), "
         "'contains:TEXT', 'regex:PATTERN', 'assert:CODE' (its code then CODE runs), "
-        "'output:TEXT' (running its code prints TEXT).",
+        "'output:TEXT' (running its code prints TEXT), 'run:COMMAND' (the command exits 0 "
+        "in the task's workspace).",
+    )
+    workspace: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="An absolute path of a directory: the task acts on a copy of it (tools: "
+        "list, read, write, edit, search, run); `tale diff` / `tale apply` bring the change back.",
+    )
+    act: bool | None = Field(
+        default=None,
+        description="Give the task tools in a fresh scratch workspace (implied by workspace "
+        "and by a run: criterion).",
     )
 
 
@@ -111,6 +128,49 @@ class SetPriorityArgs(TaskIdArgs):
 
 class NoArgs(_Args):
     """No arguments."""
+
+
+APPROVAL_ID = Field(
+    pattern=r"^[0-9a-f]{4,12}$",
+    description="An approval's id, or a unique prefix of at least 4 of its hex digits.",
+)
+
+
+class ApprovalsArgs(_Args):
+    """Which approvals to list."""
+
+    task: str | None = Field(
+        default=None, pattern=TASK_ID_PATTERN, description="Only this task's (12 hex digits)."
+    )
+
+
+class ApproveArgs(_Args):
+    """An approval to grant."""
+
+    id: str = APPROVAL_ID
+    always: bool | None = Field(
+        default=None,
+        description="Also allow calls like it from now on (adds its rule, e.g. run:pytest).",
+    )
+
+
+class DenyArgs(_Args):
+    """An approval to refuse, and why (the model reads the reason)."""
+
+    id: str = APPROVAL_ID
+    reason: str | None = Field(
+        default=None, max_length=2000, description="Why, or what to do instead; sent to the model."
+    )
+    always: bool | None = Field(
+        default=None, description="Also deny calls like it from now on (adds its rule)."
+    )
+
+
+class AnswerArgs(_Args):
+    """The answer to a task's question (its model called ask_user)."""
+
+    id: str = APPROVAL_ID
+    text: str = Field(min_length=1, max_length=10_000, description="The answer.")
 
 
 class UsageArgs(_Args):
@@ -191,6 +251,26 @@ def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str
             for t in task.transitions
         ],
         "tokens": _tokens(task.prompt_tokens, task.completion_tokens),
+        "act": task.act,
+        "workspace": task.workspace,
+    }
+
+
+def approval_to_json(a: Approval) -> dict[str, Any]:
+    """The wire form of an approval or question."""
+    return {
+        "id": a.id,
+        "task_id": a.task_id,
+        "call_id": a.call_id,
+        "kind": a.kind.value,
+        "tool": a.tool,
+        "arguments": a.arguments,
+        "summary": a.summary,
+        "rule": a.rule,
+        "state": a.state.value,
+        "reason": a.reason,
+        "created_at": _iso(a.created_at),
+        "decided_at": None if a.decided_at is None else _iso(a.decided_at),
     }
 
 
@@ -289,7 +369,9 @@ class _Tools:
         conversation_limit: int,
         stream_interval: float,
         usage_report: UsageReport,
+        acting: Acting,
     ) -> None:
+        self.acting = acting
         self.runner = runner
         self.metrics_service = metrics
         self.usage_report = usage_report
@@ -306,8 +388,84 @@ class _Tools:
         self.list_limit = list_limit
 
     async def submit_task(self, args: SubmitTaskArgs, _report: Report) -> dict[str, Any]:
-        task = await self.queue.submit(args.text, args.priority, args.model, args.criteria)
+        task = await self.queue.submit(
+            args.text,
+            args.priority,
+            args.model,
+            args.criteria,
+            workspace=args.workspace,
+            act=bool(args.act),
+        )
         return task_to_json(task)
+
+    # -- acting ------------------------------------------------------------
+
+    async def list_approvals(self, args: ApprovalsArgs, _report: Report) -> dict[str, Any]:
+        return {"approvals": [approval_to_json(a) for a in await self.acting.pending(args.task)]}
+
+    async def approve(self, args: ApproveArgs, _report: Report) -> dict[str, Any]:
+        decided = await self.acting.decide(
+            args.id, ApprovalState.APPROVED, None, always=bool(args.always)
+        )
+        self.queue.wake()
+        return approval_to_json(decided)
+
+    async def deny(self, args: DenyArgs, _report: Report) -> dict[str, Any]:
+        decided = await self.acting.decide(
+            args.id, ApprovalState.DENIED, args.reason, always=bool(args.always)
+        )
+        self.queue.wake()
+        return approval_to_json(decided)
+
+    async def answer(self, args: AnswerArgs, _report: Report) -> dict[str, Any]:
+        decided = await self.acting.decide(args.id, ApprovalState.ANSWERED, args.text)
+        self.queue.wake()
+        return approval_to_json(decided)
+
+    async def _view(self, task_id: str) -> tuple[TaskRecord, WorkspaceView]:
+        task = await self.store.get_task(task_id)
+        latest = await self.checkpoints.latest(task_id)
+        ws = None if latest is None else WorkState.from_json(await self.checkpoints.load(task_id))
+        if ws is None or ws.agent is None:
+            if task.act and task.state not in FINAL_STATES:
+                raise IllegalTransition(f"task {task_id} has not made its workspace yet")
+            raise InvalidInput(f"task {task_id} did not act: it has no workspace to diff")
+        agent = ws.agent
+        view = WorkspaceView(
+            root=Path(agent.workspace),
+            source=Path(agent.source) if agent.source else None,
+            base_tree=agent.base_tree,
+            tree=agent.tree,
+        )
+        return task, view
+
+    async def task_diff(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        task, view = await self._view(args.id)
+        return {
+            "task_id": task.id,
+            "state": task.state.value,
+            "workspace": str(view.root),
+            "source": None if view.source is None else str(view.source),
+            "diff": await self.acting.diff(view),
+        }
+
+    async def apply_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+        task, view = await self._view(args.id)
+        if task.state in (TaskState.RUNNING, TaskState.QUEUED):
+            raise IllegalTransition(
+                f"task {task.id} is {task.state}; its workspace is still changing "
+                f"(`tale pause {task.id}` first, or wait for it)"
+            )
+        report = await self.acting.apply(view)
+        return {
+            "task_id": task.id,
+            "target": str(view.source),
+            "applied": [{"path": c.path, "kind": c.kind.value} for c in report.applied],
+            "unchanged": [{"path": c.path, "kind": c.kind.value} for c in report.unchanged],
+        }
+
+    async def list_tools(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+        return await self.acting.status()
 
     async def get_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
         return await self._tree(await self.store.get_task(args.id))
@@ -318,6 +476,20 @@ class _Tools:
         if task.parent_id is None:
             # The learning engine's estimate, from memory (no query): level, tokens, budget.
             out["estimate"] = self.runner.estimate(task.id)
+        if task.act:
+            out["tool_calls"] = [
+                {
+                    "call_id": c.call_id,
+                    "tool": c.tool,
+                    "digest": c.digest,
+                    "outcome": c.outcome,
+                    "duration_ms": round(c.duration_ms, 1),
+                    "detail": c.detail,
+                    "at": _iso(c.at),
+                }
+                for c in await self.acting.records.calls(task.id)
+            ]
+            out["approvals"] = [approval_to_json(a) for a in await self.acting.pending(task.id)]
         out["subtasks"] = [
             await self._tree(child) for child in await self.store.children(task.id, task.round)
         ]
@@ -341,6 +513,12 @@ class _Tools:
             else:
                 waited = time.time() - task.updated_at
                 line, step, total = f"{task.state} · {waited:.0f} s", 0.0, None
+                if task.state == TaskState.WAITING and task.act:
+                    asked = await self.acting.pending(task.id)
+                    if asked:
+                        a = asked[0]
+                        how = "tale answer" if a.kind.value == "question" else "tale approve"
+                        line = f"waiting for you: {a.summary} · `{how} {a.id[:8]}`"
             if line != last:
                 last = line
                 await report(step, line, total)
@@ -465,6 +643,29 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
         "finished steps in that checkpoint are not run again.",
     ),
     "list_tasks": (ListTasksArgs, "Tasks, newest first, optionally filtered by state."),
+    "list_approvals": (
+        ApprovalsArgs,
+        "What acting tasks wait for: tool calls their policy says to ask about, and their "
+        "models' questions, oldest first, each with its id, task, tool and summary.",
+    ),
+    "approve": (ApproveArgs, "Let a waiting tool call run; the task goes on."),
+    "deny": (DenyArgs, "Refuse a waiting tool call; the reason goes to the task's model."),
+    "answer": (AnswerArgs, "Answer a task's question (its model asked with ask_user)."),
+    "task_diff": (
+        TaskIdArgs,
+        "What an acting task changed in its workspace, as a unified diff against the "
+        "directory it started from.",
+    ),
+    "apply_task": (
+        TaskIdArgs,
+        "Bring an acting task's change into the directory it was given; refused whole, "
+        "naming the files, when any of them changed there since the task copied it.",
+    ),
+    "list_tools": (
+        NoArgs,
+        "The tools tasks may use: the built-ins with their permission rule, and the "
+        "configured MCP servers with their state and tools.",
+    ),
     "cancel_task": (
         TaskIdArgs,
         "Cancel a task that has not finished; a running model call is stopped.",
@@ -587,6 +788,7 @@ def build_server(
     conversation_limit: int,
     stream_interval: float,
     usage: UsageReport,
+    acting: Acting,
 ) -> Server[Any]:
     """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
     tools = _Tools(
@@ -604,6 +806,7 @@ def build_server(
         conversation_limit=conversation_limit,
         stream_interval=stream_interval,
         usage_report=usage,
+        acting=acting,
     )
     listed = [
         types.Tool(name=name, description=desc, input_schema=_schema(model))

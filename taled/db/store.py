@@ -83,6 +83,8 @@ tasks = sa.Table(
     sa.Column("round", sa.Integer, nullable=False, server_default="0"),
     sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
     sa.Column("restore_to", sa.Text),
+    sa.Column("workspace", sa.Text),
+    sa.Column("act", sa.Boolean, nullable=False, server_default="0"),
 )
 
 task_deps = sa.Table(
@@ -234,6 +236,52 @@ violations = sa.Table(
     sa.Column("value", sa.Float, nullable=False),
     sa.Column("target", sa.Float, nullable=False),
     sa.Column("context", sa.Text, nullable=False),
+)
+
+# What an acting task asks a person: a tool call its policy says to ask about, or a
+# question of the model's (ask_user). Durable: a restart loses none, and the task
+# waits in ``waiting`` until it is answered.
+approvals = sa.Table(
+    "approvals",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), nullable=False),
+    sa.Column("call_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("tool", sa.Text, nullable=False),
+    sa.Column("arguments", sa.Text, nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("rule", sa.Text),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("decided_at", sa.Float),
+    sa.UniqueConstraint("task_id", "call_id"),
+)
+
+# Every tool call an acting task made: the tool ledger beside the model ledger.
+tool_calls = sa.Table(
+    "tool_calls",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("task_id", sa.Text, nullable=False),
+    sa.Column("call_id", sa.Text, nullable=False),
+    sa.Column("tool", sa.Text, nullable=False),
+    sa.Column("digest", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("detail", sa.Text),
+)
+
+# Permission rules people added (``tale approve --always``), over the configured policy.
+policy_rules = sa.Table(
+    "policy_rules",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("decision", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("source", sa.Text),
 )
 
 _V1 = [
@@ -440,8 +488,50 @@ _V10 = [
     "UPDATE model_calls SET looped = 1 WHERE instr(note, 'stopped repeating itself') > 0",
 ]
 
+# Version 11 (acting): a task's workspace (the user's directory it works on a copy of)
+# and whether it acts (runs the agent loop); approvals and questions waiting for a
+# person; the tool ledger; the permission rules people added.
+_V11 = [
+    "ALTER TABLE tasks ADD COLUMN workspace TEXT",
+    "ALTER TABLE tasks ADD COLUMN act BOOLEAN NOT NULL DEFAULT 0",
+    """CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        call_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        arguments TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        rule TEXT,
+        state TEXT NOT NULL,
+        reason TEXT,
+        created_at REAL NOT NULL,
+        decided_at REAL,
+        UNIQUE (task_id, call_id)
+    )""",
+    "CREATE INDEX approvals_pending ON approvals (created_at) WHERE state = 'pending'",
+    """CREATE TABLE tool_calls (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        task_id TEXT NOT NULL,
+        call_id TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        duration_ms REAL NOT NULL,
+        detail TEXT
+    )""",
+    "CREATE INDEX tool_calls_task ON tool_calls (task_id, seq)",
+    """CREATE TABLE policy_rules (
+        key TEXT PRIMARY KEY,
+        decision TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        source TEXT
+    )""",
+]
+
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10]
+_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -493,6 +583,10 @@ class TaskRecord:
     """Times the daemon crashed (a fatal error, not a kill) while running this task."""
     restore_to: str | None = None
     """The checkpoint commit a restore in progress rewinds to (None: no restore pending)."""
+    workspace: str | None = None
+    """The user's directory the task works on a copy of (None: a scratch one, or none)."""
+    act: bool = False
+    """The task acts: its model calls tools in a workspace (the agent loop)."""
 
 
 @dataclass(frozen=True)
@@ -555,6 +649,8 @@ def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
         round=row.round,
         crashes=row.crashes,
         restore_to=row.restore_to,
+        workspace=row.workspace,
+        act=bool(row.act),
     )
 
 
@@ -788,6 +884,9 @@ class Store:
         priority: int,
         model: str | None = None,
         criteria: Sequence[str] = (),
+        *,
+        workspace: str | None = None,
+        act: bool = False,
     ) -> TaskRecord:
         """Persist a new queued task; returns once it is committed to disk."""
         now = time.time()
@@ -802,6 +901,8 @@ class Store:
             "updated_at": now,
             "model": model,
             "criteria": json.dumps(list(criteria)) if criteria else None,
+            "workspace": workspace,
+            "act": act,
         }
         loop = asyncio.get_running_loop()
         await self._enqueue(_WriteOp(future=loop.create_future(), submit=row))
@@ -818,6 +919,8 @@ class Store:
             transitions=(Transition(None, TaskState.QUEUED.value, now, "submitted"),),
             model=model,
             criteria=tuple(criteria),
+            workspace=workspace,
+            act=act,
         )
 
     async def transition(
@@ -897,7 +1000,8 @@ class Store:
         """Put every running task back in the queue (crash recovery); return their ids.
 
         So are waiting ones, except a planned task whose subtasks are still
-        unfinished: it goes on waiting for them.
+        unfinished (it goes on waiting for them) and an acting task waiting for a
+        person's answer (it goes on waiting for that).
 
         ``crash`` says what the previous run died of when it died of a fatal error
         of its own (not a kill): each task that was running has one crash counted,
@@ -1383,12 +1487,18 @@ _NEXT_READY = (
     .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
     .limit(1)
 )
+# A task waiting for a person (a pending approval or question) goes on waiting: the
+# answer, not a restart, is what moves it.
+_WAITS_FOR_A_PERSON = sa.exists().where(
+    approvals.c.task_id == tasks.c.id, approvals.c.state == "pending"
+)
 _INTERRUPTED = sa.select(tasks.c.id, tasks.c.state, tasks.c.crashes).where(
     sa.or_(
         tasks.c.state == TaskState.RUNNING.value,
         sa.and_(
             tasks.c.state == TaskState.WAITING.value,
             ~_has_unfinished_children(tasks.c.id),
+            ~_WAITS_FOR_A_PERSON,
         ),
     )
 )

@@ -24,9 +24,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import psutil
@@ -37,6 +37,7 @@ from taled.models.backends.base import Backend, CancelToken, ChatMessage, Comple
 from taled.models.backends.llamacpp import LlamaCppBackend
 from taled.models.repetition import LoopGuard
 from taled.settings import BackendSpec, LoopSettings, ModelsSettings, Role, parse_model_spec
+from taled.tools.base import ToolSpec
 
 __all__ = ["ModelPool", "ModelStatus", "make_backend"]
 
@@ -123,6 +124,15 @@ class _Request:
     think: bool | None = None
     partial: str = ""
     """An answer of the model's own, cut off, that this call continues."""
+    tools: Sequence[ToolSpec] | None = None
+    """Tools the model may call; its calls land in the Completion's ``tool_calls``."""
+    schema: dict[str, Any] | None = None
+    """A JSON Schema the reply's text must satisfy."""
+
+    @property
+    def structured(self) -> bool:
+        """Whether the reply is a tool call or JSON under a schema (never cut as a loop)."""
+        return bool(self.tools) or self.schema is not None
 
 
 @dataclass(frozen=True)
@@ -515,6 +525,8 @@ class ModelPool:
         conversation_id: str | None = None,
         think: bool | None = None,
         partial: str = "",
+        tools: Sequence[ToolSpec] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> Completion:
         """Run one call to the end and return its text, counts and timings.
 
@@ -528,7 +540,13 @@ class ModelPool:
         text is what follows it (see ``backends.base.continuation``, chosen per backend
         because a fallback may serve the call). A cancelled call returns what it had
         produced, with finish_reason 'cancelled'.
+        ``tools``: the model may call them, in its backend's native form; the calls are
+        the result's ``tool_calls`` (the embedded model always makes one). ``schema``: a
+        JSON Schema the reply's text must satisfy. Either way the loop guard stays off: a
+        cut would break the JSON. Neither goes with ``partial``.
         """
+        if partial and (tools or schema is not None):
+            raise ValueError("a call with tools or a schema cannot continue a partial answer")
         request = _Request(
             role,
             messages,
@@ -544,6 +562,8 @@ class ModelPool:
             conversation_id,
             think=think,
             partial=partial,
+            tools=tools,
+            schema=schema,
         )
         out = Completion.empty()
         async for piece in self._run(request, out, restartable=True):
@@ -599,7 +619,7 @@ class ModelPool:
             down = self._roles[role]
             note = f"{role} model {down.spec.label} was down: {down.last_error}"
         guard = None
-        if self._loops is not None:
+        if self._loops is not None and not request.structured:
             asked = next(
                 (m["content"] for m in reversed(request.messages) if m["role"] == "user"), ""
             )
@@ -614,6 +634,8 @@ class ModelPool:
             cancel=cancel,
             result=out,
             think=request.think,
+            tools=request.tools,
+            schema=request.schema,
         )
         deadline = time.monotonic() + timeout
         so_far = ""

@@ -5,12 +5,14 @@ This file is not imported by the daemon to be run: its text is sent to a fresh
 with one JSON argument from ``taled.sandbox.sandbox``. Its stages, in the order they run:
 
 ``isolate`` (the built-in path; bubblewrap does the same when installed)
-    new user (unless root), mount, PID, IPC, UTS and network namespaces; a fresh
-    root on a tmpfs holding only the read-only runtime, the read-write scratch
-    directory, a private ``/tmp``, a minimal ``/dev`` and the namespace's own
-    ``/proc``; ``pivot_root`` into it and detach the old root. Nothing else of the
-    host (``$HOME``, the runtime dir with the daemon's socket, the data dir)
-    exists in that mount namespace.
+    the launcher dies with the daemon (``PR_SET_PDEATHSIG``, as bubblewrap's
+    ``--die-with-parent``); new user (unless root), mount, PID, IPC, UTS and
+    network namespaces; a fresh root on a tmpfs holding only the read-only
+    runtime, the read-write scratch directory (and a command's workspace), a
+    private ``/tmp``, a minimal ``/dev`` and the namespace's own ``/proc``;
+    ``pivot_root`` into it and detach the old root. Nothing else of the host
+    (``$HOME``, the runtime dir with the daemon's socket, the data dir) exists in
+    that mount namespace.
 ``supervise``
     forks the process that runs the code and waits for it, reporting its exit
     status (or signal) on the status pipe. In the built-in path it is PID 1 of
@@ -20,7 +22,8 @@ with one JSON argument from ``taled.sandbox.sandbox``. Its stages, in the order 
     (ABI >= 4) and signals/abstract sockets (ABI >= 6); a transient uid when the
     daemon is root; rlimits; a seccomp filter denying the syscalls a sandbox
     escape needs (ptrace, process_vm_*, keyctl, mount and namespace calls,
-    bpf, io_uring, setsid ...); then ``execve`` of the target interpreter.
+    bpf, io_uring, setsid ...); then ``execve`` of the target interpreter (or of
+    ``/bin/sh`` for a command).
 
 Every step that fails reports ``{"error": ...}`` on the status pipe and exits
 125: the code never runs with a layer missing by accident.
@@ -189,7 +192,7 @@ def _build_root(mounts: list[dict[str, str]]) -> None:
             os.makedirs(dst, exist_ok=True)
             _mount("tmpfs", dst, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
             for name, fd in dev_sources.items():
-                _bind(f"/proc/self/fd/{fd}", f"{dst}/{name}", readonly=False)
+                _bind(f"/proc/self/fd/{fd}", f"{dst}/{name}", readonly=False, device=True)
             for name, target in (
                 ("fd", "/proc/self/fd"),
                 ("stdin", "/proc/self/fd/0"),
@@ -215,7 +218,9 @@ def _build_root(mounts: list[dict[str, str]]) -> None:
     os.chdir("/")
 
 
-def _bind(src: str, dst: str, *, readonly: bool) -> None:
+def _bind(src: str, dst: str, *, readonly: bool, device: bool = False) -> None:
+    """Bind ``src`` at ``dst``, nosuid, and nodev unless it is one of /dev's few devices
+    (on a nodev mount even /dev/null cannot be opened)."""
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
     else:
@@ -224,13 +229,21 @@ def _bind(src: str, dst: str, *, readonly: bool) -> None:
             os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
     _mount(src, dst, None, MS_BIND | MS_REC, None)
     kept = os.statvfs(dst).f_flag
-    flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV
+    flags = MS_BIND | MS_REMOUNT | MS_NOSUID | (0 if device else MS_NODEV)
     for st_flag, ms_flag in _KEPT_FLAGS.items():
         if kept & st_flag:
             flags |= ms_flag
     if readonly:
         flags |= MS_RDONLY
     _mount(None, dst, None, flags, None)
+
+
+def _die_with(parent: int) -> None:
+    """The launcher (the daemon's child) gets SIGKILL when the daemon dies, even by
+    SIGKILL; its PID 1 dies with it, and every process of the run with that."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+    if os.getppid() != parent:
+        _fail("the daemon is gone")  # it died before the line above took effect
 
 
 # --- supervise: PID 1 (or bubblewrap's child) waits for the code ------------------------
@@ -263,7 +276,7 @@ def supervise(cfg: dict[str, Any]) -> NoReturn:
 def confine(cfg: dict[str, Any]) -> NoReturn:
     """Landlock, uid, rlimits and seccomp on this process, then exec the interpreter."""
     try:
-        os.chdir(cfg["scratch"])
+        os.chdir(cfg["cwd"])
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         _landlock(cfg["landlock"], cfg["unshare_net"])
         uid = cfg["uid"]
@@ -285,6 +298,10 @@ def confine(cfg: dict[str, Any]) -> NoReturn:
         _fail(f"set-up failed: {exc}")
     _report(network="namespace" if cfg["unshare_net"] else "python-hook", layers=_layers)
     argv: list[str] = cfg["argv"]
+    # This interpreter ignores SIGPIPE and SIGXFSZ, and exec keeps what is ignored:
+    # restore them, so `yes | head` ends quietly and a file past the limit is SIGXFSZ.
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
     try:
         os.execve(argv[0], argv, cfg["env"])
     except OSError as exc:
@@ -309,8 +326,9 @@ _LL_FILE_ONLY = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | _LL_TRUNCATE | _L
 
 
 def _landlock(rules: dict[str, list[str]], deny_tcp: bool) -> None:
-    """Reads only beneath the runtime; writes only beneath scratch and /tmp; no TCP; no
-    signals or abstract sockets out of the sandbox (each as far as the kernel's ABI goes)."""
+    """Reads only beneath the runtime; writes only beneath scratch (and a command's
+    workspace) and /tmp; no TCP; no signals or abstract sockets out of the sandbox (each
+    as far as the kernel's ABI goes)."""
 
     def syscall(*args: int | None) -> int:
         return int(_libc.syscall(*[ctypes.c_long(a or 0) for a in args]))
@@ -568,6 +586,8 @@ def main() -> NoReturn:
     os.set_inheritable(_status_fd, False)
     _layers.extend(cfg["given_layers"])
     try:
+        if cfg["isolation"] == "builtin":
+            _die_with(cfg["parent"])
         _arch()
         if cfg["isolation"] == "builtin":
             isolate(cfg)

@@ -1,25 +1,27 @@
-"""The done-gate sandbox: run a model's Python code in a separate, fenced-in process.
+"""The sandbox: hostile code and commands run in a separate, fenced-in process.
 
-A result's code is hostile input: it can loop forever, eat memory, fork, write
-where it should not, phone home, read the user's secrets or talk to the daemon
-over its socket. The daemon never imports or execs it. The boundary is the
-kernel, in layers, failing closed (``Unavailable`` when a layer cannot be built,
-never a run without it):
+Two entry points share one sandbox. ``run_python`` runs a model's Python code for the
+done-gates, in an empty scratch directory. ``run_command`` runs a shell command for
+the agent's ``run`` tool, in a task's workspace. Either is hostile input: it can loop
+forever, eat memory, fork, write where it should not, phone home, read the user's
+secrets or talk to the daemon over its socket. The daemon never imports or execs it.
+The boundary is the kernel, in layers, failing closed (``Unavailable`` when a layer
+cannot be built, never a run without it):
 
 * namespaces — user (unless root), mount, PID, IPC, UTS, network — made by
   bubblewrap when installed, by ``taled/sandbox/child.py`` otherwise;
-* a minimal root: the runtime read-only, the scratch directory read-write, a
-  private /tmp, a minimal /dev, the run's own /proc; no home, no runtime dir, no
-  data dir — nothing of the daemon's;
+* a minimal root: the runtime read-only, the scratch directory (and a command's
+  workspace) read-write, a private /tmp, a minimal /dev, the run's own /proc; no
+  home, no runtime dir, no data dir — nothing of the daemon's;
 * Landlock over reads and writes, TCP and signal/abstract-socket scopes;
 * a transient unprivileged uid when the daemon is root;
 * rlimits (CPU, address space, file size, processes, no core dumps, few fds) and
-  a wall clock that kills the process group;
+  a wall clock that kills the process group; the run dies with the daemon;
 * a seccomp filter denying the syscalls escapes need.
 
-Python audit hooks (``taled/sandbox/bootstrap.py``) run on top as a tripwire that
-refuses early with a message a model can act on; they are not the boundary.
-``docs/sandbox.md`` has the threat model, every layer, and the escapes tested.
+Python audit hooks (``taled/sandbox/bootstrap.py``) run on top of ``run_python`` as a
+tripwire that refuses early with a message a model can act on; they are not the
+boundary. ``docs/sandbox.md`` has the threat model, every layer, and the escapes tested.
 """
 
 from __future__ import annotations
@@ -40,24 +42,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from taled.errors import Unavailable
 
 if TYPE_CHECKING:
-    from taled.settings import SandboxSettings
+    from taled.settings import RunToolSettings, SandboxSettings
 
-__all__ = ["NetworkIsolation", "SandboxResult", "remove_leftovers", "run_python"]
+__all__ = [
+    "CommandResult",
+    "NetworkIsolation",
+    "SandboxResult",
+    "remove_leftovers",
+    "run_command",
+    "run_python",
+]
 
 log = logging.getLogger(__name__)
 
 NetworkIsolation = Literal["namespace", "python-hook"]
 
 _MIB = 1024 * 1024
-# Open files the sandboxed process may hold (stdio, a few files, the stdlib's own).
+# Open files a gated program may hold (stdio, a few files, the stdlib's own); a
+# command's tools (a compiler, git, pytest) get more.
 _MAX_OPEN_FILES = 64
+_COMMAND_OPEN_FILES = 1024
 # Transient uids/gids for runs started as root: far above real accounts and the
 # usual subordinate-id ranges, below 2**31 (some tools treat uids as signed).
 _UID_BASE = 2_000_000_000
@@ -67,6 +79,10 @@ _DRAIN_SECONDS = 2.0
 _READ_CHUNK = 65536
 _CUT_MARK = "\n[... {} bytes cut ...]\n"
 _MAIN = "main.py"
+_SCRATCH_PREFIX = "tale-sandbox-"
+_SHELL = "/bin/sh"
+# Where a command finds programs, after the configured interpreter's own directory.
+_COMMAND_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _uids_in_use: set[int] = set()
 
@@ -98,6 +114,31 @@ class SandboxResult:
     """The kernel mechanisms in force for the run (``netns``, ``landlock-fs``, ...)."""
 
 
+@dataclass(frozen=True)
+class CommandResult:
+    """What one command of the ``run`` tool did."""
+
+    exit_code: int | None
+    """The shell's exit status; None when a signal ended it (a timeout included)."""
+    output: str
+    """Stdout and stderr interleaved as written, cut to ``max_output_chars`` (the
+    head and the tail kept, the middle replaced by a marker)."""
+    timed_out: bool
+    """The wall-clock limit ran out and the sandbox killed the process group."""
+    signal: str | None
+    """The name of the signal that ended the shell (``SIGKILL``, ``SIGXFSZ``...)."""
+    reason: str
+    """One line a model can act on: how it failed, and the limit it ran into with
+    its setting (``did not finish within 120 s (tools.run.timeout_seconds)``). Empty
+    when it exited with status 0 and its output was kept whole."""
+    duration: float
+    """Wall time in seconds, set-up included."""
+    output_bytes: int
+    """Bytes of output produced in all, before cutting."""
+    kernel_layers: tuple[str, ...] = ()
+    """The kernel mechanisms in force for the run (``netns``, ``landlock-fs``, ...)."""
+
+
 async def run_python(
     code: str,
     settings: SandboxSettings,
@@ -117,36 +158,151 @@ async def run_python(
     never run without it).
     """
     started = time.monotonic()
-    root = Path(scratch_root) if scratch_root is not None else Path(tempfile.gettempdir())
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="tale-sandbox-", dir=root)).resolve()
-    uid = _take_uid() if os.geteuid() == 0 else None
-    try:
+    with _scratch_dir(scratch_root) as (scratch, uid):
         (scratch / _MAIN).write_text(code, encoding="utf-8")
         if uid is not None:
-            # The run's own files: the daemon's umask (0077) would keep them from it.
-            for path in (scratch, scratch / _MAIN):
-                os.chown(path, uid, uid)
-        isolation, bwrap = _isolation(settings)
+            os.chown(scratch / _MAIN, uid, uid)
+        box = await _Sandbox.of(settings)
+        args = [box.python.executable, "-I", "-B", "-X", "utf8"]
+        if box.python.own:
+            # The daemon's own interpreter: no site-packages, so none of the
+            # daemon's dependencies are importable by the code.
+            args.append("-S")
+        bootstrap = {"scratch": str(scratch), "hooks": audit_hooks, "main": _MAIN}
+        args += ["-c", _child_source("bootstrap.py"), json.dumps(bootstrap)]
         run = _Run(
-            settings=settings,
+            box=box,
+            argv=args,
+            env=_environment(scratch, "/usr/bin:/bin"),
             scratch=scratch,
             uid=uid,
-            python=await _interpreter(settings.python),
-            audit_hooks=audit_hooks,
-            isolation=isolation,
-            bwrap=bwrap,
+            limits=_Limits.of_gates(settings),
         )
         outcome = await run.execute(stdin)
+    return _result(outcome, settings, time.monotonic() - started)
+
+
+async def run_command(
+    command: str,
+    *,
+    workspace: Path,
+    limits: RunToolSettings,
+    sandbox: SandboxSettings,
+    scratch_root: Path,
+    output_file: Path | None = None,
+    stdin: str = "",
+) -> CommandResult:
+    """Run ``command`` with ``/bin/sh -c`` in the sandbox, in ``workspace``, and report.
+
+    The workspace is bound read-write at its own path and is the command's cwd; it
+    is the only host directory the command can change. ``limits`` (``[tools.run]``)
+    bound it; ``sandbox`` says who isolates and which Python is on ``PATH`` first.
+    Its HOME and TMPDIR are a scratch directory made under ``scratch_root`` and
+    removed afterwards. Each piece of output is appended to ``output_file`` (when
+    given) as it arrives, so it survives the daemon; the command itself dies with
+    the daemon. ``stdin`` is fed to the command, then closed.
+
+    Raises ``Unavailable`` if the sandbox cannot be set up (the command never runs
+    without it), ``ValueError`` if ``workspace`` is not a directory.
+    """
+    started = time.monotonic()
+    where = Path(workspace).resolve()
+    if not where.is_dir() or where == Path(where.anchor):
+        raise ValueError(f"the run tool's workspace {str(workspace)!r} is not a directory")
+    with _scratch_dir(scratch_root) as (scratch, uid):
+        box = await _Sandbox.of(sandbox)
+        # The interpreter's own directory first: `python`, `pip`, `pytest` are its.
+        path = f"{os.path.dirname(box.python.executable)}:{_COMMAND_PATH}"
+        run = _Run(
+            box=box,
+            argv=[_SHELL, "-c", command],
+            env=_environment(scratch, path),
+            scratch=scratch,
+            uid=uid,
+            limits=_Limits.of_run_tool(limits, sandbox),
+            workspace=where,
+            etc=_NETWORK_ETC if limits.network else (),
+            merge_output=True,
+        )
+        sink = _OutputFile(output_file, limits.max_file_mb * _MIB) if output_file else None
+        try:
+            if uid is not None:
+                await _to_thread_to_the_end(_lend_workspace, where, uid)
+            outcome = await run.execute(stdin, sink)
+        finally:
+            if sink is not None:
+                sink.close()
+            if uid is not None:
+                _kill_uid(uid)
+                await _to_thread_to_the_end(_return_workspace, where)
+    return _command_result(outcome, limits, time.monotonic() - started)
+
+
+# --- the parent side ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _scratch_dir(scratch_root: Path | None) -> Iterator[tuple[Path, int | None]]:
+    """A fresh scratch directory and, for a root daemon, the run's transient uid (which
+    owns it); afterwards every process of that uid is killed and the directory removed."""
+    root = Path(scratch_root) if scratch_root is not None else Path(tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=root)).resolve()
+    uid = _take_uid() if os.geteuid() == 0 else None
+    try:
+        if uid is not None:
+            # The run's own directory: the daemon's umask (0077) would keep it out.
+            os.chown(scratch, uid, uid)
+        yield scratch, uid
     finally:
         if uid is not None:
             _kill_uid(uid)
             _uids_in_use.discard(uid)
         _remove_tree(scratch)
-    return _result(outcome, settings, time.monotonic() - started)
 
 
-# --- the parent side ------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Limits:
+    """One run's limits, from ``[gates.sandbox]`` or from ``[tools.run]``."""
+
+    timeout_seconds: float
+    cpu_seconds: int
+    memory_mb: int
+    max_processes: int
+    max_file_mb: int
+    max_output_chars: int
+    max_open_files: int
+    tmp_mb: int
+    unshare_net: bool
+    """A network namespace of the run's own (and no TCP under Landlock)."""
+
+    @classmethod
+    def of_gates(cls, s: SandboxSettings) -> _Limits:
+        return cls(
+            timeout_seconds=s.timeout_seconds,
+            cpu_seconds=s.cpu_seconds,
+            memory_mb=s.memory_mb,
+            max_processes=s.max_processes,
+            max_file_mb=s.max_file_mb,
+            max_output_chars=s.max_output_chars,
+            max_open_files=_MAX_OPEN_FILES,
+            tmp_mb=s.tmp_mb,
+            unshare_net=s.network == "namespace",
+        )
+
+    @classmethod
+    def of_run_tool(cls, run: RunToolSettings, sandbox: SandboxSettings) -> _Limits:
+        return cls(
+            timeout_seconds=run.timeout_seconds,
+            cpu_seconds=run.cpu_seconds,
+            memory_mb=run.memory_mb,
+            max_processes=run.max_processes,
+            max_file_mb=run.max_file_mb,
+            max_output_chars=run.max_output_chars,
+            max_open_files=_COMMAND_OPEN_FILES,
+            tmp_mb=sandbox.tmp_mb,
+            unshare_net=not run.network,
+        )
 
 
 @dataclass
@@ -154,42 +310,75 @@ class _Outcome:
     returncode: int
     timed_out: bool
     stdout: str
+    """Standard output (with stderr too when the run merged them), head and tail."""
     stderr: str
+    output_bytes: int
+    """Bytes written to stdout in all (and stderr when merged)."""
+    output_cut: bool
     network: NetworkIsolation
     layers: tuple[str, ...]
 
 
-@dataclass
-class _Run:
-    settings: SandboxSettings
-    scratch: Path
-    uid: int | None
-    python: _Interpreter
-    audit_hooks: bool
+@dataclass(frozen=True)
+class _Sandbox:
+    """Who builds the namespaces and the root, and the interpreter the run may use."""
+
     isolation: Isolation
     bwrap: str
     """bubblewrap's path when ``isolation`` is ``bwrap``."""
+    python: _Interpreter
 
-    async def execute(self, stdin: str) -> _Outcome:
-        env = _environment(self.scratch)
+    @classmethod
+    async def of(cls, settings: SandboxSettings) -> _Sandbox:
+        isolation, bwrap = _isolation(settings)
+        return cls(isolation, bwrap, await _interpreter(settings.python))
+
+
+@dataclass
+class _Run:
+    """One sandboxed process: what it execs, where, under which limits."""
+
+    box: _Sandbox
+    argv: list[str]
+    """What the confined process execs, inside the sandbox's root."""
+    env: dict[str, str]
+    """Its whole environment."""
+    scratch: Path
+    uid: int | None
+    """The run's transient uid (a root daemon's run)."""
+    limits: _Limits
+    workspace: Path | None = None
+    """A host directory bound read-write besides scratch, and the cwd (a command's)."""
+    etc: tuple[str, ...] = ()
+    """Entries of /etc the root gets besides the loader's cache and the time zone."""
+    merge_output: bool = False
+    """Stderr goes to the stdout pipe, interleaved as written."""
+
+    @property
+    def writable(self) -> list[Path]:
+        return [self.scratch, *([self.workspace] if self.workspace else [])]
+
+    async def execute(self, stdin: str, sink: _OutputFile | None = None) -> _Outcome:
         status_r, status_w = os.pipe()
         try:
-            config = self._launcher_config(status_w, env)
+            config = self._launcher_config(status_w)
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *self._command(config),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT
+                    if self.merge_output
+                    else asyncio.subprocess.PIPE,
                     cwd=self.scratch,
-                    env=env,
+                    env=self.env,
                     start_new_session=True,
                     pass_fds=(status_w,),
                 )
             finally:
                 os.close(status_w)
-            out = _Capture(self.settings.max_output_chars)
-            err = _Capture(self.settings.max_output_chars)
+            out = _Capture(self.limits.max_output_chars, sink)
+            err = _Capture(self.limits.max_output_chars)
             try:
                 timed_out = await self._wait(proc, stdin, out, err)
             finally:
@@ -197,78 +386,73 @@ class _Run:
             status = _read_status(status_r)
         finally:
             os.close(status_r)
-        return self._outcome(proc, timed_out, status, out.text(), err.text())
+        return self._outcome(proc, timed_out, status, out, err)
 
     async def _wait(
         self, proc: asyncio.subprocess.Process, stdin: str, out: _Capture, err: _Capture
     ) -> bool:
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
         readers = [
             asyncio.create_task(out.drain(proc.stdout)),
-            asyncio.create_task(err.drain(proc.stderr)),
             asyncio.create_task(_feed(proc, stdin)),
         ]
+        if proc.stderr is not None:
+            readers.append(asyncio.create_task(err.drain(proc.stderr)))
         timed_out = False
         try:
-            try:
-                await asyncio.wait_for(proc.wait(), self.settings.timeout_seconds)
-            except TimeoutError:
-                timed_out = True
-                _kill_group(proc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), _DRAIN_SECONDS)
-            # The process is gone; anything still holding its pipes is a stray.
+            await asyncio.wait_for(proc.wait(), self.limits.timeout_seconds)
+        except TimeoutError:
+            timed_out = True
+        finally:
+            # Ended, timed out or cancelled by the caller: nothing of the run outlives
+            # it (anything still holding its pipes is a stray), and its pipes are read
+            # to their end, so no transport is left open.
             _kill_group(proc)
             if self.uid is not None:
                 _kill_uid(self.uid)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), _DRAIN_SECONDS)
             await asyncio.wait(readers, timeout=_DRAIN_SECONDS)
-        finally:
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
         return timed_out
 
-    def _launcher_config(self, status_fd: int, env: dict[str, str]) -> dict[str, Any]:
-        s = self.settings
-        args = [self.python.executable, "-I", "-B", "-X", "utf8"]
-        if self.python.own:
-            # The daemon's own interpreter: no site-packages, so none of the
-            # daemon's dependencies are importable by the code.
-            args.append("-S")
-        bootstrap = {"scratch": str(self.scratch), "hooks": self.audit_hooks, "main": _MAIN}
-        args += ["-c", _child_source("bootstrap.py"), json.dumps(bootstrap)]
-        runtime = _runtime_paths(self.python)
-        mounts = _mounts(runtime, self.scratch, s)
-        nproc = s.max_processes
+    def _launcher_config(self, status_fd: int) -> dict[str, Any]:
+        lim = self.limits
+        writable = [str(p) for p in self.writable]
+        mounts = _mounts(_runtime_paths(self.box.python, self.etc), writable, lim.tmp_mb)
+        nproc = lim.max_processes
         if nproc > 1 and self.uid is None:
             # Without a uid of its own the run's helpers (launcher, PID 1) count too.
             nproc += _HELPER_PROCESSES
         return {
             "status_fd": status_fd,
-            "isolation": self.isolation,
+            "parent": os.getpid(),
+            "isolation": self.box.isolation,
             "given_layers": (
-                _bwrap_layers(self.uid is not None, s.network == "namespace")
-                if self.isolation == "bwrap"
+                _bwrap_layers(self.uid is not None, lim.unshare_net)
+                if self.box.isolation == "bwrap"
                 else []
             ),
-            "scratch": str(self.scratch),
+            "cwd": str(self.workspace or self.scratch),
             "uid": self.uid,
-            "unshare_net": s.network == "namespace",
+            "unshare_net": lim.unshare_net,
             "mounts": [m.as_json() for m in mounts],
             "landlock": {
                 "read": [m.dst for m in mounts if m.kind == "ro"],
                 "proc": ["/proc"],
-                "write": [str(self.scratch), "/tmp"],
+                "write": [*writable, "/tmp"],
                 "device": [f"/dev/{name}" for name in _DEVICES],
             },
-            "argv": args,
-            "env": env,
+            "argv": self.argv,
+            "env": self.env,
             "limits": {
-                "cpu": s.cpu_seconds,
-                "as": s.memory_mb * _MIB,
-                "fsize": s.max_file_mb * _MIB,
+                "cpu": lim.cpu_seconds,
+                "as": lim.memory_mb * _MIB,
+                "fsize": lim.max_file_mb * _MIB,
                 "nproc": nproc,
-                "nofile": _MAX_OPEN_FILES,
+                "nofile": lim.max_open_files,
             },
         }
 
@@ -279,18 +463,18 @@ class _Run:
         launcher = os.path.realpath(sys.executable)
         script = [launcher, "-I", "-S", "-B", "-c", _child_source("child.py")]
         script.append(json.dumps(config))
-        if self.isolation == "builtin":
+        if self.box.isolation == "builtin":
             return script
         mounts = [_Mount(**m) for m in config["mounts"]]
-        return [*_bwrap_args(self.bwrap, mounts, config), "--", *script]
+        return [*_bwrap_args(self.box.bwrap, mounts, config), "--", *script]
 
     def _outcome(
         self,
         proc: asyncio.subprocess.Process,
         timed_out: bool,
         status: dict[str, Any],
-        stdout: str,
-        stderr: str,
+        out: _Capture,
+        err: _Capture,
     ) -> _Outcome:
         returncode = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         # How the code ended, as its supervisor saw it (the launcher's own status is
@@ -299,10 +483,12 @@ class _Run:
             returncode = -int(status["signal"])
         elif "exit" in status:
             returncode = int(status["exit"])
+        stdout, stderr = out.text(), err.text()
         if "error" in status or "network" not in status:
             if timed_out:
                 raise Unavailable("the sandbox could not start: its set-up timed out")
-            detail = status.get("error") or _tail(stderr, 500) or f"code {returncode}"
+            said = stdout if self.merge_output else stderr
+            detail = status.get("error") or _tail(said, 500) or f"code {returncode}"
             raise Unavailable(f"the sandbox could not start: {detail}")
         network: NetworkIsolation = status["network"]
         return _Outcome(
@@ -310,33 +496,88 @@ class _Run:
             timed_out=timed_out,
             stdout=stdout,
             stderr=stderr,
+            output_bytes=out.total,
+            output_cut=out.cut,
             network=network,
             layers=tuple(status.get("layers", ())),
         )
 
 
+async def _to_thread_to_the_end(func: Callable[..., None], *args: Any) -> None:
+    """Run ``func`` in a thread; a caller cancelled meanwhile still waits for its end
+    (lending the workspace must be over before it is handed back)."""
+    done = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await done
+        raise
+
+
+class _OutputFile:
+    """Output appended to a file as it arrives (unbuffered: each piece is written at
+    once, so a killed daemon leaves what was said), up to ``limit`` bytes."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self._path = path
+        self._file: BinaryIO | None = open(path, "ab", buffering=0)  # noqa: SIM115
+        self._left = limit
+        self._limit = limit
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            return
+        try:
+            if len(chunk) <= self._left:
+                self._file.write(chunk)
+                self._left -= len(chunk)
+                return
+            self._file.write(chunk[: self._left])
+            note = (
+                f"\n[... output past {self._limit // _MIB} MiB not kept in this file "
+                "(tools.run.max_file_mb) ...]\n"
+            )
+            self._file.write(note.encode())
+        except OSError as exc:
+            log.warning("run: could not write the output to %s: %s", self._path, exc)
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class _Capture:
-    """Keeps the head and the tail of a stream, at most ``limit`` characters in all.
+    """Keeps the head and the tail of a stream, at most ``limit`` characters in all
+    (passing every piece on to ``sink`` first, when there is one).
 
     The pipe is drained to the end whatever the volume, so the writer never blocks
     and memory stays bounded.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, sink: _OutputFile | None = None) -> None:
         budget = max(limit - len(_CUT_MARK.format(10**12)), 2)
-        self._limit = limit
+        self._sink = sink
         self._head_max = budget // 2
         self._tail_max = budget - self._head_max
         self._head = bytearray()
         self._tail = bytearray()
-        self._total = 0
+        self.total = 0
+        """Bytes read in all."""
+
+    @property
+    def cut(self) -> bool:
+        return len(self._head) + len(self._tail) < self.total
 
     async def drain(self, stream: asyncio.StreamReader) -> None:
         while chunk := await stream.read(_READ_CHUNK):
+            if self._sink is not None:
+                self._sink.write(chunk)
             self._feed(chunk)
 
     def _feed(self, chunk: bytes) -> None:
-        self._total += len(chunk)
+        self.total += len(chunk)
         room = self._head_max - len(self._head)
         if room > 0:
             self._head += chunk[:room]
@@ -348,12 +589,12 @@ class _Capture:
                 del self._tail[:excess]
 
     def text(self) -> str:
-        kept = len(self._head) + len(self._tail)
-        if kept == self._total:
+        if not self.cut:
             return (self._head + self._tail).decode("utf-8", "replace")
         head = self._head.decode("utf-8", "replace")
         tail = self._tail.decode("utf-8", "replace")
-        return head + _CUT_MARK.format(self._total - kept) + tail
+        kept = len(self._head) + len(self._tail)
+        return head + _CUT_MARK.format(self.total - kept) + tail
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: str) -> None:
@@ -500,6 +741,17 @@ _DEVICES = ("null", "zero", "full", "random", "urandom")
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Single files from /etc: the loader's cache and the local time zone, nothing else.
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+# What a command with the network needs to resolve names and check certificates.
+_NETWORK_ETC = (
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/host.conf",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/pki",
+)
 
 
 def _isolation(settings: SandboxSettings) -> tuple[Isolation, str]:
@@ -556,8 +808,9 @@ class _Mount:
         return {"kind": self.kind, "dst": self.dst, "src": self.src, "size": self.size}
 
 
-def _runtime_paths(python: _Interpreter) -> list[_Mount]:
-    """The read-only runtime: system directories, the interpreter, two files of /etc."""
+def _runtime_paths(python: _Interpreter, etc: tuple[str, ...]) -> list[_Mount]:
+    """The read-only runtime: system directories, the interpreter, two files of /etc
+    (and the entries of ``etc`` this host has)."""
     mounts: list[_Mount] = []
     dirs: list[str] = []
     for path in _SYSTEM_DIRS:
@@ -571,17 +824,18 @@ def _runtime_paths(python: _Interpreter) -> list[_Mount]:
             dirs.append(real)
     mounts += [_Mount("ro", path, path) for path in _outermost(dirs)]
     mounts += [_Mount("ro", f, os.path.realpath(f)) for f in _ETC_FILES if os.path.isfile(f)]
+    mounts += [_Mount("ro", f, os.path.realpath(f)) for f in etc if os.path.exists(f)]
     return mounts
 
 
-def _mounts(runtime: list[_Mount], scratch: Path, settings: SandboxSettings) -> list[_Mount]:
+def _mounts(runtime: list[_Mount], writable: list[str], tmp_mb: int) -> list[_Mount]:
     """The whole root, parents before what is mounted beneath them."""
     mounts = [
         *runtime,
         _Mount("dev", "/dev"),
         _Mount("proc", "/proc"),
-        _Mount("tmpfs", "/tmp", size=f"{settings.tmp_mb}m"),
-        _Mount("rw", str(scratch), str(scratch)),
+        _Mount("tmpfs", "/tmp", size=f"{tmp_mb}m"),
+        *(_Mount("rw", path, path) for path in writable),
     ]
     return sorted(mounts, key=lambda m: len(Path(m.dst).parts))
 
@@ -631,7 +885,7 @@ def _bwrap_args(bwrap: str, mounts: list[_Mount], config: dict[str, Any]) -> lis
             args += ["--proc", m.dst]
         else:
             args += ["--symlink", m.src, m.dst]
-    return [*args, "--remount-ro", "/", "--chdir", config["scratch"]]
+    return [*args, "--remount-ro", "/", "--chdir", config["cwd"]]
 
 
 @functools.cache
@@ -640,11 +894,11 @@ def _child_source(name: str) -> str:
     return Path(__file__).with_name(name).read_text(encoding="utf-8")
 
 
-def _environment(scratch: Path) -> dict[str, str]:
+def _environment(scratch: Path, path: str) -> dict[str, str]:
     """The whole environment of the sandboxed process: nothing from the daemon's."""
     home = str(scratch)
     return {
-        "PATH": "/usr/bin:/bin",
+        "PATH": path,
         "HOME": home,
         "TMPDIR": home,
         "LANG": "C.UTF-8",
@@ -663,7 +917,7 @@ def remove_leftovers(scratch_root: Path) -> int:
     found = 0
     with contextlib.suppress(FileNotFoundError), os.scandir(scratch_root) as entries:
         for entry in list(entries):
-            if entry.name.startswith("tale-sandbox-") and entry.is_dir(follow_symlinks=False):
+            if entry.name.startswith(_SCRATCH_PREFIX) and entry.is_dir(follow_symlinks=False):
                 _remove_tree(Path(entry.path))
                 found += 1
     return found
@@ -760,6 +1014,93 @@ def _remove_tree(path: Path) -> None:
         )
 
 
+def _lend_workspace(workspace: Path, uid: int) -> None:
+    """Give the workspace to the run's transient uid (a root daemon's run): every entry
+    the daemon owns, or a run it lost track of (a killed daemon) owns, becomes the run's.
+
+    A file with other links is not lent: one may be outside the workspace (a copy made
+    with hard links), and lending it would let the command write there.
+    """
+    daemon = os.geteuid()
+
+    def lent(st: os.stat_result) -> bool:
+        if st.st_uid != daemon and not _transient(st.st_uid):
+            return False
+        return stat.S_ISDIR(st.st_mode) or st.st_nlink == 1
+
+    _chown_tree(workspace, lent, uid, uid)
+
+
+def _return_workspace(workspace: Path) -> None:
+    """Give the daemon back every entry of the workspace a run owns (all it made)."""
+    _chown_tree(workspace, lambda st: _transient(st.st_uid), os.geteuid(), os.getegid())
+
+
+def _transient(owner: int) -> bool:
+    return _UID_BASE <= owner < _UID_BASE + _UID_SPAN
+
+
+def _chown_tree(top: Path, chosen: Callable[[os.stat_result], bool], uid: int, gid: int) -> None:
+    """Change to ``uid:gid`` the owner of every entry beneath ``top`` (and of ``top``)
+    that ``chosen`` accepts; symlinks are changed, never followed.
+
+    Runs while no process of the run is alive. Not recursive and one directory open
+    at a time, as ``_remove_tree``: a command can nest directories thousands deep.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(top, flags)
+    except OSError as exc:
+        log.warning("sandbox: could not hand over %s: %s", top, exc)
+        return
+    failures: list[str] = []
+    try:
+        if chosen(os.fstat(fd)):
+            os.fchown(fd, uid, gid)
+        # Per level of the walk, the subdirectories still to visit.
+        pending: list[list[str]] = []
+        while True:
+            subdirs: list[str] = []
+            with os.scandir(fd) as entries:
+                found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            for name, is_dir in found:
+                try:
+                    if chosen(os.stat(name, dir_fd=fd, follow_symlinks=False)):
+                        os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                except OSError as exc:
+                    failures.append(f"{name}: {exc.strerror}")
+                if is_dir:
+                    subdirs.append(name)
+            pending.append(subdirs)
+            down = -1
+            while down < 0:
+                while not pending[-1]:  # this level is done: climb back to its parent
+                    pending.pop()
+                    if not pending:
+                        return
+                    up = os.open("..", flags, dir_fd=fd)
+                    os.close(fd)
+                    fd = up
+                name = pending[-1].pop()
+                try:
+                    down = os.open(name, flags, dir_fd=fd)
+                except OSError as exc:
+                    failures.append(f"{name}: {exc.strerror}")
+            os.close(fd)
+            fd = down
+    except OSError as exc:
+        failures.append(f"{exc.filename or top}: {exc.strerror}")
+    finally:
+        os.close(fd)
+        if failures:
+            log.warning(
+                "sandbox: could not hand over all of %s (%d left, first: %s)",
+                top,
+                len(failures),
+                failures[0],
+            )
+
+
 # --- the verdict ------------------------------------------------------------------
 
 
@@ -831,3 +1172,86 @@ def _error_line(stderr: str) -> int | None:
 def _tail(text: str, chars: int) -> str:
     text = text.strip()
     return text if len(text) <= chars else "..." + text[-chars:]
+
+
+def _command_result(outcome: _Outcome, limits: RunToolSettings, duration: float) -> CommandResult:
+    code = outcome.returncode
+    return CommandResult(
+        exit_code=code if code >= 0 else None,
+        output=outcome.stdout,
+        timed_out=outcome.timed_out,
+        signal=_signal_name(-code) if code < 0 else None,
+        reason=_command_reason(outcome, limits),
+        duration=round(duration, 3),
+        output_bytes=outcome.output_bytes,
+        kernel_layers=outcome.layers,
+    )
+
+
+# What a program's own message says when it ran into a limit (checked only when the
+# command failed): the memory (RLIMIT_AS), the processes (RLIMIT_NPROC, EAGAIN from
+# fork or thread creation) and the file size (EFBIG, for programs that ignore SIGXFSZ).
+_HINTS = {
+    "memory": re.compile(
+        r"MemoryError|Cannot allocate memory|[Oo]ut of memory|bad_alloc|memory exhausted"
+    ),
+    "processes": re.compile(
+        r"[Cc]annot fork|can't fork|fork: (?:retry: )?Resource temporarily unavailable"
+        r"|fork failed|BlockingIOError: \[Errno 11\]|can't start new thread"
+    ),
+    "file": re.compile(r"File too large"),
+}
+
+
+def _command_reason(outcome: _Outcome, limits: RunToolSettings) -> str:
+    """One line: how the command failed, and each limit it met with its setting."""
+    code = outcome.returncode
+    # A shell reports a child that a limit's signal ended as 128 + the signal's number.
+    shell_signal = code - 128 if code - 128 in _SIGNAL_LIMITS else 0
+    notes: list[str] = []
+    met: list[str] = []
+    if outcome.timed_out:
+        notes.append(
+            f"did not finish within {limits.timeout_seconds:g} s (tools.run.timeout_seconds)"
+        )
+    elif code < 0:
+        notes.append(f"was killed by {_signal_name(-code)}")
+        met += [_SIGNAL_LIMITS[-code]] if -code in _SIGNAL_LIMITS else []
+    elif shell_signal:
+        notes.append(
+            f"exited with status {code} (a process was killed by {_signal_name(shell_signal)})"
+        )
+        met.append(_SIGNAL_LIMITS[shell_signal])
+    elif code > 0:
+        notes.append(f"exited with status {code}")
+    if notes:
+        met += [kind for kind, said in _HINTS.items() if said.search(outcome.stdout)]
+    notes += [_limit_note(kind, limits) for kind in dict.fromkeys(met)]
+    if outcome.output_cut:
+        notes.append(
+            f"output cut to its head and tail, {limits.max_output_chars} characters of "
+            f"{outcome.output_bytes} bytes (tools.run.max_output_chars)"
+        )
+    return "; ".join(notes)
+
+
+# The signals limits send: RLIMIT_CPU (SIGXCPU, then SIGKILL at the hard limit; SIGKILL
+# is also the kernel's out-of-memory killer's) and RLIMIT_FSIZE.
+_SIGNAL_LIMITS: dict[int, str] = {
+    signal.SIGXCPU: "cpu",
+    signal.SIGKILL: "killed",
+    signal.SIGXFSZ: "file",
+}
+
+
+def _limit_note(kind: str, limits: RunToolSettings) -> str:
+    cpu = f"it used its {limits.cpu_seconds} s of CPU time (tools.run.cpu_seconds)"
+    return {
+        "cpu": cpu,
+        "killed": f"{cpu} or the machine ran out of memory",
+        "memory": f"it ran out of memory ({limits.memory_mb} MiB, tools.run.memory_mb)",
+        "processes": (
+            f"it reached the limit of {limits.max_processes} processes (tools.run.max_processes)"
+        ),
+        "file": f"it wrote a file larger than {limits.max_file_mb} MiB (tools.run.max_file_mb)",
+    }[kind]

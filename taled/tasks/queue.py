@@ -7,9 +7,12 @@ wake-up signal the runner's workers sleep on.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 
+from taled import paths
 from taled.db.store import Store, TaskRecord
 from taled.errors import IllegalTransition, InvalidInput, Unavailable
 from taled.settings import QueueSettings, parse_model_spec
@@ -21,6 +24,31 @@ __all__ = ["TaskQueue"]
 
 _PAUSABLE = frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING})
 _LIVE = frozenset(set(TaskState) - FINAL_STATES)
+
+
+def check_workspace(path: str) -> str:
+    """A directory a task may work on a copy of, as its real absolute path; InvalidInput
+    saying what is wrong. The daemon's own directories are refused: a copy of them would
+    put its store and logs within a model's reach."""
+    if not path.strip() or "\0" in path:
+        raise InvalidInput("workspace: give the path of a directory")
+    given = Path(path).expanduser()
+    if not given.is_absolute():
+        raise InvalidInput(f"workspace {path!r} must be an absolute path (the CLI makes it one)")
+    real = Path(os.path.realpath(given))
+    if not real.is_dir():
+        problem = "does not exist" if not real.exists() else "is not a directory"
+        raise InvalidInput(f"workspace {path} {problem}")
+    if not os.access(real, os.R_OK | os.X_OK):
+        raise InvalidInput(f"workspace {path} is not readable by the daemon")
+    for own in (paths.data_dir(), paths.runtime_dir(), paths.config_file().parent):
+        mine = Path(os.path.realpath(own))
+        if real == mine or mine.is_relative_to(real) or real.is_relative_to(mine):
+            raise InvalidInput(
+                f"workspace {path} holds or is inside tale's own directory {own}; "
+                "choose a directory of your project"
+            )
+    return str(real)
 
 
 class TaskQueue:
@@ -62,12 +90,18 @@ class TaskQueue:
         priority: int | None = None,
         model: str | None = None,
         criteria: list[str] | None = None,
+        *,
+        workspace: str | None = None,
+        act: bool = False,
     ) -> TaskRecord:
         """Validate and durably enqueue a task; returns once it is on disk.
 
         ``model`` (``backend:model``) runs this task on that model instead of the
         task role's; it is checked for form here and loaded when the task runs.
         ``criteria`` are done criteria (see taled.tasks.gates.gates), checked for form here.
+        ``workspace`` is a directory of the user's the task acts on (a copy of it);
+        ``act`` gives the task tools in a scratch workspace. Either, or a ``run:``
+        criterion, makes the task act.
         """
         if not self._accepting:
             raise Unavailable("the daemon is shutting down and takes no new tasks; retry shortly")
@@ -77,9 +111,13 @@ class TaskQueue:
                 model = parse_model_spec(model).label
             except ValueError as exc:
                 raise InvalidInput(f"model: {exc}") from None
-        if criteria:
-            gates.parse_criteria(criteria)
-        record = await self._store.submit(clean[0], clean[1], model, criteria or ())
+        parsed = gates.parse_criteria(criteria) if criteria else []
+        if workspace is not None:
+            workspace = check_workspace(workspace)
+        acts = act or workspace is not None or any(c.kind == "run" for c in parsed)
+        record = await self._store.submit(
+            clean[0], clean[1], model, criteria or (), workspace=workspace, act=acts
+        )
         self._wake.set()
         return record
 

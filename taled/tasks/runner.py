@@ -48,12 +48,17 @@ from taled.models.pool import ModelPool
 from taled.models.routing import Route, Router
 from taled.sandbox import sandbox
 from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
+from taled.tasks.agent import AgentLoop, LoopParts, OutOfBudget, Parked, Stopped
 from taled.tasks.gates import gates
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.planning import planner
+from taled.tasks.planning.needs_tools import needs_tools
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
 from taled.tasks.workstate import Attempt, AttemptKey, WorkState
+from taled.tools.base import ToolSpec
+from taled.tools.service import Acting
+from taled.tools.workspace import Workspace
 
 __all__ = ["Runner"]
 
@@ -156,6 +161,7 @@ class Runner:
         fallback: str | None,
         scratch: Path,
         learning: LearningEngine | None = None,
+        acting: Acting | None = None,
     ) -> None:
         self._store = store
         self._queue = queue
@@ -170,6 +176,12 @@ class Runner:
         self._fallback = fallback
         self._scratch = scratch
         self._learning = learning
+        self._acting = acting
+        self._agent = (
+            None
+            if acting is None
+            else AgentLoop(acting, acting.settings.agent, max_gate_failures=gating.attempts + 1)
+        )
         self._workers: list[asyncio.Task[None]] = []
         # task id -> (its call's cancel token, set once its worker let go of it)
         self._running: dict[str, tuple[CancelToken, asyncio.Event]] = {}
@@ -377,8 +389,16 @@ class Runner:
         self._running[task.id] = (token, released)
         try:
             await self._execute(task, token)
-        except _Stopped:
+        except (_Stopped, Parked):
             pass
+        except Stopped:
+            if self._stopping:
+                await self._finish(
+                    task.id,
+                    TaskState.QUEUED,
+                    "daemon stopped during a tool call; it resumes from its checkpoint, the "
+                    "call reported interrupted",
+                )
         except Exception as exc:  # noqa: BLE001 - one task's error must not end its worker
             full = _disk_full(exc, self._scratch)
             if full is not None:
@@ -526,6 +546,22 @@ class Runner:
         assessment = await self._assess(task, ws)
         route = self._router.for_task(task)
         criteria = gates.parse_criteria(list(task.criteria))
+        if ws.phase == "start" and self._acts(task):
+            assert self._agent is not None
+            complexity = planner.classify(task.text)
+            ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
+            ws.phase = "act"
+            if not task.act:
+                assert self._acting is not None
+                await self._acting.records.mark_acting(task.id)
+            await self._save(ws, CheckpointKind.START, "start", f"acts; runs on {route.role}")
+        if ws.phase == "act" and ws.agent is None:
+            assert self._agent is not None
+            await self._agent.prepare(task, ws, self._save)
+        if ws.phase == "act":
+            ws.result = await self._act(task, ws, route, criteria, token)
+            await self._complete(task, ws)
+            return
         if ws.phase == "start":
             complexity = planner.classify(task.text)
             ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
@@ -680,6 +716,9 @@ class Runner:
 
     @staticmethod
     def _why_done(ws: WorkState) -> str:
+        if ws.agent is not None:
+            calls = len(ws.agent.steps)
+            return f"finished after {ws.agent.turns} model turns and {calls} tool calls"
         final = "aggregate" if ws.plan is not None else "answer"
         attempts = ws.attempts.get(final, [])
         how = "answered"
@@ -712,6 +751,7 @@ class Runner:
                     self._planning.plan_max_tokens,
                     key,
                     token,
+                    schema=planner.PLAN_SCHEMA,
                 )
             except ModelError as exc:
                 output, finish, detail, tokens = "", "error", exc.message, 0
@@ -985,6 +1025,8 @@ class Runner:
         token: CancelToken,
         *,
         partial_of: tuple[WorkState, AttemptKey, str] | None = None,
+        tools: list[ToolSpec] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> Completion:
         """One model call of a step. Raises _Stopped if the task stops meanwhile.
 
@@ -1023,6 +1065,8 @@ class Runner:
                     on_restart=pieces.clear,
                     think=self._learning.think(task) if self._learning is not None else None,
                     partial=partial,
+                    tools=tools,
+                    schema=schema,
                 )
             except RoleDown as exc:
                 down = exc.message
@@ -1098,10 +1142,14 @@ class Runner:
                 "daemon stopped mid-task; it resumes from its checkpoint on the next start",
             )
 
-    async def _gate(self, output: str, criteria: list[gates.Criterion]) -> tuple[bool, str]:
+    async def _gate(
+        self, output: str, criteria: list[gates.Criterion], run: gates.RunCheck | None = None
+    ) -> tuple[bool, str]:
         """Whether the output passes its gates, and the feedback for the model if not."""
         try:
-            outcome = await gates.check(output, criteria, self._gating, scratch_root=self._scratch)
+            outcome = await gates.check(
+                output, criteria, self._gating, scratch_root=self._scratch, command=run
+            )
         except Unavailable as exc:
             # Never run the code unprotected: the gate fails, saying how to turn it off.
             return False, (
@@ -1116,8 +1164,67 @@ class Runner:
         self, ws: WorkState, kind: CheckpointKind, step: str, message: str
     ) -> Checkpoint:
         return await self._checkpoints.commit(
-            ws.task_id, ws.to_json(), step=step, message=message, kind=kind
+            ws.task_id,
+            ws.to_json(),
+            step=step,
+            message=message,
+            kind=kind,
+            workspace=ws.agent.tree if ws.agent is not None else None,
         )
+
+    # -- acting ------------------------------------------------------------
+
+    def _acts(self, task: TaskRecord) -> bool:
+        """Whether a task runs the agent loop: it asked to (a workspace, --act, a run:
+        criterion), or the classifier sees it plainly needs files made or commands run."""
+        if self._agent is None or self._acting is None or task.parent_id is not None:
+            return False
+        if task.act:
+            return True
+        return self._acting.settings.agent.classify and needs_tools(task.text)
+
+    async def _act(
+        self,
+        task: TaskRecord,
+        ws: WorkState,
+        route: Route,
+        criteria: list[gates.Criterion],
+        token: CancelToken,
+    ) -> str:
+        assert self._agent is not None and self._acting is not None
+        acting = self._acting
+        settings = acting.settings.agent
+
+        async def call_model(
+            messages: list[ChatMessage], tools: list[ToolSpec], key: AttemptKey
+        ) -> Completion:
+            self._progress.update(task.id, doing=f"turn {key.number}")
+            return await self._call(
+                task, route, messages, settings.max_tokens, key, token, tools=tools
+            )
+
+        async def gate(text: str, workspace: Workspace) -> tuple[bool, str]:
+            async def command(line: str) -> tuple[bool, str]:
+                result = await sandbox.run_command(
+                    line,
+                    workspace=workspace.root,
+                    limits=acting.settings.run,
+                    sandbox=self._gating.sandbox,
+                    scratch_root=self._scratch,
+                )
+                if result.exit_code == 0:
+                    return True, f"run:{line} exited 0"
+                why = result.reason or f"exited with status {result.exit_code}"
+                return False, f"run:{line} {why}. Its output:\n{result.output[-1500:]}"
+
+            return await self._gate(text, criteria, run=command)
+
+        parts = LoopParts(call_model=call_model, save=self._save, gate=gate, token=token)
+        try:
+            return await self._agent.run(task, ws, parts)
+        except OutOfBudget as exc:
+            await self._save(ws, CheckpointKind.DONE, "stopped", str(exc))
+            raise _Failed(str(exc)) from None
 
     def _messages(self, text: str) -> list[ChatMessage]:
         return [
@@ -1262,6 +1369,8 @@ class Runner:
             return latest, current
         ws = WorkState.from_json(await self._checkpoints.load(task.id, target.commit))
         ws.round = current.round + 1
+        if ws.agent is not None:
+            await self._rewind_workspace(task, ws)
         await self._queue.cancel_subtasks(
             task.id, f"superseded: its parent was restored to {target.commit[:12]}"
         )
@@ -1272,6 +1381,24 @@ class Runner:
             f"restored to {target.commit[:12]} ({target.step}: {target.message})",
         )
         return saved, ws
+
+    async def _rewind_workspace(self, task: TaskRecord, ws: WorkState) -> None:
+        """Files rewound with the state: the workspace becomes the checkpoint's tree.
+
+        Calls the checkpoint had not finished (proposed, waiting for a person, running)
+        are proposed again, so they are decided afresh; their old approvals go.
+        Idempotent: a restore a crash cut off does it again.
+        """
+        assert ws.agent is not None
+        if self._acting is None:
+            raise Unavailable("this daemon runs no acting tasks; the workspace cannot be rewound")
+        workspace = self._acting.open_workspace(task.id, ws.agent.workspace)
+        await self._acting.checkout(workspace, ws.agent.tree)
+        for step in ws.agent.steps:
+            if step.status in ("proposed", "awaiting", "running"):
+                step.status, step.approval = "proposed", None
+        finished = [str(s.call["id"]) for s in ws.agent.steps if s.status in ("done", "denied")]
+        await self._acting.records.forget_except(task.id, finished)
 
     async def _queue_restored(self, task: TaskRecord, target: Checkpoint, ws: WorkState) -> None:
         """Queue a task whose restore checkpoint is written; clears its restore record."""

@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from taled.errors import DaemonError
 
-__all__ = ["Attempt", "AttemptKey", "Phase", "WorkState"]
+__all__ = ["AgentState", "Attempt", "AttemptKey", "Phase", "StepStatus", "ToolStep", "WorkState"]
 
-Phase = Literal["start", "answer", "plan", "subtasks", "aggregate", "done"]
-_PHASES = ("start", "answer", "plan", "subtasks", "aggregate", "done")
+Phase = Literal["start", "answer", "plan", "subtasks", "aggregate", "act", "done"]
+_PHASES = ("start", "answer", "plan", "subtasks", "aggregate", "act", "done")
 FORMAT = 1
 
 
@@ -74,6 +74,60 @@ class Attempt:
     tokens: int = 0
 
 
+StepStatus = Literal["proposed", "awaiting", "running", "done", "denied", "interrupted"]
+"""Where one tool call is. ``running`` is checkpointed before the tool starts: found in
+the newest checkpoint after a restart, it means the daemon died during the call, which
+is then reported as interrupted, never run again."""
+
+
+@dataclass
+class ToolStep:
+    """One tool call of an acting task and what came of it."""
+
+    call: dict[str, Any]
+    """The call (``ToolCall.as_json()``); its id is the loop's own, unique in the task."""
+    turn: int
+    """The model turn that proposed it (1, 2, ...)."""
+    status: StepStatus = "proposed"
+    result: str = ""
+    """What the model is told (cut to tools.agent.result_chars)."""
+    is_error: bool = False
+    approval: str | None = None
+    """The approval asked for it, if its policy said ask."""
+    rule: str = ""
+    """The policy key that decided it."""
+    duration_ms: float = 0.0
+    output_file: str | None = None
+    """Where a ``run`` call's output streams (kept for an interrupted call)."""
+
+
+@dataclass
+class AgentState:
+    """An acting task's loop: its workspace, its model turns and tool calls."""
+
+    workspace: str
+    """The managed directory the task works in."""
+    base_tree: str
+    """The workspace as it started (a git tree in the checkpoint repo): diff's left side."""
+    tree: str
+    """The workspace after the newest finished call (the tree the checkpoint holds)."""
+    source: str | None = None
+    """The user's directory it is a copy of (None: a scratch workspace)."""
+    steps: list[ToolStep] = field(default_factory=list)
+    turns: int = 0
+    texts: dict[str, str] = field(default_factory=dict)
+    """What the model wrote beside its calls, by turn (as text: JSON keys)."""
+    seconds: float = 0.0
+    """Wall time spent in the loop so far (not counting waits for a person)."""
+    gate_failures: int = 0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentState:
+        body = dict(data)
+        body["steps"] = [ToolStep(**step) for step in body.get("steps", [])]
+        return cls(**body)
+
+
 @dataclass
 class WorkState:
     """A task's checkpointed progress."""
@@ -106,6 +160,8 @@ class WorkState:
     cut: list[str] = field(default_factory=list)
     """Attempts cut by the budget (their keys' text form): their continuation gets the
     rest up to the ceiling."""
+    agent: AgentState | None = None
+    """An acting task's loop (None for a task that only answers)."""
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint document."""
@@ -113,6 +169,8 @@ class WorkState:
         for step, items in self.attempts.items():
             for written, attempt in zip(out["attempts"][step], items, strict=True):
                 written["key"] = str(attempt.key)
+        if out["agent"] is None:
+            del out["agent"]  # a task that only answers writes what it always wrote
         out["format"] = FORMAT
         return out
 
@@ -127,6 +185,8 @@ class WorkState:
                 step: [Attempt(**{**a, "key": AttemptKey.parse(a["key"])}) for a in items]
                 for step, items in body["attempts"].items()
             }
+            if body.get("agent") is not None:
+                body["agent"] = AgentState.from_json(body["agent"])
             return cls(**body)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise DaemonError(f"a checkpoint of this task is not readable: {exc}") from None

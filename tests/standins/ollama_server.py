@@ -39,6 +39,16 @@ Not faithful:
   GGUF's own Jinja template (Ollama uses its Go template from the Modelfile).
   ``show``'s ``template``/``modelfile``/``parameters`` are therefore approximations,
   ``digest`` is a hash of the name, ``size`` is the GGUF's size, ``size_vram`` is 0.
+- Tools and ``format``: every model has the "tools" capability. ``tools`` are
+  rendered into the system message and the history's calls and results into plain
+  turns, as the embedded backend renders them (Ollama uses the model's template),
+  and the reply is held by a grammar to one call of an offered tool (real Ollama lets
+  the model choose between text and calls, and parses calls out of its text). The
+  call comes as Ollama sends it: one message with ``tool_calls`` (``function.name``,
+  ``function.arguments`` an object), no content streamed before it; a reply cut by
+  ``num_predict`` that is no call comes back as content. ``format`` (``"json"`` or a
+  JSON Schema) holds the reply to it with a grammar, as Ollama does; strings a schema
+  leaves unbounded are bounded, as on the embedded backend.
 - Thinking: models named in ``thinking`` list the "thinking" capability in
   ``show``; ``think: true`` for any other model is Ollama's 400 (``"X" does not
   support thinking``). A thinking model's answer carries no ``message.thinking``:
@@ -48,9 +58,8 @@ Not faithful:
   uses for such a model is not copied). Every served name embeds alike, and a name
   is never refused for lacking the "embedding" capability.
 - No memory-pressure eviction, no OLLAMA_MAX_LOADED_MODELS, no pull/push/create/
-  delete/copy, no ``/api/embeddings`` (the old endpoint), no tools, images or
-  ``format`` (ignored, or 400 for
-  tools); options other than ``num_ctx`` never cause a reload; only ``num_ctx``,
+  delete/copy, no ``/api/embeddings`` (the old endpoint), no images; options other
+  than ``num_ctx`` never cause a reload; only ``num_ctx``,
   ``num_predict``, ``temperature``, ``top_k``, ``top_p``, ``repeat_penalty``,
   ``seed`` and ``stop`` are honoured. Loading happens under one lock, so ``/api/ps``
   waits while a model loads. Request bodies must carry Content-Length.
@@ -78,7 +87,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from taled.models.backends.llamacpp import embedded_model_path
+from taled.errors import ModelError
+from taled.models.backends.base import ChatMessage
+from taled.models.backends.llamacpp import (
+    bounded_schema,
+    embedded_model_path,
+    json_grammar,
+    plain_messages,
+    string_chars,
+    tool_call_schema,
+)
+from taled.tools.base import ToolSpec
 
 __all__ = ["Generation", "OllamaStandIn", "main"]
 
@@ -97,6 +116,8 @@ _DEFAULTS: dict[str, Any] = {
 _FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M"}
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+# The reply budget assumed when bounding a grammar's strings for an unlimited num_predict.
+_UNLIMITED_PREDICT = 2048
 
 
 class ApiError(Exception):
@@ -496,7 +517,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "template": template,
                 "details": s.details(),
                 "model_info": info,
-                "capabilities": ["completion"]
+                "capabilities": ["completion", "tools"]
                 + (["thinking"] if canonical(requested) in s.thinking else []),
                 "modified_at": datetime.fromtimestamp(s.path.stat().st_mtime)
                 .astimezone()
@@ -577,8 +598,9 @@ class _Handler(BaseHTTPRequestHandler):
         name = s.resolve(body.get("model"))
         if body.get("think") is True and name not in s.thinking:
             raise ApiError(400, f'"{body["model"]}" does not support thinking')
-        if body.get("tools"):
-            raise ApiError(400, f"{body['model']} does not support tools")
+        tools = body.get("tools") or []
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise ApiError(400, "json: cannot unmarshal tools into Go value of type []api.Tool")
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "options must be an object")
@@ -634,13 +656,23 @@ class _Handler(BaseHTTPRequestHandler):
         # Ollama's templates leave a final assistant message open: the model goes on
         # with it (a prefill), and the reply holds only what follows.
         prefill = chat and bool(messages) and messages[-1].get("role") == "assistant"
+        tools = [_tool_spec(t) for t in body.get("tools") or []] if chat else []
+        grammar = _grammar(tools, body.get("format"), num_predict)
+        # Under a grammar the prompt is rendered here (tools and tool turns included)
+        # and completed as text, like a prefill.
+        rendered_here = prefill or grammar is not None
         stop: list[str] = []
         if raw:
             prompt = body["prompt"]
-        elif prefill:
-            rendered = inst.formatter(messages=messages[:-1])
-            prompt = rendered.prompt + str(messages[-1].get("content") or "")
-            stop = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or [])
+        elif rendered_here:
+            plain = plain_messages(_neutral(messages), tools)
+            head = plain[:-1] if prefill else plain
+            rendered = inst.formatter(messages=head)
+            prompt = rendered.prompt + (str(plain[-1]["content"]) if prefill else "")
+            if grammar is None:
+                stop = (
+                    [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or [])
+                )
         else:
             prompt = inst.formatter(messages=messages).prompt
         prompt_tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
@@ -656,11 +688,16 @@ class _Handler(BaseHTTPRequestHandler):
             kwargs["seed"] = int(opts["seed"])
         if opts.get("stop") or stop:
             kwargs["stop"] = [*stop, *(opts.get("stop") or [])]
-        if raw or prefill:
+        if grammar is not None:
+            kwargs["grammar"] = grammar
+        completing = raw or rendered_here
+        if completing:
             chunks = llm.create_completion(prompt, **kwargs)
         else:
             chunks = llm.create_chat_completion(messages=messages, **kwargs)
         stats: dict[str, Any] = {}
+        # With tools, Ollama holds a reply back while it reads as a call.
+        held: list[str] = []
 
         def pieces() -> Iterator[str]:
             first: int | None = None
@@ -670,14 +707,17 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 for chunk in chunks:
                     choice = chunk["choices"][0]
-                    piece = choice["text"] if raw or prefill else choice["delta"].get("content")
+                    piece = choice["text"] if completing else choice["delta"].get("content")
                     if piece:
                         if first is None:
                             first = time.perf_counter_ns()
                         text.append(piece)
                         if self._client_gone():
                             raise _ClientGone
-                        yield piece
+                        if tools:
+                            held.append(piece)
+                        else:
+                            yield piece
                     if choice.get("finish_reason"):
                         finish = "length" if choice["finish_reason"] == "length" else "stop"
                 if finish == "client gone":
@@ -706,18 +746,29 @@ class _Handler(BaseHTTPRequestHandler):
             if not chat:
                 stats["context"] = [*prompt_tokens, *answer_tokens]
 
-        def message(piece: str) -> dict[str, Any]:
+        def message(piece: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             out: dict[str, Any] = {"model": body["model"], "created_at": _now()}
             if chat:
                 out["message"] = {"role": "assistant", "content": piece}
+                if calls:
+                    out["message"]["tool_calls"] = calls
             else:
                 out["response"] = piece
             return out
+
+        def held_back() -> tuple[str, list[dict[str, Any]]]:
+            """The held reply: its calls, or (no call in it) its text."""
+            calls = _read_calls("".join(held))
+            return ("", calls) if calls else ("".join(held), [])
 
         produced = pieces()
         try:
             if not stream:
                 answer = "".join(produced)
+                if tools:
+                    answer, calls = held_back()
+                    self._json({**message(answer, calls), **stats})
+                    return
                 self._json({**message(answer), **stats})
                 return
             self.send_response(200)
@@ -726,6 +777,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             for piece in produced:
                 self._chunk({**message(piece), "done": False})
+            if tools:
+                answer, calls = held_back()
+                if answer or calls:
+                    self._chunk({**message(answer, calls), "done": False})
             self._chunk({**message(""), **stats})
             self.wfile.write(b"0\r\n\r\n")
         except (_ClientGone, OSError):
@@ -737,6 +792,73 @@ class _Handler(BaseHTTPRequestHandler):
     def _chunk(self, obj: dict[str, Any]) -> None:
         data = json.dumps(obj).encode() + b"\n"
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _tool_spec(tool: dict[str, Any]) -> ToolSpec:
+    """One of a request's ``tools`` (OpenAI's function form, as Ollama takes it)."""
+    function = tool.get("function") or {}
+    return ToolSpec(
+        name=str(function.get("name") or ""),
+        description=str(function.get("description") or ""),
+        input_schema=dict(function.get("parameters") or {"type": "object"}),
+    )
+
+
+def _neutral(messages: list[dict[str, Any]]) -> list[ChatMessage]:
+    """Ollama's messages in the form the embedded backend renders."""
+    out: list[ChatMessage] = []
+    for m in messages:
+        role, content = m.get("role"), str(m.get("content") or "")
+        if role == "tool":
+            out.append({"role": "tool", "content": content, "name": str(m.get("tool_name") or "")})
+        elif role == "assistant" and m.get("tool_calls"):
+            calls = [
+                {
+                    "id": "",
+                    "name": (c.get("function") or {}).get("name", ""),
+                    "arguments": (c.get("function") or {}).get("arguments") or {},
+                }
+                for c in m["tool_calls"]
+            ]
+            out.append({"role": "assistant", "content": content, "tool_calls": calls})
+        elif role in ("system", "user", "assistant"):
+            out.append({"role": role, "content": content})
+        else:
+            raise ApiError(400, f"invalid role: {role}")
+    return out
+
+
+def _grammar(tools: list[ToolSpec], format: Any, num_predict: int) -> Any:
+    """The grammar a request's tools or ``format`` hold its reply to (None: free text)."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    chars = string_chars(num_predict if num_predict > 0 else _UNLIMITED_PREDICT)
+    if tools:
+        schema = tool_call_schema(tools, chars)
+    elif format == "json":
+        schema = {"type": "object"}
+    elif isinstance(format, dict):
+        schema = bounded_schema(format, chars)
+    elif format in (None, ""):
+        return None
+    else:
+        raise ApiError(400, f"invalid format: {json.dumps(format)}")
+    try:
+        grammar = json_grammar(schema)
+    except ModelError as exc:
+        raise ApiError(400, f"invalid JSON schema in format: {exc.message}") from exc
+    return LlamaGrammar.from_string(grammar, verbose=False)
+
+
+def _read_calls(text: str) -> list[dict[str, Any]]:
+    """The call in a reply written under the tools' grammar, as Ollama's tool_calls."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(value, dict) or not isinstance(value.get("arguments"), dict):
+        return []
+    return [{"function": {"name": value.get("tool"), "arguments": value["arguments"]}}]
 
 
 class OllamaStandIn:

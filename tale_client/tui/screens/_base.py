@@ -19,11 +19,17 @@ __all__ = ["TaleScreen", "call_api"]
 T = TypeVar("T")
 
 
-async def call_api(screen: Screen[Any], call: Callable[[Api], Awaitable[T]], what: str) -> T | None:
+async def call_api(
+    screen: Screen[Any],
+    call: Callable[[Api], Awaitable[T]],
+    what: str,
+    on_error: Callable[[str], None] | None = None,
+) -> T | None:
     """Run one call; None when not connected or when it failed (the error is shown).
 
-    A lost connection is not reported here: the app notices it and shows the
-    daemon-is-down screen.
+    The error goes to ``on_error`` when given (a view that says it in place), else
+    to a notification. A lost connection is not reported here: the app notices it
+    and shows the daemon-is-down screen.
     """
     api = cast("TaleApp", screen.app).api
     if api is None:
@@ -33,9 +39,17 @@ async def call_api(screen: Screen[Any], call: Callable[[Api], Awaitable[T]], wha
     except DaemonUnreachable:
         return None
     except RpcError as exc:
-        screen.notify(f"{what}: {printable(exc.message)}", severity="error", timeout=6)
+        message = f"{what}: {printable(exc.message)}"
+        if on_error is not None:
+            on_error(message)
+        else:
+            screen.notify(message, severity="error", timeout=6)
     except TimeoutError:
-        screen.notify(f"{what}: the daemon did not answer in time", severity="warning")
+        message = f"{what}: the daemon did not answer in time"
+        if on_error is not None:
+            on_error(message)
+        else:
+            screen.notify(message, severity="warning")
     return None
 
 
@@ -53,7 +67,12 @@ class TaleScreen(Screen[None]):
         # `display` turns False as soon as Textual starts pruning a node.
         return not self.is_attached or not self.display
 
-    async def call(self, call: Callable[[Api], Awaitable[T]], what: str) -> T | None:
+    async def call(
+        self,
+        call: Callable[[Api], Awaitable[T]],
+        what: str,
+        on_error: Callable[[str], None] | None = None,
+    ) -> T | None:
         """``call_api`` on this screen; None too if the screen closed while it waited."""
-        result = await call_api(self, call, what)
+        result = await call_api(self, call, what, on_error)
         return None if self.closing else result

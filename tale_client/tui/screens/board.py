@@ -1,13 +1,16 @@
 """The task board: one column per state, refreshed about once a second.
 
 Cards move between columns as their tasks change state, and the focus follows
-the task it was on, so pausing a task and resuming it keeps it selected.
+the task it was on, so pausing a task and resuming it keeps it selected. What
+acting tasks wait for (tool calls to approve, questions) is polled with the
+tasks: a banner lists it, the cards of those tasks are marked, and ``a`` opens
+the approval dialog.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import ClassVar
 
 from textual.app import ComposeResult
@@ -16,10 +19,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Static
 
 from tale_client.tui.api import Api
-from tale_client.tui.model import BOARD_COLUMNS, DaemonStatus, Task, board_column
+from tale_client.tui.model import BOARD_COLUMNS, Approval, DaemonStatus, Task, board_column
 from tale_client.tui.screens._base import TaleScreen
+from tale_client.tui.screens.approval import ask_person
 from tale_client.tui.screens.confirm import ConfirmScreen
 from tale_client.tui.screens.new_task import NewTaskScreen
+from tale_client.tui.widgets.approvals import ApprovalBanner
 from tale_client.tui.widgets.task_card import TaskCard
 
 __all__ = ["PRIORITY_STEP", "BoardColumn", "BoardScreen", "order_column"]
@@ -77,20 +82,22 @@ class BoardColumn(Vertical):
         if gone:
             await self.body.remove_children(gone)
 
-    async def place(self, tasks: list[Task]) -> None:
-        """Show exactly these tasks, in this order (cards are reused, not rebuilt)."""
+    async def place(self, tasks: list[Task], asking: dict[str, int] | None = None) -> None:
+        """Show exactly these tasks, in this order (cards are reused, not rebuilt); a
+        task in ``asking`` is marked with how many of its approvals wait for a person."""
         body = self.body
         existing = {c.task_id: c for c in self.cards}
+        asking = asking or {}
         for i, task in enumerate(tasks):
             card = existing.get(task.id)
             if card is None:
-                card = TaskCard(task)
+                card = TaskCard(task, asking.get(task.id, 0))
                 if i < len(body.children):
                     await body.mount(card, before=i)
                 else:
                     await body.mount(card)
                 continue
-            card.show(task)
+            card.show(task, asking.get(task.id, 0))
             if body.children.index(card) != i:
                 body.move_child(card, before=i)
 
@@ -100,6 +107,7 @@ class BoardScreen(TaleScreen):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "open", "Open"),
+        Binding("a", "decide", "Approve…"),
         Binding("n", "new_task", "New task"),
         Binding("p", "pause", "Pause"),
         Binding("r", "resume", "Resume"),
@@ -117,10 +125,12 @@ class BoardScreen(TaleScreen):
         self.live = live
         self.tasks: list[Task] = []
         self.status: DaemonStatus | None = None
+        self.approvals: list[Approval] = []
         self._refreshing = False
 
     def compose(self) -> ComposeResult:
         yield Static(id="board-summary")
+        yield ApprovalBanner(id="board-approvals")
         with Horizontal(id="columns"):
             for name, _states in BOARD_COLUMNS:
                 yield BoardColumn(name)
@@ -146,14 +156,17 @@ class BoardScreen(TaleScreen):
         self.run_worker(self.refresh_tasks(), group="board-refresh")
 
     async def refresh_tasks(self) -> None:
-        """Fetch the tasks (with progress for the running ones) and show them."""
+        """Fetch the tasks (with progress for the running ones) and what they wait for,
+        and show them."""
         try:
             tasks = await self.call(lambda api: api.list_tasks(), "list tasks")
             status = await self.call(lambda api: api.daemon_status(), "daemon status")
+            approvals = await self.call(lambda api: api.approvals(), "list approvals")
             if tasks is None:
                 return
             tasks = await self._with_progress(tasks)
-            await self.show_tasks(tasks, status)
+            # None: a daemon without acting, or the call failed (shown): keep the last.
+            await self.show_tasks(tasks, status, approvals)
         finally:
             self._refreshing = False
 
@@ -172,11 +185,25 @@ class BoardScreen(TaleScreen):
         by_id = {t.id: t for t in detailed}
         return [by_id.get(t.id, t) for t in tasks]
 
-    async def show_tasks(self, tasks: list[Task], status: DaemonStatus | None = None) -> None:
-        """Render the board from these tasks (and the worker limit from ``status``)."""
+    async def show_tasks(
+        self,
+        tasks: list[Task],
+        status: DaemonStatus | None = None,
+        approvals: Sequence[Approval] | None = None,
+    ) -> None:
+        """Render the board from these tasks (the worker limit from ``status``, the
+        banner and the marked cards from ``approvals``)."""
         self.tasks = tasks
         if status is not None:
             self.status = status
+        if approvals is not None:
+            if bool(approvals) != bool(self.approvals):
+                self.refresh_bindings()  # `a` shows in the footer while something waits
+            self.approvals = list(approvals)
+        self.query_one("#board-approvals", ApprovalBanner).show(self.approvals)
+        asking: dict[str, int] = {}
+        for a in self.approvals:
+            asking[a.task_id] = asking.get(a.task_id, 0) + 1
         self.tale.remember_tasks(tasks)
         groups: dict[str, list[Task]] = {name: [] for name, _ in BOARD_COLUMNS}
         for task in tasks:
@@ -187,7 +214,7 @@ class BoardScreen(TaleScreen):
         for col in columns:
             await col.drop_missing({t.id for t in groups[col.column]})
         for col in columns:
-            await col.place(order_column(col.column, groups[col.column]))
+            await col.place(order_column(col.column, groups[col.column]), asking)
         self._render_headers(groups)
         # A card that moved column was rebuilt there: give it the focus back.
         now = self.selected()
@@ -264,6 +291,19 @@ class BoardScreen(TaleScreen):
         card = self.selected()
         if card is not None:
             card.action_open()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """``a`` is there only while something waits for a person."""
+        return action != "decide" or bool(self.approvals)
+
+    def action_decide(self) -> None:
+        """Open the approval dialog: the selected task's first waiting approval, else the
+        oldest of all."""
+        if not self.approvals:
+            return
+        card = self.selected()
+        mine = [a for a in self.approvals if card is not None and a.task_id == card.task_id]
+        ask_person(self, (mine or self.approvals)[0], self.refresh_tasks_now)
 
     def action_pause(self) -> None:
         """Pause the selected task."""

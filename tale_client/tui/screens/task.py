@@ -1,23 +1,31 @@
-"""One task: its subtask tree, history, checkpoints, output, tokens and timings; live."""
+"""One task: its subtask tree, history, checkpoints, output, tokens and timings; live.
+
+An acting task also shows its tool calls as they happen, what it waits for (``a``
+opens the approval dialog) and, on ``D``, the diff of its workspace.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import ClassVar
 
 from rich.markup import escape
+from rich.syntax import Syntax
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, ScrollableContainer, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Markdown, Static, TabbedContent, TabPane, Tree
 from textual.widgets.tree import TreeNode
 
 from tale_client.tui.api import Api
 from tale_client.tui.messages import OpenTask
-from tale_client.tui.model import Checkpoint, Task, parse_time
+from tale_client.tui.model import Checkpoint, Task, TaskDiff, ToolCall, parse_time
 from tale_client.tui.screens._base import TaleScreen
+from tale_client.tui.screens.approval import ask_person
 from tale_client.tui.screens.board import PRIORITY_STEP
 from tale_client.tui.screens.confirm import ConfirmScreen
+from tale_client.tui.widgets.approvals import ApprovalBanner
 from tale_client.tui.widgets.task_card import short_text
 
 __all__ = ["STATE_ICONS", "TaskScreen", "clock"]
@@ -32,6 +40,8 @@ STATE_ICONS = {
     "cancelled": "⊘",
 }
 REFRESH_SECONDS = 1.0
+# The tabs only an acting task has.
+_ACTING_TABS = ("tab-tools", "tab-diff")
 
 
 def clock(stamp: str) -> str:
@@ -40,6 +50,11 @@ def clock(stamp: str) -> str:
     if moment is None:
         return stamp or "-"
     return moment.astimezone().strftime("%H:%M:%S")
+
+
+def _keys(task: Task) -> tuple[bool, bool]:
+    """Which of the task screen's acting keys apply: ``a`` (decide), ``D`` (diff)."""
+    return bool(task.approvals), task.act
 
 
 def _tree_shape(task: Task) -> tuple[object, ...]:
@@ -52,6 +67,8 @@ class TaskScreen(TaleScreen):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back"),
+        Binding("a", "decide", "Approve…"),
+        Binding("D", "diff", "Diff"),
         Binding("p", "pause", "Pause"),
         Binding("r", "resume", "Resume"),
         Binding("c", "cancel", "Cancel"),
@@ -65,12 +82,14 @@ class TaskScreen(TaleScreen):
         self.live = live
         self.shown: Task | None = None
         self.checkpoints: list[Checkpoint] = []
+        self.diff: TaskDiff | None = None
         self._shape: tuple[object, ...] | None = None
         self._refreshing = False
         self._final_seen = False
 
     def compose(self) -> ComposeResult:
         yield Static(f"task {self.task_id}", id="task-header")
+        yield ApprovalBanner(with_task=False, id="task-approvals")
         with Horizontal(id="task-body"):
             with Vertical(id="task-left"):
                 yield Static("[b]Subtasks[/b]", classes="section-title")
@@ -78,6 +97,10 @@ class TaskScreen(TaleScreen):
             with TabbedContent(id="task-tabs"):
                 with TabPane("Output", id="tab-output"), VerticalScroll():
                     yield Markdown("", id="task-output")
+                with TabPane("Tool calls", id="tab-tools"):
+                    yield DataTable(id="tool-calls", cursor_type="row", zebra_stripes=True)
+                with TabPane("Diff", id="tab-diff"), ScrollableContainer(id="diff-scroll"):
+                    yield Static("[b]D[/b] shows what the task changed (and reloads it)", id="diff")
                 with TabPane("History", id="tab-history"):
                     yield DataTable(id="transitions", cursor_type="row", zebra_stripes=True)
                 with TabPane("Checkpoints", id="tab-checkpoints"):
@@ -87,6 +110,12 @@ class TaskScreen(TaleScreen):
     def on_mount(self) -> None:
         self.query_one("#transitions", DataTable).add_columns("time", "from", "to", "reason")
         self.query_one("#checkpoints", DataTable).add_columns("commit", "time", "step", "message")
+        self.query_one("#tool-calls", DataTable).add_columns(
+            "time", "tool", "outcome", "took", "detail"
+        )
+        tabs = self.query_one("#task-tabs", TabbedContent)
+        for pane in _ACTING_TABS:
+            tabs.hide_tab(pane)
         self.query_one("#subtasks", Tree).show_root = True
         if self.live:
             self.set_interval(REFRESH_SECONDS, self._tick)
@@ -109,6 +138,12 @@ class TaskScreen(TaleScreen):
             )
             if task is None:
                 return
+            if task.state == "waiting" and not task.act:
+                # A task the daemon chose to let act (its text asked for files or commands)
+                # is not marked `act`, and get_task leaves its approvals out: ask for them.
+                asked = await self.call(lambda api: api.approvals(self.task_id), "approvals")
+                if asked:
+                    task = replace(task, approvals=tuple(asked))
             await self.show_task(task, checkpoints)
             # One more look after the end (the last checkpoint lands with it), then stop.
             self._final_seen = task.final
@@ -117,8 +152,16 @@ class TaskScreen(TaleScreen):
 
     async def show_task(self, task: Task, checkpoints: list[Checkpoint] | None = None) -> None:
         """Render the screen from a task (and its checkpoints)."""
-        self.shown = task
+        before, self.shown = self.shown, task
+        if before is None or _keys(before) != _keys(task):
+            self.refresh_bindings()  # `a` and `D` show only when they can act
         self.query_one("#task-header", Static).update(self._header(task))
+        self.query_one("#task-approvals", ApprovalBanner).show(task.approvals)
+        if task.act:
+            tabs = self.query_one("#task-tabs", TabbedContent)
+            for pane in _ACTING_TABS:
+                tabs.show_tab(pane)
+            self._show_tool_calls(task.tool_calls)
         self._show_tree(task)
         self._show_transitions(task)
         if checkpoints is not None:
@@ -149,6 +192,13 @@ class TaskScreen(TaleScreen):
             lines.append(f"[b]{escape(task.progress.line())}[/b]")
         if task.criteria:
             lines.append("done when " + escape("; ".join(task.criteria)))
+        if task.act:
+            where = f"a copy of {task.workspace}" if task.workspace else "a scratch workspace"
+            calls = len(task.tool_calls)
+            lines.append(
+                f"acts in {escape(where)}  ·  {calls} tool call{'' if calls == 1 else 's'}"
+                "  ·  [b]D[/b] shows its diff"
+            )
         return "\n".join(lines)
 
     @staticmethod
@@ -207,6 +257,40 @@ class TaskScreen(TaleScreen):
         for t in task.transitions:
             table.add_row(clock(t.at), t.from_state or "-", t.to_state, t.reason)
 
+    def _show_tool_calls(self, calls: tuple[ToolCall, ...]) -> None:
+        table: DataTable[str] = self.query_one("#tool-calls", DataTable)
+        # Calls are only ever added: rows already shown stay (and keep the cursor).
+        if table.row_count > len(calls):
+            table.clear()
+        new = calls[table.row_count :]
+        for c in new:
+            detail = escape(short_text(c.detail, 120)) if c.detail else ""
+            table.add_row(clock(c.at), escape(c.tool), c.outcome, c.took(), detail)
+        if new:
+            table.move_cursor(row=table.row_count - 1)  # follow the newest call
+
+    async def load_diff(self) -> None:
+        """Fetch the task's diff and show it, highlighted; an error is said in its place."""
+        view = self.query_one("#diff", Static)
+
+        def failed(message: str) -> None:
+            if not self.closing:
+                view.update(escape(message))
+
+        diff = await self.call(lambda api: api.task_diff(self.task_id), "diff", failed)
+        if diff is None:
+            return
+        self.diff = diff
+        self.show_diff(diff)
+
+    def show_diff(self, diff: TaskDiff) -> None:
+        """Render a diff (the task's changes against the directory it started from)."""
+        view = self.query_one("#diff", Static)
+        if not diff.diff.strip():
+            view.update(f"no changes yet (task {diff.state})")
+            return
+        view.update(Syntax(diff.diff, "diff", theme="ansi_dark", background_color="default"))
+
     def _show_checkpoints(self, checkpoints: list[Checkpoint]) -> None:
         if checkpoints == self.checkpoints and checkpoints:
             return
@@ -232,10 +316,47 @@ class TaskScreen(TaleScreen):
         done = await self.call(call, f"{what} {self.task_id}")
         if done is not None:
             self.notify(f"task {done.id} {done.state}")
-            self._final_seen = False
-            if not self._refreshing:
-                self._refreshing = True
-                await self.refresh_task()
+            await self.refresh_now()
+
+    async def refresh_now(self) -> None:
+        """Refresh at once (after an action), unless a refresh is already running; a task
+        that had ended is followed again (a resumed or restored one goes on)."""
+        self._final_seen = False
+        if not self._refreshing and self.live:
+            self._refreshing = True
+            await self.refresh_task()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """``a`` is there while the task waits for a person, ``D`` for an acting task."""
+        if action not in ("decide", "diff"):
+            return True
+        if self.shown is None:
+            return False
+        decide, diff = _keys(self.shown)
+        return decide if action == "decide" else diff
+
+    def action_decide(self) -> None:
+        """Open the approval dialog for what this task waits for (the oldest first)."""
+        task = self.shown
+        if task is None or not task.approvals:
+            return
+
+        ask_person(self, task.approvals[0], self.refresh_now)
+
+    def action_diff(self) -> None:
+        """Show the Diff tab with the task's diff, fetched now."""
+        if self.shown is None or not self.shown.act:
+            return
+        tabs = self.query_one("#task-tabs", TabbedContent)
+        if tabs.active == "tab-diff":
+            self.run_worker(self.load_diff(), group="task-diff", exclusive=True)
+        else:
+            tabs.active = "tab-diff"  # its activation loads it
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        """Opening the Diff tab (D or a click) fetches the diff as it is now."""
+        if event.pane.id == "tab-diff" and self.live:
+            self.run_worker(self.load_diff(), group="task-diff", exclusive=True)
 
     def action_pause(self) -> None:
         """Pause this task."""

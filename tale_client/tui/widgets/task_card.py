@@ -26,9 +26,10 @@ class TaskCard(Static, can_focus=True):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "open", "Open", show=False)]
 
-    def __init__(self, task: Task) -> None:
-        super().__init__(self._render_task(task), classes="card", id=f"card-{task.id}")
+    def __init__(self, task: Task, asking: int = 0) -> None:
+        super().__init__(self._render_task(task, asking), classes="card", id=f"card-{task.id}")
         self.tale_task = task
+        self.asking = asking
         self._apply_classes(task)
 
     @property
@@ -36,24 +37,30 @@ class TaskCard(Static, can_focus=True):
         """The id of the task shown."""
         return self.tale_task.id
 
-    def show(self, task: Task) -> None:
-        """Show a newer version of the task (only repainting when it changed)."""
-        if task == self.tale_task:
+    def show(self, task: Task, asking: int = 0) -> None:
+        """Show a newer version of the task, and how many of its approvals wait for a
+        person (only repainting when either changed)."""
+        if task == self.tale_task and asking == self.asking:
             return
         self.tale_task = task
+        self.asking = asking
         self._apply_classes(task)
-        self.update(self._render_task(task))
+        self.update(self._render_task(task, asking))
 
     def _apply_classes(self, task: Task) -> None:
         self.set_class(task.state == "cancelled", "cancelled")
         self.set_class(task.state == "running", "running")
+        self.set_class(bool(self.asking), "asking")
 
     @staticmethod
-    def _render_task(task: Task) -> str:
+    def _render_task(task: Task, asking: int = 0) -> str:
         head = f"[b]{task.id}[/b]  [dim]P{task.priority}[/dim]"
         if task.state == "cancelled":
             head += "  [i]✗ cancelled[/i]"
         lines = [head, escape(short_text(task.title or task.text))]
+        if asking:
+            count = f"{asking} " if asking > 1 else ""
+            lines.append(f"[b]⚠ {count}waiting for you[/b]")
         if task.progress is not None and task.state == "running":
             lines.append(f"[dim]{escape(task.progress.short())}[/dim]")
         elif task.tokens and task.final:

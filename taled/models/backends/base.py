@@ -1,15 +1,28 @@
-"""The interface every model backend implements, and what a call returns."""
+"""The interface every model backend implements, and what a call returns.
+
+Tool traffic travels in ``ChatMessage`` in one backend-neutral form: an assistant
+turn's ``tool_calls`` (each ``ToolCall.as_json()``), answered by ``tool`` turns that
+name the call (``tool_call_id``) and the tool (``name``). Each backend turns that into
+its native form, and ``wire_name``/``tool_name`` map tool names to the names OpenAI and
+Ollama accept and back.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import math
+import re
 import socket
 import threading
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NotRequired, Protocol, TypedDict
 from urllib.parse import urlsplit
+
+from taled.tools.base import ToolCall, ToolSpec
 
 __all__ = [
     "Backend",
@@ -20,6 +33,10 @@ __all__ = [
     "continuation",
     "estimate_tokens",
     "is_local_host",
+    "message_text",
+    "new_call_id",
+    "tool_name",
+    "wire_name",
 ]
 
 # The usual rule of thumb for English with BPE tokenizers, used only where a
@@ -52,8 +69,72 @@ def is_local_host(url: str) -> bool:
 class ChatMessage(TypedDict):
     """One chat turn."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: NotRequired[list[dict[str, Any]]]
+    """An assistant turn's calls, each in ``ToolCall.as_json()`` form."""
+    tool_call_id: NotRequired[str]
+    """A tool turn: the id of the call it answers."""
+    name: NotRequired[str]
+    """A tool turn: the tool that was called (tale's name, ``SERVER.tool`` included)."""
+
+
+def message_text(message: ChatMessage) -> str:
+    """A message's text with its tool calls, as far as counting its size goes."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message["content"]
+    return message["content"] + json.dumps(calls, ensure_ascii=False)
+
+
+def new_call_id() -> str:
+    """A made-up tool call id, unique per call, for a backend whose model gives none."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# OpenAI's rule for a function's name; Ollama is given the same names.
+_WIRE_MAX = 64
+_WIRE_SAFE = re.compile(r"[A-Za-z0-9_]")
+_WIRE_ESCAPE = re.compile(r"--|-([0-9a-f]+)-")
+_WIRE_HASH_CHARS = 10
+
+
+def wire_name(name: str) -> str:
+    """``name`` as a function name OpenAI accepts (``^[a-zA-Z0-9_-]{1,64}$``).
+
+    Letters, digits and ``_`` stay; a ``.`` (an MCP server's namespace) becomes ``--``;
+    any other character ``-HEX-`` (its code point), so ``fs.read_file`` is
+    ``fs--read_file`` and ``my-srv.x`` is ``my-2d-srv--x``. Distinct names get distinct
+    wire names, and ``tool_name`` reads them back. A name longer than 64 characters once
+    escaped keeps its start and ends in a hash of the whole: only the tools offered
+    with the call map it back.
+    """
+    escaped = "".join(
+        c if _WIRE_SAFE.fullmatch(c) else "--" if c == "." else f"-{ord(c):x}-" for c in name
+    )
+    if len(escaped) <= _WIRE_MAX:
+        return escaped
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:_WIRE_HASH_CHARS]
+    return f"{escaped[: _WIRE_MAX - _WIRE_HASH_CHARS - 2]}-_{digest}"
+
+
+def tool_name(wire: str, tools: Sequence[ToolSpec] = ()) -> str:
+    """The tale name of a function name a model called: a tool offered, else unescaped.
+
+    A name the model made up is read back as well as it can be (a malformed escape
+    stays as written); the agent loop then reports it as unknown.
+    """
+    for tool in tools:
+        if wire_name(tool.name) == wire:
+            return tool.name
+
+    def unescape(found: re.Match[str]) -> str:
+        if found.group(0) == "--":
+            return "."
+        code = int(found.group(1), 16)
+        return chr(code) if code <= 0x10FFFF else found.group(0)
+
+    return _WIRE_ESCAPE.sub(unescape, wire)
 
 
 def continuation(messages: list[ChatMessage], partial: str, *, native: bool) -> list[ChatMessage]:
@@ -108,6 +189,9 @@ class Completion:
     finish_reason: Literal["stop", "length", "cancelled"]
     counts_exact: bool = True
     """False when a remote server reported no usage and the counts are estimates."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The calls the model made (only when the call offered ``tools``), in order. A call
+    that could not be read has ``error`` set; the agent loop answers it with that."""
 
     @classmethod
     def empty(cls) -> Completion:
@@ -160,11 +244,17 @@ class Backend(Protocol):
         cancel: CancelToken,
         result: Completion,
         think: bool | None = None,
+        tools: Sequence[ToolSpec] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yield the answer's text as it is generated; fill ``result`` when done.
 
         ``think`` turns a thinking model's reasoning on or off (None: the model's
         default); a backend or model without that switch ignores it.
+        ``tools``: the model may call these, in the backend's native form; the calls
+        land in ``result.tool_calls`` (their arguments are not yielded as text).
+        ``schema``: a JSON Schema the reply's text must satisfy (a grammar on llama.cpp,
+        ``response_format`` on OpenAI, ``format`` on Ollama).
         """
         ...
 

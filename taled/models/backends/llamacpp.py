@@ -9,33 +9,57 @@ before the lock is released, so a model is never used by two threads at once.
 Streamed chunks carry no token usage, so counts come from the model's own
 tokenizer: the prompt as rendered by the GGUF's chat template, and the answer's
 text (this matches what llama-cpp-python reports for a non-streamed call).
+
+Tools and JSON-Schema replies: the model is constrained by a grammar that
+llama.cpp's JSON-Schema converter builds (``LlamaGrammar.from_json_schema``'s
+converter), so even SmolLM2-135M writes JSON that parses. With ``tools`` the reply is
+one call, ``{"tool": NAME, "arguments": {...}}``, the arguments held to that tool's
+schema; the tools are described in the system message, and tool traffic in the
+history is rendered as plain turns (a call as that JSON, a result as a user turn),
+because a small model's template has no tool role. With ``schema`` the reply's text
+is held to the schema. Strings a schema leaves unbounded get a ``maxLength`` (and
+arrays a ``maxItems``) so a rambling model still closes its JSON; ``max_tokens``
+still caps the whole reply, and a call cut off by it comes back with ``error`` set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
+import json
 import logging
+import math
 import os
+import re
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from taled.errors import BackendDown, ModelError
-from taled.models.backends.base import CancelToken, ChatMessage, Completion, Memory
+from taled.models.backends.base import CancelToken, ChatMessage, Completion, Memory, new_call_id
 from taled.settings import LlamaCppSettings
+from taled.tools.base import ToolCall, ToolSpec
 
 __all__ = [
     "EMBEDDED_MODEL",
     "LlamaCppBackend",
+    "bounded_schema",
     "embedded_model_path",
+    "integer_rule",
+    "json_grammar",
     "model_params",
+    "parse_tool_call",
+    "plain_messages",
     "resolve_model_path",
+    "string_chars",
+    "tool_call_schema",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,6 +130,399 @@ def model_params(*, repack: bool) -> Iterator[None]:
             native.llama_model_default_params = default
 
 
+# -- tool calls and JSON-Schema replies under a grammar ------------------------
+
+# A string a schema leaves unbounded holds at most this many characters per token of
+# max_tokens: about half the budget for ordinary text (~4 characters a token), so a
+# model that rambles still has room to close the string and the JSON around it.
+_CHARS_PER_TOKEN_BOUND = 2
+_MIN_STRING_CHARS = 64
+# Items an unbounded array may hold.
+_MAX_ITEMS = 64
+# Grammars kept per instance, by schema (the conversion and its check are not free).
+_GRAMMAR_CACHE = 32
+# How much of a call that could not be read is quoted back to the model.
+_QUOTED_CHARS = 200
+# Schema keywords whose value is a schema, a list of schemas, or a map of them.
+_ONE_SCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
+_SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties")
+_BOUNDED_STRING = ("enum", "const", "pattern")
+# llama-cpp-python's converter lets a raw control character into a string, which no
+# JSON parser accepts; llama.cpp's own converter (this rule) does not.
+_STRICT_CHAR_RULE = (
+    r'[^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
+    r"[0-9a-fA-F] [0-9a-fA-F])"
+)
+# String formats llama-cpp-python's converter has rules of its own for.
+_FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")
+_CALLED = re.compile(r'"tool"\s*:\s*("(?:[^"\\]|\\.)*")')
+_TOOLS_HEADER = (
+    "You can use these tools. Reply with exactly one tool call as JSON: "
+    '{"tool": "<name>", "arguments": {<the arguments>}}. '
+    "Each call's result comes back to you before your next reply."
+)
+
+
+def string_chars(max_tokens: int) -> int:
+    """The ``maxLength`` given to a string a schema leaves unbounded, for a call's budget."""
+    return max(_MIN_STRING_CHARS, _CHARS_PER_TOKEN_BOUND * max_tokens)
+
+
+def bounded_schema(schema: Mapping[str, Any], max_chars: int) -> dict[str, Any]:
+    """``schema`` with every string's ``maxLength`` at most ``max_chars`` (set where it
+    had none) and every array's ``maxItems`` at most 64; a ``type`` list becomes an
+    ``anyOf`` (llama.cpp's converter would drop the rest of the schema). What it
+    accepts only narrows."""
+
+    def visit(node: Any) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _ONE_SCHEMA:
+                out[key] = visit(value)
+            elif key in _SCHEMA_LIST and isinstance(value, list):
+                out[key] = [visit(v) for v in value]
+            elif key in _SCHEMA_MAP and isinstance(value, Mapping):
+                out[key] = {k: visit(v) for k, v in value.items()}
+            else:
+                out[key] = value
+        kind = out.get("type")
+        if isinstance(kind, list):
+            rest = {k: v for k, v in out.items() if k != "type"}
+            return {"anyOf": [visit({**rest, "type": t}) for t in kind]}
+        if kind == "string" and not any(k in out for k in _BOUNDED_STRING):
+            out["maxLength"] = _capped(out, "minLength", "maxLength", max_chars)
+        if kind == "array" and isinstance(out.get("items"), Mapping):
+            out["maxItems"] = _capped(out, "minItems", "maxItems", _MAX_ITEMS)
+        return out
+
+    result: dict[str, Any] = visit(schema)
+    return result
+
+
+def _capped(schema: Mapping[str, Any], low: str, high: str, cap: int) -> int:
+    """A bound of ``schema`` (``high``) lowered to ``cap``, but never below its ``low``."""
+    limit, least = schema.get(high), schema.get(low)
+    bound = min(limit, cap) if isinstance(limit, int) else cap
+    return max(bound, least) if isinstance(least, int) else bound
+
+
+def _arguments_schema(tool: ToolSpec, prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tool's argument schema with its own ``$defs`` renamed under ``prefix`` (the
+    tools share one schema root), and those definitions."""
+    schema = dict(tool.input_schema)
+    if not any(k in schema for k in ("properties", "additionalProperties", *_SCHEMA_LIST)):
+        # A tool that declares no arguments is called with none.
+        schema = {**schema, "type": "object", "properties": {}}
+    own = {**schema.pop("definitions", {}), **schema.pop("$defs", {})}
+
+    recursive = False
+
+    def rename(node: Any) -> Any:
+        nonlocal recursive
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: rename(v) for k, v in node.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str):
+            if ref == "#":
+                recursive = True
+                out["$ref"] = f"#/$defs/{prefix}root"
+            elif ref.startswith(("#/$defs/", "#/definitions/")):
+                out["$ref"] = f"#/$defs/{prefix}{ref.rsplit('/', 1)[-1]}"
+        return out
+
+    defs = {f"{prefix}{name}": rename(value) for name, value in own.items()}
+    renamed: dict[str, Any] = rename(schema)
+    if recursive:
+        defs[f"{prefix}root"] = renamed
+    return renamed, defs
+
+
+def tool_call_schema(tools: Sequence[ToolSpec], max_chars: int) -> dict[str, Any]:
+    """The JSON Schema of one call to one of ``tools``:
+    ``{"tool": NAME, "arguments": <that tool's arguments>}``, strings bounded."""
+    if not tools:
+        raise ValueError("a tool call needs at least one tool")
+    alternatives: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
+    for n, tool in enumerate(tools):
+        arguments, own = _arguments_schema(tool, f"tool{n}-")
+        defs.update(own)
+        alternatives.append(
+            {
+                "type": "object",
+                "properties": {"tool": {"const": tool.name}, "arguments": arguments},
+                "required": ["tool", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema: dict[str, Any] = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+    if defs:
+        schema = {**schema, "$defs": defs}
+    return bounded_schema(schema, max_chars)
+
+
+def json_grammar(schema: Mapping[str, Any]) -> str:
+    """The GBNF grammar of JSON that satisfies ``schema``, by llama.cpp's converter.
+
+    Raises ModelError for a schema the converter cannot read. It supports ``type``,
+    ``properties``/``required``/``additionalProperties``, ``const``, ``enum``,
+    ``anyOf``/``oneOf``, ``items``/``prefixItems``/``minItems``/``maxItems``,
+    ``minLength``/``maxLength``, ``pattern``, an integer's ``minimum``/``maximum`` and
+    local ``$ref``; it ignores the rest (a number's bounds, ``uniqueItems``, most
+    ``format`` values).
+    """
+    converter = _converter_class()(
+        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
+    try:
+        resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "stdin")
+        converter.visit(resolved, "")
+    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ModelError(f"llama.cpp cannot constrain a reply to this JSON Schema: {exc}") from exc
+    return str(converter.format_grammar())
+
+
+@functools.cache
+def _converter_class() -> Any:
+    """llama-cpp-python's JSON-Schema converter, with two changes (made on first use, as
+    importing llama_cpp is not free).
+
+    A string's length and an array's size are one ``{m,n}`` repetition, which llama.cpp
+    expands without recursion; the library nests one group per character or item,
+    which llama.cpp parses recursively (a ``maxLength`` of a megabyte overflows its
+    stack). A string's characters exclude raw control characters, as in llama.cpp's
+    own converter: no JSON parser accepts them. An integer's ``minimum``/``maximum``
+    (and exclusive ones) hold, as in llama.cpp's own converter (the library ignores
+    them).
+    """
+    from llama_cpp.llama_grammar import (
+        PRIMITIVE_RULES,
+        RESERVED_NAMES,
+        BuiltinRule,
+        SchemaConverter,
+    )
+
+    def repeat(rule: str, low: int, high: int | None, separator: str = "") -> str:
+        """``rule`` low to high times (None: no limit), ``separator`` between them."""
+        if not separator:
+            return f"{rule}{{{low},{'' if high is None else high}}}"
+        if high == 0:
+            return ""
+        rest = "" if high is None else high - 1
+        more = f" ( {separator} {rule} ){{{max(low - 1, 0)},{rest}}}" if rest != 0 else ""
+        return f"{rule}{more}" if low > 0 else f"( {rule}{more} )?"
+
+    class Converter(SchemaConverter):
+        def visit(self, schema: dict[str, Any], name: str) -> str:
+            rule = f"{name}-" if name in RESERVED_NAMES else name or "root"
+            kind = schema.get("type")
+            plain = not any(k in schema for k in ("$ref", "anyOf", "oneOf", *_BOUNDED_STRING))
+            if (
+                plain
+                and kind == "string"
+                and schema.get("format") not in _FORMATS
+                and ("minLength" in schema or "maxLength" in schema)
+            ):
+                char = self._add_primitive("char", PRIMITIVE_RULES["char"])
+                times = repeat(char, int(schema.get("minLength", 0)), _limit(schema, "maxLength"))
+                return str(self._add_rule(rule, f'"\\"" {times} "\\"" space'))  # type: ignore[no-untyped-call]
+            low, high = _integer_bounds(schema)
+            if plain and kind == "integer" and (low is not None or high is not None):
+                rule_text = f"( {integer_rule(low, high)} ) space"
+                return str(self._add_rule(rule, rule_text))  # type: ignore[no-untyped-call]
+            items = schema.get("items")
+            if plain and kind in (None, "array") and isinstance(items, dict) and items:
+                item = self.visit(items, f"{name}{'-' if name else ''}item")
+                low, high = int(schema.get("minItems", 0)), _limit(schema, "maxItems")
+                times = repeat(item, low, high, '"," space')
+                return str(self._add_rule(rule, f'"[" space {times} "]" space'))  # type: ignore[no-untyped-call]
+            return str(super().visit(schema, name))  # type: ignore[no-untyped-call]
+
+        def _add_primitive(self, name: str, rule: Any) -> str:
+            if name == "char":
+                rule = BuiltinRule(_STRICT_CHAR_RULE, [])
+            return str(super()._add_primitive(name, rule))
+
+    return Converter
+
+
+def _limit(schema: Mapping[str, Any], key: str) -> int | None:
+    value = schema.get(key)
+    return None if value is None else int(value)
+
+
+# -- integers within bounds, spelled digit by digit ----------------------------
+
+# One place of a number: digits a..b, repeated m..n times.
+_Place = tuple[int, int, int, int]
+# The longest integer the converter writes (its own rule allows 16 digits).
+_MAX_DIGITS = 16
+
+
+def _integer_bounds(schema: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """The smallest and largest integer ``schema``'s (exclusive) minimum and maximum allow."""
+    low = high = None
+    if isinstance(schema.get("minimum"), int | float):
+        low = math.ceil(schema["minimum"])
+        if schema.get("exclusiveMinimum") is True and low == schema["minimum"]:
+            low += 1
+    if isinstance(schema.get("maximum"), int | float):
+        high = math.floor(schema["maximum"])
+        if schema.get("exclusiveMaximum") is True and high == schema["maximum"]:
+            high -= 1
+    bound = schema.get("exclusiveMinimum")
+    if isinstance(bound, int | float) and not isinstance(bound, bool):
+        low = max(low, math.floor(bound) + 1) if low is not None else math.floor(bound) + 1
+    bound = schema.get("exclusiveMaximum")
+    if isinstance(bound, int | float) and not isinstance(bound, bool):
+        high = min(high, math.ceil(bound) - 1) if high is not None else math.ceil(bound) - 1
+    return low, high
+
+
+def integer_rule(low: int | None, high: int | None) -> str:
+    """A GBNF expression for exactly the integers from ``low`` to ``high`` (None: no
+    bound; at most 16 digits) in JSON's spelling: no leading zeros, no ``-0``."""
+    if low is not None and high is not None and low > high:
+        raise ModelError(f"no integer lies between {low} and {high}")
+    spelled: list[str] = []
+    if low is None or low < 0:
+        least = 1 if high is None or high >= 0 else -high
+        spelled += [f'"-" {_spell(a)}' for a in _naturals(least, None if low is None else -low)]
+    if high is None or high >= 0:
+        spelled += [_spell(a) for a in _naturals(max(low or 0, 0), high)]
+    return " | ".join(spelled)
+
+
+def _spell(places: list[_Place]) -> str:
+    out = []
+    for a, b, m, n in places:
+        digits = f'"{a}"' if a == b else f"[{a}-{b}]"
+        out.append(digits if (m, n) == (1, 1) else f"{digits}{{{m},{n}}}")
+    return " ".join(out)
+
+
+def _naturals(low: int, high: int | None) -> list[list[_Place]]:
+    """Spellings of exactly the integers ``low``..``high`` (0 <= low; None: up to 16
+    digits), one list of places per alternative."""
+    out: list[list[_Place]] = []
+    top = high if high is not None else 10**_MAX_DIGITS - 1
+    while low <= top:
+        digits = len(str(low))
+        end = min(top, 10**digits - 1)
+        out += _same_length(str(low), str(end))
+        if high is None and digits < _MAX_DIGITS:
+            # Every longer number, in one alternative.
+            out.append([(1, 9, 1, 1), (0, 9, digits, _MAX_DIGITS - 1)])
+            break
+        low = end + 1
+    return out
+
+
+def _same_length(low: str, high: str) -> list[list[_Place]]:
+    """Spellings of the numbers from ``low`` to ``high``, both of the same length."""
+    if low == high:
+        return [[(int(c), int(c), 1, 1) for c in low]]
+    if len(low) == 1:
+        return [[(int(low), int(high), 1, 1)]]
+    if low[0] == high[0]:
+        head = (int(low[0]), int(low[0]), 1, 1)
+        return [[head, *rest] for rest in _same_length(low[1:], high[1:])]
+    rest = len(low) - 1
+    first, last = int(low[0]), int(high[0])
+    out: list[list[_Place]] = []
+    if low[1:] != "0" * rest:
+        out += [[(first, first, 1, 1), *r] for r in _same_length(low[1:], "9" * rest)]
+        first += 1
+    upper: list[list[_Place]] = []
+    if high[1:] != "9" * rest:
+        upper = [[(last, last, 1, 1), *r] for r in _same_length("0" * rest, high[1:])]
+        last -= 1
+    if first <= last:
+        out.append([(first, last, 1, 1), (0, 9, rest, rest)])
+    return out + upper
+
+
+def _tools_prompt(tools: Sequence[ToolSpec]) -> str:
+    """The tools as the system message describes them: name, description, arguments."""
+    lines = [_TOOLS_HEADER]
+    for tool in tools:
+        arguments = json.dumps(tool.input_schema, ensure_ascii=False, separators=(",", ":"))
+        lines.append(f"- {tool.name}: {tool.description.strip()}\n  arguments: {arguments}")
+    return "\n".join(lines)
+
+
+def _call_json(call: Mapping[str, Any]) -> str:
+    return json.dumps(
+        {"tool": call.get("name", ""), "arguments": call.get("arguments") or {}},
+        ensure_ascii=False,
+    )
+
+
+def plain_messages(
+    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] | None = None
+) -> list[ChatMessage]:
+    """``messages`` as plain system/user/assistant turns for a template without tools.
+
+    An assistant's calls become the JSON it writes under the grammar, a tool's result
+    a user turn ``Result of NAME: ...``; ``tools`` are described in the system message
+    (one is added if there is none).
+    """
+    out: list[ChatMessage] = []
+    for message in messages:
+        if message["role"] == "tool":
+            name = message.get("name", "the tool")
+            out.append({"role": "user", "content": f"Result of {name}: {message['content']}"})
+        elif message.get("tool_calls"):
+            calls = [_call_json(c) for c in message.get("tool_calls", [])]
+            text = "\n".join([message["content"], *calls] if message["content"] else calls)
+            out.append({"role": "assistant", "content": text})
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    if tools:
+        described = _tools_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{described}"}
+        else:
+            out.insert(0, {"role": "system", "content": described})
+    return out
+
+
+def parse_tool_call(text: str, *, cut: bool) -> ToolCall:
+    """The call in a reply written under ``tool_call_schema``'s grammar.
+
+    ``cut``: the reply was stopped by max_tokens. A reply that does not parse comes
+    back with ``error`` saying why (and the tool's name, if it got that far).
+    """
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("tool"), str)
+        and isinstance(value.get("arguments"), dict)
+    ):
+        return ToolCall(new_call_id(), value["tool"], value["arguments"])
+    name = ""
+    named = _CALLED.search(text)
+    if named:
+        with contextlib.suppress(ValueError):
+            name = str(json.loads(named.group(1)))
+    quoted = text if len(text) <= _QUOTED_CHARS else f"...{text[-_QUOTED_CHARS:]}"
+    why = (
+        "was cut off by the token limit before it was complete; make a shorter call"
+        if cut
+        else "is not a JSON tool call"
+    )
+    return ToolCall(new_call_id(), name, error=f"your call {why}: {quoted!r}")
+
+
 _DONE = object()
 # How often a probe looks for a busy instance's next token (a token takes ~25 ms).
 _PROBE_POLL_SECONDS = 0.02
@@ -138,6 +555,7 @@ class LlamaCppBackend:
         self._threads = n_threads or settings.n_threads or os.cpu_count() or 1
         self._llm: Any = None
         self._formatter: Any = None
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._lock = asyncio.Lock()
         # Tokens generated so far by this instance; a probe during a call waits
         # for it to move, so a hung generation thread fails its probe.
@@ -207,6 +625,33 @@ class LlamaCppBackend:
         # Paused on purpose for the UX model: not a hang.
         return self._yield_to is not None and not self._yield_to.is_set()
 
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        """The grammar for ``schema``, built and checked by llama.cpp once (then cached).
+
+        llama.cpp's sampler crashes on a grammar it cannot parse, so a new one is parsed
+        here first; one that fails is a ModelError.
+        """
+        import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is not None:
+            self._grammars.move_to_end(key)
+            return grammar
+        text = json_grammar(schema)
+        checked = llama_cpp.llama_sampler_init_grammar(
+            self._llm._model.vocab, text.encode("utf-8"), b"root"
+        )
+        if not checked:
+            raise ModelError("llama.cpp could not parse the grammar made of a JSON Schema")
+        llama_cpp.llama_sampler_free(checked)
+        grammar = LlamaGrammar.from_string(text, verbose=False)
+        self._grammars[key] = grammar
+        while len(self._grammars) > _GRAMMAR_CACHE:
+            self._grammars.popitem(last=False)
+        return grammar
+
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by this model's tokenizer."""
         if self._llm is None:
@@ -223,12 +668,16 @@ class LlamaCppBackend:
             return Memory(bytes=None)
         return Memory(bytes=int(self._llm._model.size()))
 
-    def render_prompt(self, messages: list[ChatMessage]) -> tuple[str, list[str]]:
+    def render_prompt(
+        self, messages: list[ChatMessage], tools: Sequence[ToolSpec] | None = None
+    ) -> tuple[str, list[str]]:
         """The prompt text the chat template makes of ``messages``, and its stop strings.
 
         A final assistant message is continued: the template renders the turns
         before it up to the assistant's opening, and its text follows unclosed.
+        Tool traffic and ``tools`` are rendered as ``plain_messages`` does.
         """
+        messages = plain_messages(messages, tools)
         prefill = ""
         if messages and messages[-1]["role"] == "assistant":
             messages, prefill = messages[:-1], messages[-1]["content"]
@@ -251,14 +700,29 @@ class LlamaCppBackend:
         cancel: CancelToken,
         result: Completion,
         think: bool | None = None,
+        tools: Sequence[ToolSpec] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Yield text as it is generated; ``result`` holds counts and timings after."""
+        """Yield text as it is generated; ``result`` holds counts and timings after.
+
+        With ``tools`` the reply is one call, in ``result.tool_calls`` (nothing is
+        yielded, ``result.text`` stays empty; ``schema`` is then not used); with
+        ``schema`` the text satisfies it. See the module docstring.
+        """
         if self._llm is None:
             raise BackendDown(f"{self.model} is not loaded")
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
+        constraint: dict[str, Any] | None = None
+        if tools:
+            constraint = tool_call_schema(tools, string_chars(max_tokens))
+        elif schema is not None:
+            constraint = bounded_schema(schema, string_chars(max_tokens))
         async with self._lock:
-            prompt, stop = self.render_prompt(messages)
+            grammar = None
+            if constraint is not None:
+                grammar = await anyio.to_thread.run_sync(self._grammar, constraint)
+            prompt, stop = self.render_prompt(messages, tools)
             prompt_tokens = len(
                 self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
             )
@@ -276,7 +740,8 @@ class LlamaCppBackend:
                 target=self._generate,
                 args=(
                     prompt,
-                    stop,
+                    # A grammar ends the reply itself; a stop string could cut its JSON.
+                    [] if grammar is not None else stop,
                     budget,
                     temperature,
                     (cancel, abandon),
@@ -284,6 +749,8 @@ class LlamaCppBackend:
                     chunks,
                     loop,
                     done,
+                    grammar,
+                    bool(tools),
                 ),
                 name=f"llama-{self.model}",
                 daemon=True,
@@ -333,7 +800,11 @@ class LlamaCppBackend:
         chunks: asyncio.Queue[object],
         loop: asyncio.AbstractEventLoop,
         done: threading.Event,
+        grammar: Any,
+        calls: bool,
     ) -> None:
+        """Generate in this thread. ``calls``: the reply is a tool call, parsed into
+        ``result.tool_calls`` and not handed over as text."""
         from llama_cpp import StoppingCriteriaList
 
         def put(item: object) -> None:
@@ -359,6 +830,7 @@ class LlamaCppBackend:
                 stop=stop,
                 stream=True,
                 stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: stopped()]),
+                grammar=grammar,
             )
             for piece in pieces:
                 choice = piece["choices"][0]
@@ -367,7 +839,8 @@ class LlamaCppBackend:
                 self._beats += 1
                 if choice["text"]:
                     text.append(choice["text"])
-                    put(choice["text"])
+                    if not calls:
+                        put(choice["text"])
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
             answer = "".join(text)
@@ -383,6 +856,12 @@ class LlamaCppBackend:
             result.finish_reason = (
                 "cancelled" if stopped() else ("length" if finish == "length" else "stop")
             )
+            if calls:
+                result.text = ""
+                call = parse_tool_call(answer, cut=result.finish_reason == "length")
+                # A call the caller stopped half-way is nobody's to answer.
+                if result.finish_reason != "cancelled" or not call.error:
+                    result.tool_calls = [call]
             put(_DONE)
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine, which raises it
             put(exc)

@@ -17,6 +17,12 @@ memory), so they count as the backend being down.
 tale's back (another client, ``ollama stop``, a server restart); an optional one
 has outlived its ``keep_alive``. Either way the probe fails, so the pool knows;
 Ollama loads the model again on the next call, which then reports a load time.
+
+Tools are Ollama's ``tools`` (functions, named as on OpenAI: ``base.wire_name``); its
+calls come whole in a message's ``tool_calls``, the arguments an object. The history's
+calls go back the same way, their results as ``tool`` messages with ``tool_name``. A
+``schema`` is Ollama's ``format``. The ``ollama`` client keeps only part of a tool's
+schema (a property's type, description, enum and items), as Ollama itself does.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 
@@ -40,8 +46,13 @@ from taled.models.backends.base import (
     Memory,
     estimate_tokens,
     is_local_host,
+    message_text,
+    new_call_id,
+    tool_name,
+    wire_name,
 )
 from taled.settings import OllamaSettings
+from taled.tools.base import ToolCall, ToolSpec
 
 __all__ = [
     "DEFAULT_HOST",
@@ -277,12 +288,18 @@ class OllamaBackend:
         cancel: CancelToken,
         result: Completion,
         think: bool | None = None,
+        tools: Sequence[ToolSpec] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Yield text as Ollama streams it; ``result`` holds Ollama's counts and timings after."""
+        """Yield text as Ollama streams it; ``result`` holds Ollama's counts and timings after.
+
+        The calls of a reply to ``tools`` land in ``result.tool_calls``.
+        """
         client = self._require_client()
         started = time.perf_counter()
         first: float | None = None
         pieces: list[str] = []
+        calls: list[ToolCall] = []
         chunks = 0
         final: ChatResponse | None = None
         parts: AsyncIterator[ChatResponse] | None = None
@@ -290,7 +307,9 @@ class OllamaBackend:
             with self._translated("streaming from"):
                 parts = await client.chat(
                     self.model,
-                    messages,
+                    _wire_messages(messages),
+                    tools=[_wire_tool(t) for t in tools or ()] or None,
+                    format=schema,
                     stream=True,
                     options=self._options(num_predict=max_tokens, temperature=temperature),
                     keep_alive=self._keep_alive,
@@ -309,6 +328,8 @@ class OllamaBackend:
                     )
                 if part.done:
                     final = part
+                for call in part.message.tool_calls or ():
+                    calls.append(_tool_call(call.function.name, call.function.arguments, tools))
                 piece = part.message.content
                 if piece:
                     first = first if first is not None else time.perf_counter()
@@ -324,6 +345,7 @@ class OllamaBackend:
                         await parts.aclose()
         end = time.perf_counter()
         result.text = "".join(pieces)
+        result.tool_calls = calls
         if final is not None:
             result.prompt_tokens = final.prompt_eval_count or 0
             result.completion_tokens = final.eval_count or 0
@@ -337,9 +359,50 @@ class OllamaBackend:
         # Ollama streams one chunk per token; a prompt is about four characters a token.
         first = first if first is not None else end
         result.completion_tokens = chunks
-        result.prompt_tokens = estimate_tokens("".join(m["content"] for m in messages))
+        result.prompt_tokens = estimate_tokens("".join(map(message_text, messages)))
         result.load_ms = 0.0
         result.prompt_ms = (first - started) * 1000
         result.generation_ms = (end - first) * 1000
         result.finish_reason = "cancelled"
         result.counts_exact = False
+
+
+def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
+    """A tool as Ollama's ``tools`` entry (OpenAI's function form)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": wire_name(tool.name),
+            "description": tool.description,
+            "parameters": tool.input_schema,
+        },
+    }
+
+
+def _wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages in Ollama's form: calls with object arguments, results by tool name."""
+    wire: list[dict[str, Any]] = []
+    for message in messages:
+        out: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+        if message["role"] == "tool":
+            out["tool_name"] = wire_name(message.get("name", ""))
+        elif message.get("tool_calls"):
+            out["tool_calls"] = [
+                {
+                    "function": {
+                        "name": wire_name(call["name"]),
+                        "arguments": call.get("arguments") or {},
+                    }
+                }
+                for call in message.get("tool_calls", [])
+            ]
+        wire.append(out)
+    return wire
+
+
+def _tool_call(
+    name: str, arguments: Mapping[str, Any], tools: Sequence[ToolSpec] | None
+) -> ToolCall:
+    """One of Ollama's calls: its arguments are always an object (Ollama parsed them);
+    it gives no id, so one is made up."""
+    return ToolCall(new_call_id(), tool_name(name, tools or ()), dict(arguments))

@@ -27,6 +27,16 @@ Token counts, best first:
 Errors: no answer from the server (refused, reset, timed out, cut mid-stream)
 or a 5xx is ``BackendDown``; a 4xx is ``ModelError`` with the server's text.
 
+Tools are sent as OpenAI's ``tools`` (functions), under names OpenAI accepts
+(``base.wire_name``: ``fs.read`` is ``fs--read``) and read back on the way in. Streamed
+``delta.tool_calls`` are put together by ``index`` (the id and name come first, the
+arguments as JSON in fragments); arguments that are not a JSON object make a call
+with ``error`` set. The history's calls go back as ``tool_calls`` with the arguments
+as a JSON string, and their results as ``tool`` messages naming the call's id. A
+``schema`` is sent as ``response_format`` of type ``json_schema``; a server that
+refuses that form naming ``response_format`` (llama-cpp-python's, which knows only
+``{"type": "json_object", "schema": ...}``) gets that form instead, from then on.
+
 Cancelling interrupts a pending read, not only the next chunk: a server that has
 gone silent would otherwise hold a stopped call (and a daemon's SIGTERM) for the
 whole read timeout. Such a call's counts are estimates: the server is not asked
@@ -47,7 +57,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -62,8 +73,13 @@ from taled.models.backends.base import (
     Memory,
     estimate_tokens,
     is_local_host,
+    message_text,
+    new_call_id,
+    tool_name,
+    wire_name,
 )
 from taled.settings import OpenAISettings
+from taled.tools.base import ToolCall, ToolSpec
 
 __all__ = ["OpenAIBackend"]
 
@@ -104,6 +120,9 @@ class OpenAIBackend:
         # and how many tokens it counts for an empty string.
         self._tokenize_url: str | None = None
         self._tokenize_offset = 0
+        # How this server takes a schema: OpenAI's json_schema, or (llama-cpp-python's
+        # server, which refuses that) a json_object with a schema.
+        self._schema_type = "json_schema"
 
     @property
     def loaded(self) -> bool:
@@ -184,19 +203,29 @@ class OpenAIBackend:
         cancel: CancelToken,
         result: Completion,
         think: bool | None = None,
+        tools: Sequence[ToolSpec] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Yield text as the server streams it; ``result`` holds counts and timings after."""
+        """Yield text as the server streams it; ``result`` holds counts and timings after.
+
+        The calls of a reply to ``tools`` land in ``result.tool_calls``.
+        """
         client = self._client
         if client is None:
             raise BackendDown(f"{self._where()} is not loaded")
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
-            "messages": messages,
+            "messages": _wire_messages(messages),
             "max_tokens": max_tokens,
             "temperature": temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if tools:
+            body["tools"] = [_wire_tool(t) for t in tools]
+        if schema is not None:
+            body["response_format"] = _response_format(schema, self._schema_type)
+        calls: dict[int, _PartialCall] = {}
         pieces: list[str] = []
         finish: str | None = None
         usage: dict[str, Any] | None = None
@@ -209,9 +238,15 @@ class OpenAIBackend:
                 # Every wait for the server is interruptible by the cancel token; no
                 # scope spans the yield below (our caller's code runs there).
                 with interrupter.reading():
+                    url = f"{self.base_url}/chat/completions"
                     response = await stack.enter_async_context(
-                        client.stream("POST", f"{self.base_url}/chat/completions", json=body)
+                        client.stream("POST", url, json=body)
                     )
+                    if schema is not None and await self._refuses_json_schema(response):
+                        body["response_format"] = _response_format(schema, self._schema_type)
+                        response = await stack.enter_async_context(
+                            client.stream("POST", url, json=body)
+                        )
                     await self._raise_for_status(response)
                     events = await stack.enter_async_context(
                         contextlib.aclosing(_sse_data(response.aiter_lines()))
@@ -236,6 +271,10 @@ class OpenAIBackend:
                                 first = time.perf_counter()
                             pieces.append(text)
                             yield text
+                        for delta in (choice.get("delta") or {}).get("tool_calls") or []:
+                            if first is None:
+                                first = time.perf_counter()
+                            _PartialCall.add(calls, delta)
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
                     if cancel.cancelled:
@@ -249,9 +288,10 @@ class OpenAIBackend:
         end = time.perf_counter()
 
         if not cancel.cancelled and finish is None:
-            await self._explain_unfinished(messages, temperature, done)
+            await self._explain_unfinished(body, done)
         first = first if first is not None else end
         result.text = "".join(pieces)
+        result.tool_calls = [calls[n].finish(tools or ()) for n in sorted(calls)]
         result.load_ms = 0.0
         result.prompt_ms = (first - started) * 1000
         result.generation_ms = (end - first) * 1000
@@ -266,53 +306,69 @@ class OpenAIBackend:
             return
         if finish is not None:
             self._stream_usage = False
+        generated = result.text + "".join(c.generated() for c in calls.values())
         if interrupter.interrupted:
             # Stopped while the server was silent: it would not answer a count either.
-            result.prompt_tokens = estimate_tokens("\n".join(m["content"] for m in messages))
-            result.completion_tokens = estimate_tokens(result.text)
+            result.prompt_tokens = estimate_tokens("\n".join(map(message_text, messages)))
+            result.completion_tokens = estimate_tokens(generated)
             result.counts_exact = False
             return
-        await self._count_without_usage(messages, temperature, result)
+        await self._count_without_usage(body, messages, generated, result)
+
+    async def _refuses_json_schema(self, response: httpx.Response) -> bool:
+        """Whether a server refused OpenAI's ``json_schema`` response format (then the
+        schema goes as a ``json_object`` with a ``schema`` from now on).
+
+        llama-cpp-python's server knows only that form, and answers the other with a 500
+        naming ``response_format``; it is no sign of the server being down.
+        """
+        if response.status_code < 400 or self._schema_type != "json_schema":
+            return False
+        await response.aread()
+        if "response_format" not in response.text:
+            return False
+        log.info("%s takes a schema as a json_object response format", self.base_url)
+        self._schema_type = "json_object"
+        return True
 
     async def _count_without_usage(
-        self, messages: list[ChatMessage], temperature: float, result: Completion
+        self,
+        body: dict[str, Any],
+        messages: list[ChatMessage],
+        generated: str,
+        result: Completion,
     ) -> None:
-        """Fill the counts of a stream that carried no usage (see the module docstring)."""
+        """Fill the counts of a stream that carried no usage (see the module docstring).
+
+        ``generated``: the answer's text with its calls' names and arguments.
+        """
         prompt: int | None = None
-        completion: int | None = 0 if not result.text else None
+        completion: int | None = 0 if not generated else None
         try:
             if self._stream_usage is False:
-                prompt = await self._replayed_prompt_tokens(messages, temperature)
+                prompt = await self._replayed_prompt_tokens(body)
             if completion is None:
-                completion = await self._server_token_count(result.text)
+                completion = await self._server_token_count(generated)
         except ModelError as exc:
             # The answer is complete; losing it over its token count would be worse
             # than an estimate, which the ledger marks as one.
             log.warning("cannot count tokens on %s, estimating: %s", self.base_url, exc.message)
         result.counts_exact = prompt is not None and completion is not None
         if prompt is None:
-            prompt = estimate_tokens("\n".join(m["content"] for m in messages))
+            prompt = estimate_tokens("\n".join(map(message_text, messages)))
         if completion is None:
-            completion = estimate_tokens(result.text)
+            completion = estimate_tokens(generated)
         result.prompt_tokens = prompt
         result.completion_tokens = completion
 
     async def _replayed_prompt_tokens(
-        self,
-        messages: list[ChatMessage],
-        temperature: float,
-        client: httpx.AsyncClient | None = None,
+        self, body: dict[str, Any], client: httpx.AsyncClient | None = None
     ) -> int | None:
-        """The server's own prompt count, from a one-token non-streamed call."""
+        """The server's own prompt count, from a one-token non-streamed call of ``body``."""
+        replay = {k: v for k, v in body.items() if k != "stream_options"}
         answer = await self._post_json(
             f"{self.base_url}/chat/completions",
-            {
-                "model": self.model,
-                "messages": messages,
-                "max_tokens": 1,
-                "temperature": temperature,
-                "stream": False,
-            },
+            {**replay, "max_tokens": 1, "stream": False},
             client,
         )
         usage = answer.get("usage")
@@ -354,9 +410,7 @@ class OpenAIBackend:
         tokens = answer.get("tokens")
         return len(tokens) if isinstance(tokens, list) else None
 
-    async def _explain_unfinished(
-        self, messages: list[ChatMessage], temperature: float, done: bool
-    ) -> None:
+    async def _explain_unfinished(self, body: dict[str, Any], done: bool) -> None:
         """Raise for a stream that ended cleanly without a finish reason."""
         if done:
             raise ModelError(
@@ -369,7 +423,7 @@ class OpenAIBackend:
         # streaming gets its error as a proper answer. On a new connection: the
         # server closes the one that stream came on.
         async with self._new_client() as client:
-            await self._replayed_prompt_tokens(messages, temperature, client)
+            await self._replayed_prompt_tokens(body, client)
         raise ModelError(
             f"{self.base_url} ended the stream of {self.model!r} before the answer was finished"
         )
@@ -507,6 +561,94 @@ class _Interrupter:
                 self._scope = None
         if scope.cancelled_caught:
             self.interrupted = True
+
+
+def _response_format(schema: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``response_format`` holding a reply to ``schema``: OpenAI's form, or llama-cpp-python's."""
+    if kind == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+
+
+def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
+    """A tool as an OpenAI function."""
+    return {
+        "type": "function",
+        "function": {
+            "name": wire_name(tool.name),
+            "description": tool.description,
+            "parameters": tool.input_schema,
+        },
+    }
+
+
+def _wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages in OpenAI's form: calls with JSON-string arguments, results by call id."""
+    wire: list[dict[str, Any]] = []
+    for message in messages:
+        out: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+        if message["role"] == "tool":
+            out["tool_call_id"] = message.get("tool_call_id", "")
+        elif message.get("tool_calls"):
+            out["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {
+                        "name": wire_name(call["name"]),
+                        "arguments": json.dumps(call.get("arguments") or {}, ensure_ascii=False),
+                    },
+                }
+                for call in message.get("tool_calls", [])
+            ]
+        wire.append(out)
+    return wire
+
+
+@dataclass
+class _PartialCall:
+    """One streamed tool call, put together from its deltas."""
+
+    id: str = ""
+    name: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def add(calls: dict[int, _PartialCall], delta: Any) -> None:
+        """Fold one ``delta.tool_calls`` entry into the call at its index."""
+        if not isinstance(delta, dict):
+            return
+        index = delta.get("index")
+        call = calls.setdefault(index if isinstance(index, int) else len(calls), _PartialCall())
+        if isinstance(delta.get("id"), str) and not call.id:
+            call.id = delta["id"]
+        function = delta.get("function") or {}
+        if isinstance(function.get("name"), str):
+            call.name.append(function["name"])
+        if isinstance(function.get("arguments"), str):
+            call.arguments.append(function["arguments"])
+
+    def generated(self) -> str:
+        """What the model wrote for this call (for a token count)."""
+        return "".join(self.name) + "".join(self.arguments)
+
+    def finish(self, tools: Sequence[ToolSpec]) -> ToolCall:
+        """The call, its name read back to tale's; ``error`` if its arguments are no object."""
+        call_id = self.id or new_call_id()
+        name = tool_name("".join(self.name), tools)
+        text = "".join(self.arguments)
+        try:
+            arguments = json.loads(text) if text.strip() else {}
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            return ToolCall(
+                call_id,
+                name,
+                error=f"the arguments of your call to {name} are not a JSON object: "
+                f"{text[:_ERROR_TEXT_CHARS]!r}",
+            )
+        return ToolCall(call_id, name, arguments)
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:

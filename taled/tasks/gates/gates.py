@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast, get_args
@@ -30,17 +31,21 @@ __all__ = [
     "Criterion",
     "CriterionKind",
     "GateOutcome",
+    "RunCheck",
     "check",
     "extract_python",
     "parse_criteria",
 ]
 
-CriterionKind = Literal["python", "contains", "regex", "assert", "output"]
+RunCheck = Callable[[str], Awaitable[tuple[bool, str]]]
+"""Runs a ``run:COMMAND`` criterion's command in a task's workspace: (exit 0, detail)."""
+
+CriterionKind = Literal["python", "contains", "regex", "assert", "output", "run"]
 
 MAX_CRITERIA = 20
 MAX_CRITERION_CHARS = 2000
 
-_FORMS = "python, contains:TEXT, regex:PATTERN, assert:CODE, output:TEXT"
+_FORMS = "python, contains:TEXT, regex:PATTERN, assert:CODE, output:TEXT, run:COMMAND"
 _KINDS: frozenset[str] = frozenset(get_args(CriterionKind))
 _PYTHON_LABELS = frozenset({"python", "py", "python3", "py3", "pycon"})
 _PROMPTS = (">>> ", "... ")
@@ -272,8 +277,13 @@ async def check(
     settings: GateSettings,
     *,
     scratch_root: Path | None = None,
+    command: RunCheck | None = None,
 ) -> GateOutcome:
     """Check ``result`` against ``criteria`` (or the default gate when there are none).
+
+    ``command`` runs a ``run:COMMAND`` criterion's command in the task's workspace (in the
+    sandbox) and says whether it exited 0; without one (a task with no workspace) such a
+    criterion fails, saying so.
 
     The default (``settings.python_code``): Python code in the result must run;
     a result with no code passes, as there is nothing to check. Every criterion
@@ -284,7 +294,7 @@ async def check(
         if not settings.python_code or code is None:
             return GateOutcome(passed=True, checks=(), feedback="")
         criteria = [Criterion("python")]
-    runner = _Runner(settings, scratch_root)
+    runner = _Runner(settings, scratch_root, command)
     checks: list[Check] = []
     failures: list[str] = []
     stderr_tail = ""
@@ -306,10 +316,13 @@ async def check(
 class _Runner:
     """Runs code in the sandbox, once per distinct program."""
 
-    def __init__(self, settings: GateSettings, scratch_root: Path | None) -> None:
+    def __init__(
+        self, settings: GateSettings, scratch_root: Path | None, command: RunCheck | None = None
+    ) -> None:
         self._settings = settings
         self._scratch_root = scratch_root
         self._runs: dict[tuple[str, str], SandboxResult] = {}
+        self.command = command
 
     async def run(self, code: str, stdin: str = "") -> SandboxResult:
         key = (code, stdin)
@@ -325,6 +338,11 @@ async def _apply(
 ) -> tuple[bool, str, SandboxResult | None]:
     """(passed, detail, the sandbox run if there was one) for one criterion."""
     arg = criterion.argument
+    if criterion.kind == "run":
+        if runner.command is None:
+            return False, f"run:{arg} needs a workspace (submit the task with --in DIR)", None
+        passed, detail = await runner.command(arg)
+        return passed, detail, None
     if criterion.kind == "contains":
         if arg.casefold() in result.casefold():
             return True, f"contains {arg!r}", None

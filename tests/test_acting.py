@@ -1,0 +1,395 @@
+"""Acting tasks end to end: the real daemon on its socket, a real SQLite file, the real
+dulwich checkpoint repository and the real sandbox; the task model is the scripted
+OpenAI-compatible stand-in (tests/standins/openai_scripted.py), which answers with the
+tool calls a test scripts: no real model can be made to call a given tool on demand.
+The same path with the real embedded model is tested at the end of this file.
+
+A script entry is a list of turns; the turn answered is the number of tool results in
+the request, so a daemon killed and restarted mid-loop gets the right next turn.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tale_client.rpc import RpcError
+from tests.harness import Daemon, Home
+from tests.standins.openai_scripted import ScriptedServer, scripted_server
+
+
+def _call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"tool_calls": [{"name": name, "arguments": arguments}]}
+
+
+def _finish(result: str) -> dict[str, Any]:
+    return _call("finish", result=result)
+
+
+SCRIPT: dict[str, Any] = {
+    "write": [
+        _call("write_file", path="hello.txt", content="hello\n"),
+        _call("edit_file", path="notes.md", old_text="draft", new_text="final"),
+        _finish("wrote hello.txt and finalised notes.md"),
+    ],
+    "run": [_call("run", command="touch ran.txt"), _finish("ran it")],
+    "run-again": [_call("run", command="touch again.txt"), _finish("ran it again")],
+    "deny": [_call("run", command="rm -rf build"), _finish("could not")],
+    "mistakes": [
+        _call("no_such_tool", x=1),
+        _call("write_file", path="a.txt"),
+        {"raw_arguments": "{not json", "name": "write_file"},
+        _call("read_file", path="../../etc/passwd"),
+        _finish("survived"),
+    ],
+    "loop": [_call("list_files", path=".")] * 50,
+    "slow": [
+        _call("run", command="echo start >> log.txt; sleep 60; echo end >> log.txt"),
+        _finish("after the interruption"),
+    ],
+    "ask": [_call("ask_user", question="Which greeting?"), _finish("asked")],
+    "gate": [
+        _call("write_file", path="ok.py", content="raise SystemExit(1)\n"),
+        _finish("first try"),
+        _call("write_file", path="ok.py", content="raise SystemExit(0)\n"),
+        _finish("fixed"),
+    ],
+    "classified": [_call("write_file", path="hi.txt", content="hi\n"), _finish("made hi.txt")],
+    "steps": [
+        _call("write_file", path="one.txt", content="1\n"),
+        _call("write_file", path="two.txt", content="2\n"),
+        _call("run", command="echo three > three.txt"),
+        _finish("three files"),
+    ],
+}
+
+CONFIG = """
+[tools.agent]
+max_steps = 8
+"""
+
+
+@pytest.fixture(scope="module")
+def acting() -> Iterator[tuple[Daemon, ScriptedServer, Home]]:
+    home = Home()
+    home.write_config(CONFIG)
+    with scripted_server(SCRIPT) as server:
+        home.env["TALE_MODELS__TASK"] = server.spec
+        daemon = Daemon(home).start()
+        try:
+            yield daemon, server, home
+        finally:
+            daemon.kill_if_running()
+            home.cleanup()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A user's project directory."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "notes.md").write_text("a draft note\n")
+    (root / "keep.txt").write_text("untouched\n")
+    return root
+
+
+def _tool_messages(server: ScriptedServer, task_text_mark: str) -> list[str]:
+    """The tool results the model was sent, in the latest request for a task."""
+    for body in reversed(server.requests):
+        texts = [str(m.get("content", "")) for m in body["messages"] if m.get("role") == "user"]
+        if any(task_text_mark in t for t in texts):
+            return [str(m.get("content", "")) for m in body["messages"] if m.get("role") == "tool"]
+    return []
+
+
+def _workspace(home: Home, task_id: str) -> Path:
+    return home.data / "workspaces" / task_id
+
+
+def _approval(daemon: Daemon, task_id: str) -> dict[str, Any]:
+    daemon.wait_for(task_id, ("waiting",))
+    pending = daemon.call("list_approvals", task=task_id)["approvals"]
+    assert len(pending) == 1, pending
+    return pending[0]
+
+
+def test_a_task_in_a_directory_changes_its_copy_and_not_the_original(
+    acting: tuple[Daemon, ScriptedServer, Home], project: Path
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:write]] tidy up", workspace=str(project))
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert done["result"] == "wrote hello.txt and finalised notes.md"
+    assert not (project / "hello.txt").exists()
+    assert (project / "notes.md").read_text() == "a draft note\n"
+    copy = _workspace(home, task["id"])
+    assert (copy / "hello.txt").read_text() == "hello\n"
+    assert (copy / "notes.md").read_text() == "a final note\n"
+    assert [c["tool"] for c in done["tool_calls"]] == ["write_file", "edit_file", "finish"]
+
+
+def test_diff_shows_the_change_and_apply_brings_it_back(
+    acting: tuple[Daemon, ScriptedServer, Home], project: Path
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:write]] tidy up", workspace=str(project))
+    daemon.wait_for(task["id"])
+    diff = home.tale("diff", task["id"])
+    assert diff.returncode == 0, diff.stderr
+    assert "+++ b/hello.txt" in diff.stdout
+    assert "-a draft note" in diff.stdout and "+a final note" in diff.stdout
+    applied = home.tale("apply", task["id"])
+    assert applied.returncode == 0, applied.stderr
+    assert (project / "hello.txt").read_text() == "hello\n"
+    assert (project / "notes.md").read_text() == "a final note\n"
+    assert (project / "keep.txt").read_text() == "untouched\n"
+
+
+def test_apply_refuses_when_the_users_file_changed_and_writes_nothing(
+    acting: tuple[Daemon, ScriptedServer, Home], project: Path
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:write]] tidy up", workspace=str(project))
+    daemon.wait_for(task["id"])
+    (project / "notes.md").write_text("I edited this meanwhile\n")
+    applied = home.tale("apply", task["id"])
+    assert applied.returncode != 0
+    assert "notes.md" in applied.stderr
+    assert not (project / "hello.txt").exists()
+    assert (project / "notes.md").read_text() == "I edited this meanwhile\n"
+
+
+def test_run_waits_for_approval_which_survives_a_restart(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:run]] run it", act=True)
+    pending = _approval(daemon, task["id"])
+    assert pending["summary"] == "run: touch ran.txt"
+    assert pending["kind"] == "tool"
+    listed = home.tale("approvals")
+    assert pending["id"][:8] in listed.stdout
+    daemon.stop()
+    daemon.start()
+    assert daemon.call("get_task", id=task["id"])["state"] == "waiting"
+    again = daemon.call("list_approvals", task=task["id"])["approvals"]
+    assert [a["id"] for a in again] == [pending["id"]]
+    approved = home.tale("approve", pending["id"][:6])
+    assert approved.returncode == 0, approved.stderr
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert (_workspace(home, task["id"]) / "ran.txt").exists()
+
+
+def test_a_denial_and_its_reason_go_back_to_the_model(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, home = acting
+    task = daemon.call("submit_task", text="[[script:deny]] clean the build", act=True)
+    pending = _approval(daemon, task["id"])
+    denied = home.tale("deny", pending["id"], "use make clean instead")
+    assert denied.returncode == 0, denied.stderr
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed"
+    results = _tool_messages(server, "[[script:deny]]")
+    assert any("denied" in r and "use make clean instead" in r for r in results), results
+    assert [c["outcome"] for c in done["tool_calls"]][:1] == ["denied"]
+
+
+def test_approve_always_adds_a_rule_so_the_next_such_call_runs_unasked(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    first = daemon.call("submit_task", text="[[script:run]] run it", act=True)
+    pending = _approval(daemon, first["id"])
+    assert pending["rule"] == "run:touch"
+    assert home.tale("approve", pending["id"], "--always").returncode == 0
+    daemon.wait_for(first["id"])
+    second = daemon.call("submit_task", text="[[script:run-again]] run it", act=True)
+    done = daemon.wait_for(second["id"], ("completed", "failed", "waiting"))
+    assert done["state"] == "completed", done
+    assert "run:touch" in daemon.call("list_tools")["rules"]
+
+
+def test_model_mistakes_go_back_as_errors_and_the_task_carries_on(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, _home = acting
+    task = daemon.call("submit_task", text="[[script:mistakes]] go", act=True)
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    results = _tool_messages(server, "[[script:mistakes]]")
+    assert "no tool named 'no_such_tool'" in results[0]
+    assert "content" in results[1]  # the missing argument is named
+    assert results[2]  # unparseable arguments: an error, not a crash
+    assert "outside" in results[3] or "escape" in results[3] or ".." in results[3], results[3]
+    assert [c["outcome"] for c in done["tool_calls"]][:4] == ["error"] * 4
+
+
+def test_a_loop_that_never_finishes_stops_at_its_step_budget(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, _home = acting
+    task = daemon.call("submit_task", text="[[script:loop]] look around", act=True)
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "failed"
+    assert "tools.agent.max_steps" in done["error"]
+    assert len(done["tool_calls"]) == 8
+
+
+def test_ask_user_waits_for_an_answer_that_reaches_the_model(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, home = acting
+    task = daemon.call("submit_task", text="[[script:ask]] greet someone", act=True)
+    pending = _approval(daemon, task["id"])
+    assert pending["kind"] == "question" and pending["summary"] == "Which greeting?"
+    refused = home.tale("approve", pending["id"])
+    assert refused.returncode != 0 and "tale answer" in refused.stderr
+    assert home.tale("answer", pending["id"], "a cheerful one").returncode == 0
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed"
+    assert any("a cheerful one" in r for r in _tool_messages(server, "[[script:ask]]"))
+
+
+def test_a_run_criterion_gates_the_finish_in_the_workspace(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, _home = acting
+    task = daemon.call(
+        "submit_task", text="[[script:gate]] make ok.py exit 0", criteria=["run:python ok.py"]
+    )
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert done["result"] == "fixed"
+    results = _tool_messages(server, "[[script:gate]]")
+    assert any("not done yet" in r and "run:python ok.py" in r for r in results), results
+
+
+def test_a_workspace_inside_tales_own_directories_is_refused(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    with pytest.raises(RpcError) as err:
+        daemon.call("submit_task", text="look", workspace=str(home.data))
+    assert "tale's own directory" in err.value.message
+    with pytest.raises(RpcError) as err:
+        daemon.call("submit_task", text="look", workspace="/no/such/dir")
+    assert "does not exist" in err.value.message
+
+
+def test_restore_rewinds_the_files_with_the_state(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:steps]] make three", act=True)
+    _approval(daemon, task["id"])  # one.txt and two.txt written; run waits
+    copy = _workspace(home, task["id"])
+    assert (copy / "one.txt").exists() and (copy / "two.txt").exists()
+    daemon.call("pause_task", id=task["id"])
+    history = daemon.call("list_checkpoints", id=task["id"])["checkpoints"]
+    first_write = next(
+        c for c in reversed(history) if c["kind"] == "tool-done" and c["step"] == "write_file"
+    )
+    restored = home.tale("restore", task["id"], first_write["commit"][:12])
+    assert restored.returncode == 0, restored.stderr
+    assert (copy / "one.txt").exists()
+    assert not (copy / "two.txt").exists()
+
+
+def test_kill_9_during_a_command_reports_it_interrupted_and_never_runs_it_again(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, home = acting
+    task = daemon.call("submit_task", text="[[script:slow]] long job", act=True)
+    pending = _approval(daemon, task["id"])
+    daemon.call("approve", id=pending["id"])
+    log = _workspace(home, task["id"]) / "log.txt"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.read_text()):
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.05)
+    daemon.kill9()
+    # The command died with the daemon (the sandbox dies with its parent).
+    time.sleep(1)
+    out = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
+    assert not out.stdout.strip(), out.stdout
+    daemon.start()
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert log.read_text() == "start\n"  # ran once, cut off; never run again
+    results = _tool_messages(server, "[[script:slow]]")
+    assert results and results[0].startswith("interrupted"), results
+    outcomes = [c["outcome"] for c in done["tool_calls"]]
+    assert outcomes == ["interrupted", "ok"], outcomes
+
+
+def test_a_task_that_plainly_asks_for_a_file_acts_without_being_told_to(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:classified]] create a file hi.txt saying hi")
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert done["act"] is True
+    assert [c["tool"] for c in done["tool_calls"]] == ["write_file", "finish"]
+    assert (_workspace(home, task["id"]) / "hi.txt").read_text() == "hi\n"
+
+
+def test_a_plain_question_gets_a_plain_answer_with_no_tools(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="What is a tuple?")
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert done["act"] is False and "tool_calls" not in done
+    assert not _workspace(home, task["id"]).exists()
+
+
+def test_tools_lists_the_builtins_and_their_rules(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    _daemon, _server, home = acting
+    listed = home.tale("tools")
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines() if line}
+    assert lines["read_file"] == "allow"
+    assert lines["run"] == "ask"
+
+
+def test_status_shows_the_tool_calls_and_what_waits(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:deny]] clean the build", act=True)
+    pending = _approval(daemon, task["id"])
+    shown = home.tale("status", task["id"])
+    assert "waiting for you" in shown.stdout
+    assert pending["id"][:8] in shown.stdout
+    daemon.call("deny", id=pending["id"])
+    daemon.wait_for(task["id"])
+    shown = home.tale("status", task["id"])
+    assert "tool calls" in shown.stdout and "denied" in shown.stdout
+
+
+def test_the_checkpoint_repository_stays_consistent(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    """After all of the above (restarts, a kill -9, a restore), git fsck is clean."""
+    _daemon, _server, home = acting
+    repo = home.data / "checkpoints.git"
+    fsck = subprocess.run(
+        ["git", "--git-dir", str(repo), "fsck", "--strict", "--no-dangling"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"},
+    )
+    assert fsck.returncode == 0, fsck.stderr
