@@ -326,6 +326,8 @@ def _print_summary(info: dict[str, Any]) -> None:
     workers = info.get("workers", {})
     emit(f"tasks    {counts or 'none yet'}")
     emit(f"workers  {workers.get('busy', 0)}/{workers.get('limit', 0)} busy")
+    if info.get("waiting_for_you"):
+        emit(f"waiting  {info['waiting_for_you']} for you (`tale approvals`)")
     # Workers that cannot work (an older daemon reports none): down, or blocked waiting.
     for kind in ("down", "blocked"):
         for w in workers.get(kind, []):

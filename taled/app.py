@@ -197,6 +197,7 @@ class App:
                 **self.runner.health(),
             },
             "tasks": await self.store.count_by_state(),
+            "waiting_for_you": len(await self.acting.pending()),
             "models": [
                 {
                     "role": r.role,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,14 @@ SCRIPT: dict[str, Any] = {
         _call("write_file", path="ok.py", content="raise SystemExit(0)\n"),
         _finish("fixed"),
     ],
+    "mcp": [_call("bench.add", a=2, b=3), _finish("added")],
+    "mcp-ask": [_call("bench.wipe", path="old.txt"), _finish("wiped")],
+    "mcp-crash": [_call("bench.crash"), _finish("after the crash")],
+    "gone": [
+        _call("write_file", path="a.txt", content="a\n"),
+        _call("run", command="mkdir b"),
+        _finish("never"),
+    ],
     "classified": [_call("write_file", path="hi.txt", content="hi\n"), _finish("made hi.txt")],
     "steps": [
         _call("write_file", path="one.txt", content="1\n"),
@@ -72,13 +81,24 @@ SCRIPT: dict[str, Any] = {
 CONFIG = """
 [tools.agent]
 max_steps = 8
+
+[tools.policy]
+"bench.add" = "allow"
+
+[tools.mcp.bench]
+command = "{python}"
+args = ["{server}"]
+env = {{ WORKBENCH_RUNS = "{runs}" }}
 """
+WORKBENCH = Path(__file__).resolve().parent / "mcp_servers" / "workbench.py"
 
 
 @pytest.fixture(scope="module")
 def acting() -> Iterator[tuple[Daemon, ScriptedServer, Home]]:
     home = Home()
-    home.write_config(CONFIG)
+    home.write_config(
+        CONFIG.format(python=sys.executable, server=WORKBENCH, runs=home.root / "mcp-runs.log")
+    )
     with scripted_server(SCRIPT) as server:
         home.env["TALE_MODELS__TASK"] = server.spec
         daemon = Daemon(home).start()
@@ -176,6 +196,7 @@ def test_run_waits_for_approval_which_survives_a_restart(
     assert pending["kind"] == "tool"
     listed = home.tale("approvals")
     assert pending["id"][:8] in listed.stdout
+    assert "for you (`tale approvals`)" in home.tale("status").stdout
     daemon.stop()
     daemon.start()
     assert daemon.call("get_task", id=task["id"])["state"] == "waiting"
@@ -352,6 +373,79 @@ def test_a_plain_question_gets_a_plain_answer_with_no_tools(
     assert done["state"] == "completed", done
     assert done["act"] is False and "tool_calls" not in done
     assert not _workspace(home, task["id"]).exists()
+
+
+def _mcp_runs(home: Home) -> list[str]:
+    runs = home.root / "mcp-runs.log"
+    return runs.read_text().split() if runs.exists() else []
+
+
+def _mcp_up(daemon: Daemon) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        servers = daemon.call("list_tools")["servers"]
+        if servers and servers[0]["state"] == "up":
+            return
+        assert time.monotonic() < deadline, servers
+        time.sleep(0.1)
+
+
+def test_an_mcp_servers_tool_is_called_through_the_loop(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, _home = acting
+    _mcp_up(daemon)
+    task = daemon.call("submit_task", text="[[script:mcp]] add them", act=True)
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert [c["tool"] for c in done["tool_calls"]] == ["bench.add", "finish"]
+    assert "5" in _tool_messages(server, "[[script:mcp]]")[0]
+    # The model saw the server's tools, under a name its API accepts.
+    offered = {t["function"]["name"] for t in server.requests[-1].get("tools", [])}
+    assert any("bench" in name and "add" in name for name in offered), offered
+
+
+def test_an_mcp_tool_asks_by_default_and_runs_once_approved(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    _mcp_up(daemon)
+    before = _mcp_runs(home).count("wipe")
+    task = daemon.call("submit_task", text="[[script:mcp-ask]] wipe it", act=True)
+    pending = _approval(daemon, task["id"])
+    assert pending["summary"] == "bench.wipe: old.txt"
+    assert _mcp_runs(home).count("wipe") == before
+    daemon.call("approve", id=pending["id"])
+    assert daemon.wait_for(task["id"])["state"] == "completed"
+    assert _mcp_runs(home).count("wipe") == before + 1
+
+
+def test_an_mcp_server_that_dies_mid_call_is_reported_and_the_call_not_resent(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, home = acting
+    _mcp_up(daemon)
+    task = daemon.call("submit_task", text="[[script:mcp-crash]] crash it", act=True)
+    pending = _approval(daemon, task["id"])
+    daemon.call("approve", id=pending["id"])
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "completed", done
+    assert "crashed during the call" in _tool_messages(server, "[[script:mcp-crash]]")[0]
+    assert _mcp_runs(home).count("crash") == 1
+    _mcp_up(daemon)  # restarted
+
+
+def test_a_workspace_deleted_underneath_a_task_fails_it_clearly(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:gone]] then vanish", act=True)
+    pending = _approval(daemon, task["id"])
+    subprocess.run(["rm", "-rf", str(_workspace(home, task["id"]))], check=True)
+    daemon.call("approve", id=pending["id"])
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "failed"
+    assert "is gone: it was deleted while the task used it" in done["error"]
 
 
 def test_tools_lists_the_builtins_and_their_rules(

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -329,8 +329,12 @@ class CheckpointStore:
 
     async def with_objects(self, fn: Callable[[BaseObjectStore], T]) -> T:
         """Run ``fn`` with the repository's object store, in the store's worker thread
-        (workspace snapshots write their blobs and trees here)."""
-        return await self._run(lambda: fn(self._open_repo().object_store))
+        (workspace snapshots write their blobs and trees here). Its ``add_object`` is this
+        store's: another thread writing the same object at once is waited for, not an
+        error (two tasks' workspaces often share files)."""
+        store = self._open_repo().object_store
+        # Duck-typed: what a snapshot, diff or apply uses of a store, writes made safe.
+        return await self._run(lambda: fn(cast(BaseObjectStore, _SharedObjects(store, self))))
 
     async def latest(self, task_id: str) -> Checkpoint | None:
         """The task's newest checkpoint, or None when it has none."""
@@ -819,6 +823,26 @@ class CheckpointStore:
 
 
 # -- module helpers ----------------------------------------------------------
+
+
+class _SharedObjects:
+    """An object store whose writes go through ``CheckpointStore._add_object``."""
+
+    def __init__(self, store: BaseObjectStore, owner: CheckpointStore) -> None:
+        self._store = store
+        self._owner = owner
+
+    def add_object(self, obj: ShaFile) -> None:
+        self._owner._add_object(obj)
+
+    def __contains__(self, sha: ObjectID) -> bool:
+        return sha in self._store
+
+    def __getitem__(self, sha: ObjectID) -> ShaFile:
+        return self._store[sha]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 def _check_tree(sha: str) -> ObjectID:

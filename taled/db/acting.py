@@ -297,11 +297,21 @@ class ActingRecords:
     # -- the tool ledger ---------------------------------------------------
 
     async def record_call(self, record: ToolCallRecord) -> None:
-        """Append one tool call to the ledger."""
+        """Append one tool call to the ledger (once: a call already there is kept)."""
         row = {**record.__dict__, "at": record.at or time.time()}
 
         async def apply(conn: AsyncConnection) -> None:
-            await conn.execute(tool_calls.insert().values(**row))
+            # Once per call: a task resumed after a crash may record a call again.
+            seen = (
+                await conn.execute(
+                    sa.select(tool_calls.c.seq).where(
+                        tool_calls.c.task_id == record.task_id,
+                        tool_calls.c.call_id == record.call_id,
+                    )
+                )
+            ).first()
+            if seen is None:
+                await conn.execute(tool_calls.insert().values(**row))
 
         await self._store.write(apply)
 

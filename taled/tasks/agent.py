@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from taled.checkpoints.repo import Checkpoint, CheckpointKind
 from taled.db.acting import ApprovalKind, ApprovalState, NewApproval, ToolCallRecord
 from taled.db.store import TaskRecord
-from taled.errors import IllegalTransition
+from taled.errors import IllegalTransition, NotFound
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.settings import AgentSettings
 from taled.tasks.workstate import AgentState, AttemptKey, ToolStep, WorkState
@@ -37,7 +37,15 @@ from taled.tools.policy import command_of
 from taled.tools.service import Acting
 from taled.tools.workspace import Workspace
 
-__all__ = ["SYSTEM_PROMPT", "AgentLoop", "LoopParts", "OutOfBudget", "Parked", "Stopped"]
+__all__ = [
+    "SYSTEM_PROMPT",
+    "AgentLoop",
+    "LoopParts",
+    "OutOfBudget",
+    "Parked",
+    "Stopped",
+    "WorkspaceGone",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,10 @@ class Parked(Exception):
 
 class OutOfBudget(Exception):
     """The loop used up its tool calls or wall time; the message says which."""
+
+
+class WorkspaceGone(Exception):
+    """The task's workspace was deleted underneath it: the loop cannot go on."""
 
 
 class Stopped(Exception):
@@ -109,10 +121,14 @@ class AgentLoop:
         """
         agent = ws.agent
         assert agent is not None
-        workspace = self._acting.open_workspace(task.id, agent.workspace)
+        try:
+            workspace = self._acting.open_workspace(task.id, agent.workspace)
+        except NotFound as exc:
+            raise WorkspaceGone(exc.message) from None
         await self._recover(task, ws, workspace, parts)
         specs = self._acting.specs()
         while True:
+            _still_there(task, workspace)
             # Calls proposed and not yet answered come first (a resumed task's, too).
             for step in agent.steps:
                 if step.status in ("proposed", "awaiting"):
@@ -339,6 +355,7 @@ class AgentLoop:
         step.is_error = result.is_error
         call = ToolCall.from_json(step.call)
         verdict = "failed" if result.is_error else "done"
+        _still_there(ws.task_id, workspace)
         with self._acting.pinned():
             agent.tree = await self._acting.snapshot(workspace)
             await parts.save(
@@ -459,6 +476,16 @@ class AgentLoop:
                     }
                 )
         return messages
+
+
+def _still_there(task: TaskRecord | str, workspace: Workspace) -> None:
+    """WorkspaceGone unless the workspace directory still exists."""
+    if not workspace.root.is_dir():
+        task_id = task if isinstance(task, str) else task.id
+        raise WorkspaceGone(
+            f"the workspace of task {task_id} ({workspace.root}) is gone: it was deleted "
+            "while the task used it"
+        )
 
 
 async def _until_cancelled(token: CancelToken) -> None:

@@ -48,7 +48,7 @@ from taled.models.pool import ModelPool
 from taled.models.routing import Route, Router
 from taled.sandbox import sandbox
 from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
-from taled.tasks.agent import AgentLoop, LoopParts, OutOfBudget, Parked, Stopped
+from taled.tasks.agent import AgentLoop, LoopParts, OutOfBudget, Parked, Stopped, WorkspaceGone
 from taled.tasks.gates import gates
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.planning import planner
@@ -533,6 +533,8 @@ class Runner:
             if current.state in FINAL_STATES:
                 self._progress.forget(task.id)
                 self._parent_locks.pop(task.id, None)
+                if self._acting is not None:
+                    self._acting.close_workspace(task.id)
                 if self._learning is not None:
                     self._learning.forget(task.id)
 
@@ -1222,8 +1224,7 @@ class Runner:
         parts = LoopParts(call_model=call_model, save=self._save, gate=gate, token=token)
         try:
             return await self._agent.run(task, ws, parts)
-        except OutOfBudget as exc:
-            await self._save(ws, CheckpointKind.DONE, "stopped", str(exc))
+        except (OutOfBudget, WorkspaceGone) as exc:
             raise _Failed(str(exc)) from None
 
     def _messages(self, text: str) -> list[ChatMessage]:
@@ -1392,7 +1393,7 @@ class Runner:
         assert ws.agent is not None
         if self._acting is None:
             raise Unavailable("this daemon runs no acting tasks; the workspace cannot be rewound")
-        workspace = self._acting.open_workspace(task.id, ws.agent.workspace)
+        workspace = self._acting.open_workspace(task.id, ws.agent.workspace, create=True)
         await self._acting.checkout(workspace, ws.agent.tree)
         for step in ws.agent.steps:
             if step.status in ("proposed", "awaiting", "running"):

@@ -17,7 +17,7 @@ from typing import Any
 
 from taled.checkpoints.repo import CheckpointStore
 from taled.db.acting import ActingRecords, Approval, ApprovalKind, ApprovalState
-from taled.errors import IllegalTransition, InvalidInput, NotFound
+from taled.errors import IllegalTransition, InvalidInput, NotFound, Unavailable
 from taled.settings import Decision, SandboxSettings, ToolsSettings
 from taled.tools.base import ToolCall, ToolResult, ToolSpec
 from taled.tools.builtin import BUILTIN, ToolContext, call_builtin, validate
@@ -132,11 +132,14 @@ class Acting:
         self._open[task_id] = workspace
         return workspace, await self.snapshot(workspace)
 
-    def open_workspace(self, task_id: str, root: str) -> Workspace:
-        """The task's workspace, opened again after a restart; NotFound if it is gone."""
+    def open_workspace(self, task_id: str, root: str, *, create: bool = False) -> Workspace:
+        """The task's workspace, opened again after a restart; NotFound if it is gone
+        (``create``: made empty again, for a restore to fill)."""
         workspace = self._open.get(task_id)
-        if workspace is not None and workspace.root == Path(root):
+        if workspace is not None and workspace.root == Path(root) and Path(root).is_dir():
             return workspace
+        if create:
+            Path(root).mkdir(parents=True, exist_ok=True)
         if not Path(root).is_dir():
             raise NotFound(
                 f"the workspace of task {task_id} ({root}) is gone: it was deleted while "
@@ -204,7 +207,11 @@ class Acting:
             scratch_root=self._scratch,
             output_file=output,
         )
-        return await call_builtin(call, context)
+        try:
+            return await call_builtin(call, context)
+        except Unavailable as exc:
+            # Fail closed: the command does not run unconfined; the model hears why.
+            return ToolResult(f"{call.name} cannot run here: {exc.message}", is_error=True)
 
     def partial_output(self, task_id: str, call_id: str) -> str:
         """What an interrupted ``run`` call had written, its tail cut to the result size."""
