@@ -11,7 +11,8 @@ act on. ``taled/daemon/server.py`` converts them to protocol errors in one place
     │   └── RoleDown               -32003  a role's model is down and nothing serves it
     ├── ModelError                 -32010  a backend failed
     │   ├── ModelTimeout           -32011  a model call ran past its deadline
-    │   └── BackendDown            -32012  the backend is unreachable, crashed or hung
+    │   ├── BackendDown            -32012  the backend is unreachable, crashed or hung
+    │   └── ContextOverflow        -32013  the prompt does not fit the model's context
     ├── ConfigError                -32020  the configuration is invalid
     ├── DaemonError                -32030  start-up failed (bad socket path, ...)
     │   └── AlreadyRunning         -32031  another daemon owns the socket
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointDamaged",
     "ConfigError",
     "Conflict",
+    "ContextOverflow",
     "DaemonError",
     "Damaged",
     "DiskFull",
@@ -100,6 +102,12 @@ class ModelTimeout(ModelError):
     """A model call did not finish within its deadline."""
 
     code = -32011
+
+
+class ContextOverflow(ModelError):
+    """The prompt does not fit the model's context window: a shorter one may."""
+
+    code = -32013
 
 
 class BackendDown(ModelError):

@@ -602,6 +602,9 @@ class AgentSettings(BaseModel):
     """Wall time one task's loop may take (time waiting for a person is not counted)."""
     result_chars: int = Field(default=4000, ge=100, le=1_000_000)
     """A tool's result is cut to this many characters before it goes to the model."""
+    max_repeats: int = Field(default=3, ge=0, le=1000)
+    """The same call (tool and arguments) proposed this many times in a row stops the
+    task, saying so; the second time, the model is told it repeats itself (0: off)."""
     history_chars: int = Field(default=6000, ge=500, le=10_000_000)
     """When the tool results of a loop add up to more, older ones are shortened (a small
     model's context is small)."""

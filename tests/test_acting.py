@@ -49,7 +49,8 @@ SCRIPT: dict[str, Any] = {
         _call("read_file", path="../../etc/passwd"),
         _finish("survived"),
     ],
-    "loop": [_call("list_files", path=".")] * 50,
+    "loop": [_call("read_file", path=f"missing-{i}.txt") for i in range(50)],
+    "repeat": [_call("list_files", path=".")] * 50,
     "slow": [
         _call("run", command="echo start >> log.txt; sleep 60; echo end >> log.txt"),
         _finish("after the interruption"),
@@ -263,6 +264,20 @@ def test_a_loop_that_never_finishes_stops_at_its_step_budget(
     assert done["state"] == "failed"
     assert "tools.agent.max_steps" in done["error"]
     assert len(done["tool_calls"]) == 8
+
+
+def test_a_model_that_repeats_the_same_call_is_told_then_stopped(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    daemon, server, _home = acting
+    task = daemon.call("submit_task", text="[[script:repeat]] look around", act=True)
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "failed"
+    assert "3 times in a row (tools.agent.max_repeats = 3)" in done["error"]
+    assert len(done["tool_calls"]) == 2
+    assert (
+        "You made exactly this call just before" in _tool_messages(server, "[[script:repeat]]")[1]
+    )
 
 
 def test_ask_user_waits_for_an_answer_that_reaches_the_model(

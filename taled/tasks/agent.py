@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from taled.checkpoints.repo import Checkpoint, CheckpointKind
 from taled.db.acting import ApprovalKind, ApprovalState, NewApproval, ToolCallRecord
 from taled.db.store import TaskRecord
-from taled.errors import IllegalTransition, NotFound
+from taled.errors import ContextOverflow, IllegalTransition, ModelError, NotFound
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.settings import AgentSettings
 from taled.tasks.workstate import AgentState, AttemptKey, ToolStep, WorkState
@@ -40,8 +40,8 @@ from taled.tools.workspace import Workspace
 __all__ = [
     "SYSTEM_PROMPT",
     "AgentLoop",
+    "CannotGoOn",
     "LoopParts",
-    "OutOfBudget",
     "Parked",
     "Stopped",
     "WorkspaceGone",
@@ -61,14 +61,21 @@ SYSTEM_PROMPT = (
 _SHRUNK_CHARS = 300
 # Turns whose tool results are always kept whole.
 _RECENT_TURNS = 2
+_REPEATED = (
+    "(You made exactly this call just before, and it gave this same kind of result. "
+    "Do something different, or call finish.)\n"
+)
+# Times a turn is sent again, its history shorter each time, when it does not fit.
+_SQUEEZES = 3
 
 
 class Parked(Exception):
     """The task waits for a person (an approval or an answer); the worker lets it go."""
 
 
-class OutOfBudget(Exception):
-    """The loop used up its tool calls or wall time; the message says which."""
+class CannotGoOn(Exception):
+    """The loop cannot go on: its budget (tool calls, wall time) is used up, the model
+    failed, or the history no longer fits its context; the message says which."""
 
 
 class WorkspaceGone(Exception):
@@ -117,7 +124,7 @@ class AgentLoop:
     async def run(self, task: TaskRecord, ws: WorkState, parts: LoopParts) -> str:
         """Carry the loop on from ``ws`` to the model's finish; returns its result.
 
-        Raises Parked when a call waits for a person, OutOfBudget when the budget ends.
+        Raises Parked when a call waits for a person, CannotGoOn when the budget ends.
         """
         agent = ws.agent
         assert agent is not None
@@ -140,9 +147,7 @@ class AgentLoop:
                 raise Stopped
             started = time.monotonic()
             turn = agent.turns + 1
-            completion = await parts.call_model(
-                self.messages(task, agent), specs, AttemptKey("act", turn)
-            )
+            completion = await self._turn(task, agent, specs, AttemptKey("act", turn), parts)
             agent.seconds += time.monotonic() - started
             agent.turns = turn
             ws.tokens += completion.completion_tokens
@@ -155,9 +160,32 @@ class AgentLoop:
             for i, call in enumerate(calls):
                 # The loop's own id: unique in the task across restores (round) and turns.
                 own = ToolCall(f"r{ws.round}t{turn}c{i + 1}", call.name, call.arguments, call.error)
+                self._check_repeats(agent, own)
                 agent.steps.append(ToolStep(call=own.as_json(), turn=turn))
             names = ", ".join(c.name for c in calls)
             await parts.save(ws, CheckpointKind.ACT_TURN, f"turn {turn}", f"proposed: {names}")
+
+    async def _turn(
+        self,
+        task: TaskRecord,
+        agent: AgentState,
+        specs: list[ToolSpec],
+        key: AttemptKey,
+        parts: LoopParts,
+    ) -> Completion:
+        """One model turn; a history too long for the model's context is squeezed (older
+        results shortened, then older turns left out) and sent again."""
+        for squeeze in range(_SQUEEZES + 1):
+            try:
+                return await parts.call_model(self.messages(task, agent, squeeze), specs, key)
+            except ContextOverflow as exc:
+                log.info("task %s: %s; squeezing its history (%d)", task.id, exc.message, squeeze)
+                last = exc.message
+            except ModelError as exc:
+                raise CannotGoOn(f"the model failed: {exc.message}") from None
+        raise CannotGoOn(
+            f"the task's history no longer fits the model's context, even squeezed ({last})"
+        )
 
     # -- one call ----------------------------------------------------------
 
@@ -277,7 +305,7 @@ class AgentLoop:
             return ws.result
         agent.gate_failures += 1
         if agent.gate_failures >= self._max_gate_failures:
-            raise OutOfBudget(
+            raise CannotGoOn(
                 f"the result failed its done-criteria {agent.gate_failures} times; "
                 f"last: {feedback[:300]}"
             )
@@ -352,6 +380,8 @@ class AgentLoop:
         assert agent is not None
         step.status = "denied" if outcome == "denied" else "done"
         step.result = _cut(result.content, self._settings.result_chars)
+        if self._settings.max_repeats and self._repeated(agent, step):
+            step.result = _REPEATED + step.result
         step.is_error = result.is_error
         call = ToolCall.from_json(step.call)
         verdict = "failed" if result.is_error else "done"
@@ -415,24 +445,54 @@ class AgentLoop:
 
     # -- budget and messages -----------------------------------------------
 
+    def _check_repeats(self, agent: AgentState, call: ToolCall) -> None:
+        """CannotGoOn when ``call`` would be the same call ``max_repeats`` times in a row."""
+        limit = self._settings.max_repeats
+        if not limit or call.name in ("finish", "ask_user"):
+            return
+        same = 1
+        for step in reversed(agent.steps):
+            earlier = ToolCall.from_json(step.call)
+            if (earlier.name, earlier.arguments) != (call.name, call.arguments):
+                break
+            same += 1
+        if same >= limit:
+            raise CannotGoOn(
+                f"the model proposed the same call ({_summary(call)}) {same} times in a row "
+                f"(tools.agent.max_repeats = {limit}); stopped"
+            )
+
+    def _repeated(self, agent: AgentState, step: ToolStep) -> bool:
+        """Whether ``step``'s call is the same as the one just before it."""
+        at = agent.steps.index(step)
+        if at == 0:
+            return False
+        before = agent.steps[at - 1]
+        return (before.call.get("name"), before.call.get("arguments")) == (
+            step.call.get("name"),
+            step.call.get("arguments"),
+        )
+
     def _check_budget(self, agent: AgentState) -> None:
         if len(agent.steps) >= self._settings.max_steps:
-            raise OutOfBudget(
+            raise CannotGoOn(
                 f"stopped after {len(agent.steps)} tool calls (tools.agent.max_steps = "
                 f"{self._settings.max_steps}) without finishing; its work so far is in "
                 "the workspace (`tale diff`)"
             )
         if agent.seconds >= self._settings.wall_seconds:
-            raise OutOfBudget(
+            raise CannotGoOn(
                 f"stopped after {agent.seconds:.0f} s in the loop (tools.agent.wall_seconds "
                 f"= {self._settings.wall_seconds:g}) without finishing"
             )
 
-    def messages(self, task: TaskRecord, agent: AgentState) -> list[ChatMessage]:
+    def messages(self, task: TaskRecord, agent: AgentState, squeeze: int = 0) -> list[ChatMessage]:
         """The conversation the model reads: the task, then each turn's calls and results.
 
         Older results shrink when the whole would pass tools.agent.history_chars, so a
-        long loop still fits a small model's context.
+        long loop still fits a small model's context. ``squeeze`` (after the model said
+        the prompt is too long) halves that budget each time, and from 2 on keeps only
+        the newest turns.
         """
         where = (
             f"The workspace is a copy of {agent.source}."
@@ -444,9 +504,10 @@ class AgentLoop:
             {"role": "user", "content": f"{task.text}\n\n({where})"},
         ]
         total = sum(len(s.result) for s in agent.steps)
-        budget = self._settings.history_chars
+        budget = self._settings.history_chars >> squeeze
         last_turn = agent.turns
-        for turn in range(1, agent.turns + 1):
+        first = 1 if squeeze < 2 else max(1, last_turn - (_RECENT_TURNS >> (squeeze - 2)) + 1)
+        for turn in range(first, agent.turns + 1):
             # Only answered calls: a backend refuses a call listed without its result.
             steps = [s for s in agent.steps if s.turn == turn and s.status in ("done", "denied")]
             if not steps:
@@ -460,11 +521,8 @@ class AgentLoop:
             )
             for s in steps:
                 content = s.result
-                if (
-                    total > budget
-                    and turn <= last_turn - _RECENT_TURNS
-                    and len(content) > _SHRUNK_CHARS
-                ):
+                older = turn <= last_turn - _RECENT_TURNS or squeeze >= _SQUEEZES
+                if total > budget and older and len(content) > _SHRUNK_CHARS:
                     total -= len(content) - _SHRUNK_CHARS
                     content = content[:_SHRUNK_CHARS] + " [... shortened ...]"
                 messages.append(

@@ -48,7 +48,7 @@ from taled.models.pool import ModelPool
 from taled.models.routing import Route, Router
 from taled.sandbox import sandbox
 from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
-from taled.tasks.agent import AgentLoop, LoopParts, OutOfBudget, Parked, Stopped, WorkspaceGone
+from taled.tasks.agent import AgentLoop, CannotGoOn, LoopParts, Parked, Stopped, WorkspaceGone
 from taled.tasks.gates import gates
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.planning import planner
@@ -1224,7 +1224,7 @@ class Runner:
         parts = LoopParts(call_model=call_model, save=self._save, gate=gate, token=token)
         try:
             return await self._agent.run(task, ws, parts)
-        except (OutOfBudget, WorkspaceGone) as exc:
+        except (CannotGoOn, WorkspaceGone) as exc:
             raise _Failed(str(exc)) from None
 
     def _messages(self, text: str) -> list[ChatMessage]:

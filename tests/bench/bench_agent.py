@@ -139,7 +139,12 @@ def workload() -> list[Item]:
                 },
                 script=[
                     _call("read_file", path="calc.py"),
-                    _call("edit_file", path="calc.py", old_text=wrong, new_text=right),
+                    _call(
+                        "edit_file",
+                        path="calc.py",
+                        old_text=f"return {wrong}",
+                        new_text=f"return {right}",
+                    ),
                     _call("run", command="python test_calc.py"),
                     _call("finish", result="fixed calc.py"),
                 ],
@@ -238,6 +243,7 @@ def run(model: str, limit: int | None, out: Path, max_steps: int, max_tokens: in
                             "passed": passed,
                             "why": why,
                             "tool_calls": len(calls),
+                            "tools": [c["tool"] for c in calls],
                             "turns": turns,
                             "tokens": tokens,
                             "wall_ms": round(wall_ms, 1),

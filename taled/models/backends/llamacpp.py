@@ -42,7 +42,7 @@ from typing import Any
 
 import anyio
 
-from taled.errors import BackendDown, ModelError
+from taled.errors import BackendDown, ContextOverflow, ModelError
 from taled.models.backends.base import CancelToken, ChatMessage, Completion, Memory, new_call_id
 from taled.settings import LlamaCppSettings
 from taled.tools.base import ToolCall, ToolSpec
@@ -727,7 +727,7 @@ class LlamaCppBackend:
                 self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
             )
             if prompt_tokens + 1 > self._settings.n_ctx:
-                raise ModelError(
+                raise ContextOverflow(
                     f"the prompt is {prompt_tokens} tokens; {self.model}'s context is "
                     f"{self._settings.n_ctx} (models.llamacpp.n_ctx)"
                 )
