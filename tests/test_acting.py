@@ -70,6 +70,7 @@ SCRIPT: dict[str, Any] = {
         _call("run", command="mkdir b"),
         _finish("never"),
     ],
+    "secret": [_call("read_file", path=".env"), _finish("read it")],
     "classified": [_call("write_file", path="hi.txt", content="hi\n"), _finish("made hi.txt")],
     "steps": [
         _call("write_file", path="one.txt", content="1\n"),
@@ -461,6 +462,18 @@ def test_a_workspace_deleted_underneath_a_task_fails_it_clearly(
     done = daemon.wait_for(task["id"])
     assert done["state"] == "failed"
     assert "is gone: it was deleted while the task used it" in done["error"]
+
+
+def test_a_secret_a_tool_read_is_redacted_before_the_model_sees_it(
+    acting: tuple[Daemon, ScriptedServer, Home], project: Path
+) -> None:
+    daemon, server, _home = acting
+    key = "sk-" + "A1b2C3d4E5f6G7h8I9j0" * 2
+    (project / ".env").write_text(f"OPENAI_API_KEY={key}\nDEBUG=1\n")
+    task = daemon.call("submit_task", text="[[script:secret]] read env", workspace=str(project))
+    assert daemon.wait_for(task["id"])["state"] == "completed"
+    seen = _tool_messages(server, "[[script:secret]]")[0]
+    assert "DEBUG=1" in seen and key not in seen and "[REDACTED]" in seen
 
 
 def test_tools_lists_the_builtins_and_their_rules(

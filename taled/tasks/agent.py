@@ -26,11 +26,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from taled.checkpoints.repo import Checkpoint, CheckpointKind
-from taled.db.acting import ApprovalKind, ApprovalState, NewApproval, ToolCallRecord
+from taled.db.acting import Approval, ApprovalKind, ApprovalState, NewApproval, ToolCallRecord
 from taled.db.store import TaskRecord
 from taled.errors import ContextOverflow, IllegalTransition, ModelError, NotFound
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.settings import AgentSettings
+from taled.tasks.gates.redact import redact
 from taled.tasks.workstate import AgentState, AttemptKey, ToolStep, WorkState
 from taled.tools.base import ToolCall, ToolResult, ToolSpec, arguments_digest
 from taled.tools.policy import command_of
@@ -225,24 +226,9 @@ class AgentLoop:
             await self._done(ws, workspace, step, result, parts, "denied")
             return None
         if verdict.decision == "ask":
-            approval = await self._acting.records.for_call(task.id, call.id)
-            if approval is None or approval.state == ApprovalState.PENDING:
-                await self._park(
-                    task,
-                    ws,
-                    step,
-                    NewApproval(
-                        task_id=task.id,
-                        call_id=call.id,
-                        kind=ApprovalKind.TOOL,
-                        tool=call.name,
-                        arguments=call.arguments,
-                        summary=_summary(call),
-                        rule=verdict.always,
-                    ),
-                    parts,
-                )
-            assert approval is not None
+            approval = await self._answer(
+                ws, step, call, ApprovalKind.TOOL, _summary(call), verdict.always, parts
+            )
             if approval.state != ApprovalState.APPROVED:
                 why = f": {approval.reason}" if approval.reason else ""
                 result = ToolResult(f"the person denied this call{why}", is_error=True)
@@ -323,24 +309,9 @@ class AgentLoop:
         parts: LoopParts,
     ) -> None:
         question = str(call.arguments.get("question", "")).strip() or "(no question given)"
-        approval = await self._acting.records.for_call(task.id, call.id)
-        if approval is None or approval.state == ApprovalState.PENDING:
-            await self._park(
-                task,
-                ws,
-                step,
-                NewApproval(
-                    task_id=task.id,
-                    call_id=call.id,
-                    kind=ApprovalKind.QUESTION,
-                    tool=call.name,
-                    arguments=call.arguments,
-                    summary=question[:500],
-                    rule=None,
-                ),
-                parts,
-            )
-        assert approval is not None
+        approval = await self._answer(
+            ws, step, call, ApprovalKind.QUESTION, question[:500], None, parts
+        )
         if approval.state == ApprovalState.ANSWERED:
             result = ToolResult(f"the person answered: {approval.reason or ''}")
         else:
@@ -349,8 +320,35 @@ class AgentLoop:
         await self._done(ws, workspace, step, result, parts, "ok")
         return None
 
+    async def _answer(
+        self,
+        ws: WorkState,
+        step: ToolStep,
+        call: ToolCall,
+        kind: ApprovalKind,
+        summary: str,
+        rule: str | None,
+        parts: LoopParts,
+    ) -> Approval:
+        """A person's decided answer about ``call``; until there is one, the task waits
+        for it (Parked)."""
+        approval = await self._acting.records.for_call(ws.task_id, call.id)
+        if approval is not None and approval.state != ApprovalState.PENDING:
+            return approval
+        new = NewApproval(
+            task_id=ws.task_id,
+            call_id=call.id,
+            kind=kind,
+            tool=call.name,
+            arguments=call.arguments,
+            summary=summary,
+            rule=rule,
+        )
+        await self._park(ws, step, new, parts)
+        raise AssertionError("unreachable: _park raises")
+
     async def _park(
-        self, task: TaskRecord, ws: WorkState, step: ToolStep, new: NewApproval, parts: LoopParts
+        self, ws: WorkState, step: ToolStep, new: NewApproval, parts: LoopParts
     ) -> None:
         """Store the approval, checkpoint the call as awaiting, and move the task to waiting."""
         step.status = "awaiting"
@@ -361,7 +359,7 @@ class AgentLoop:
                 new, f"waiting for {what}: {new.summary[:200]}"
             )
         except IllegalTransition as exc:
-            log.info("task %s not parked: %s", task.id, exc.message)
+            log.info("task %s not parked: %s", ws.task_id, exc.message)
             raise Stopped from None
         step.approval = approval.id
         raise Parked(approval.id)
@@ -379,7 +377,9 @@ class AgentLoop:
         agent = ws.agent
         assert agent is not None
         step.status = "denied" if outcome == "denied" else "done"
-        step.result = _cut(result.content, self._settings.result_chars)
+        # What a tool read or printed may hold the user's secrets (a .env, a key in a
+        # log), and the model may run elsewhere: credentials go out before it sees it.
+        step.result = _cut(redact(result.content), self._settings.result_chars)
         if self._settings.max_repeats and self._repeated(agent, step):
             step.result = _REPEATED + step.result
         step.is_error = result.is_error

@@ -32,6 +32,7 @@ __all__ = [
     "Memory",
     "continuation",
     "estimate_tokens",
+    "function_tool",
     "is_local_host",
     "message_text",
     "new_call_id",
@@ -272,3 +273,15 @@ class Backend(Protocol):
     def threads(self) -> int | None:
         """CPU threads this instance computes with (None for remote backends)."""
         ...
+
+
+def function_tool(tool: ToolSpec) -> dict[str, Any]:
+    """A tool in the OpenAI function form, which Ollama's ``tools`` takes as well."""
+    return {
+        "type": "function",
+        "function": {
+            "name": wire_name(tool.name),
+            "description": tool.description,
+            "parameters": tool.input_schema,
+        },
+    }

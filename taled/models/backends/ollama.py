@@ -45,6 +45,7 @@ from taled.models.backends.base import (
     Completion,
     Memory,
     estimate_tokens,
+    function_tool,
     is_local_host,
     message_text,
     new_call_id,
@@ -308,7 +309,7 @@ class OllamaBackend:
                 parts = await client.chat(
                     self.model,
                     _wire_messages(messages),
-                    tools=[_wire_tool(t) for t in tools or ()] or None,
+                    tools=[function_tool(t) for t in tools or ()] or None,
                     format=schema,
                     stream=True,
                     options=self._options(num_predict=max_tokens, temperature=temperature),
@@ -365,18 +366,6 @@ class OllamaBackend:
         result.generation_ms = (end - first) * 1000
         result.finish_reason = "cancelled"
         result.counts_exact = False
-
-
-def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
-    """A tool as Ollama's ``tools`` entry (OpenAI's function form)."""
-    return {
-        "type": "function",
-        "function": {
-            "name": wire_name(tool.name),
-            "description": tool.description,
-            "parameters": tool.input_schema,
-        },
-    }
 
 
 def _wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -72,6 +72,7 @@ from taled.models.backends.base import (
     Completion,
     Memory,
     estimate_tokens,
+    function_tool,
     is_local_host,
     message_text,
     new_call_id,
@@ -222,7 +223,7 @@ class OpenAIBackend:
             "stream_options": {"include_usage": True},
         }
         if tools:
-            body["tools"] = [_wire_tool(t) for t in tools]
+            body["tools"] = [function_tool(t) for t in tools]
         if schema is not None:
             body["response_format"] = _response_format(schema, self._schema_type)
         calls: dict[int, _PartialCall] = {}
@@ -568,18 +569,6 @@ def _response_format(schema: dict[str, Any], kind: str) -> dict[str, Any]:
     if kind == "json_object":
         return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-
-
-def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
-    """A tool as an OpenAI function."""
-    return {
-        "type": "function",
-        "function": {
-            "name": wire_name(tool.name),
-            "description": tool.description,
-            "parameters": tool.input_schema,
-        },
-    }
 
 
 def _wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
