@@ -366,7 +366,7 @@ def _print_task(task: dict[str, Any]) -> None:
     if task.get("tool_calls"):
         emit("tool calls")
         for c in task["tool_calls"]:
-            detail = f"  {c['detail']}" if c.get("detail") else ""
+            detail = "  " + " ".join(c["detail"].split())[:120] if c.get("detail") else ""
             emit(f"  {c['tool']:<12} {c['outcome']:<11} {c['duration_ms']:>8.0f} ms{detail}")
     if task.get("subtasks"):
         emit("subtasks")
@@ -651,7 +651,9 @@ def diff(
     if not found["diff"]:
         emit(f"task {task_id} changed nothing")
         return
-    sys.stdout.write(found["diff"] if found["diff"].endswith("\n") else found["diff"] + "\n")
+    # The diff shows files a model wrote: control sequences in them must not reach the
+    # terminal (emit strips them, keeping lines).
+    emit(found["diff"].rstrip("\n"))
 
 
 @app.command("apply", rich_help_panel="Acting")

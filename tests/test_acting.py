@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,6 +210,36 @@ def test_run_waits_for_approval_which_survives_a_restart(
     done = daemon.wait_for(task["id"])
     assert done["state"] == "completed", done
     assert (_workspace(home, task["id"]) / "ran.txt").exists()
+
+
+def test_following_a_task_that_waits_for_you_keeps_hearing_from_the_daemon(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    """tale submit --wait on a task waiting for approval: the line does not change, yet
+    the daemon repeats it, so the client (30 s read timeout) never gives up on it."""
+    daemon, _server, _home = acting
+    task = daemon.call("submit_task", text="[[script:deny]] clean the build", act=True)
+    pending = _approval(daemon, task["id"])
+    heard: list[str] = []
+    done: dict[str, Any] = {}
+
+    def follow() -> None:
+        with daemon.client() as conn:
+            done.update(
+                conn.call_tool(
+                    "watch_task", {"id": task["id"]}, on_event=lambda *e: heard.append(e[2])
+                )
+            )
+
+    watcher = threading.Thread(target=follow)
+    watcher.start()
+    time.sleep(11.5)
+    daemon.call("deny", id=pending["id"])
+    watcher.join(60)
+    waiting = [m for m in heard if m.startswith("waiting for you")]
+    assert len(waiting) >= 2, heard
+    assert f"tale approve {pending['id'][:8]}" in waiting[0]
+    assert done["state"] == "completed"
 
 
 def test_a_denial_and_its_reason_go_back_to_the_model(

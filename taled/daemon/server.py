@@ -44,6 +44,8 @@ __all__ = ["TOOLS", "build_server", "task_to_json"]
 log = logging.getLogger(__name__)
 
 TASK_ID_PATTERN = r"^[0-9a-f]{12}$"
+# watch_task repeats an unchanged line this often (clients time out reads at 30 s).
+_HEARTBEAT_SECONDS = 10.0
 
 
 class _Args(BaseModel):
@@ -501,6 +503,7 @@ class _Tools:
         # store is re-read at least every second for state changes.
         seen = -1
         last = ""
+        sent = time.monotonic()
         while True:
             task = await self.store.get_task(args.id)
             progress = self.progress.get(task.id)
@@ -513,14 +516,16 @@ class _Tools:
             else:
                 waited = time.time() - task.updated_at
                 line, step, total = f"{task.state} · {waited:.0f} s", 0.0, None
-                if task.state == TaskState.WAITING and task.act:
-                    asked = await self.acting.pending(task.id)
-                    if asked:
-                        a = asked[0]
-                        how = "tale answer" if a.kind.value == "question" else "tale approve"
-                        line = f"waiting for you: {a.summary} · `{how} {a.id[:8]}`"
-            if line != last:
-                last = line
+            if task.state == TaskState.WAITING and task.act:
+                asked = await self.acting.pending(task.id)
+                if asked:
+                    a = asked[0]
+                    how = "tale answer" if a.kind.value == "question" else "tale approve"
+                    line = f"waiting for you: {a.summary} · `{how} {a.id[:8]}`"
+            # A line that does not change (a task waiting for a person) is sent again
+            # now and then: a client reading with a timeout knows the daemon is there.
+            if line != last or time.monotonic() - sent >= _HEARTBEAT_SECONDS:
+                last, sent = line, time.monotonic()
                 await report(step, line, total)
             if task.state in FINAL_STATES:
                 return await self._tree(task)
