@@ -671,3 +671,31 @@ def test_kill_9_mid_checkpoint_loses_no_acknowledged_checkpoint(tmp_path: Path) 
         assert found[0] >= acknowledged
         total = len(found)
         assert_fsck_clean(repo)
+
+
+def test_a_workspaces_base_and_latest_trees_survive_compaction_and_gc(tmp_path: Path) -> None:
+    """An acting task's diff needs the tree its workspace started from: compaction drops
+    the checkpoint that made it, yet gc must not take it while a later checkpoint needs it."""
+    from taled.settings import WorkspaceSettings
+    from taled.tools.workspace import Workspace, diff_trees
+
+    root = tmp_path / "ws"
+    workspace = Workspace.empty(root, WorkspaceSettings())
+    (root / "a.txt").write_text("before\n")
+
+    async def run(store: CheckpointStore) -> str:
+        base = (await store.with_objects(workspace.snapshot)).decode()
+        await store.commit(TASK, {"i": 0}, "s", "start", workspace=base, base=base)
+        (root / "a.txt").write_text("after\n")
+        latest = (await store.with_objects(workspace.snapshot)).decode()
+        for i in range(1, 4):
+            await store.commit(TASK, {"i": i}, "s", "m", workspace=latest, base=base)
+        await store.compact(TASK, 1)
+        assert (await store.gc()).pruned_objects > 0
+        return await store.with_objects(
+            lambda objects: diff_trees(objects, base.encode(), latest.encode())
+        )
+
+    diff = with_store(tmp_path / "cp", run)
+    assert "-before" in diff and "+after" in diff
+    assert_fsck_clean(tmp_path / "cp")

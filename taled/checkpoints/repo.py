@@ -66,6 +66,7 @@ T = TypeVar("T")
 
 STATE_FILE = b"state.json"
 WORKSPACE_DIR = b"workspace"
+WORKSPACE_BASE_DIR = b"workspace-base"
 _DIR_MODE = 0o040000
 REF_PREFIX = "refs/tale/tasks/"
 IDENTITY = b"taled <taled@localhost>"
@@ -308,6 +309,7 @@ class CheckpointStore:
         kind: CheckpointKind = CheckpointKind.UNSPECIFIED,
         *,
         workspace: str | None = None,
+        base: str | None = None,
     ) -> Checkpoint:
         """Save ``state`` as the task's newest checkpoint, of ``kind``.
 
@@ -315,16 +317,22 @@ class CheckpointStore:
         collapsed to single spaces and is cut at 500 characters (empty: the step).
         ``workspace`` is an acting task's workspace as a tree already in this repository
         (``with_objects``): the commit holds it beside the state, so the files and the
-        state rewind together and the tree lives as long as the checkpoint.
+        state rewind together and the tree lives as long as the checkpoint. ``base`` is the
+        tree the workspace started from (diff's left side), kept the same way, so compaction
+        and gc never take it while a checkpoint still needs it.
         """
         _check_task_id(task_id)
         step = _clean_step(step)
         subject = _clean_message(message) or step
         kind = CheckpointKind(kind)
-        tree = None if workspace is None else _check_tree(workspace)
+        trees = {
+            name: _check_tree(sha)
+            for name, sha in ((WORKSPACE_DIR, workspace), (WORKSPACE_BASE_DIR, base))
+            if sha is not None
+        }
         async with self._task_lock(task_id):
             return await self._run(
-                partial(self._commit_state, task_id, state, step, subject, kind, tree)
+                partial(self._commit_state, task_id, state, step, subject, kind, trees)
             )
 
     async def with_objects(self, fn: Callable[[BaseObjectStore], T]) -> T:
@@ -478,19 +486,19 @@ class CheckpointStore:
         step: str,
         subject: str,
         kind: CheckpointKind,
-        workspace: ObjectID | None = None,
+        trees: dict[bytes, ObjectID] | None = None,
     ) -> Checkpoint:
         blob = Blob.from_string(_encode_state(state, self._max_state_bytes))
         tree = Tree()
         tree.add(STATE_FILE, _FILE_MODE, blob.id)
-        if workspace is not None:
-            store = self._open_repo().object_store
-            if workspace not in store:
+        store = self._open_repo().object_store
+        for name, sha in (trees or {}).items():
+            if sha not in store:
                 raise DaemonError(
-                    f"workspace tree {workspace.decode()} of task {task_id} is not in the "
+                    f"workspace tree {sha.decode()} of task {task_id} is not in the "
                     "checkpoint repository"
                 )
-            tree.add(WORKSPACE_DIR, _DIR_MODE, workspace)
+            tree.add(name, _DIR_MODE, sha)
         self._add_object(blob)
         self._add_object(tree)
         return self._append(task_id, tree.id, step, subject, kind)

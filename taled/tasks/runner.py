@@ -1172,6 +1172,7 @@ class Runner:
             message=message,
             kind=kind,
             workspace=ws.agent.tree if ws.agent is not None else None,
+            base=ws.agent.base_tree if ws.agent is not None else None,
         )
 
     # -- acting ------------------------------------------------------------
