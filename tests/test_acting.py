@@ -158,6 +158,18 @@ def test_a_task_in_a_directory_changes_its_copy_and_not_the_original(
     assert [c["tool"] for c in done["tool_calls"]] == ["write_file", "edit_file", "finish"]
 
 
+def test_the_learning_engine_predicts_an_acting_tasks_steps_from_similar_ones(
+    acting: tuple[Daemon, ScriptedServer, Home], project: Path
+) -> None:
+    daemon, _server, _home = acting
+    for _ in range(2):
+        done = daemon.call("submit_task", text="[[script:write]] tidy up", workspace=str(project))
+        assert daemon.wait_for(done["id"])["state"] == "completed"
+    task = daemon.call("submit_task", text="[[script:write]] tidy up", workspace=str(project))
+    finished = daemon.wait_for(task["id"])
+    assert finished["estimate"]["predicted_steps"] == 3  # write, edit, finish
+
+
 def test_diff_shows_the_change_and_apply_brings_it_back(
     acting: tuple[Daemon, ScriptedServer, Home], project: Path
 ) -> None:

@@ -339,6 +339,20 @@ class ActingRecords:
             for r in rows
         ]
 
+    async def call_counts(self, task_ids: Sequence[str]) -> dict[str, int]:
+        """Tool calls per task, for those of ``task_ids`` that made any."""
+        if not task_ids:
+            return {}
+        async with self._store.read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(tool_calls.c.task_id, sa.func.count())
+                    .where(tool_calls.c.task_id.in_(list(task_ids)))
+                    .group_by(tool_calls.c.task_id)
+                )
+            ).all()
+        return {str(task_id): int(n) for task_id, n in rows}
+
     # -- rules -------------------------------------------------------------
 
     async def add_rule(self, key: str, decision: str, source: str) -> None:

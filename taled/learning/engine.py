@@ -23,21 +23,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taled.db.acting import ActingRecords
 from taled.db.store import Store, TaskRecord, model_calls, task_outcomes, tasks, transitions
 from taled.errors import TaleError
 from taled.learning.budget import BudgetPredictor
 from taled.learning.complexity import ComplexityModel, label_outcome
 from taled.learning.embeddings import EmbeddingService
-from taled.learning.memory import SimilarTasks, Vector, save_vector
+from taled.learning.memory import Neighbour, SimilarTasks, Vector, save_vector
 from taled.learning.selection import TACTICS, Selector, Tactic, Tactics
 from taled.settings import LearningSettings, Level, ModelsSettings, Role, parse_model_spec
 from taled.tasks.lifecycle import TaskState
@@ -95,6 +97,9 @@ class Assessment:
     ``bm25 (embedding unavailable)`` when the embedder failed and the lookup fell back."""
     similar_via: list[str] = field(default_factory=list)
     """For each similar task, how it was found: ``bm25``, ``embedding`` or both."""
+    predicted_steps: int | None = None
+    """Tool calls an acting task is expected to make: the similarity-weighted mean of its
+    similar past acting tasks' tool calls, from the tool ledger (None without any)."""
     skip: list[str] = field(default_factory=list)
     """Costly tactics this task goes without (taled.learning.selection.Tactics): ``retry``,
     ``decompose``, ``plan``; each for the reason in ``tactics``."""
@@ -127,6 +132,7 @@ class Assessment:
             "role": self.role,
             "think": self.think,
             "eta_seconds": self.eta_seconds,
+            "predicted_steps": self.predicted_steps,
             "skip": list(self.skip),
         }
 
@@ -171,6 +177,16 @@ class Outcome:
     budget caps. None without a direct answer (planned up front)."""
 
 
+def _predicted_steps(neighbours: Sequence[Neighbour], calls: dict[str, int]) -> int | None:
+    """The similarity-weighted mean of the tool calls of the similar past tasks that acted
+    (an acting task's steps), rounded up; None when none of them acted."""
+    acted = [n for n in neighbours if n.task_id in calls]
+    weight = sum(max(n.similarity, 0.0) for n in acted)
+    if weight <= 0:
+        return None
+    return math.ceil(sum(max(n.similarity, 0.0) * calls[n.task_id] for n in acted) / weight)
+
+
 def predictable_tokens(answer_tokens: int | None, completion_tokens: int) -> int:
     """The tokens a prediction for a task is held to: its first direct answer's, the
     one a budget caps; the whole task's when it had none (or was recorded before). Its
@@ -197,6 +213,8 @@ class LearningEngine:
         """``thinks(role)``: whether the role's model can think (recorded in outcomes);
         ``embeddings``: the embedder of ``learning.embeddings`` (None: bm25 alone)."""
         self._store = store
+        # The tool ledger: how many calls similar acting tasks made (predicted steps).
+        self._acting = ActingRecords(store)
         self._thinks = thinks or (lambda _role: False)
         self.settings = settings
         self._models = models
@@ -325,6 +343,9 @@ class LearningEngine:
             eta_seconds=round(prediction.tokens / speed, 1) if speed else None,
             similarity=found.method,
             similar_via=[n.via for n in neighbours],
+            predicted_steps=_predicted_steps(
+                neighbours, await self._acting.call_counts([n.task_id for n in neighbours])
+            ),
             skip=skip,
             tactics=tactics,
         )

@@ -561,7 +561,8 @@ class Runner:
             assert self._agent is not None
             await self._agent.prepare(task, ws, self._save)
         if ws.phase == "act":
-            ws.result = await self._act(task, ws, route, criteria, token)
+            predicted = assessment.predicted_steps if assessment is not None else None
+            ws.result = await self._act(task, ws, route, criteria, token, predicted)
             await self._complete(task, ws)
             return
         if ws.phase == "start":
@@ -1193,7 +1194,9 @@ class Runner:
         route: Route,
         criteria: list[gates.Criterion],
         token: CancelToken,
+        predicted_steps: int | None = None,
     ) -> str:
+        """Run the agent loop; progress counts tool calls against the learned prediction."""
         assert self._agent is not None and self._acting is not None
         acting = self._acting
         settings = acting.settings.agent
@@ -1201,7 +1204,13 @@ class Runner:
         async def call_model(
             messages: list[ChatMessage], tools: list[ToolSpec], key: AttemptKey
         ) -> Completion:
-            self._progress.update(task.id, doing=f"turn {key.number}")
+            done = len(ws.agent.steps) if ws.agent is not None else 0
+            self._progress.update(
+                task.id,
+                doing=f"turn {key.number}",
+                step=done,
+                steps=max(predicted_steps or 0, done + 1),
+            )
             return await self._call(
                 task, route, messages, settings.max_tokens, key, token, tools=tools
             )
