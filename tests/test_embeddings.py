@@ -25,7 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from taled.db.store import _MIGRATIONS, SCHEMA_VERSION, Store
+from taled.db.schema import MIGRATIONS, SCHEMA_VERSION
+from taled.db.store import Store
 from taled.errors import BackendDown, ConfigError, ModelError
 from taled.learning.embeddings import (
     EmbeddingService,
@@ -605,7 +606,7 @@ def test_a_version_5_database_gains_the_embeddings_table(tmp_path: Path) -> None
     columns (v10)."""
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    for statements in _MIGRATIONS[:5]:
+    for statements in MIGRATIONS[:5]:
         for statement in statements:
             db.execute(statement)
     db.execute("PRAGMA user_version=5")

@@ -3,19 +3,25 @@
 ``taled/`` keeps a few shared modules at its top; everything else lives in a
 service's folder. Which service may import which is declared here, once: an import
 that crosses a line not drawn below fails, so a new dependency is a decision made
-in this file, not an accident. The tables live in ``taled/db/store.py``; the
-services that still read another's tables directly are listed as debt, and the
-list may only shrink.
+in this file, not an accident. The tables live in ``taled/db/schema.py`` and are
+read through the repositories of ``taled/db/`` (``store.py``, ``acting.py``); the
+modules that still import tables or write SQL against them are listed as debt, and
+the lists may only shrink. ``taled/db/engine.py``, how the repositories reach SQLite,
+is imported by db/ alone.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import sqlalchemy as sa
+
 import taled
+import taled.db.schema
 
 PACKAGE = Path(taled.__file__).resolve().parent
 
@@ -40,14 +46,38 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"app", "daemon"},
 }
 
-# Modules outside db/ that still import table objects from taled.db.store. Debt: each
-# should go through a method of the store instead. Nothing may be added here.
+# Modules outside db/ that still import table objects from taled.db.schema. Debt: each
+# should go through a method of a repository in db/ instead. Nothing may be added here.
 TABLE_DEBT: dict[str, set[str]] = {
     "taled.chat.conversations": {"conversation_tasks", "conversations", "messages"},
     "taled.learning.engine": {"model_calls", "task_outcomes", "tasks", "transitions"},
     "taled.learning.memory": {"task_embeddings", "task_outcomes"},
     "taled.reporting.monitor": {"model_calls", "violations"},
 }
+
+# Modules outside db/ whose SQL text names tables: raw SQL past the repositories, which
+# no import shows. Debt as above; nothing may be added here.
+SQL_DEBT: dict[str, set[str]] = {
+    "taled.learning.engine": {"task_memory"},
+    "taled.learning.memory": {"task_memory", "task_outcomes"},
+    "taled.reporting.metrics": {"model_calls"},
+    "taled.reporting.monitor": {"model_calls"},
+    "taled.reporting.usage": {"conversations", "messages", "model_calls", "task_outcomes", "tasks"},
+}
+
+# The table objects' names (and the metadata that holds them).
+SCHEMA_TABLES = {
+    name for name, value in vars(taled.db.schema).items() if isinstance(value, sa.Table)
+} | {"metadata"}
+# The tables' names in SQL: the declared ones and the migrations' virtual (FTS5) tables.
+SQL_TABLES = {t.name for t in taled.db.schema.metadata.sorted_tables} | {
+    m.group(1)
+    for statements in taled.db.schema.MIGRATIONS
+    for statement in statements
+    if (m := re.match(r"CREATE VIRTUAL TABLE (\w+)", statement))
+}
+# Where SQL names a table (the codebase writes SQL keywords in capitals).
+_SQL_TABLE = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(\w+)")
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -97,19 +127,53 @@ def test_services_import_only_what_the_layout_allows() -> None:
     assert crossings == []
 
 
-def test_only_the_store_and_the_listed_debt_import_tables() -> None:
-    """Table objects of taled/db/store.py are imported by no new module outside db/."""
+def test_only_db_and_the_listed_debt_import_tables() -> None:
+    """Table objects of taled/db/schema.py are imported by no new module outside db/."""
     extra = []
     for module, tree in _modules().items():
         if _service(module) == "db":
             continue
         for node in _imports(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "taled.db.store":
-                tables = {a.name for a in node.names if a.name.islower()} - {"new_task_id"}
+            if isinstance(node, ast.Import) and "taled.db.schema" in _imported(node):
+                extra.append(f"{module}: import taled.db.schema")
+            elif isinstance(node, ast.ImportFrom) and node.module == "taled.db.schema":
+                tables = {a.name for a in node.names if a.name in SCHEMA_TABLES}
                 beyond = tables - TABLE_DEBT.get(module, set())
                 if beyond:
                     extra.append(f"{module}: {sorted(beyond)}")
     assert extra == []
+
+
+def test_only_db_talks_to_the_engine() -> None:
+    """taled/db/engine.py (connections, writer, migrations) is imported only inside db/."""
+    found = [
+        f"{module} imports {name}"
+        for module, tree in _modules().items()
+        if _service(module) != "db"
+        for node in _imports(tree)
+        for name in _imported(node)
+        if name == "taled.db.engine"
+    ]
+    assert found == []
+
+
+def test_tables_are_imported_from_the_schema_only() -> None:
+    """No module, test or not, takes a table from a repository that happens to hold one
+    (``from taled.db.store import tasks``): an import of a table names taled.db.schema."""
+    trees = dict(_modules())
+    for path in sorted((PACKAGE.parent / "tests").rglob("*.py")):
+        trees[str(path.relative_to(PACKAGE.parent))] = ast.parse(path.read_text("utf-8"))
+    found = [
+        f"{module}: from {node.module} import {alias.name}"
+        for module, tree in trees.items()
+        for node in _imports(tree)
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith("taled.")
+        and node.module != "taled.db.schema"
+        for alias in node.names
+        if alias.name in SCHEMA_TABLES
+    ]
+    assert found == []
 
 
 def test_the_debt_list_names_only_imports_that_still_exist() -> None:
@@ -119,10 +183,42 @@ def test_the_debt_list_names_only_imports_that_still_exist() -> None:
     for module, tables in TABLE_DEBT.items():
         found: set[str] = set()
         for node in _imports(modules[module]):
-            if isinstance(node, ast.ImportFrom) and node.module == "taled.db.store":
+            if isinstance(node, ast.ImportFrom) and node.module == "taled.db.schema":
                 found |= {a.name for a in node.names}
         if not tables <= found:
             stale.append(f"{module}: {sorted(tables - found)}")
+    assert stale == []
+
+
+def _tables_in_sql(tree: ast.Module) -> set[str]:
+    """The tables named in a module's SQL text (its string constants, f-strings' too)."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found |= {t for t in _SQL_TABLE.findall(node.value) if t in SQL_TABLES}
+    return found
+
+
+def test_only_db_and_the_listed_debt_write_sql_against_tables() -> None:
+    """No new module outside db/ names a table in SQL text of its own."""
+    extra = []
+    for module, tree in _modules().items():
+        if _service(module) == "db":
+            continue
+        beyond = _tables_in_sql(tree) - SQL_DEBT.get(module, set())
+        if beyond:
+            extra.append(f"{module}: {sorted(beyond)}")
+    assert extra == []
+
+
+def test_the_sql_debt_list_names_only_sql_that_still_exists() -> None:
+    """An entry paid off is removed from SQL_DEBT, so the list only shrinks."""
+    modules = _modules()
+    stale = [
+        f"{module}: {sorted(tables - _tables_in_sql(modules[module]))}"
+        for module, tables in SQL_DEBT.items()
+        if not tables <= _tables_in_sql(modules[module])
+    ]
     assert stale == []
 
 

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taled.db.store import _V5, Store
+from taled.db.schema import MIGRATIONS
+from taled.db.store import Store
 from taled.learning.budget import BudgetPredictor, clamp_budget
 from taled.learning.complexity import (
     LEVELS,
@@ -184,7 +185,7 @@ def test_outcome_labels_follow_the_thresholds(
 @pytest.fixture(scope="module")
 def fts() -> Iterator[sqlite3.Connection]:
     db = sqlite3.connect(":memory:")
-    fts_ddl = next(s for s in _V5 if "fts5" in s)
+    fts_ddl = next(s for v in MIGRATIONS for s in v if "fts5" in s)
     db.execute(fts_ddl)
     db.executemany(
         "INSERT INTO task_memory (task_id, text) VALUES (?, ?)",

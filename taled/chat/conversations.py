@@ -16,7 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.store import Store, conversation_tasks, conversations, messages, new_task_id
+from taled.db.schema import conversation_tasks, conversations, messages
+from taled.db.store import Store, new_task_id
 from taled.errors import NotFound
 
 __all__ = ["Conversation", "Conversations", "Message", "Pending"]

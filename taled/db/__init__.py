@@ -1,2 +1,4 @@
-"""The SQLite store: tables, migrations, the group-committing writer and the
-task repository."""
+"""The SQLite database: ``schema`` (the tables and their migrations), ``engine`` (the
+group-committing writer, the readers, migrating at open) and the repositories over
+them, ``store`` (tasks, transitions, the token ledger) and ``acting`` (approvals, the
+tool ledger, permission rules)."""

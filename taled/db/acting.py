@@ -19,16 +19,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.store import (
-    Store,
-    _current_state,
-    _move,
-    approvals,
-    new_task_id,
-    policy_rules,
-    tasks,
-    tool_calls,
-)
+from taled.db.schema import approvals, policy_rules, tasks, tool_calls
+from taled.db.store import Store, _current_state, _move, new_task_id
 from taled.errors import IllegalTransition, InvalidInput, NotFound
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 
@@ -196,13 +188,14 @@ class ActingRecords:
             return await self._for_call(conn, task_id, call_id)
 
     async def pending(self, task_id: str | None = None) -> list[Approval]:
-        """Approvals and questions waiting for a person, oldest first."""
+        """Approvals and questions waiting for a person, oldest first; ``task_id``: that
+        task's and its planned steps' (a person following a task answers for its steps)."""
         live = sa.select(tasks.c.id).where(tasks.c.state.notin_([s.value for s in FINAL_STATES]))
+        if task_id is not None:
+            live = live.where(sa.or_(tasks.c.id == task_id, tasks.c.parent_id == task_id))
         query = sa.select(approvals).where(
             approvals.c.state == ApprovalState.PENDING.value, approvals.c.task_id.in_(live)
         )
-        if task_id is not None:
-            query = query.where(approvals.c.task_id == task_id)
         async with self._store.read() as conn:
             rows = (await conn.execute(query.order_by(approvals.c.created_at))).all()
         return [_approval(r) for r in rows]

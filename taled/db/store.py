@@ -1,13 +1,12 @@
-"""The SQLite store: tasks, their transitions and the token ledger.
+"""The task repository: tasks, their transitions and the token ledger.
 
-SQLAlchemy 2 (async, Core) over aiosqlite, in WAL mode. All writes go through
-one writer task that group-commits whatever is waiting in a single
-``BEGIN IMMEDIATE`` transaction, each operation inside its own savepoint, so a
-burst of submits costs one fsync instead of one each. Reads use a small pool of
-separate connections and never wait behind the writer.
+``Store`` is what the other services hold: it submits, claims and moves tasks (every
+move checked by ``taled.tasks.lifecycle``), creates a planned task's subtasks, and
+appends model calls to the ledger without waiting for their commit. Its values are
+``TaskRecord``, ``SubtaskSpec`` and ``CallRecord``.
 
-The schema is versioned with ``PRAGMA user_version``; ``_MIGRATIONS`` holds one
-entry per version, applied in order at open, so later versions migrate old data.
+How it talks to SQLite (the group-committing writer, the readers, the migrations)
+is ``taled.db.engine``; the tables it reads and writes are ``taled.db.schema``'s.
 """
 
 from __future__ import annotations
@@ -17,35 +16,23 @@ import contextlib
 import json
 import logging
 import secrets
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.doctor import DOCTOR_HINT, is_damage, take_backup
-from taled.errors import (
-    DiskFull,
-    IllegalTransition,
-    NotFound,
-    StoreDamaged,
-    TaleError,
-    Unavailable,
-    is_no_space,
-)
+from taled.db.engine import Database
+from taled.db.schema import approvals, model_calls, task_deps, tasks, transitions
+from taled.errors import IllegalTransition, NotFound
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import FINAL_STATES, RESTORE_TRANSITIONS, TaskState, check_transition
 from taled.tasks.workstate import AttemptKey
 
 __all__ = [
-    "PREDICTABLE_TOKENS_SQL",
-    "SCHEMA_VERSION",
     "AttemptKey",  # a ledger row's key, for services that see the ledger but not tasks
     "CallRecord",
     "Store",
@@ -60,479 +47,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _FINAL = frozenset(s.value for s in FINAL_STATES)
-
-metadata = sa.MetaData()
-
-tasks = sa.Table(
-    "tasks",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("text", sa.Text, nullable=False),
-    sa.Column("state", sa.Text, nullable=False),
-    sa.Column("priority", sa.Integer, nullable=False),
-    sa.Column("result", sa.Text),
-    sa.Column("error", sa.Text),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("model", sa.Text),
-    sa.Column("parent_id", sa.Text, sa.ForeignKey("tasks.id")),
-    sa.Column("step", sa.Text),
-    sa.Column("title", sa.Text),
-    sa.Column("criteria", sa.Text),
-    sa.Column("round", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("restore_to", sa.Text),
-    sa.Column("workspace", sa.Text),
-    sa.Column("act", sa.Boolean, nullable=False, server_default="0"),
-)
-
-task_deps = sa.Table(
-    "task_deps",
-    metadata,
-    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
-    sa.Column("needs_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
-)
-
-transitions = sa.Table(
-    "transitions",
-    metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), nullable=False),
-    sa.Column("from_state", sa.Text),
-    sa.Column("to_state", sa.Text, nullable=False),
-    sa.Column("at", sa.Float, nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-)
-
-model_calls = sa.Table(
-    "model_calls",
-    metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.Float, nullable=False),
-    sa.Column("task_id", sa.Text),
-    sa.Column("role", sa.Text, nullable=False),
-    sa.Column("backend", sa.Text, nullable=False),
-    sa.Column("model", sa.Text, nullable=False),
-    sa.Column("prompt_tokens", sa.Integer, nullable=False),
-    sa.Column("completion_tokens", sa.Integer, nullable=False),
-    sa.Column("load_ms", sa.Float, nullable=False),
-    sa.Column("prompt_ms", sa.Float, nullable=False),
-    sa.Column("generation_ms", sa.Float, nullable=False),
-    sa.Column("total_ms", sa.Float, nullable=False),
-    sa.Column("success", sa.Boolean, nullable=False),
-    sa.Column("error", sa.Text),
-    sa.Column("route", sa.Text, nullable=False, server_default="role"),
-    sa.Column("note", sa.Text),
-    sa.Column("counts_exact", sa.Boolean, nullable=False, server_default="1"),
-    sa.Column("step", sa.Text),
-    sa.Column("conversation_id", sa.Text),
-    sa.Column("saved_tokens", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("looped", sa.Boolean, nullable=False, server_default="0"),
-)
-
-conversations = sa.Table(
-    "conversations",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("title", sa.Text, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("summary", sa.Text),
-    sa.Column("summary_upto", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("pending", sa.Text),
-)
-
-messages = sa.Table(
-    "messages",
-    metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("conversation_id", sa.Text, sa.ForeignKey("conversations.id"), nullable=False),
-    sa.Column("role", sa.Text, nullable=False),
-    sa.Column("text", sa.Text, nullable=False),
-    sa.Column("at", sa.Float, nullable=False),
-    sa.Column("intent", sa.Text),
-    sa.Column("confidence", sa.Float),
-    sa.Column("action", sa.Text),
-    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id")),
-)
-
-conversation_tasks = sa.Table(
-    "conversation_tasks",
-    metadata,
-    sa.Column("conversation_id", sa.Text, sa.ForeignKey("conversations.id"), primary_key=True),
-    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
-    sa.Column("reported_state", sa.Text, nullable=False),
-    sa.Column("at", sa.Float, nullable=False),
-)
-
-# One row per finished top-level task: what the learning engine predicted when it
-# started, and what happened. The engine learns from these rows; `usage` reports
-# prediction error and complexity breakdowns from them.
-task_outcomes = sa.Table(
-    "task_outcomes",
-    metadata,
-    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
-    sa.Column("at", sa.Float, nullable=False),
-    sa.Column("text", sa.Text, nullable=False),
-    sa.Column("features", sa.Text, nullable=False),
-    sa.Column("predicted_level", sa.Text, nullable=False),
-    sa.Column("confidence", sa.Float, nullable=False),
-    sa.Column("level", sa.Text, nullable=False),
-    sa.Column("predicted_tokens", sa.Integer),
-    sa.Column("budget_tokens", sa.Integer),
-    sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("steps", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("truncations", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("gate_passed", sa.Boolean),
-    sa.Column("success", sa.Boolean, nullable=False),
-    sa.Column("role", sa.Text, nullable=False),
-    sa.Column("backend", sa.Text),
-    sa.Column("model", sa.Text),
-    sa.Column("thinking", sa.Boolean, nullable=False, server_default="0"),
-    sa.Column("seconds", sa.Float, nullable=False, server_default="0"),
-    # The costly tactics the task was carried with (taled.learning.selection.Tactics); NULL in
-    # rows recorded before they were kept.
-    sa.Column("planned", sa.Boolean),
-    sa.Column("retried", sa.Boolean),
-    sa.Column("retry_worked", sa.Boolean),
-    sa.Column("decomposed", sa.Boolean),
-    # What they cost: tokens of the direct answer's retries, and of the rest (plan,
-    # subtasks, aggregation).
-    sa.Column("retry_tokens", sa.Integer),
-    sa.Column("plan_tokens", sa.Integer),
-    # Completion tokens of the first direct answer (with its continuations): what a
-    # budget caps, and what the engine predicts. NULL with no direct answer (a task
-    # planned up front) and in rows recorded before it was kept.
-    sa.Column("answer_tokens", sa.Integer),
-)
-# The tokens a prediction is held to, in SQL (taled.learning.engine.predictable_tokens): the
-# first direct answer's, the whole task's when it had none or was recorded before v8.
-PREDICTABLE_TOKENS_SQL = "COALESCE(NULLIF(answer_tokens, 0), completion_tokens)"
-
-# The embedding of a finished top-level task's text, one per embedding model (the
-# ``learning.embeddings`` spec as ``backend:model``): a little-endian float32 vector,
-# L2-normalised, ``dimension`` long. Similar-task lookups compare a new task's vector
-# with those of the same model.
-task_embeddings = sa.Table(
-    "task_embeddings",
-    metadata,
-    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), primary_key=True),
-    sa.Column("model", sa.Text, primary_key=True),
-    sa.Column("dimension", sa.Integer, nullable=False),
-    sa.Column("vector", sa.LargeBinary, nullable=False),
-)
-
-# Every performance-target violation the monitor saw, with its context.
-violations = sa.Table(
-    "violations",
-    metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.Float, nullable=False),
-    sa.Column("metric", sa.Text, nullable=False),
-    sa.Column("value", sa.Float, nullable=False),
-    sa.Column("target", sa.Float, nullable=False),
-    sa.Column("context", sa.Text, nullable=False),
-)
-
-# What an acting task asks a person: a tool call its policy says to ask about, or a
-# question of the model's (ask_user). Durable: a restart loses none, and the task
-# waits in ``waiting`` until it is answered.
-approvals = sa.Table(
-    "approvals",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("task_id", sa.Text, sa.ForeignKey("tasks.id"), nullable=False),
-    sa.Column("call_id", sa.Text, nullable=False),
-    sa.Column("kind", sa.Text, nullable=False),
-    sa.Column("tool", sa.Text, nullable=False),
-    sa.Column("arguments", sa.Text, nullable=False),
-    sa.Column("summary", sa.Text, nullable=False),
-    sa.Column("rule", sa.Text),
-    sa.Column("state", sa.Text, nullable=False),
-    sa.Column("reason", sa.Text),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("decided_at", sa.Float),
-    sa.UniqueConstraint("task_id", "call_id"),
-)
-
-# Every tool call an acting task made: the tool ledger beside the model ledger.
-tool_calls = sa.Table(
-    "tool_calls",
-    metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.Float, nullable=False),
-    sa.Column("task_id", sa.Text, nullable=False),
-    sa.Column("call_id", sa.Text, nullable=False),
-    sa.Column("tool", sa.Text, nullable=False),
-    sa.Column("digest", sa.Text, nullable=False),
-    sa.Column("outcome", sa.Text, nullable=False),
-    sa.Column("duration_ms", sa.Float, nullable=False),
-    sa.Column("detail", sa.Text),
-)
-
-# Permission rules people added (``tale approve --always``), over the configured policy.
-policy_rules = sa.Table(
-    "policy_rules",
-    metadata,
-    sa.Column("key", sa.Text, primary_key=True),
-    sa.Column("decision", sa.Text, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("source", sa.Text),
-)
-
-_V1 = [
-    """CREATE TABLE tasks (
-        id TEXT PRIMARY KEY,
-        text TEXT NOT NULL,
-        state TEXT NOT NULL,
-        priority INTEGER NOT NULL,
-        result TEXT,
-        error TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    )""",
-    "CREATE INDEX tasks_by_queue ON tasks (state, priority DESC, created_at)",
-    "CREATE INDEX tasks_by_created ON tasks (created_at DESC)",
-    """CREATE TABLE transitions (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        task_id TEXT NOT NULL REFERENCES tasks(id),
-        from_state TEXT,
-        to_state TEXT NOT NULL,
-        at REAL NOT NULL,
-        reason TEXT NOT NULL
-    )""",
-    "CREATE INDEX transitions_by_task ON transitions (task_id, seq)",
-    """CREATE TABLE model_calls (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        task_id TEXT,
-        role TEXT NOT NULL,
-        backend TEXT NOT NULL,
-        model TEXT NOT NULL,
-        prompt_tokens INTEGER NOT NULL,
-        completion_tokens INTEGER NOT NULL,
-        load_ms REAL NOT NULL,
-        prompt_ms REAL NOT NULL,
-        generation_ms REAL NOT NULL,
-        total_ms REAL NOT NULL,
-        success BOOLEAN NOT NULL,
-        error TEXT
-    )""",
-    "CREATE INDEX model_calls_by_task ON model_calls (task_id)",
-]
-
-# Version 2 (the dual-model pool): a task may name its model; a ledger row says how
-# its model was chosen (the role's own, a per-task override, the fallback while the
-# role was down), notes events such as an unexpected reload, and whether its
-# counts are exact (a remote server may report no usage).
-_V2 = [
-    "ALTER TABLE tasks ADD COLUMN model TEXT",
-    "ALTER TABLE model_calls ADD COLUMN route TEXT NOT NULL DEFAULT 'role'",
-    "ALTER TABLE model_calls ADD COLUMN note TEXT",
-    "ALTER TABLE model_calls ADD COLUMN counts_exact BOOLEAN NOT NULL DEFAULT 1",
-]
-
-# Version 3 (long-running tasks): subtasks of a planned task (parent, plan step,
-# title, the plan round they belong to) with their dependencies, done criteria
-# as a JSON list, and the plan step of each ledger row.
-_V3 = [
-    "ALTER TABLE tasks ADD COLUMN parent_id TEXT REFERENCES tasks(id)",
-    "ALTER TABLE tasks ADD COLUMN step TEXT",
-    "ALTER TABLE tasks ADD COLUMN title TEXT",
-    "ALTER TABLE tasks ADD COLUMN criteria TEXT",
-    "ALTER TABLE tasks ADD COLUMN round INTEGER NOT NULL DEFAULT 0",
-    "CREATE INDEX tasks_by_parent ON tasks (parent_id)",
-    """CREATE TABLE task_deps (
-        task_id TEXT NOT NULL REFERENCES tasks(id),
-        needs_id TEXT NOT NULL REFERENCES tasks(id),
-        PRIMARY KEY (task_id, needs_id)
-    )""",
-    "ALTER TABLE model_calls ADD COLUMN step TEXT",
-    "CREATE INDEX model_calls_by_task_step ON model_calls (task_id, step)",
-]
-
-# Version 4 (the conversation agent): conversations with their messages, the
-# running summary of their older part and a request awaiting a clarifying answer;
-# the tasks each handed off with the last state it reported back; and ledger rows
-# that name their conversation and the prompt tokens a summary saved.
-_V4 = [
-    """CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        title TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        summary TEXT,
-        summary_upto INTEGER NOT NULL DEFAULT 0,
-        pending TEXT
-    )""",
-    "CREATE INDEX conversations_by_updated ON conversations (updated_at DESC)",
-    """CREATE TABLE messages (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        conversation_id TEXT NOT NULL REFERENCES conversations(id),
-        role TEXT NOT NULL,
-        text TEXT NOT NULL,
-        at REAL NOT NULL,
-        intent TEXT,
-        confidence REAL,
-        action TEXT,
-        task_id TEXT REFERENCES tasks(id)
-    )""",
-    "CREATE INDEX messages_by_conversation ON messages (conversation_id, seq)",
-    """CREATE TABLE conversation_tasks (
-        conversation_id TEXT NOT NULL REFERENCES conversations(id),
-        task_id TEXT NOT NULL REFERENCES tasks(id),
-        reported_state TEXT NOT NULL,
-        at REAL NOT NULL,
-        PRIMARY KEY (conversation_id, task_id)
-    )""",
-    "ALTER TABLE model_calls ADD COLUMN conversation_id TEXT",
-    "ALTER TABLE model_calls ADD COLUMN saved_tokens INTEGER NOT NULL DEFAULT 0",
-    "CREATE INDEX model_calls_by_conversation ON model_calls (conversation_id)",
-]
-
-# Version 5 (the learning engine): the outcome of every finished top-level task
-# (the engine's predictions beside what happened); an FTS5 index over their text
-# for similar-task lookups (bm25), keyed by task id; and the performance
-# monitor's recorded violations.
-_V5 = [
-    """CREATE TABLE task_outcomes (
-        task_id TEXT PRIMARY KEY REFERENCES tasks(id),
-        at REAL NOT NULL,
-        text TEXT NOT NULL,
-        features TEXT NOT NULL,
-        predicted_level TEXT NOT NULL,
-        confidence REAL NOT NULL,
-        level TEXT NOT NULL,
-        predicted_tokens INTEGER,
-        budget_tokens INTEGER,
-        completion_tokens INTEGER NOT NULL DEFAULT 0,
-        prompt_tokens INTEGER NOT NULL DEFAULT 0,
-        steps INTEGER NOT NULL DEFAULT 1,
-        retries INTEGER NOT NULL DEFAULT 0,
-        truncations INTEGER NOT NULL DEFAULT 0,
-        gate_passed BOOLEAN,
-        success BOOLEAN NOT NULL,
-        role TEXT NOT NULL,
-        backend TEXT,
-        model TEXT,
-        thinking BOOLEAN NOT NULL DEFAULT 0,
-        seconds REAL NOT NULL DEFAULT 0
-    )""",
-    "CREATE INDEX task_outcomes_by_at ON task_outcomes (at)",
-    "CREATE VIRTUAL TABLE task_memory USING fts5(task_id UNINDEXED, text)",
-    """CREATE TABLE violations (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        metric TEXT NOT NULL,
-        value REAL NOT NULL,
-        target REAL NOT NULL,
-        context TEXT NOT NULL
-    )""",
-    "CREATE INDEX violations_by_at ON violations (at)",
-]
-
-# Version 6 (similar tasks by meaning): the embeddings of finished tasks' texts,
-# keyed by task and embedding model (see ``task_embeddings`` above).
-_V6 = [
-    """CREATE TABLE task_embeddings (
-        task_id TEXT NOT NULL REFERENCES tasks(id),
-        model TEXT NOT NULL,
-        dimension INTEGER NOT NULL,
-        vector BLOB NOT NULL,
-        PRIMARY KEY (task_id, model)
-    )""",
-    "CREATE INDEX task_embeddings_by_model ON task_embeddings (model)",
-]
-
-_V7 = [
-    "ALTER TABLE task_outcomes ADD COLUMN planned BOOLEAN",
-    "ALTER TABLE task_outcomes ADD COLUMN retried BOOLEAN",
-    "ALTER TABLE task_outcomes ADD COLUMN retry_worked BOOLEAN",
-    "ALTER TABLE task_outcomes ADD COLUMN decomposed BOOLEAN",
-    "ALTER TABLE task_outcomes ADD COLUMN retry_tokens INTEGER",
-    "ALTER TABLE task_outcomes ADD COLUMN plan_tokens INTEGER",
-]
-
-# Version 8: the tokens of a task's first direct answer, apart from what retries and
-# decomposition spent on it.
-_V8 = ["ALTER TABLE task_outcomes ADD COLUMN answer_tokens INTEGER"]
-
-# Version 9 (reliability): how many times the daemon crashed while running a task
-# (a task that keeps crashing it is quarantined), and the checkpoint a restore in
-# progress rewinds to (set before the checkpoint is written, cleared with the
-# restore's transition, so a restore cut off by a crash is finished on start).
-_V9 = [
-    "ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE tasks ADD COLUMN restore_to TEXT",
-    "CREATE INDEX tasks_restoring ON tasks (id) WHERE restore_to IS NOT NULL",
-]
-
-# Version 10 (decisions on columns, not on words): which attempt at its step a call
-# was, and whether the pool stopped it for repeating itself, each in a column of its
-# own. Rows written before named a retry in the step itself ('answer#2') and a stopped
-# loop only in the note; both are read back here, once, and nowhere else.
-_V10 = [
-    "ALTER TABLE model_calls ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
-    """UPDATE model_calls
-        SET attempt = CAST(substr(step, instr(step, '#') + 1) AS INTEGER),
-            step = substr(step, 1, instr(step, '#') - 1)
-        WHERE instr(step, '#') > 1
-          AND substr(step, instr(step, '#') + 1) GLOB '[1-9]*'
-          AND substr(step, instr(step, '#') + 1) NOT GLOB '*[^0-9]*'""",
-    "ALTER TABLE model_calls ADD COLUMN looped BOOLEAN NOT NULL DEFAULT 0",
-    "UPDATE model_calls SET looped = 1 WHERE instr(note, 'stopped repeating itself') > 0",
-]
-
-# Version 11 (acting): a task's workspace (the user's directory it works on a copy of)
-# and whether it acts (runs the agent loop); approvals and questions waiting for a
-# person; the tool ledger; the permission rules people added.
-_V11 = [
-    "ALTER TABLE tasks ADD COLUMN workspace TEXT",
-    "ALTER TABLE tasks ADD COLUMN act BOOLEAN NOT NULL DEFAULT 0",
-    """CREATE TABLE approvals (
-        id TEXT PRIMARY KEY,
-        task_id TEXT NOT NULL REFERENCES tasks(id),
-        call_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        tool TEXT NOT NULL,
-        arguments TEXT NOT NULL,
-        summary TEXT NOT NULL,
-        rule TEXT,
-        state TEXT NOT NULL,
-        reason TEXT,
-        created_at REAL NOT NULL,
-        decided_at REAL,
-        UNIQUE (task_id, call_id)
-    )""",
-    "CREATE INDEX approvals_pending ON approvals (created_at) WHERE state = 'pending'",
-    """CREATE TABLE tool_calls (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        task_id TEXT NOT NULL,
-        call_id TEXT NOT NULL,
-        tool TEXT NOT NULL,
-        digest TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        duration_ms REAL NOT NULL,
-        detail TEXT
-    )""",
-    "CREATE INDEX tool_calls_task ON tool_calls (task_id, seq)",
-    """CREATE TABLE policy_rules (
-        key TEXT PRIMARY KEY,
-        decision TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        source TEXT
-    )""",
-]
-
-# Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11]
-SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 def new_task_id() -> str:
@@ -622,14 +136,6 @@ class CallRecord:
     """When the call ended (it started ``total_ms`` earlier)."""
 
 
-@dataclass
-class _WriteOp:
-    future: asyncio.Future[Any]
-    fn: Callable[[AsyncConnection], Awaitable[Any]] | None = None
-    # Submits are batched into one executemany instead of a savepoint each.
-    submit: dict[str, Any] | None = None
-
-
 def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
     return TaskRecord(
         id=row.id,
@@ -663,218 +169,42 @@ class SubtaskSpec:
     text: str
     needs: tuple[str, ...]
     """Step ids (of the same plan) this one waits for."""
+    act: bool = False
+    """The step acts in its parent's workspace (the parent is an acting task)."""
 
 
 class Store:
-    """The daemon's persistent state. ``open()`` before use, ``close()`` after."""
+    """The daemon's persistent state. ``open()`` before use, ``close()`` after.
+
+    The repository of tasks, their transitions and the token ledger, over one
+    ``taled.db.engine.Database`` (which other repositories of ``taled.db`` share
+    through ``read()`` and ``write()``).
+    """
 
     def __init__(self, path: Path, settings: StoreSettings, write_batch_max: int) -> None:
         self.path = path
-        self._settings = settings
-        self._batch_max = write_batch_max
-        self._writer_engine: AsyncEngine | None = None
-        self._reader_engine: AsyncEngine | None = None
-        self._wconn: AsyncConnection | None = None
-        self._queue: asyncio.Queue[_WriteOp] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
+        self._db = Database(path, settings, write_batch_max)
         self._ledger_pending: set[asyncio.Future[Any]] = set()
-        self._damage_logged = False
 
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
         """Create or migrate the database and start the writer."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite+aiosqlite:///{self.path}"
-        self._writer_engine = self._engine(url, begin="BEGIN IMMEDIATE", pool_size=1)
-        # Reads are single statements, so they need no BEGIN (and no ROLLBACK on
-        # return to the pool): each is its own consistent snapshot under WAL.
-        self._reader_engine = self._engine(
-            url, begin=None, pool_size=self._settings.read_connections
-        )
-        try:
-            self._wconn = await self._writer_engine.connect()
-            await self._migrate(self._wconn)
-        except SQLAlchemyError as exc:
-            # Start-up's check (taled.doctor) catches most damage first; this is the rest.
-            damaged = self._damaged(exc)
-            if damaged is None:
-                raise
-            raise damaged from None
-        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        await self._db.open()
 
     async def close(self) -> None:
         """Flush pending writes, stop the writer and close every connection."""
-        self._closing = True
-        if self._writer is not None:
-            await self._queue.join()
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-            self._writer = None
-        if self._wconn is not None:
-            await self._wconn.close()
-            self._wconn = None
-        for engine in (self._writer_engine, self._reader_engine):
-            if engine is not None:
-                await engine.dispose()
-
-    def _engine(self, url: str, *, begin: str | None, pool_size: int) -> AsyncEngine:
-        engine = create_async_engine(
-            url,
-            pool_size=pool_size,
-            max_overflow=0,
-            pool_reset_on_return="rollback" if begin else None,
-        )
-        pragmas = (
-            "PRAGMA journal_mode=WAL",
-            f"PRAGMA synchronous={self._settings.synchronous.upper()}",
-            f"PRAGMA busy_timeout={self._settings.busy_timeout_ms}",
-            "PRAGMA foreign_keys=ON",
-        )
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # Take transaction control from the driver so BEGIN IMMEDIATE and
-            # SAVEPOINT behave as written (the pysqlite recipe in SQLAlchemy's docs).
-            dbapi_conn.isolation_level = None
-            cursor = dbapi_conn.cursor()
-            for pragma in pragmas:
-                cursor.execute(pragma)
-            cursor.close()
-
-        if begin is not None:
-
-            @event.listens_for(engine.sync_engine, "begin")
-            def _on_begin(conn: Any) -> None:
-                conn.exec_driver_sql(begin)
-
-        return engine
-
-    async def _migrate(self, conn: AsyncConnection) -> None:
-        async with conn.begin():
-            version = (await conn.exec_driver_sql("PRAGMA user_version")).scalar_one()
-            if version > SCHEMA_VERSION:
-                raise TaleError(
-                    f"database {self.path} has schema version {version}, newer than this "
-                    f"tale understands ({SCHEMA_VERSION}); upgrade tale"
-                )
-            for target in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[target]:
-                    await conn.exec_driver_sql(statement)
-                log.info("store migrated to schema version %d", target + 1)
-            await conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+        await self._db.close()
 
     async def schema_version(self) -> int:
         """The schema version recorded in the database file."""
-        async with self._read() as conn:
-            return int((await conn.exec_driver_sql("PRAGMA user_version")).scalar_one())
+        return await self._db.schema_version()
 
     # -- the writer --------------------------------------------------------
 
-    async def _enqueue(self, op: _WriteOp) -> Any:
-        if self._closing or self._writer is None:
-            raise Unavailable("the store is closed; the daemon is shutting down")
-        self._queue.put_nowait(op)
-        return await op.future
-
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn`` inside the next group commit, in its own savepoint."""
-        loop = asyncio.get_running_loop()
-        result: T = await self._enqueue(_WriteOp(future=loop.create_future(), fn=fn))
-        return result
-
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._commit_batch(batch)
-            except Exception as exc:
-                # A bug in one write must not stop every later write: its callers
-                # get the error, the batch is rolled back, the writer goes on.
-                log.exception("a batch of %d writes failed", len(batch))
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(TaleError(f"internal error while writing: {exc}"))
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def _commit_batch(self, batch: list[_WriteOp]) -> None:
-        conn = self._wconn
-        assert conn is not None
-        results: list[tuple[_WriteOp, Any, BaseException | None]] = []
-        try:
-            async with conn.begin():
-                submits = [op for op in batch if op.submit is not None]
-                if submits:
-                    await self._insert_submits(conn, [op.submit for op in submits if op.submit])
-                    results.extend((op, None, None) for op in submits)
-                for op in batch:
-                    if op.fn is None:
-                        continue
-                    savepoint = await conn.begin_nested()
-                    try:
-                        value = await op.fn(conn)
-                    except (TaleError, SQLAlchemyError) as exc:
-                        await savepoint.rollback()
-                        results.append((op, None, self._write_error(exc)))
-                    else:
-                        await savepoint.commit()
-                        results.append((op, value, None))
-        except SQLAlchemyError as exc:
-            failure = self._write_error(exc)
-            if isinstance(failure, DiskFull | StoreDamaged):
-                # Expected, and said once per batch: a traceback would say nothing more.
-                log.warning("%d writes not committed: %s", len(batch), failure.message)
-            else:
-                log.exception("group commit of %d writes failed", len(batch))
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_exception(failure)
-            return
-        # Only now is everything durable: answer the callers.
-        for op, value, error in results:
-            if op.future.done():
-                continue
-            if error is not None:
-                op.future.set_exception(error)
-            else:
-                op.future.set_result(value)
-
-    def _write_error(self, exc: BaseException) -> BaseException:
-        """A driver's error as the store's own: DiskFull when the disk is full, else
-        a TaleError with the database's message (never SQLAlchemy's URL)."""
-        if not isinstance(exc, SQLAlchemyError):
-            return exc
-        cause = getattr(exc, "orig", None) or exc
-        if _disk_full(cause):
-            return DiskFull(str(self.path))
-        damaged = self._damaged(exc)
-        if damaged is not None:
-            return damaged
-        return TaleError(f"the store could not write to {self.path}: {cause}")
-
-    @staticmethod
-    async def _insert_submits(
-        conn: AsyncConnection, rows: Sequence[dict[str, Any]], reason: str = "submitted"
-    ) -> None:
-        await conn.execute(tasks.insert(), list(rows))
-        await conn.execute(
-            transitions.insert(),
-            [
-                {
-                    "task_id": r["id"],
-                    "from_state": None,
-                    "to_state": TaskState.QUEUED.value,
-                    "at": r["created_at"],
-                    "reason": reason,
-                }
-                for r in rows
-            ],
-        )
+        return await self._db.write(fn)
 
     # -- tasks -------------------------------------------------------------
 
@@ -904,8 +234,7 @@ class Store:
             "workspace": workspace,
             "act": act,
         }
-        loop = asyncio.get_running_loop()
-        await self._enqueue(_WriteOp(future=loop.create_future(), submit=row))
+        await self._db.write_row(_insert_submitted, row)
         return TaskRecord(
             id=task_id,
             text=text,
@@ -1104,7 +433,7 @@ class Store:
 
     async def pending_restores(self) -> list[TaskRecord]:
         """Tasks whose restore was begun and not finished (a crash cut it off)."""
-        async with self._read() as conn:
+        async with self.read() as conn:
             rows = (
                 await conn.execute(sa.select(tasks).where(tasks.c.restore_to.is_not(None)))
             ).all()
@@ -1112,7 +441,7 @@ class Store:
 
     async def get_task(self, task_id: str) -> TaskRecord:
         """One task with its transitions and token totals; NotFound if unknown."""
-        async with self._read() as conn:
+        async with self.read() as conn:
             row = (await conn.execute(_TASK_BY_ID, {"task_id": task_id})).first()
         if row is None:
             raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
@@ -1172,10 +501,11 @@ class Store:
                         "title": spec.title,
                         "criteria": None,
                         "round": plan_round,
+                        "act": spec.act,
                     }
                 )
             if rows:
-                await self._insert_submits(conn, rows, reason=f"planned as a step of {parent.id}")
+                await _insert_submitted(conn, rows, reason=f"planned as a step of {parent.id}")
                 created = {r["step"] for r in rows}
                 deps = [
                     {"task_id": ids[s.step], "needs_id": ids[n]}
@@ -1202,7 +532,7 @@ class Store:
     async def children(self, parent_id: str, plan_round: int | None = None) -> list[TaskRecord]:
         """A task's subtasks in plan order, each with the ids it needs."""
         params: dict[str, Any] = {"parent_id": parent_id, "round": plan_round}
-        async with self._read() as conn:
+        async with self.read() as conn:
             rows = (await conn.execute(_CHILDREN, params)).all()
         return [_full_row_to_task(r) for r in rows]
 
@@ -1244,7 +574,7 @@ class Store:
 
     async def finished_before(self, task_ids: Sequence[str], cutoff: float) -> list[str]:
         """Those of ``task_ids`` that are completed, failed or cancelled since before ``cutoff``."""
-        async with self._read() as conn:
+        async with self.read() as conn:
             rows = (
                 await conn.execute(
                     sa.select(tasks.c.id).where(
@@ -1262,13 +592,13 @@ class Store:
         query = _TASKS_NEWEST
         if state is not None:
             query, params["state"] = _TASKS_NEWEST_IN_STATE, state.value
-        async with self._read() as conn:
+        async with self.read() as conn:
             rows = (await conn.execute(query, params)).all()
         return [_full_row_to_task(r) for r in rows]
 
     async def count_by_state(self) -> dict[str, int]:
         """How many tasks are in each state."""
-        async with self._read() as conn:
+        async with self.read() as conn:
             rows = (
                 await conn.execute(
                     sa.select(tasks.c.state, sa.func.count()).group_by(tasks.c.state)
@@ -1294,14 +624,12 @@ class Store:
         async def apply(conn: AsyncConnection) -> None:
             await conn.execute(model_calls.insert().values(**row))
 
-        loop = asyncio.get_running_loop()
-        op = _WriteOp(future=loop.create_future(), fn=apply)
-        if self._closing or self._writer is None:
+        future = self._db.write_nowait(apply)
+        if future is None:
             log.error("ledger row for %s:%s dropped: the store is closed", call.backend, call.model)
             return
-        self._queue.put_nowait(op)
-        self._ledger_pending.add(op.future)
-        op.future.add_done_callback(self._ledger_done)
+        self._ledger_pending.add(future)
+        future.add_done_callback(self._ledger_done)
 
     def _ledger_done(self, future: asyncio.Future[Any]) -> None:
         self._ledger_pending.discard(future)
@@ -1331,7 +659,7 @@ class Store:
             sa.func.coalesce(sa.func.sum(sa.case((c.success, 0), else_=1)), 0).label("failures"),
             sa.func.coalesce(sa.func.sum(c.total_ms), 0.0).label("total_ms"),
         )
-        async with self._read() as conn:
+        async with self.read() as conn:
             total = (await conn.execute(sa.select(*cols))).one()
             by_model = (
                 await conn.execute(
@@ -1359,33 +687,9 @@ class Store:
 
     # -- helpers -----------------------------------------------------------
 
-    def read(self) -> Any:
+    def read(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A reader connection (``async with store.read() as conn``)."""
-        return self._read()
-
-    @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        if self._reader_engine is None:
-            raise Unavailable("the store is not open")
-        try:
-            async with self._reader_engine.connect() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            # A damaged page found by a query: say so, not the driver's SQL statement.
-            damaged = self._damaged(exc)
-            if damaged is None:
-                raise
-            raise damaged from exc
-
-    def _damaged(self, exc: BaseException) -> StoreDamaged | None:
-        """StoreDamaged when a driver's error says the file is damaged (logged once)."""
-        cause = getattr(exc, "orig", None) or exc
-        if not is_damage(cause):
-            return None
-        if not self._damage_logged:
-            self._damage_logged = True
-            log.error("the database %s is damaged: %s; %s", self.path, cause, DOCTOR_HINT)
-        return StoreDamaged(f"the database {self.path} is damaged ({cause}); {DOCTOR_HINT}")
+        return self._db.read()
 
     async def backup(self, directory: Path, keep: int) -> Path | None:
         """Back the database up into ``directory``, keeping the newest ``keep`` backups.
@@ -1393,7 +697,27 @@ class Store:
         None when nothing changed since the newest backup. Runs in a thread with one
         read snapshot (see ``taled.doctor.take_backup``): the writer never waits for it.
         """
-        return await asyncio.to_thread(take_backup, self.path, directory, keep)
+        return await self._db.backup(directory, keep)
+
+
+async def _insert_submitted(
+    conn: AsyncConnection, rows: Sequence[dict[str, Any]], reason: str = "submitted"
+) -> None:
+    """New queued tasks, each with its first transition (one executemany for each)."""
+    await conn.execute(tasks.insert(), list(rows))
+    await conn.execute(
+        transitions.insert(),
+        [
+            {
+                "task_id": r["id"],
+                "from_state": None,
+                "to_state": TaskState.QUEUED.value,
+                "at": r["created_at"],
+                "reason": reason,
+            }
+            for r in rows
+        ],
+    )
 
 
 def _full_tasks() -> sa.Select[Any]:
@@ -1515,16 +839,6 @@ def _full_row_to_task(row: sa.Row[Any]) -> TaskRecord:
         completion_tokens=int(row.completion_total),
         needs=tuple(json.loads(row.needs)) if row.needs else (),
     )
-
-
-def _disk_full(error: BaseException) -> bool:
-    """Whether a database error is SQLite's SQLITE_FULL or an OS "no space" error."""
-    if isinstance(error, sqlite3.Error):
-        code = getattr(error, "sqlite_errorcode", None)
-        if isinstance(code, int):
-            return bool(code & 0xFF == sqlite3.SQLITE_FULL)
-        return "database or disk is full" in str(error)
-    return is_no_space(error)
 
 
 def _totals(row: Any) -> dict[str, Any]:

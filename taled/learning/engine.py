@@ -34,7 +34,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taled.db.acting import ActingRecords
-from taled.db.store import Store, TaskRecord, model_calls, task_outcomes, tasks, transitions
+from taled.db.schema import model_calls, task_outcomes, tasks, transitions
+from taled.db.store import Store, TaskRecord
 from taled.errors import TaleError
 from taled.learning.budget import BudgetPredictor
 from taled.learning.complexity import ComplexityModel, label_outcome
@@ -190,7 +191,7 @@ def _predicted_steps(neighbours: Sequence[Neighbour], calls: dict[str, int]) -> 
 def predictable_tokens(answer_tokens: int | None, completion_tokens: int) -> int:
     """The tokens a prediction for a task is held to: its first direct answer's, the
     one a budget caps; the whole task's when it had none (or was recorded before). Its
-    SQL twin is ``taled.db.store.PREDICTABLE_TOKENS_SQL``.
+    SQL twin is ``taled.db.schema.PREDICTABLE_TOKENS_SQL``.
 
     Not the whole task's: a one-word answer the model failed and decomposition rescued
     cost a thousand tokens, and taught as that it had similar tasks budgeted 10x over.

@@ -41,7 +41,8 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.store import PREDICTABLE_TOKENS_SQL, Store, task_embeddings, task_outcomes
+from taled.db.schema import PREDICTABLE_TOKENS_SQL, task_embeddings, task_outcomes
+from taled.db.store import Store
 from taled.settings import LearningSettings
 
 if TYPE_CHECKING:

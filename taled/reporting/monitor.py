@@ -29,7 +29,8 @@ import psutil
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.store import Store, model_calls, violations
+from taled.db.schema import model_calls, violations
+from taled.db.store import Store
 from taled.settings import MetricsSettings
 
 __all__ = ["Monitor", "describe", "violation_json"]

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
-from taled.db.store import PREDICTABLE_TOKENS_SQL, Store
+from taled.db.schema import PREDICTABLE_TOKENS_SQL
+from taled.db.store import Store
 from taled.reporting.monitor import Monitor
 from taled.settings import ChatSettings, UsageSettings
 
@@ -330,7 +331,7 @@ class UsageReport:
         return report
 
     def _savings(
-        self, ledger: list[Any], routed: Any, turns: Any, ratio: float, measured: bool
+        self, ledger: Sequence[Any], routed: Any, turns: Any, ratio: float, measured: bool
     ) -> dict[str, Any]:
         s = self._settings
 
@@ -398,7 +399,7 @@ class UsageReport:
 _LEVELS = ("simple", "medium", "complex")
 
 
-def _level_order(rows: list[Any]) -> list[Any]:
+def _level_order(rows: Sequence[Any]) -> list[Any]:
     def rank(r: Any) -> int:
         return _LEVELS.index(r.level) if r.level in _LEVELS else len(_LEVELS)
 
@@ -442,7 +443,7 @@ def _conversation_json(r: Any) -> dict[str, Any]:
     }
 
 
-def _prediction(days: list[Any], last: list[Any], points: int) -> dict[str, Any]:
+def _prediction(days: Sequence[Any], last: Sequence[Any], points: int) -> dict[str, Any]:
     predicted = sum(int(r.predicted or 0) for r in days)
     ape = sum(float(r.ape_sum or 0.0) for r in days)
     outcomes = sum(int(r.outcomes) for r in days)
@@ -474,7 +475,7 @@ def _prediction(days: list[Any], last: list[Any], points: int) -> dict[str, Any]
     }
 
 
-def _truncation(days: list[Any]) -> dict[str, Any]:
+def _truncation(days: Sequence[Any]) -> dict[str, Any]:
     tasks = sum(int(r.outcomes) for r in days)
     truncated = sum(int(r.truncated or 0) for r in days)
     return {

@@ -1,0 +1,328 @@
+"""How the daemon talks to SQLite: the connections, the migrations, the one writer.
+
+SQLAlchemy 2 (async, Core) over aiosqlite, in WAL mode. All writes go through one
+writer task that group-commits whatever is waiting in a single ``BEGIN IMMEDIATE``
+transaction, each operation inside its own savepoint, so a burst of writes costs one
+fsync instead of one each. Rows written with ``write_row`` go further: those waiting
+for the same insert share one ``executemany``. Reads use a small pool of separate
+connections and never wait behind the writer.
+
+The schema is versioned with ``PRAGMA user_version``: ``open()`` applies the entries
+of ``taled.db.schema.MIGRATIONS`` the file has not had yet, in order.
+
+A driver's error leaves this module as the daemon's own (``taled.errors``): a full
+disk is ``DiskFull``, a damaged file ``StoreDamaged`` (with the hint to run ``tale
+doctor``), anything else a ``TaleError`` with SQLite's message, never SQLAlchemy's.
+
+What a task is, and every other table's meaning, is the repositories' business
+(``taled.db.store``, ``taled.db.acting``); only modules of ``taled.db`` use this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from taled.db.schema import MIGRATIONS, SCHEMA_VERSION
+from taled.doctor import DOCTOR_HINT, is_damage, take_backup
+from taled.errors import DiskFull, StoreDamaged, TaleError, Unavailable, is_no_space
+from taled.settings import StoreSettings
+
+__all__ = ["Database", "InsertMany"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+InsertMany = Callable[[AsyncConnection, Sequence[dict[str, Any]]], Awaitable[None]]
+"""Writes a batch of rows in one go (see ``Database.write_row``)."""
+
+
+@dataclass
+class _WriteOp:
+    future: asyncio.Future[Any]
+    fn: Callable[[AsyncConnection], Awaitable[Any]] | None = None
+    # Rows for the same insert are batched into one executemany instead of a savepoint each.
+    insert: InsertMany | None = None
+    row: dict[str, Any] | None = None
+
+
+class Database:
+    """One SQLite file: a writer that group-commits, and a pool of readers.
+
+    ``open()`` before use, ``close()`` after.
+    """
+
+    def __init__(self, path: Path, settings: StoreSettings, write_batch_max: int) -> None:
+        self.path = path
+        self._settings = settings
+        self._batch_max = write_batch_max
+        self._writer_engine: AsyncEngine | None = None
+        self._reader_engine: AsyncEngine | None = None
+        self._wconn: AsyncConnection | None = None
+        self._queue: asyncio.Queue[_WriteOp] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._damage_logged = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or migrate the database and start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite+aiosqlite:///{self.path}"
+        self._writer_engine = self._engine(url, begin="BEGIN IMMEDIATE", pool_size=1)
+        # Reads are single statements, so they need no BEGIN (and no ROLLBACK on
+        # return to the pool): each is its own consistent snapshot under WAL.
+        self._reader_engine = self._engine(
+            url, begin=None, pool_size=self._settings.read_connections
+        )
+        try:
+            self._wconn = await self._writer_engine.connect()
+            await self._migrate(self._wconn)
+        except SQLAlchemyError as exc:
+            # Start-up's check (taled.doctor) catches most damage first; this is the rest.
+            damaged = self._damaged(exc)
+            if damaged is None:
+                raise
+            raise damaged from None
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def close(self) -> None:
+        """Flush pending writes, stop the writer and close every connection."""
+        self._closing = True
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._wconn is not None:
+            await self._wconn.close()
+            self._wconn = None
+        for engine in (self._writer_engine, self._reader_engine):
+            if engine is not None:
+                await engine.dispose()
+
+    def _engine(self, url: str, *, begin: str | None, pool_size: int) -> AsyncEngine:
+        engine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_reset_on_return="rollback" if begin else None,
+        )
+        pragmas = (
+            "PRAGMA journal_mode=WAL",
+            f"PRAGMA synchronous={self._settings.synchronous.upper()}",
+            f"PRAGMA busy_timeout={self._settings.busy_timeout_ms}",
+            "PRAGMA foreign_keys=ON",
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Take transaction control from the driver so BEGIN IMMEDIATE and
+            # SAVEPOINT behave as written (the pysqlite recipe in SQLAlchemy's docs).
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            for pragma in pragmas:
+                cursor.execute(pragma)
+            cursor.close()
+
+        if begin is not None:
+
+            @event.listens_for(engine.sync_engine, "begin")
+            def _on_begin(conn: Any) -> None:
+                conn.exec_driver_sql(begin)
+
+        return engine
+
+    async def _migrate(self, conn: AsyncConnection) -> None:
+        async with conn.begin():
+            version = (await conn.exec_driver_sql("PRAGMA user_version")).scalar_one()
+            if version > SCHEMA_VERSION:
+                raise TaleError(
+                    f"database {self.path} has schema version {version}, newer than this "
+                    f"tale understands ({SCHEMA_VERSION}); upgrade tale"
+                )
+            for target in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[target]:
+                    await conn.exec_driver_sql(statement)
+                log.info("store migrated to schema version %d", target + 1)
+            await conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    async def schema_version(self) -> int:
+        """The schema version recorded in the database file."""
+        async with self.read() as conn:
+            return int((await conn.exec_driver_sql("PRAGMA user_version")).scalar_one())
+
+    # -- the writer --------------------------------------------------------
+
+    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``fn`` inside the next group commit, in its own savepoint."""
+        loop = asyncio.get_running_loop()
+        result: T = await self._enqueue(_WriteOp(future=loop.create_future(), fn=fn))
+        return result
+
+    async def write_row(self, insert: InsertMany, row: dict[str, Any]) -> None:
+        """Have ``insert`` write ``row`` in the next group commit; returns once committed.
+
+        Every row waiting for the same ``insert`` goes in one call of it, ahead of the
+        batch's other writes and outside their savepoints: a burst costs one
+        ``executemany``, and a row that fails fails its whole batch.
+        """
+        loop = asyncio.get_running_loop()
+        await self._enqueue(_WriteOp(future=loop.create_future(), insert=insert, row=row))
+
+    def write_nowait(
+        self, fn: Callable[[AsyncConnection], Awaitable[Any]]
+    ) -> asyncio.Future[Any] | None:
+        """Queue ``fn`` for the next group commit without waiting for it.
+
+        Returns the future its outcome is set on, or None (nothing queued) when the
+        database is closed or closing. The writer is FIFO: ``fn`` commits before any
+        write queued after it, and ``close()`` drains it.
+        """
+        loop = asyncio.get_running_loop()
+        op = _WriteOp(future=loop.create_future(), fn=fn)
+        if self._closing or self._writer is None:
+            return None
+        self._queue.put_nowait(op)
+        return op.future
+
+    async def _enqueue(self, op: _WriteOp) -> Any:
+        if self._closing or self._writer is None:
+            raise Unavailable("the store is closed; the daemon is shutting down")
+        self._queue.put_nowait(op)
+        return await op.future
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit_batch(batch)
+            except Exception as exc:
+                # A bug in one write must not stop every later write: its callers
+                # get the error, the batch is rolled back, the writer goes on.
+                log.exception("a batch of %d writes failed", len(batch))
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(TaleError(f"internal error while writing: {exc}"))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit_batch(self, batch: list[_WriteOp]) -> None:
+        conn = self._wconn
+        assert conn is not None
+        results: list[tuple[_WriteOp, Any, BaseException | None]] = []
+        try:
+            async with conn.begin():
+                rows: dict[InsertMany, list[_WriteOp]] = {}
+                for op in batch:
+                    if op.insert is not None and op.row is not None:
+                        rows.setdefault(op.insert, []).append(op)
+                for insert, ops in rows.items():
+                    await insert(conn, [op.row for op in ops if op.row is not None])
+                    results.extend((op, None, None) for op in ops)
+                for op in batch:
+                    if op.fn is None:
+                        continue
+                    savepoint = await conn.begin_nested()
+                    try:
+                        value = await op.fn(conn)
+                    except (TaleError, SQLAlchemyError) as exc:
+                        await savepoint.rollback()
+                        results.append((op, None, self._write_error(exc)))
+                    else:
+                        await savepoint.commit()
+                        results.append((op, value, None))
+        except SQLAlchemyError as exc:
+            failure = self._write_error(exc)
+            if isinstance(failure, DiskFull | StoreDamaged):
+                # Expected, and said once per batch: a traceback would say nothing more.
+                log.warning("%d writes not committed: %s", len(batch), failure.message)
+            else:
+                log.exception("group commit of %d writes failed", len(batch))
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(failure)
+            return
+        # Only now is everything durable: answer the callers.
+        for op, value, error in results:
+            if op.future.done():
+                continue
+            if error is not None:
+                op.future.set_exception(error)
+            else:
+                op.future.set_result(value)
+
+    def _write_error(self, exc: BaseException) -> BaseException:
+        """A driver's error as the store's own: DiskFull when the disk is full, else
+        a TaleError with the database's message (never SQLAlchemy's URL)."""
+        if not isinstance(exc, SQLAlchemyError):
+            return exc
+        cause = getattr(exc, "orig", None) or exc
+        if _disk_full(cause):
+            return DiskFull(str(self.path))
+        damaged = self._damaged(exc)
+        if damaged is not None:
+            return damaged
+        return TaleError(f"the store could not write to {self.path}: {cause}")
+
+    # -- readers -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A reader connection (``async with database.read() as conn``)."""
+        if self._reader_engine is None:
+            raise Unavailable("the store is not open")
+        try:
+            async with self._reader_engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            # A damaged page found by a query: say so, not the driver's SQL statement.
+            damaged = self._damaged(exc)
+            if damaged is None:
+                raise
+            raise damaged from exc
+
+    def _damaged(self, exc: BaseException) -> StoreDamaged | None:
+        """StoreDamaged when a driver's error says the file is damaged (logged once)."""
+        cause = getattr(exc, "orig", None) or exc
+        if not is_damage(cause):
+            return None
+        if not self._damage_logged:
+            self._damage_logged = True
+            log.error("the database %s is damaged: %s; %s", self.path, cause, DOCTOR_HINT)
+        return StoreDamaged(f"the database {self.path} is damaged ({cause}); {DOCTOR_HINT}")
+
+    # -- backups -----------------------------------------------------------
+
+    async def backup(self, directory: Path, keep: int) -> Path | None:
+        """Back the database up into ``directory``, keeping the newest ``keep`` backups.
+
+        None when nothing changed since the newest backup. Runs in a thread with one
+        read snapshot (see ``taled.doctor.take_backup``): the writer never waits for it.
+        """
+        return await asyncio.to_thread(take_backup, self.path, directory, keep)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether a database error is SQLite's SQLITE_FULL or an OS "no space" error."""
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return bool(code & 0xFF == sqlite3.SQLITE_FULL)
+        return "database or disk is full" in str(error)
+    return is_no_space(error)
