@@ -519,7 +519,19 @@ class WorkspaceSettings(BaseModel):
     exclude: list[str] = Field(
         default_factory=lambda: [".git", ".venv", "venv", "node_modules", "__pycache__", ".tox"]
     )
-    """Directory names never copied into a workspace (nor diffed, nor applied back)."""
+    """Directory names never copied into a workspace (nor diffed, nor applied back). ``.git``
+    is always left out, listed or not."""
+    git_worktree: bool = True
+    """When --in names the top of a git work tree with a commit, the task works in a git
+    worktree of it on branch ``tale/<task id>``, its result committed there; false (or no
+    ``git`` on PATH, or no commit yet): a managed copy."""
+
+    @field_validator("exclude")
+    @classmethod
+    def _git_always(cls, names: list[str]) -> list[str]:
+        # A workspace's .git (a worktree's link to the repository, or a copied
+        # repository's hooks) must never be snapshotted, restored or applied back.
+        return names if ".git" in names else [*names, ".git"]
 
 
 class RunToolSettings(BaseModel):
@@ -611,6 +623,10 @@ class AgentSettings(BaseModel):
     classify: bool = True
     """Let the classifier give tools (and a scratch workspace) to a task that names no
     workspace but plainly asks for files to be made or commands run."""
+    plan: bool = True
+    """Plan an acting task the classifier (or its history) judges complex, as planning.*
+    plans an answering one: each step acts in the task's workspace in turn (never two at
+    once), then the task checks the whole and finishes."""
 
 
 class ToolsSettings(BaseModel):

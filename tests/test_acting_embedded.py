@@ -59,3 +59,42 @@ def test_the_embedded_model_drives_the_loop_to_an_end_within_its_budget(tmp_path
     finally:
         daemon.kill_if_running()
         home.cleanup()
+
+
+def test_the_embedded_model_plans_an_acting_task_whose_steps_act_in_one_workspace(
+    tmp_path: Path,
+) -> None:
+    """A complex acting task: the 135M model's constrained plan, a loop per step in the
+    task's workspace, then the task's own check; whatever the model writes, it ends."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.md").write_text("# Notes\n")
+    home = Home()
+    home.write_config(CONFIG + "\n[planner]\nmax_steps = 2\nplan_attempts = 1\n")
+    home.env["TALE_PLANNER__DECOMPOSE"] = "true"
+    daemon = Daemon(home).start()
+    try:
+        task = daemon.call(
+            "submit_task",
+            text="Write a greeting module and a test for it, then make the test pass",
+            workspace=str(project),
+        )
+        done = daemon.wait_for(task["id"], ("completed", "failed", "waiting"), timeout=900)
+        while done["state"] == "waiting":  # a step asked a question: answer it
+            for pending in daemon.call("list_approvals", task=task["id"])["approvals"]:
+                daemon.call("answer", id=pending["id"], text="just do it")
+            done = daemon.wait_for(task["id"], ("completed", "failed", "waiting"), timeout=900)
+        steps = done["subtasks"]
+        assert len(steps) == 2, done
+        assert all(s["act"] for s in steps)
+        workspace = home.data / "workspaces" / task["id"]
+        assert workspace.is_dir()
+        assert not any((home.data / "workspaces" / s["id"]).exists() for s in steps)
+        for step in steps:
+            assert {c["tool"] for c in step["tool_calls"]} <= BUILTINS, step
+        kinds = [c["kind"] for c in daemon.call("list_checkpoints", id=task["id"])["checkpoints"]]
+        assert "plan" in kinds and "act-start" in kinds
+        assert (project / "notes.md").read_text() == "# Notes\n"
+    finally:
+        daemon.kill_if_running()
+        home.cleanup()

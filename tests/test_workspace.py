@@ -345,6 +345,38 @@ def test_snapshot_leaves_out_excluded_dirs(ws: Workspace, objects: BaseObjectSto
     assert ws.snapshot(objects) == first
 
 
+def test_a_worktrees_git_file_is_never_snapshotted_nor_restored_over(
+    source: Path, tmp_path: Path, objects: BaseObjectStore
+) -> None:
+    """A git worktree's top-level ``.git`` file is left out of snapshots and kept, unchanged,
+    by a restore (it is excluded like the ``.git`` directory)."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / ".git").write_text("gitdir: /repo/.git/worktrees/ws\n")
+    ws = Workspace.copy_of(source, root, DEFAULTS, keep=frozenset({".git"}))
+    tree = ws.snapshot(objects)
+    (root / ".git").write_text("gitdir: /tmp/evil\n")
+    assert ws.snapshot(objects) == tree
+    (root / "README.md").write_text("changed\n")
+    ws.checkout(objects, tree)
+    assert (root / "README.md").read_text() == "hello\n"
+    assert (root / ".git").read_text() == "gitdir: /tmp/evil\n"
+
+
+def test_copy_into_a_root_with_other_files_is_refused(source: Path, tmp_path: Path) -> None:
+    """Only the names ``keep`` lists (and excludes) may be in the root a copy goes into."""
+    root = tmp_path / "ws"
+    write(root, {".git": "gitdir: x\n", "stray.txt": "x"})
+    with pytest.raises(InvalidInput, match="not empty"):
+        Workspace.copy_of(source, root, DEFAULTS, keep=frozenset({".git"}))
+
+
+def test_git_is_excluded_even_when_the_setting_leaves_it_out() -> None:
+    """``tools.workspace.exclude`` always holds ``.git``: a repository's hooks are never
+    copied, snapshotted or applied back."""
+    assert ".git" in WorkspaceSettings(exclude=["node_modules"]).exclude
+
+
 def _age(root: Path) -> None:
     """Set every file's mtime an hour back (older than the racy window)."""
     old = os.stat(root).st_mtime - 3600

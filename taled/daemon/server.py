@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +28,7 @@ from taled.chat.conversations import Conversation, Message
 from taled.chat.intent import Intent
 from taled.chat.service import ChatService, Turn
 from taled.checkpoints.repo import Checkpoint, CheckpointStore
+from taled.daemon.elicitation import Asker, Elicit
 from taled.db.acting import Approval, ApprovalState
 from taled.db.store import Store, TaskRecord
 from taled.errors import IllegalTransition, InvalidInput, TaleError
@@ -39,7 +41,7 @@ from taled.tasks.runner import Runner
 from taled.tasks.workstate import WorkState
 from taled.tools.service import Acting, WorkspaceView
 
-__all__ = ["TOOLS", "build_server", "task_to_json"]
+__all__ = ["TOOLS", "Call", "build_server", "task_to_json"]
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +350,19 @@ def _turn_json(turn: Turn) -> dict[str, Any]:
 # Streams text to the caller as MCP progress notifications (a no-op when the
 # caller sent no progress token).
 Report = Callable[[float, str, float | None], Awaitable[None]]
-Handler = Callable[[Any, Report], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One tools/call as a handler sees it: how to tell the caller how it goes, and,
+    when the client can show forms (MCP elicitation), how to ask the person."""
+
+    progress: Report
+    elicit: Elicit | None = None
+    """Sends one form to the client; None when it did not declare ``elicitation``."""
+
+
+Handler = Callable[[Any, Call], Awaitable[dict[str, Any]]]
 
 
 StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
@@ -389,7 +403,7 @@ class _Tools:
         self.max_list_limit = max_list_limit
         self.list_limit = list_limit
 
-    async def submit_task(self, args: SubmitTaskArgs, _report: Report) -> dict[str, Any]:
+    async def submit_task(self, args: SubmitTaskArgs, _call: Call) -> dict[str, Any]:
         task = await self.queue.submit(
             args.text,
             args.priority,
@@ -402,24 +416,24 @@ class _Tools:
 
     # -- acting ------------------------------------------------------------
 
-    async def list_approvals(self, args: ApprovalsArgs, _report: Report) -> dict[str, Any]:
+    async def list_approvals(self, args: ApprovalsArgs, _call: Call) -> dict[str, Any]:
         return {"approvals": [approval_to_json(a) for a in await self.acting.pending(args.task)]}
 
-    async def approve(self, args: ApproveArgs, _report: Report) -> dict[str, Any]:
+    async def approve(self, args: ApproveArgs, _call: Call) -> dict[str, Any]:
         decided = await self.acting.decide(
             args.id, ApprovalState.APPROVED, None, always=bool(args.always)
         )
         self.queue.wake()
         return approval_to_json(decided)
 
-    async def deny(self, args: DenyArgs, _report: Report) -> dict[str, Any]:
+    async def deny(self, args: DenyArgs, _call: Call) -> dict[str, Any]:
         decided = await self.acting.decide(
             args.id, ApprovalState.DENIED, args.reason, always=bool(args.always)
         )
         self.queue.wake()
         return approval_to_json(decided)
 
-    async def answer(self, args: AnswerArgs, _report: Report) -> dict[str, Any]:
+    async def answer(self, args: AnswerArgs, _call: Call) -> dict[str, Any]:
         decided = await self.acting.decide(args.id, ApprovalState.ANSWERED, args.text)
         self.queue.wake()
         return approval_to_json(decided)
@@ -441,7 +455,7 @@ class _Tools:
         )
         return task, view
 
-    async def task_diff(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+    async def task_diff(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
         task, view = await self._view(args.id)
         return {
             "task_id": task.id,
@@ -451,7 +465,7 @@ class _Tools:
             "diff": await self.acting.diff(view),
         }
 
-    async def apply_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+    async def apply_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
         task, view = await self._view(args.id)
         if task.state in (TaskState.RUNNING, TaskState.QUEUED):
             raise IllegalTransition(
@@ -466,10 +480,10 @@ class _Tools:
             "unchanged": [{"path": c.path, "kind": c.kind.value} for c in report.unchanged],
         }
 
-    async def list_tools(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+    async def list_tools(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
         return await self.acting.status()
 
-    async def get_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+    async def get_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
         return await self._tree(await self.store.get_task(args.id))
 
     async def _tree(self, task: TaskRecord) -> dict[str, Any]:
@@ -497,7 +511,17 @@ class _Tools:
         ]
         return out
 
-    async def watch_task(self, args: TaskIdArgs, report: Report) -> dict[str, Any]:
+    async def watch_task(self, args: TaskIdArgs, call: Call) -> dict[str, Any]:
+        # With a client that can show forms, what the task waits for is also asked
+        # there, in the background: progress lines keep flowing while the person thinks.
+        asker = None if call.elicit is None else Asker(call.elicit, self.acting, self.queue.wake)
+        try:
+            return await self._watch(args.id, call, asker)
+        finally:
+            if asker is not None:
+                await asker.close()
+
+    async def _watch(self, task_id: str, call: Call, asker: Asker | None) -> dict[str, Any]:
         # A notification goes out whenever the line a person would read changes
         # (state, step, tokens, elapsed seconds), at most every stream_interval; the
         # store is re-read at least every second for state changes.
@@ -505,7 +529,7 @@ class _Tools:
         last = ""
         sent = time.monotonic()
         while True:
-            task = await self.store.get_task(args.id)
+            task = await self.store.get_task(task_id)
             progress = self.progress.get(task.id)
             if progress is not None and task.state not in FINAL_STATES:
                 line = f"{task.state} · {progress.line()}"
@@ -516,32 +540,35 @@ class _Tools:
             else:
                 waited = time.time() - task.updated_at
                 line, step, total = f"{task.state} · {waited:.0f} s", 0.0, None
+            asked: list[Approval] = []
             if task.state == TaskState.WAITING and task.act:
                 asked = await self.acting.pending(task.id)
                 if asked:
                     a = asked[0]
                     how = "tale answer" if a.kind.value == "question" else "tale approve"
                     line = f"waiting for you: {a.summary} · `{how} {a.id[:8]}`"
+            if asker is not None:
+                asker.offer(asked)
             # A line that does not change (a task waiting for a person) is sent again
             # now and then: a client reading with a timeout knows the daemon is there.
             if line != last or time.monotonic() - sent >= _HEARTBEAT_SECONDS:
                 last, sent = line, time.monotonic()
-                await report(step, line, total)
+                await call.progress(step, line, total)
             if task.state in FINAL_STATES:
                 return await self._tree(task)
             seen = await self.progress.wait_change(seen, 1.0)
             await asyncio.sleep(self.stream_interval)
 
-    async def list_checkpoints(self, args: CheckpointsArgs, _report: Report) -> dict[str, Any]:
+    async def list_checkpoints(self, args: CheckpointsArgs, _call: Call) -> dict[str, Any]:
         await self.store.get_task(args.id)  # NotFound for an unknown task
         found = await self.checkpoints.list(args.id, args.limit)
         return {"task_id": args.id, "checkpoints": [_checkpoint_json(c) for c in found]}
 
-    async def restore_checkpoint(self, args: RestoreArgs, _report: Report) -> dict[str, Any]:
+    async def restore_checkpoint(self, args: RestoreArgs, _call: Call) -> dict[str, Any]:
         task, saved = await self.runner.restore(args.id, args.commit)
         return {"task": task_to_json(task), "checkpoint": _checkpoint_json(saved)}
 
-    async def list_tasks(self, args: ListTasksArgs, _report: Report) -> dict[str, Any]:
+    async def list_tasks(self, args: ListTasksArgs, _call: Call) -> dict[str, Any]:
         limit = args.limit if args.limit is not None else self.list_limit
         if limit > self.max_list_limit:
             raise InvalidInput(f"limit {limit} is above the maximum of {self.max_list_limit}")
@@ -549,28 +576,28 @@ class _Tools:
         tasks = await self.store.list_tasks(state, limit)
         return {"tasks": [task_to_json(t) for t in tasks]}
 
-    async def cancel_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+    async def cancel_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
         return task_to_json(await self.queue.cancel(args.id))
 
-    async def pause_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+    async def pause_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
         return task_to_json(await self.queue.pause(args.id))
 
-    async def resume_task(self, args: TaskIdArgs, _report: Report) -> dict[str, Any]:
+    async def resume_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
         return task_to_json(await self.queue.resume(args.id))
 
-    async def set_priority(self, args: SetPriorityArgs, _report: Report) -> dict[str, Any]:
+    async def set_priority(self, args: SetPriorityArgs, _call: Call) -> dict[str, Any]:
         return task_to_json(await self.queue.set_priority(args.id, args.priority))
 
-    async def usage(self, args: UsageArgs, _report: Report) -> dict[str, Any]:
+    async def usage(self, args: UsageArgs, _call: Call) -> dict[str, Any]:
         return await self.usage_report.report(args.days, args.top)
 
-    async def daemon_status(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+    async def daemon_status(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
         return await self.status()
 
-    async def models_status(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+    async def models_status(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
         return await self.models()
 
-    async def chat(self, args: ChatArgs, report: Report) -> dict[str, Any]:
+    async def chat(self, args: ChatArgs, call: Call) -> dict[str, Any]:
         # One notification per token costs more than the token (~0.6 ms each here):
         # pieces are gathered and sent at most every stream_interval, the first at once.
         interval = self.stream_interval
@@ -583,7 +610,7 @@ class _Tools:
             if pending:
                 sent += 1
                 last = time.monotonic()
-                await report(sent, "".join(pending), None)
+                await call.progress(sent, "".join(pending), None)
                 pending.clear()
 
         async def on_text(piece: str) -> None:
@@ -597,16 +624,14 @@ class _Tools:
         await flush()
         return _turn_json(turn)
 
-    async def detect_intent(self, args: DetectIntentArgs, _report: Report) -> dict[str, Any]:
+    async def detect_intent(self, args: DetectIntentArgs, _call: Call) -> dict[str, Any]:
         return _intent_json(await self.chat_service.detect(self.chat_service.validate(args.text)))
 
-    async def list_conversations(
-        self, args: ListConversationsArgs, _report: Report
-    ) -> dict[str, Any]:
+    async def list_conversations(self, args: ListConversationsArgs, _call: Call) -> dict[str, Any]:
         found = await self.chat_service.conversations.recent(args.limit or self.conversation_limit)
         return {"conversations": [_conversation_json(c) for c in found]}
 
-    async def get_conversation(self, args: ConversationArgs, _report: Report) -> dict[str, Any]:
+    async def get_conversation(self, args: ConversationArgs, _call: Call) -> dict[str, Any]:
         conversations = self.chat_service.conversations
         conv = await conversations.get(args.id)
         messages = await conversations.messages(conv.id)
@@ -618,7 +643,7 @@ class _Tools:
             "messages": [_message_json(m) for m in messages],
         }
 
-    async def metrics(self, _args: NoArgs, _report: Report) -> dict[str, Any]:
+    async def metrics(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
         return await self.metrics_service.snapshot()
 
 
@@ -636,7 +661,10 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "watch_task": (
         TaskIdArgs,
         "Follow a task until it ends, then return it. With a progress token, each change "
-        "of state or progress (step i of n, tokens, elapsed, ETA) is a progress notification.",
+        "of state or progress (step i of n, tokens, elapsed, ETA) is a progress notification. "
+        "A client that declared elicitation is asked, as a form, about each tool call the "
+        "task waits to have approved and each question its model asks; declining leaves it "
+        "to the approve, deny and answer tools.",
     ),
     "list_checkpoints": (
         CheckpointsArgs,
@@ -777,6 +805,17 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
     return f"{tool}: " + "; ".join(parts)
 
 
+def _can_elicit(ctx: ServerRequestContext[Any]) -> bool:
+    """Whether the client declared form elicitation and this request can carry one.
+
+    ``elicitation: {}`` (no mode named) means forms, as before modes existed."""
+    capabilities = ctx.session.client_capabilities
+    wanted = None if capabilities is None else capabilities.elicitation
+    if wanted is None or (wanted.form is None and wanted.url is not None):
+        return False
+    return ctx.session.can_send_request
+
+
 def build_server(
     store: Store,
     queue: TaskQueue,
@@ -842,9 +881,13 @@ def build_server(
         async def report(progress: float, message: str, total: float | None) -> None:
             await ctx.session.report_progress(progress, total, message)
 
+        async def elicit(message: str, schema: dict[str, Any]) -> types.ElicitResult:
+            return await ctx.session.elicit_form(message, schema, ctx.request_id)
+
+        call = Call(progress=report, elicit=elicit if _can_elicit(ctx) else None)
         started = time.perf_counter()
         try:
-            result = await handler(args, report)
+            result = await handler(args, call)
         except TaleError as exc:
             raise MCPError(exc.code, exc.message) from None
         finally:

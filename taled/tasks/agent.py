@@ -114,13 +114,38 @@ class AgentLoop:
 
     async def prepare(self, task: TaskRecord, ws: WorkState, save: Save) -> None:
         """Make the task's workspace and checkpoint it (the diff's left side)."""
-        where = f"a copy of {task.workspace}" if task.workspace else "a scratch workspace"
         with self._acting.pinned():
-            workspace, tree = await self._acting.create_workspace(task.id, task.workspace)
+            made = await self._acting.create_workspace(task.id, task.workspace)
             ws.agent = AgentState(
-                workspace=str(workspace.root), base_tree=tree, tree=tree, source=task.workspace
+                workspace=str(made.workspace.root),
+                base_tree=made.tree,
+                tree=made.tree,
+                source=task.workspace,
+                git_dir=made.git_dir,
+                branch=made.branch,
+                git_base=made.git_base,
             )
-            await save(ws, CheckpointKind.ACT_START, "workspace", f"working in {where}")
+            await save(ws, CheckpointKind.ACT_START, "workspace", f"working in {made.where}")
+
+    async def prepare_step(
+        self, task: TaskRecord, ws: WorkState, shared: AgentState, brief: str, save: Save
+    ) -> None:
+        """A planned step's loop works in its parent task's workspace: its diff starts
+        from the workspace as the step finds it (hold the workspace's lock)."""
+        try:
+            workspace = self._acting.open_workspace(task.id, shared.workspace)
+        except NotFound as exc:
+            raise WorkspaceGone(exc.message) from None
+        with self._acting.pinned():
+            tree = await self._acting.snapshot(workspace)
+            ws.agent = AgentState(
+                workspace=shared.workspace,
+                base_tree=tree,
+                tree=tree,
+                source=shared.source,
+                brief=brief,
+            )
+            await save(ws, CheckpointKind.ACT_START, "workspace", "works in its task's workspace")
 
     async def run(self, task: TaskRecord, ws: WorkState, parts: LoopParts) -> str:
         """Carry the loop on from ``ws`` to the model's finish; returns its result.
@@ -499,10 +524,17 @@ class AgentLoop:
             if agent.source
             else "The workspace starts empty."
         )
+        asked = f"{task.text}\n\n({where})"
+        if agent.brief and task.parent_id is not None:
+            # A step's instruction comes first, read with its place in the whole task.
+            asked = f"{asked}\n\n{agent.brief}"
         messages: list[ChatMessage] = [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"{task.text}\n\n({where})"},
+            {"role": "user", "content": asked},
         ]
+        if agent.brief and task.parent_id is None:
+            # The planned task's check: a new instruction after the steps' work.
+            messages.append({"role": "user", "content": agent.brief})
         total = sum(len(s.result) for s in agent.steps)
         budget = self._settings.history_chars >> squeeze
         last_turn = agent.turns

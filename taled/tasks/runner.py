@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from taled.tasks.planning import planner
 from taled.tasks.planning.needs_tools import needs_tools
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
-from taled.tasks.workstate import Attempt, AttemptKey, WorkState
+from taled.tasks.workstate import AgentState, Attempt, AttemptKey, WorkState
 from taled.tools.base import ToolSpec
 from taled.tools.service import Acting
 from taled.tools.workspace import Workspace
@@ -186,6 +187,11 @@ class Runner:
         # task id -> (its call's cancel token, set once its worker let go of it)
         self._running: dict[str, tuple[CancelToken, asyncio.Event]] = {}
         self._parent_locks: dict[str, asyncio.Lock] = {}
+        # Held only while in use (a waiter keeps its lock alive); a finished workspace's
+        # lock goes with the last reference.
+        self._workspace_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._stopping = False
         self._stopped = asyncio.Event()
         # worker index -> (since, why): restarting after a failure (down), or alive but
@@ -548,34 +554,25 @@ class Runner:
         assessment = await self._assess(task, ws)
         route = self._router.for_task(task)
         criteria = gates.parse_criteria(list(task.criteria))
+        acting = task.act
         if ws.phase == "start" and self._acts(task):
-            assert self._agent is not None
+            assert self._acting is not None
             complexity = planner.classify(task.text)
             ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
-            ws.phase = "act"
+            planned = self._acting.settings.agent.plan and self._planned(complexity, assessment)
+            ws.phase = "plan" if planned else "act"
             if not task.act:
-                assert self._acting is not None
                 await self._acting.records.mark_acting(task.id)
-            await self._save(ws, CheckpointKind.START, "start", f"acts; runs on {route.role}")
-        if ws.phase == "act" and ws.agent is None:
+            acting = True
+            how = "acts in planned steps" if planned else "acts"
+            await self._save(ws, CheckpointKind.START, "start", f"{how}; runs on {route.role}")
+        if acting and ws.agent is None and ws.phase in ("act", "plan"):
             assert self._agent is not None
             await self._agent.prepare(task, ws, self._save)
-        if ws.phase == "act":
-            predicted = assessment.predicted_steps if assessment is not None else None
-            ws.result = await self._act(task, ws, route, criteria, token, predicted)
-            await self._complete(task, ws)
-            return
         if ws.phase == "start":
             complexity = planner.classify(task.text)
             ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
-            planned = (
-                self._planning.decompose
-                and (
-                    complexity.score >= self._planning.complex_min_score
-                    or self._learned_complex(assessment)
-                )
-                and self._may(assessment, "plan")
-            )
+            planned = self._planned(complexity, assessment)
             ws.phase = "plan" if planned else "answer"
             level = assessment.level if assessment is not None else complexity.level
             await self._save(
@@ -613,6 +610,17 @@ class Runner:
             await self._plan(task, ws, route, token)
         if ws.phase == "subtasks" and not await self._gather(task, ws):
             return  # waiting for its subtasks; the last one to finish queues it again
+        if ws.phase == "aggregate" and ws.agent is not None:
+            # An acting task's steps changed its workspace: the task itself checks the
+            # whole (its done-criteria gate its finish) instead of writing an answer.
+            await self._check_steps(task, ws)
+        if ws.phase == "act":
+            assert ws.agent is not None
+            predicted = assessment.predicted_steps if assessment is not None else None
+            async with self._workspace_lock(ws.agent.workspace):
+                ws.result = await self._act(task, ws, route, criteria, token, predicted)
+            await self._complete(task, ws)
+            return
         if ws.phase == "aggregate":
             plan = planner.Plan.from_json(ws.plan or {})
             messages = planner.aggregate_messages(
@@ -626,6 +634,18 @@ class Runner:
                 task, ws, "aggregate", messages, criteria, route, token, can_decompose=False
             )
             await self._complete(task, ws)
+
+    def _planned(self, complexity: planner.Complexity, assessment: Assessment | None) -> bool:
+        """Whether a task is planned into subtasks: complex by the rules or by history,
+        and history does not advise against planning."""
+        return (
+            self._planning.decompose
+            and (
+                complexity.score >= self._planning.complex_min_score
+                or self._learned_complex(assessment)
+            )
+            and self._may(assessment, "plan")
+        )
 
     async def _run_subtask(self, task: TaskRecord, ws: WorkState, token: CancelToken) -> None:
         assert task.parent_id is not None and task.step is not None
@@ -642,22 +662,33 @@ class Runner:
                 plan, task.step, outputs, self._planning.context_chars
             )
             parent = await self._store.get_task(task.parent_id)
-            messages = planner.step_messages(
-                parent.text, plan, task.step, context, self._settings.system_prompt
-            )
-            ws.result = await self._produce(
-                task,
-                ws,
-                task.step,
-                messages,
-                gates.parse_criteria([]),
-                self._router.for_task(task),
-                token,
-                can_decompose=False,
-            )
-            ws.phase = "done"
-            await self._save(ws, CheckpointKind.STEP_DONE, f"{task.step} done", "subtask finished")
-        await self._record_in_parent(task, ws.result or "")
+            shared = parent_state.agent
+            if shared is not None:
+                # Steps of one acting task share its workspace: one at a time writes there,
+                # and its tree goes to the parent before the next step may start.
+                async with self._workspace_lock(shared.workspace):
+                    brief = planner.step_brief(parent.text, plan, task.step, context)
+                    await self._act_step(task, ws, shared, brief, token)
+                    await self._record_in_parent(task, ws)
+            else:
+                messages = planner.step_messages(
+                    parent.text, plan, task.step, context, self._settings.system_prompt
+                )
+                ws.result = await self._produce(
+                    task,
+                    ws,
+                    task.step,
+                    messages,
+                    gates.parse_criteria([]),
+                    self._router.for_task(task),
+                    token,
+                    can_decompose=False,
+                )
+                ws.phase = "done"
+                await self._save(
+                    ws, CheckpointKind.STEP_DONE, f"{task.step} done", "subtask finished"
+                )
+        await self._record_in_parent(task, ws)
         if await self._finish(task.id, TaskState.COMPLETED, "step done", result=ws.result or ""):
             await self._settle_parent(task.parent_id)
 
@@ -721,7 +752,10 @@ class Runner:
     def _why_done(ws: WorkState) -> str:
         if ws.agent is not None:
             calls = len(ws.agent.steps)
-            return f"finished after {ws.agent.turns} model turns and {calls} tool calls"
+            how = f"finished after {ws.agent.turns} model turns and {calls} tool calls"
+            if ws.plan is not None:
+                how = f"did {len(ws.outputs)} planned steps, then checked the whole: " + how
+            return how
         final = "aggregate" if ws.plan is not None else "answer"
         attempts = ws.attempts.get(final, [])
         how = "answered"
@@ -815,7 +849,7 @@ class Runner:
                     ws,
                     CheckpointKind.SUBTASKS_DONE,
                     "subtasks done",
-                    "every step finished; aggregating",
+                    "every step finished; " + ("checking" if ws.agent else "aggregating"),
                 )
                 return True
             if len(ws.outputs) != before:
@@ -826,7 +860,13 @@ class Runner:
                     f"{len(ws.outputs)} of {len(plan.steps)} steps done",
                 )
             specs = [
-                SubtaskSpec(step=s.id, title=s.title, text=s.instruction, needs=tuple(s.needs))
+                SubtaskSpec(
+                    step=s.id,
+                    title=s.title,
+                    text=s.instruction,
+                    needs=tuple(s.needs),
+                    act=ws.agent is not None,
+                )
                 for s in plan.steps
                 if s.id not in ws.outputs
             ]
@@ -849,15 +889,18 @@ class Runner:
     async def _parent_state(self, parent_id: str) -> WorkState:
         return WorkState.from_json(await self._checkpoints.load(parent_id))
 
-    async def _record_in_parent(self, task: TaskRecord, result: str) -> None:
-        """Add a finished subtask's output to its parent's checkpoint (once)."""
+    async def _record_in_parent(self, task: TaskRecord, done: WorkState) -> None:
+        """Add a finished subtask's output to its parent's checkpoint (once); an acting
+        step's workspace tree too, so a restore to this point rewinds the files to it."""
         assert task.parent_id is not None and task.step is not None
         lock = self._parent_locks.setdefault(task.parent_id, asyncio.Lock())
         async with lock:
             ws = await self._parent_state(task.parent_id)
             if ws.round != task.round or task.step in ws.outputs:
                 return
-            ws.outputs[task.step] = result
+            ws.outputs[task.step] = done.result or ""
+            if ws.agent is not None and done.agent is not None:
+                ws.agent.tree = done.agent.tree
             plan_steps = len((ws.plan or {}).get("steps", []))
             await self._save(
                 ws,
@@ -1178,6 +1221,54 @@ class Runner:
 
     # -- acting ------------------------------------------------------------
 
+    def _workspace_lock(self, root: str) -> asyncio.Lock:
+        """The lock one workspace's writers hold: the loops of an acting task's planned
+        steps (and the task's own) never run in it at the same time."""
+        lock = self._workspace_locks.get(root)
+        if lock is None:
+            lock = self._workspace_locks[root] = asyncio.Lock()
+        return lock
+
+    async def _act_step(
+        self,
+        task: TaskRecord,
+        ws: WorkState,
+        shared: AgentState,
+        brief: str,
+        token: CancelToken,
+    ) -> None:
+        """One planned step of an acting task: its own loop (its own turns, calls and
+        checkpoints) in its parent's workspace; hold the workspace's lock around it."""
+        assert self._agent is not None
+        if ws.agent is None:
+            try:
+                await self._agent.prepare_step(task, ws, shared, brief, self._save)
+            except WorkspaceGone as exc:
+                raise _Failed(str(exc)) from None
+        ws.result = await self._act(task, ws, self._router.for_task(task), [], token)
+        ws.phase = "done"
+        await self._save(ws, CheckpointKind.STEP_DONE, f"{task.step} done", "subtask finished")
+
+    async def _check_steps(self, task: TaskRecord, ws: WorkState) -> None:
+        """After an acting task's planned steps: its loop goes on from the workspace the
+        steps left, told their results, to check the whole and finish."""
+        assert self._acting is not None and ws.agent is not None
+        plan = planner.Plan.from_json(ws.plan or {})
+        try:
+            workspace = self._acting.open_workspace(task.id, ws.agent.workspace)
+        except NotFound as exc:
+            raise _Failed(exc.message) from None
+        async with self._workspace_lock(ws.agent.workspace):
+            with self._acting.pinned():
+                ws.agent.tree = await self._acting.snapshot(workspace)
+                ws.agent.brief = planner.check_brief(
+                    plan, ws.outputs, self._planning.aggregate_chars
+                )
+                ws.phase = "act"
+                await self._save(
+                    ws, CheckpointKind.ACT_START, "check", "every step finished; checking the whole"
+                )
+
     def _acts(self, task: TaskRecord) -> bool:
         """Whether a task runs the agent loop: it asked to (a workspace, --act, a run:
         criterion), or the classifier sees it plainly needs files made or commands run."""
@@ -1233,9 +1324,13 @@ class Runner:
 
         parts = LoopParts(call_model=call_model, save=self._save, gate=gate, token=token)
         try:
-            return await self._agent.run(task, ws, parts)
+            result = await self._agent.run(task, ws, parts)
         except (CannotGoOn, WorkspaceGone) as exc:
+            # A git worktree's branch gets the work either way, before the task's end shows.
+            await acting.settle_workspace(task, ws.agent, "failed", str(exc))
             raise _Failed(str(exc)) from None
+        await acting.settle_workspace(task, ws.agent, "completed", result)
+        return result
 
     def _messages(self, text: str) -> list[ChatMessage]:
         return [

@@ -23,6 +23,8 @@ __all__ = ["AgentState", "Attempt", "AttemptKey", "Phase", "StepStatus", "ToolSt
 Phase = Literal["start", "answer", "plan", "subtasks", "aggregate", "act", "done"]
 _PHASES = ("start", "answer", "plan", "subtasks", "aggregate", "act", "done")
 FORMAT = 1
+# A git worktree's AgentState fields, left out of a checkpoint when None.
+_AGENT_GIT = ("git_dir", "branch", "git_base")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,19 @@ class AgentState:
     seconds: float = 0.0
     """Wall time spent in the loop so far (not counting waits for a person)."""
     gate_failures: int = 0
+    brief: str | None = None
+    """What the model reads after the task's text when the loop is part of a plan: for a
+    step, the whole task and the earlier steps' results; for the planned task itself, the
+    steps' results to check before it finishes."""
+    git_dir: str | None = None
+    """A git worktree's administrative directory in the user's repository, read when the
+    worktree was made (None: not a worktree). Trusted, unlike the workspace's own ``.git``
+    file, which a command in the sandbox can rewrite."""
+    branch: str | None = None
+    """The worktree's branch, ``tale/<task id>``, where the result is committed."""
+    git_base: str | None = None
+    """The commit the task's work starts from on that branch (the user's HEAD, or a commit
+    of their uncommitted changes on top of it)."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AgentState:
@@ -171,6 +186,10 @@ class WorkState:
                 written["key"] = str(attempt.key)
         if out["agent"] is None:
             del out["agent"]  # a task that only answers writes what it always wrote
+        else:
+            for key in _AGENT_GIT:
+                if out["agent"][key] is None:
+                    del out["agent"][key]  # nor does one in a managed copy
         out["format"] = FORMAT
         return out
 

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from taled.checkpoints.repo import CheckpointStore
 from taled.db.acting import ActingRecords, Approval, ApprovalKind, ApprovalState
-from taled.errors import IllegalTransition, InvalidInput, NotFound, Unavailable
+from taled.db.store import TaskRecord
+from taled.errors import IllegalTransition, InvalidInput, NotFound, TaleError, Unavailable
 from taled.settings import Decision, SandboxSettings, ToolsSettings
+from taled.tools import worktree
 from taled.tools.base import ToolCall, ToolResult, ToolSpec
 from taled.tools.builtin import BUILTIN, ToolContext, call_builtin, validate
 from taled.tools.mcp_client import McpServers
 from taled.tools.policy import Policy
 from taled.tools.workspace import ApplyReport, Workspace, apply_tree, diff_trees, remove_tree
 
-__all__ = ["Acting", "WorkspaceView"]
+__all__ = ["Acting", "NewWorkspace", "WorkspaceRecord", "WorkspaceView"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,45 @@ class WorkspaceView:
     source: Path | None
     base_tree: str
     tree: str
+
+
+class WorkspaceRecord(Protocol):
+    """What ``settle_workspace`` reads of an acting task's checkpointed state (the
+    runner's ``AgentState``)."""
+
+    workspace: str
+    git_dir: str | None
+    branch: str | None
+
+
+@dataclass(frozen=True)
+class NewWorkspace:
+    """A task's workspace as made at its start."""
+
+    workspace: Workspace
+    tree: str
+    """The workspace's first snapshot (the diff's left side)."""
+    git_dir: str | None = None
+    """A git worktree's administrative directory (None: a managed copy or scratch)."""
+    branch: str | None = None
+    """The worktree's branch, ``tale/<task id>``."""
+    git_base: str | None = None
+    """The commit on that branch the task's work starts from."""
+
+    @property
+    def where(self) -> str:
+        """Where the task works, for its checkpoint's message."""
+        source = self.workspace.source
+        if source is None:
+            return "a scratch workspace"
+        if self.branch is not None:
+            return f"a git worktree of {source} on branch {self.branch}"
+        return f"a copy of {source}"
+
+
+# Lines of a task's result kept in its worktree commit's message.
+_RESULT_LINES = 20
+_RESULT_CHARS = 2000
 
 
 class Acting:
@@ -112,25 +154,98 @@ class Acting:
         """Where a ``run`` call's output streams (kept if the daemon dies mid-call)."""
         return self._outputs / task_id / f"{call_id}.log"
 
-    async def create_workspace(self, task_id: str, source: str | None) -> tuple[Workspace, str]:
-        """A fresh workspace for a task (a copy of ``source``, or empty) and its tree.
+    async def create_workspace(self, task_id: str, source: str | None) -> NewWorkspace:
+        """A fresh workspace for a task and its tree: a git worktree of ``source`` on
+        branch ``tale/<task id>`` when it is the top of a git work tree with a commit
+        (``tools.workspace.git_worktree``), else a managed copy of it, or empty.
 
         Whatever a crash left at the path before the task's first checkpoint is removed:
         no checkpoint names it, so it holds nothing anyone could come back to.
         """
         root = self.workspace_root(task_id)
-        if root.exists():
+        await self._clear(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        made: NewWorkspace | None = None
+        if source is not None:
+            made = await self._worktree(task_id, Path(source), root)
+        if made is None:
+            if source is not None:
+                workspace = await asyncio.to_thread(
+                    Workspace.copy_of, Path(source), root, self.settings.workspace
+                )
+            else:
+                workspace = await asyncio.to_thread(Workspace.empty, root, self.settings.workspace)
+            made = NewWorkspace(workspace, tree="")
+        self._open[task_id] = made.workspace
+        return dataclasses.replace(made, tree=await self.snapshot(made.workspace))
+
+    async def _worktree(self, task_id: str, source: Path, root: Path) -> NewWorkspace | None:
+        """A git worktree of ``source`` at ``root``, filled with what the user sees there
+        (uncommitted changes included, committed as the branch's first commit); None
+        when ``source`` is no repository's top or git fails (logged): copy instead."""
+        settings = self.settings.workspace
+        repo = await worktree.detect(source) if settings.git_worktree else None
+        if repo is None:
+            return None
+        branch = worktree.branch_for(task_id)
+        try:
+            git_dir = await worktree.add(repo, root, branch)
+        except TaleError as exc:
+            log.warning("task %s: %s; it works in a managed copy instead", task_id, exc.message)
+            await worktree.discard(repo, root)
+            await self._clear(root)
+            return None
+        try:
+            workspace = await asyncio.to_thread(
+                Workspace.copy_of, source, root, settings, keep=frozenset({".git"})
+            )
+        except BaseException:
+            await worktree.discard(repo, root)
+            raise
+        message = f"tale: the uncommitted changes in {source} when task {task_id} started"
+        try:
+            base = await worktree.begin(git_dir, root, message, settings.exclude)
+        except TaleError as exc:
+            log.warning("task %s: %s; it works in a managed copy instead", task_id, exc.message)
+            await worktree.discard(repo, root)
+            await self._clear(root)
+            return None
+        log.info("task %s works in a git worktree of %s on branch %s", task_id, repo, branch)
+        return NewWorkspace(workspace, "", str(git_dir), branch, base)  # tree: taken next
+
+    async def settle_workspace(
+        self, task: TaskRecord, agent: WorkspaceRecord | None, outcome: str, detail: str
+    ) -> None:
+        """At an acting task's end, commit its git worktree on its branch (nothing for a
+        managed copy or a scratch workspace). A git failure is logged, never the task's."""
+        if agent is None or agent.git_dir is None:
+            return
+        about = (task.title or task.text).strip().splitlines()
+        message = f"tale {task.id[:8]}: {about[0][:72] if about else 'a task'}\n\n{outcome}"
+        lines = detail.strip().splitlines()[:_RESULT_LINES]
+        if lines:
+            message += ":\n\n" + "\n".join(lines)[:_RESULT_CHARS]
+        message += "\n"
+        try:
+            commit = await worktree.commit_result(
+                Path(agent.git_dir), Path(agent.workspace), message, self.settings.workspace.exclude
+            )
+        except TaleError as exc:
+            log.warning(
+                "task %s: its result was not committed on branch %s: %s",
+                task.id,
+                agent.branch,
+                exc.message,
+            )
+            return
+        log.info(
+            "task %s: its result is commit %s on branch %s", task.id, commit[:12], agent.branch
+        )
+
+    async def _clear(self, root: Path) -> None:
+        if root.exists() or root.is_symlink():
             # Iterative removal: a deep tree a killed run left must not raise RecursionError.
             await asyncio.to_thread(remove_tree, root)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        if source is not None:
-            workspace = await asyncio.to_thread(
-                Workspace.copy_of, Path(source), root, self.settings.workspace
-            )
-        else:
-            workspace = await asyncio.to_thread(Workspace.empty, root, self.settings.workspace)
-        self._open[task_id] = workspace
-        return workspace, await self.snapshot(workspace)
 
     def open_workspace(self, task_id: str, root: str, *, create: bool = False) -> Workspace:
         """The task's workspace, opened again after a restart; NotFound if it is gone

@@ -189,8 +189,16 @@ class Workspace:
     # --- making one ---------------------------------------------------------------
 
     @classmethod
-    def copy_of(cls, source: Path, root: Path, settings: WorkspaceSettings) -> Workspace:
-        """Copy the directory ``source`` into ``root`` (made; must be absent or empty).
+    def copy_of(
+        cls,
+        source: Path,
+        root: Path,
+        settings: WorkspaceSettings,
+        *,
+        keep: frozenset[str] = frozenset(),
+    ) -> Workspace:
+        """Copy the directory ``source`` into ``root`` (made; must be absent or empty but
+        for the excluded names in ``keep``: a git worktree's ``.git`` file).
 
         Refused (``InvalidInput``, naming the setting) when the files to copy are more
         than ``max_files`` or bigger than ``max_copy_mb``, before anything is copied.
@@ -208,14 +216,15 @@ class Workspace:
         root = Path(root)
         plan = _plan_copy(real_source, root.resolve(), exclude, settings)
         made_root = not root.exists()
-        if not made_root and any(root.iterdir()):
+        keep = keep & exclude  # never a name the copy itself would write
+        if not made_root and any(p.name not in keep for p in root.iterdir()):
             raise InvalidInput(f"cannot copy into {root}: it is not empty")
         try:
             root.mkdir(parents=True, exist_ok=True)
             skipped = _copy(real_source, root, plan)
         except BaseException as exc:
             with contextlib.suppress(OSError):
-                _remove_tree(root, frozenset(), keep_top=not made_root)
+                _remove_tree(root, keep, keep_top=not made_root)
             if is_no_space(exc):
                 raise DiskFull(str(root), f"copying {source}") from exc
             if isinstance(exc, OSError):

@@ -39,12 +39,14 @@ __all__ = [
     "PlanError",
     "Step",
     "aggregate_messages",
+    "check_brief",
     "classify",
     "dependency_context",
     "features",
     "heuristic_plan",
     "parse_plan",
     "plan_messages",
+    "step_brief",
     "step_messages",
 ]
 
@@ -1116,6 +1118,31 @@ def step_messages(
         parts.append(f"Results of earlier steps:\n{context}")
     parts.append("Do only this step and reply with its result.")
     return [*_system(system_prompt), {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def step_brief(task_text: str, plan: Plan, step_id: str, context: str) -> str:
+    """What an acting step's loop reads after its instruction: the whole task, where the
+    step stands in the plan, and its dependencies' results."""
+    position = [s.id for s in plan.steps].index(step_id) + 1
+    parts = [
+        f"This is step {position} of {len(plan.steps)} of a larger task. The whole task: "
+        f"{_clip(task_text, _TASK_PROMPT_CHARS)}"
+    ]
+    if context:
+        parts.append(f"Results of earlier steps:\n{context}")
+    parts.append("Do only this step, then call finish saying what you did.")
+    return "\n\n".join(parts)
+
+
+def check_brief(plan: Plan, outputs: dict[str, str], max_chars: int) -> str:
+    """What an acting task's own loop reads once its planned steps are done."""
+    results, _ = _blocks(plan, [s.id for s in plan.steps], outputs, max_chars)
+    return (
+        f"The task was done in {len(plan.steps)} planned steps, in this workspace. "
+        f"What each step reported:\n\n{results}\n\n"
+        "Check that the whole task is done (read the files; run its tests if it has "
+        "any), fix what is missing, then call finish with a summary of the result."
+    )
 
 
 def aggregate_messages(
