@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,11 @@ app = typer.Typer(
 )
 daemon_app = typer.Typer(help="Start, stop and inspect the daemon.", no_args_is_help=True)
 app.add_typer(daemon_app, name="daemon", rich_help_panel="Daemon")
+schedules_app = typer.Typer(
+    help="Tasks that run later or again (submit --at / --every): listed with their next "
+    "run in local time; pause, resume, delete or show one by ID."
+)
+app.add_typer(schedules_app, name="schedules", rich_help_panel="Tasks")
 
 
 def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -195,9 +201,40 @@ def submit(
     act: Annotated[
         bool, typer.Option("--act", help="Give the task tools in a fresh scratch workspace.")
     ] = False,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            metavar="WHEN",
+            help="Run it once, later: 07:00 (its next occurrence), 'tomorrow 07:00', 'in 20m', "
+            "or an ISO date-time (local unless it has an offset). Prints the schedule's id.",
+        ),
+    ] = None,
+    every: Annotated[
+        str | None,
+        typer.Option(
+            "--every",
+            metavar="SPEC",
+            help="Run it again and again: a cron expression ('30 8 * * 1-5') or 'mon-fri "
+            "08:30', 'daily 07:00', 'hourly', 'every 2h', 'every 15m'. Prints the schedule's id.",
+        ),
+    ] = None,
+    missed: Annotated[
+        str | None,
+        typer.Option(
+            "--missed",
+            metavar="POLICY",
+            help="With --at/--every: run_once (one run at start for the times missed while "
+            "the daemon was down) or skip; default: the daemon's schedules.missed.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Queue a task and print its id (or, with --wait, follow it and print its result)."""
+    """Queue a task and print its id (or, with --wait, follow it and print its result).
+
+    With --at or --every it is scheduled instead: each run is a task of its own.
+    """
+    when = _schedule_args(at, every, missed, wait)
     text = _read_text(text, file, "task text")
     if not text.strip():
         raise CliError("task text is empty; say what you want done", Exit.USAGE)
@@ -217,6 +254,9 @@ def submit(
         args["workspace"] = where
     if act:
         args["act"] = True
+    if when:
+        _submit_schedule({**args, **when}, json_out)
+        return
     with _connect() as conn:
         task = conn.call_tool("submit_task", args)
         if not wait:
@@ -224,6 +264,55 @@ def submit(
             return
         task = _follow(conn, task["id"], quiet=json_out)
     _print_final(task, json_out)
+
+
+def _schedule_args(
+    at: str | None, every: str | None, missed: str | None, wait: bool
+) -> dict[str, str]:
+    """The schedule arguments of a submit (none for a task now); usage errors first."""
+    if at is not None and every is not None:
+        raise CliError("give --at (once) or --every (again and again), not both", Exit.USAGE)
+    if at is None and every is None:
+        if missed is not None:
+            raise CliError("--missed goes with --at or --every", Exit.USAGE)
+        return {}
+    if wait:
+        raise CliError(
+            "--wait follows a task that runs now; a scheduled one runs later "
+            "(`tale schedules` shows when)",
+            Exit.USAGE,
+        )
+    if missed is not None and missed not in ("run_once", "skip"):
+        raise CliError(f"--missed must be run_once or skip, not {missed!r}", Exit.USAGE)
+    found: dict[str, str] = {"at": at} if at is not None else {"every": every or ""}
+    if missed is not None:
+        found["missed"] = missed
+    # The zone the person reads times in, when their shell names one; else the daemon's.
+    zone = os.environ.get("TZ", "").lstrip(":")
+    if re.fullmatch(r"[A-Za-z_]+(?:/[A-Za-z0-9_+\-]+)*", zone):
+        found["timezone"] = zone
+    return found
+
+
+def _submit_schedule(args: dict[str, Any], json_out: bool) -> None:
+    with _connect() as conn:
+        schedule = conn.call_tool("submit_task", args)
+    if json_out:
+        emit_json(schedule)
+        return
+    emit(schedule["id"])
+    note(
+        f"scheduled ({_when(schedule)}): next run {_local(schedule['next_run'])}; "
+        "`tale schedules` lists it"
+    )
+
+
+def _local(stamp: str | None) -> str:
+    """A UTC timestamp from the daemon in this machine's local time, or "-"."""
+    if not stamp:
+        return "-"
+    when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone()
+    return when.strftime("%a %Y-%m-%d %H:%M %Z")
 
 
 def _follow(conn: Connection, task_id: str, quiet: bool) -> dict[str, Any]:
@@ -358,6 +447,9 @@ def _print_task(task: dict[str, Any]) -> None:
         )
     if task.get("workspace"):
         emit(f"works on  a copy of {task['workspace']}")
+    if task.get("schedule_id"):
+        sid = task["schedule_id"]
+        emit(f"schedule  a run of {sid} (`tale schedules show {sid}`)")
     if task.get("approvals"):
         emit("waiting for you")
         for a in task["approvals"]:
@@ -540,6 +632,87 @@ def priority(
     task = _task_action("set_priority", {"id": task_id, "priority": value}, json_out, quiet=True)
     if not json_out:
         emit(f"task {task['id']} {task['state']}, priority {task['priority']}")
+
+
+# The daemon's taled.retention.age.AGE_PATTERN (a test pins the two equal): checked here
+# too, so a typo is exit 2 without a daemon being started.
+AGE_PATTERN = r"([1-9][0-9]{0,5})([smhdw])"
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def delete(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="A finished top-level task.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Forget a finished task everywhere: its text, result, checkpoints, workspace and
+    the conversation turns that submitted it (token counts are kept, anonymous).
+
+    A live task is refused: `tale cancel ID` first. docs/operations.md says what goes.
+    """
+    with _connect() as conn:
+        done = conn.call_tool("delete_task", {"id": task_id})
+    if json_out:
+        emit_json(done)
+        return
+    subtasks = len(done["tasks"]) - 1
+    more = f" and its {subtasks} subtask(s)" if subtasks else ""
+    emit(f"task {done['id']}{more} forgotten; token counts kept")
+    _scrub_notes(done["scrubbed"])
+
+
+@app.command(rich_help_panel="Tasks")
+@handle_errors
+def purge(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            metavar="AGE",
+            help="Forget finished tasks last updated longer ago than this: 90m, 12h, 30d, "
+            "2w (s, m, h, d, w).",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only list what would be forgotten.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Forget every finished top-level task older than AGE, as `tale delete` does.
+
+    `retention.keep_days` in the config does this by itself.
+    """
+    if re.fullmatch(AGE_PATTERN, older_than.strip()) is None:
+        raise CliError(
+            f"--older-than {older_than!r}: give a whole number and a unit, like 90m, 12h, "
+            "30d or 2w (units: s, m, h, d, w)",
+            Exit.USAGE,
+        )
+    with _connect() as conn:
+        done = conn.call_tool("purge_tasks", {"older_than": older_than, "dry_run": dry_run})
+    if json_out:
+        emit_json(done)
+        return
+    for t in done["tasks"]:
+        text = f"  {t['text']}" if "text" in t else ""
+        emit(f"{t['id']:<12}  {t['state']:<9}  {t['updated_at']}{text}")
+    for s in done["skipped"]:
+        note(f"kept {s['id']}: {s['reason']}")
+    verb = "would forget" if done["dry_run"] else "forgot"
+    note(f"{verb} {len(done['tasks'])} task(s) last updated before {done['cutoff']}")
+    if done.get("scrubbed"):
+        _scrub_notes(done["scrubbed"])
+
+
+def _scrub_notes(scrubbed: dict[str, Any]) -> None:
+    """Say on stderr what a forgetting could not scrub yet (the log says why)."""
+    if not scrubbed.get("database", True):
+        note("the database's log was busy; the text leaves it at its next checkpoint")
+    if not scrubbed.get("checkpoint_objects", True):
+        note("the checkpoint repository was busy; its objects go at the daemon's next start")
+    backups = str(scrubbed.get("backups", ""))
+    if backups.startswith("not"):
+        note(f"backups {backups}")
 
 
 def _task_action(
@@ -730,6 +903,127 @@ def usage(
     from tale_client.usage_view import render
 
     emit_rich(render(printable_doc(report)))
+
+
+# -- schedules ----------------------------------------------------------------
+
+SCHEDULE_STATES = ("active", "paused", "done")
+ScheduleId = Annotated[
+    str, typer.Argument(metavar="ID", help="A schedule id, or a unique prefix of 4+ digits.")
+]
+
+
+@schedules_app.callback(invoke_without_command=True)
+@handle_errors
+def schedules(
+    ctx: typer.Context,
+    state: Annotated[
+        str | None,
+        typer.Option("--state", "-s", help=f"Only schedules: {', '.join(SCHEDULE_STATES)}."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", help="Most schedules shown.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Schedules: active ones by next run (local time), then paused, then done."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if state is not None and state not in SCHEDULE_STATES:
+        raise CliError(f"unknown state {state!r}; one of: {', '.join(SCHEDULE_STATES)}", Exit.USAGE)
+    if limit is not None and limit < 1:
+        raise CliError(f"--limit must be at least 1, not {limit}", Exit.USAGE)
+    args: dict[str, Any] = {}
+    if state is not None:
+        args["state"] = state
+    if limit is not None:
+        args["limit"] = limit
+    with _connect() as conn:
+        found = conn.call_tool("list_schedules", args)["schedules"]
+    if json_out:
+        emit_json({"schedules": found})
+        return
+    if not found:
+        emit("no schedules (tale submit --at WHEN or --every SPEC makes one)")
+        return
+    width = max([len("WHEN"), *(len(_when(s)) for s in found)])
+    emit(f"{'ID':<12}  {'NEXT RUN':<24}  {'WHEN':<{width}}  {'STATE':<6}  {'RUNS':>4}  TEXT")
+    for s in found:
+        text = " ".join(s["text"].split())
+        text = text if len(text) <= 40 else text[:39] + "…"
+        emit(
+            f"{s['id']:<12}  {_local(s['next_run']):<24}  {_when(s):<{width}}  "
+            f"{s['state']:<6}  {s['runs']:>4}  {text}"
+        )
+
+
+def _when(s: dict[str, Any]) -> str:
+    """How a person says when: ``at 07:00``, ``every mon-fri 08:30``, ``hourly``."""
+    expression = s["expression"]
+    first = (expression.split() or [""])[0].lower()
+    if s["kind"] == "every" and (first in ("every", "hourly", "daily") or first[:1] == "@"):
+        return str(expression)
+    return f"{s['kind']} {expression}"
+
+
+@schedules_app.command("show")
+@handle_errors
+def schedules_show(schedule_id: ScheduleId, json_out: JsonOpt = False) -> None:
+    """One schedule, and what became of each of its due times (ran, caught up, skipped)."""
+    with _connect() as conn:
+        s = conn.call_tool("get_schedule", {"id": schedule_id})
+    if json_out:
+        emit_json(s)
+        return
+    cron = f"cron {s['cron']}, " if s.get("cron") else ""
+    emit(f"id        {s['id']}")
+    emit(f"when      {_when(s)}  ({cron}{s['timezone']})")
+    emit(f"state     {s['state']}")
+    emit(f"next run  {_local(s['next_run'])}")
+    last = f", last task {s['last_task_id']}" if s["last_task_id"] else ""
+    emit(f"runs      {s['runs']}{last}")
+    emit(f"missed    {s['missed_runs']} (policy {s['missed_policy']})")
+    emit(f"text      {s['text']}")
+    if s.get("history"):
+        emit("history")
+        for r in s["history"]:
+            task = f"task {r['task_id']}" if r["task_id"] else "no task"
+            missed = f"  ({r['missed']} missed)" if r["missed"] else ""
+            emit(f"  due {_local(r['due_at']):<24}  {r['outcome']:<9}  {task}{missed}")
+
+
+@schedules_app.command("pause")
+@handle_errors
+def schedules_pause(schedule_id: ScheduleId, json_out: JsonOpt = False) -> None:
+    """Stop a schedule from running until resumed."""
+    _schedule_action("pause_schedule", schedule_id, json_out)
+
+
+@schedules_app.command("resume")
+@handle_errors
+def schedules_resume(schedule_id: ScheduleId, json_out: JsonOpt = False) -> None:
+    """Run a paused schedule again, from its next time after now."""
+    _schedule_action("resume_schedule", schedule_id, json_out)
+
+
+@schedules_app.command("delete")
+@handle_errors
+def schedules_delete(schedule_id: ScheduleId, json_out: JsonOpt = False) -> None:
+    """Delete a schedule; the tasks it already ran stay."""
+    _schedule_action("delete_schedule", schedule_id, json_out)
+
+
+def _schedule_action(tool: str, schedule_id: str, json_out: bool) -> None:
+    with _connect() as conn:
+        s = conn.call_tool(tool, {"id": schedule_id})
+    if json_out:
+        emit_json(s)
+    elif s.get("deleted"):
+        emit(f"schedule {s['id']} deleted (the {s['runs']} task(s) it ran stay)")
+    elif s["state"] == "active":
+        emit(f"schedule {s['id']} active, next run {_local(s['next_run'])}")
+    else:
+        emit(f"schedule {s['id']} {s['state']}")
 
 
 # -- talking ------------------------------------------------------------------

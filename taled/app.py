@@ -7,8 +7,12 @@
               → the learning engine → requeue interrupted tasks (each resumes from
               its latest checkpoint; a crash, not a kill, counts against them) and
               finish restores a crash cut off → load the models → listen → READY=1 → start
-              the workers; in the background, load the embedding model and back
-              the database up (then every store.backup_interval_minutes)
+              the workers; in the background, load the embedding model, back
+              the database up (then every store.backup_interval_minutes), and
+              finish a forgetting a crash cut off, then forget tasks past
+              retention.keep_days (then every retention.sweep_interval_hours)
+              → start the scheduler (its first pass runs or skips, by schedules.missed,
+              what came due while the daemon was down)
     main loop serve MCP sessions and ping the watchdog until SIGTERM/SIGINT
     shutdown  STOPPING=1 → refuse new tasks → let running calls finish within the
               grace period, then stop them (their tasks go back to the queue)
@@ -44,6 +48,7 @@ from taled.daemon.sdnotify import Notifier
 from taled.daemon.server import build_server
 from taled.daemon.transport import SocketListener
 from taled.db.acting import ActingRecords
+from taled.db.schedules import ScheduleRecords
 from taled.db.store import Store
 from taled.errors import TaleError
 from taled.learning.embeddings import EmbeddingService
@@ -53,6 +58,9 @@ from taled.models.routing import Router
 from taled.reporting.metrics import Metrics
 from taled.reporting.monitor import Monitor
 from taled.reporting.usage import UsageReport
+from taled.retention.forget import Forgetting
+from taled.retention.sweep import Sweep
+from taled.schedules.service import Schedules
 from taled.settings import Settings
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
@@ -158,6 +166,22 @@ class App:
             monitor=self.monitor,
         )
         self.usage = UsageReport(self.store, self.monitor, settings.usage, settings.chat)
+        # Tasks that run later or again; the scheduler starts after READY.
+        self.schedules = Schedules(ScheduleRecords(self.store), self.queue, settings.schedules)
+        # Forgetting tasks (tale delete / purge) and retention.keep_days.
+        self.forgetting = Forgetting(
+            self.store,
+            self.checkpoints,
+            self.acting,
+            self.runner,
+            self.progress,
+            self.learning,
+            data_dir=paths.data_dir(),
+            backups=paths.data_dir() / "backups",
+            take_backups=bool(settings.store.backup_interval_minutes),
+            title_chars=settings.chat.title_chars,
+        )
+        self.sweep = Sweep(self.forgetting, settings.retention)
         self.server = build_server(
             self.store,
             self.queue,
@@ -174,6 +198,9 @@ class App:
             stream_interval=settings.chat.stream_interval_ms / 1000,
             usage=self.usage,
             acting=self.acting,
+            schedules=self.schedules,
+            schedule_limit=settings.schedules.list_limit,
+            forgetting=self.forgetting,
         )
         self._init_options = self.server.create_initialization_options()
         self._stop = anyio.Event()
@@ -252,7 +279,12 @@ class App:
                     # After READY, not before: the embedding model's load must not delay it.
                     tg.start_soon(self.learning.warm)
                     tg.start_soon(self._backups)
+                    tg.start_soon(self.sweep.run)
                     tg.start_soon(self.mcp.start)
+                    if self.settings.schedules.enabled:
+                        # Its first pass applies the missed-run policy to what came due
+                        # while the daemon was down.
+                        tg.start_soon(self.schedules.run)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")

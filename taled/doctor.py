@@ -67,6 +67,7 @@ __all__ = [
     "is_damage",
     "main",
     "rebuild_fts",
+    "replace_backups",
     "restore_database",
     "take_backup",
 ]
@@ -272,8 +273,9 @@ def _stamp(at: float | None = None) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
 
 
-def take_backup(db: Path, directory: Path, keep: int) -> Path | None:
-    """Back ``db`` up into ``directory`` and keep the newest ``keep``; None when unchanged.
+def take_backup(db: Path, directory: Path, keep: int, *, force: bool = False) -> Path | None:
+    """Back ``db`` up into ``directory`` and keep the newest ``keep``; None when unchanged
+    (``force``: taken even so).
 
     Uses SQLite's backup API in one step: under WAL that is one read snapshot, so
     the daemon's writer never waits for it. The copy is written 0600 under a
@@ -287,7 +289,7 @@ def take_backup(db: Path, directory: Path, keep: int) -> Path | None:
     if not db.exists():
         return None
     changed = _changed_ns(db)
-    existing = backups(directory)
+    existing = [] if force else backups(directory)
     if existing and existing[0].stat().st_mtime_ns >= changed:
         return None
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -326,6 +328,20 @@ def take_backup(db: Path, directory: Path, keep: int) -> Path | None:
     for old in backups(directory)[keep:]:
         old.unlink(missing_ok=True)
     return final
+
+
+def replace_backups(db: Path, directory: Path, *, take: bool) -> Path | None:
+    """Replace every backup in ``directory`` by one fresh backup of ``db`` (``take``), or
+    by none (backups are off): after a task is forgotten, the older ones still hold it.
+
+    The older backups go only once the fresh one is written and has passed its check; a
+    fresh one that fails it (StoreDamaged) leaves them, as a damaged database needs them.
+    """
+    fresh = take_backup(db, directory, 1, force=True) if take else None
+    for old in backups(directory):
+        if old != fresh:
+            old.unlink(missing_ok=True)
+    return fresh
 
 
 def restore_database(db: Path, directory: Path) -> tuple[Path, Path] | None:

@@ -51,10 +51,12 @@ __all__ = [
     "PlannerSettings",
     "PoolSettings",
     "QueueSettings",
+    "RetentionSettings",
     "Role",
     "RunToolSettings",
     "RunnerSettings",
     "SandboxSettings",
+    "ScheduleSettings",
     "ServerSettings",
     "Settings",
     "StoreSettings",
@@ -822,6 +824,42 @@ class LearningSettings(BaseModel):
         return value.strip()
 
 
+class RetentionSettings(BaseModel):
+    """Forgetting old tasks by themselves (what ``tale purge`` does, on a timer)."""
+
+    model_config = _STRICT
+
+    keep_days: float = Field(default=0.0, ge=0, le=36_500)
+    """Finished top-level tasks last updated more than this many days ago are forgotten
+    (text, results, conversation turns, checkpoints, workspaces; token counts are kept);
+    0 keeps every task. Fractions count: 0.5 is twelve hours."""
+    sweep_interval_hours: float = Field(default=6.0, gt=0, le=8760)
+    """How often the daemon looks for tasks past keep_days (and once at start-up)."""
+
+
+class ScheduleSettings(BaseModel):
+    """Schedules: tasks that run later (tale submit --at) or again (--every)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    """Run schedules. Off, the daemon keeps the schedules it has but fires none and takes
+    no new ones; turned on again, the times that passed meanwhile follow ``missed``."""
+    missed: Literal["skip", "run_once"] = "run_once"
+    """What a schedule does about due times that passed while the daemon (or the machine)
+    was down: run_once runs its task once, at start, standing for all of them; skip runs
+    none and waits for its next time. Either is recorded (tale schedules show ID). A
+    schedule may choose its own (tale submit --missed)."""
+    grace_seconds: float = Field(default=300.0, ge=1, le=86_400)
+    """A due time the running daemon reaches this late (a machine that was suspended, a
+    clock set forward) counts as missed too, and follows ``missed``."""
+    max_sleep_seconds: float = Field(default=60.0, ge=0.05, le=86_400)
+    """The scheduler sleeps until the next due time, but reads the clock at least this
+    often, so a suspend or a changed clock is noticed within it."""
+    list_limit: int = Field(default=100, ge=1, le=100_000)
+    """Schedules listed when no limit is asked for."""
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be configured with."""
 
@@ -849,6 +887,10 @@ class Settings(BaseSettings):
     learning: LearningSettings = Field(default_factory=LearningSettings)
     tools: ToolsSettings = Field(default_factory=ToolsSettings)
     """Acting tasks: workspaces, tools, MCP servers, permissions."""
+    schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    """Tasks that run later or again."""
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    """Forgetting old tasks by themselves."""
 
     @classmethod
     def settings_customise_sources(

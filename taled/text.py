@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from taled.errors import InvalidInput
 
-__all__ = ["clean_text"]
+__all__ = ["clean_text", "one_line", "word_set"]
 
 
 def clean_text(text: str, *, what: str, limit: int, empty_hint: str, too_long_hint: str) -> str:
@@ -22,3 +22,10 @@ def clean_text(text: str, *, what: str, limit: int, empty_hint: str, too_long_hi
 def word_set(text: str) -> frozenset[str]:
     """The whitespace-separated words of ``text``, for word lists written as prose."""
     return frozenset(text.split())
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` on one line (whitespace runs as one space), cut to ``limit`` characters with
+    an ellipsis: how a conversation is titled after its first message."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"

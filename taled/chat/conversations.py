@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from taled.db.schema import conversation_tasks, conversations, messages
 from taled.db.store import Store, new_task_id
 from taled.errors import NotFound
+from taled.text import one_line
 
 __all__ = ["Conversation", "Conversations", "Message", "Pending"]
 
@@ -121,9 +122,7 @@ class Conversations:
     async def create(self, first_text: str) -> Conversation:
         """A new, empty conversation titled after its first message."""
         now = time.time()
-        title = " ".join(first_text.split())
-        if len(title) > self._title_chars:
-            title = title[: self._title_chars - 1].rstrip() + "…"
+        title = one_line(first_text, self._title_chars)
         cid = new_task_id()
 
         async def apply(conn: AsyncConnection) -> None:

@@ -30,10 +30,14 @@ from taled.chat.service import ChatService, Turn
 from taled.checkpoints.repo import Checkpoint, CheckpointStore
 from taled.daemon.elicitation import Asker, Elicit
 from taled.db.acting import Approval, ApprovalState
+from taled.db.schedules import MissedPolicy, Schedule, ScheduleRun, ScheduleState
 from taled.db.store import Store, TaskRecord
 from taled.errors import IllegalTransition, InvalidInput, TaleError
 from taled.reporting.metrics import Metrics
 from taled.reporting.usage import UsageReport
+from taled.retention.forget import Forgetting
+from taled.schedules.service import ScheduleRequest, Schedules
+from taled.schedules.timing import zone_or_utc
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.progress import Progress, ProgressHub
 from taled.tasks.queue import TaskQueue
@@ -88,6 +92,34 @@ class SubmitTaskArgs(_Args):
         description="Give the task tools in a fresh scratch workspace (implied by workspace "
         "and by a run: criterion).",
     )
+    at: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Run the task once, later, instead of now: '07:00' (its next occurrence), "
+        "'tomorrow 07:00', 'in 20m', or an ISO 8601 date-time ('2026-12-02T07:00', local "
+        "unless it has an offset). Creates a schedule and returns it.",
+    )
+    every: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Run the task again and again: a 5-field cron expression ('30 8 * * 1-5') "
+        "or 'mon-fri 08:30', 'daily 07:00', 'hourly', 'every 2h', 'every 15m'. Creates a "
+        "schedule and returns it.",
+    )
+    timezone: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="The IANA zone at and every are read in (e.g. Europe/Berlin); default: "
+        "the daemon's local zone.",
+    )
+    missed: Literal["skip", "run_once"] | None = Field(
+        default=None,
+        description="What a schedule does about times that pass while the daemon is down: "
+        "run_once (one run at start for all of them) or skip; default schedules.missed.",
+    )
 
 
 class TaskIdArgs(_Args):
@@ -132,6 +164,26 @@ class SetPriorityArgs(TaskIdArgs):
 
 class NoArgs(_Args):
     """No arguments."""
+
+
+class ScheduleIdArgs(_Args):
+    """Arguments naming one schedule."""
+
+    id: str = Field(
+        pattern=r"^[0-9a-f]{4,12}$",
+        description="A schedule's id, or a unique prefix of at least 4 of its hex digits.",
+    )
+
+
+class ListSchedulesArgs(_Args):
+    """Filter and bound a schedule listing."""
+
+    state: Literal["active", "paused", "done"] | None = Field(
+        default=None, description="Only schedules in this state."
+    )
+    limit: int | None = Field(
+        default=None, ge=1, le=100_000, description="Most schedules returned."
+    )
 
 
 APPROVAL_ID = Field(
@@ -231,6 +283,18 @@ class ListConversationsArgs(_Args):
     )
 
 
+class PurgeTasksArgs(_Args):
+    """Which finished tasks to forget."""
+
+    older_than: str = Field(
+        min_length=1,
+        max_length=32,
+        description="Forget finished top-level tasks last updated longer ago than this: a "
+        "whole number and a unit, e.g. 90m, 12h, 30d, 2w (s, m, h, d, w).",
+    )
+    dry_run: bool = Field(default=False, description="Only list the tasks that would be forgotten.")
+
+
 def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str, Any]:
     """The wire form of a task (the CLI's --json contract)."""
     return {
@@ -257,6 +321,50 @@ def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str
         "tokens": _tokens(task.prompt_tokens, task.completion_tokens),
         "act": task.act,
         "workspace": task.workspace,
+        "schedule_id": task.schedule_id,
+    }
+
+
+def schedule_to_json(s: Schedule) -> dict[str, Any]:
+    """The wire form of a schedule: times as UTC, and the next run also in its zone."""
+    zone = zone_or_utc(s.timezone).info
+    local = (
+        None
+        if s.next_run is None
+        else datetime.fromtimestamp(s.next_run, zone).isoformat(timespec="seconds")
+    )
+    return {
+        "id": s.id,
+        "kind": s.kind.value,
+        "expression": s.expression,
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "state": s.state.value,
+        "next_run": None if s.next_run is None else _iso(s.next_run),
+        "next_run_local": local,
+        "missed_policy": s.missed_policy.value,
+        "text": s.task.text,
+        "priority": s.task.priority,
+        "model": s.task.model,
+        "criteria": list(s.task.criteria),
+        "workspace": s.task.workspace,
+        "act": s.task.act,
+        "runs": s.runs,
+        "missed_runs": s.missed_runs,
+        "last_run": None if s.last_run is None else _iso(s.last_run),
+        "last_task_id": s.last_task_id,
+        "created_at": _iso(s.created_at),
+        "updated_at": _iso(s.updated_at),
+    }
+
+
+def _schedule_run_json(r: ScheduleRun) -> dict[str, Any]:
+    return {
+        "due_at": _iso(r.due_at),
+        "at": _iso(r.at),
+        "outcome": r.outcome.value,
+        "missed": r.missed,
+        "task_id": r.task_id,
     }
 
 
@@ -386,8 +494,12 @@ class _Tools:
         stream_interval: float,
         usage_report: UsageReport,
         acting: Acting,
+        schedules: Schedules,
+        schedule_limit: int = 100,
     ) -> None:
         self.acting = acting
+        self.schedules = schedules
+        self.schedule_limit = schedule_limit
         self.runner = runner
         self.metrics_service = metrics
         self.usage_report = usage_report
@@ -404,6 +516,10 @@ class _Tools:
         self.list_limit = list_limit
 
     async def submit_task(self, args: SubmitTaskArgs, _call: Call) -> dict[str, Any]:
+        if args.at is not None or args.every is not None:
+            return await self._schedule(args)
+        if args.timezone is not None or args.missed is not None:
+            raise InvalidInput("timezone and missed go with at or every (a schedule)")
         task = await self.queue.submit(
             args.text,
             args.priority,
@@ -413,6 +529,46 @@ class _Tools:
             act=bool(args.act),
         )
         return task_to_json(task)
+
+    async def _schedule(self, args: SubmitTaskArgs) -> dict[str, Any]:
+        fields = self.queue.check(
+            args.text,
+            args.priority,
+            args.model,
+            args.criteria,
+            workspace=args.workspace,
+            act=bool(args.act),
+        )
+        request = ScheduleRequest(
+            fields,
+            at=args.at,
+            every=args.every,
+            timezone=args.timezone,
+            missed=None if args.missed is None else MissedPolicy(args.missed),
+        )
+        return schedule_to_json(await self.schedules.create(request))
+
+    # -- schedules ---------------------------------------------------------
+
+    async def list_schedules(self, args: ListSchedulesArgs, _call: Call) -> dict[str, Any]:
+        limit = args.limit if args.limit is not None else self.schedule_limit
+        state = None if args.state is None else ScheduleState(args.state)
+        found = await self.schedules.records.find(state, limit)
+        return {"schedules": [schedule_to_json(s) for s in found]}
+
+    async def get_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
+        found = await self.schedules.records.get(args.id)
+        runs = await self.schedules.records.runs(found.id, self.schedule_limit)
+        return {**schedule_to_json(found), "history": [_schedule_run_json(r) for r in runs]}
+
+    async def pause_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
+        return schedule_to_json(await self.schedules.pause(args.id))
+
+    async def resume_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
+        return schedule_to_json(await self.schedules.resume(args.id))
+
+    async def delete_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
+        return {**schedule_to_json(await self.schedules.delete(args.id)), "deleted": True}
 
     # -- acting ------------------------------------------------------------
 
@@ -646,12 +802,47 @@ class _Tools:
     async def metrics(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
         return await self.metrics_service.snapshot()
 
+    # -- forgetting ----------------------------------------------------------
+
+    forgetting: Forgetting
+    """Set by build_server."""
+
+    async def delete_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
+        return await self.forgetting.delete(args.id)
+
+    async def purge_tasks(self, args: PurgeTasksArgs, _call: Call) -> dict[str, Any]:
+        return await self.forgetting.purge(args.older_than, dry_run=args.dry_run)
+
 
 # name -> (argument model, description)
 TOOLS: dict[str, tuple[type[_Args], str]] = {
     "submit_task": (
         SubmitTaskArgs,
-        "Queue a task for the task model. Returns the task (with its id) as soon as it is stored.",
+        "Queue a task for the task model. Returns the task (with its id) as soon as it is "
+        "stored. With at or every it is scheduled instead: the schedule is returned (id, "
+        "kind, next_run in UTC and next_run_local in its timezone), and each run is a task "
+        "of its own with schedule_id set.",
+    ),
+    "list_schedules": (
+        ListSchedulesArgs,
+        "Schedules: active ones by next run, then paused, then done; each with its "
+        "expression, cron, timezone, next run, runs and missed runs.",
+    ),
+    "get_schedule": (
+        ScheduleIdArgs,
+        "One schedule, with the history of its due times newest first: ran, caught_up "
+        "(one run for times missed while the daemon was down) or skipped, with the task "
+        "each created.",
+    ),
+    "pause_schedule": (ScheduleIdArgs, "Stop an active schedule from running until resumed."),
+    "resume_schedule": (
+        ScheduleIdArgs,
+        "Make a paused schedule active again from its next time after now (times that "
+        "passed while paused are not run).",
+    ),
+    "delete_schedule": (
+        ScheduleIdArgs,
+        "Delete a schedule; the tasks it already created stay (no longer linked).",
     ),
     "get_task": (
         TaskIdArgs,
@@ -761,6 +952,21 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
         "The daemon: version, pid, uptime, models, workers, tasks by state, and the "
         "learning engine (its embeddings' model, state, lookups and bm25 fallbacks).",
     ),
+    "delete_task": (
+        TaskIdArgs,
+        "Forget a finished top-level task and its subtasks everywhere: its text, result, "
+        "history, checkpoints (and their objects), workspace, run outputs, git worktree "
+        "branch, the conversation turns that submitted or named it and the learning "
+        "engine's copy; the database and its backups are rewritten without it. Token counts "
+        "stay in the ledger, anonymous, so usage totals do not change. A live task is "
+        "refused (cancel it first); a second delete of the same id is NotFound.",
+    ),
+    "purge_tasks": (
+        PurgeTasksArgs,
+        "Forget, as delete_task does, every finished top-level task last updated longer "
+        "ago than older_than; dry_run only lists them. Returns the tasks (with their text "
+        "on a dry run) and any skipped, with why.",
+    ),
 }
 
 
@@ -794,6 +1000,11 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
             )
         elif err["type"] == "missing":
             parts.append(f"missing required argument {field!r}")
+        elif err["type"] == "string_pattern_mismatch" and field == "id" and "schedule" in tool:
+            parts.append(
+                f"{err['input']!r} is not a schedule id (4 to 12 lowercase hex digits, as "
+                "`tale schedules` shows)"
+            )
         elif err["type"] == "string_pattern_mismatch" and field == "id":
             parts.append(
                 f"{err['input']!r} is not a task id (12 lowercase hex digits, as `tale list` shows)"
@@ -833,6 +1044,9 @@ def build_server(
     stream_interval: float,
     usage: UsageReport,
     acting: Acting,
+    forgetting: Forgetting,
+    schedules: Schedules,
+    schedule_limit: int = 100,
 ) -> Server[Any]:
     """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
     tools = _Tools(
@@ -851,7 +1065,10 @@ def build_server(
         stream_interval=stream_interval,
         usage_report=usage,
         acting=acting,
+        schedules=schedules,
+        schedule_limit=schedule_limit,
     )
+    tools.forgetting = forgetting
     listed = [
         types.Tool(name=name, description=desc, input_schema=_schema(model))
         for name, (model, desc) in TOOLS.items()

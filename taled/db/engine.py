@@ -7,6 +7,12 @@ fsync instead of one each. Rows written with ``write_row`` go further: those wai
 for the same insert share one ``executemany``. Reads use a small pool of separate
 connections and never wait behind the writer.
 
+Every connection runs with ``secure_delete``: what a delete or an update frees is
+overwritten with zeros, so a forgotten task's text does not linger in free space
+(``taled.retention``). ``scrub()`` goes further when a task is forgotten: it rewrites the
+whole file (``VACUUM``, which also drops what older versions of tale left in free space)
+and empties the write-ahead log (``wal_checkpoint(TRUNCATE)``), in the writer's turn.
+
 The schema is versioned with ``PRAGMA user_version``: ``open()`` applies the entries
 of ``taled.db.schema.MIGRATIONS`` the file has not had yet, in order.
 
@@ -34,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from taled.db.schema import MIGRATIONS, SCHEMA_VERSION
-from taled.doctor import DOCTOR_HINT, is_damage, take_backup
+from taled.doctor import DOCTOR_HINT, is_damage, replace_backups, take_backup
 from taled.errors import DiskFull, StoreDamaged, TaleError, Unavailable, is_no_space
 from taled.settings import StoreSettings
 
@@ -52,6 +58,8 @@ InsertMany = Callable[[AsyncConnection, Sequence[dict[str, Any]]], Awaitable[Non
 class _WriteOp:
     future: asyncio.Future[Any]
     fn: Callable[[AsyncConnection], Awaitable[Any]] | None = None
+    # Run in a thread after the batch commits, outside any transaction (VACUUM).
+    alone: Callable[[], Any] | None = None
     # Rows for the same insert are batched into one executemany instead of a savepoint each.
     insert: InsertMany | None = None
     row: dict[str, Any] | None = None
@@ -74,6 +82,8 @@ class Database:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._damage_logged = False
+        # One backup operation at a time (see replace_backups).
+        self._backing_up = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -125,6 +135,8 @@ class Database:
             f"PRAGMA synchronous={self._settings.synchronous.upper()}",
             f"PRAGMA busy_timeout={self._settings.busy_timeout_ms}",
             "PRAGMA foreign_keys=ON",
+            # Freed content is zeroed: deleted text leaves no trace in free space.
+            "PRAGMA secure_delete=ON",
         )
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -198,6 +210,34 @@ class Database:
         self._queue.put_nowait(op)
         return op.future
 
+    async def scrub(self) -> bool:
+        """Rewrite the database without free space (VACUUM), then empty its write-ahead
+        log (checkpoint, TRUNCATE): no byte of a deleted row is left in either file.
+
+        Runs in the writer's turn, after the writes queued before it commit and before
+        those queued after it (they wait; readers go on). True when the log was emptied;
+        False when a reader kept it busy past the busy timeout (the text is then still in
+        the log until its next checkpoint).
+        """
+        loop = asyncio.get_running_loop()
+        done: bool = await self._enqueue(
+            _WriteOp(future=loop.create_future(), alone=self._scrub_sync)
+        )
+        return done
+
+    def _scrub_sync(self) -> bool:
+        # A connection of its own: the writer's is between batches and holds no lock, and
+        # VACUUM must run outside a transaction (the writer's begins one for any statement).
+        conn = sqlite3.connect(self.path, timeout=self._settings.busy_timeout_ms / 1000)
+        try:
+            conn.isolation_level = None
+            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute("VACUUM")
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return not busy
+        finally:
+            conn.close()
+
     async def _enqueue(self, op: _WriteOp) -> Any:
         if self._closing or self._writer is None:
             raise Unavailable("the store is closed; the daemon is shutting down")
@@ -210,7 +250,12 @@ class Database:
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._commit_batch(batch)
+                writes = [op for op in batch if op.alone is None]
+                if writes:
+                    await self._commit_batch(writes)
+                for op in batch:
+                    if op.alone is not None:
+                        await self._run_alone(op)
             except Exception as exc:
                 # A bug in one write must not stop every later write: its callers
                 # get the error, the batch is rolled back, the writer goes on.
@@ -267,6 +312,20 @@ class Database:
             else:
                 op.future.set_result(value)
 
+    async def _run_alone(self, op: _WriteOp) -> None:
+        """Run an operation that needs the database to itself (no transaction open)."""
+        assert op.alone is not None
+        try:
+            value = await asyncio.to_thread(op.alone)
+        except (sqlite3.Error, OSError) as exc:
+            failure: TaleError | None = DiskFull(str(self.path)) if _disk_full(exc) else None
+            failure = failure or self._damaged(exc)
+            op.future.set_exception(
+                failure or TaleError(f"the store could not rewrite {self.path}: {exc}")
+            )
+        else:
+            op.future.set_result(value)
+
     def _write_error(self, exc: BaseException) -> BaseException:
         """A driver's error as the store's own: DiskFull when the disk is full, else
         a TaleError with the database's message (never SQLAlchemy's URL)."""
@@ -315,7 +374,17 @@ class Database:
         None when nothing changed since the newest backup. Runs in a thread with one
         read snapshot (see ``taled.doctor.take_backup``): the writer never waits for it.
         """
-        return await asyncio.to_thread(take_backup, self.path, directory, keep)
+        async with self._backing_up:
+            return await asyncio.to_thread(take_backup, self.path, directory, keep)
+
+    async def replace_backups(self, directory: Path, *, take: bool) -> Path | None:
+        """Replace the backups in ``directory`` by one taken now (``take``) or by none
+        (see ``taled.doctor.replace_backups``); the fresh one's path.
+
+        A backup under way (its snapshot maybe older than a deletion) finishes first, and
+        goes with the others."""
+        async with self._backing_up:
+            return await asyncio.to_thread(replace_backups, self.path, directory, take=take)
 
 
 def _disk_full(error: BaseException) -> bool:

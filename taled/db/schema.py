@@ -15,8 +15,9 @@ the field have run it.
 Which service reads which table is the business of ``tests/test_layout.py``: a table
 is read through the repository of the service that owns it (``taled.db.store`` for
 tasks, transitions and the token ledger; ``taled.db.acting`` for approvals, the tool
-ledger and permission rules), and the modules that still read another's tables are
-listed there as debt. Nothing here does I/O.
+ledger and permission rules; ``taled.db.schedules`` for schedules and their runs), and
+the modules that still read another's tables are listed there as debt. Nothing here
+does I/O.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ __all__ = [
     "metadata",
     "model_calls",
     "policy_rules",
+    "schedule_runs",
+    "schedules",
     "task_deps",
     "task_embeddings",
     "task_outcomes",
@@ -67,6 +70,9 @@ tasks = sa.Table(
     sa.Column("restore_to", sa.Text),
     sa.Column("workspace", sa.Text),
     sa.Column("act", sa.Boolean, nullable=False, server_default="0"),
+    # The schedule this task is a run of (taled.db.schedules); NULL for a task submitted
+    # directly, and for a run whose schedule was deleted since.
+    sa.Column("schedule_id", sa.Text, sa.ForeignKey("schedules.id")),
 )
 
 task_deps = sa.Table(
@@ -264,6 +270,51 @@ policy_rules = sa.Table(
     sa.Column("decision", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("source", sa.Text),
+)
+
+# Tasks that happen later or again (``tale submit --at`` / ``--every``): the fields of the
+# task each run creates, when (``kind`` at | every, the expression as given, the cron
+# expression it stands for, the IANA zone it is computed in) and the next run as a UTC
+# epoch; NULL once a one-off ran. taled.db.schedules owns it.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("model", sa.Text),
+    sa.Column("criteria", sa.Text),
+    sa.Column("workspace", sa.Text),
+    sa.Column("act", sa.Boolean, nullable=False, server_default="0"),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("expression", sa.Text, nullable=False),
+    sa.Column("cron", sa.Text),
+    sa.Column("timezone", sa.Text, nullable=False),
+    sa.Column("next_run", sa.Float),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("missed_policy", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("last_run", sa.Float),
+    sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("missed_runs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_task_id", sa.Text),
+)
+
+# What became of each time a schedule was due: run on time, run once for times missed
+# while the daemon was down, or skipped. One row per (schedule, due time): a time is
+# never acted on twice.
+schedule_runs = sa.Table(
+    "schedule_runs",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("schedule_id", sa.Text, sa.ForeignKey("schedules.id"), nullable=False),
+    sa.Column("due_at", sa.Float, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("missed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("task_id", sa.Text),
+    sa.UniqueConstraint("schedule_id", "due_at"),
 )
 
 _V1: tuple[str, ...] = (
@@ -514,6 +565,48 @@ _V11: tuple[str, ...] = (
     )""",
 )
 
+# Version 12 (schedules): tasks that happen later or again, what became of each due
+# time, and the schedule a task is a run of. The due index is partial: the scheduler's
+# next wake-up is the minimum over active schedules, one index lookup however many.
+_V12: tuple[str, ...] = (
+    """CREATE TABLE schedules (
+        id TEXT PRIMARY KEY,
+        text TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        model TEXT,
+        criteria TEXT,
+        workspace TEXT,
+        act BOOLEAN NOT NULL DEFAULT 0,
+        kind TEXT NOT NULL,
+        expression TEXT NOT NULL,
+        cron TEXT,
+        timezone TEXT NOT NULL,
+        next_run REAL,
+        state TEXT NOT NULL,
+        missed_policy TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_run REAL,
+        runs INTEGER NOT NULL DEFAULT 0,
+        missed_runs INTEGER NOT NULL DEFAULT 0,
+        last_task_id TEXT
+    )""",
+    "CREATE INDEX schedules_due ON schedules (next_run) WHERE state = 'active'",
+    "CREATE INDEX schedules_by_created ON schedules (created_at)",
+    """CREATE TABLE schedule_runs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        schedule_id TEXT NOT NULL REFERENCES schedules(id),
+        due_at REAL NOT NULL,
+        at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        missed INTEGER NOT NULL DEFAULT 0,
+        task_id TEXT,
+        UNIQUE (schedule_id, due_at)
+    )""",
+    "ALTER TABLE tasks ADD COLUMN schedule_id TEXT REFERENCES schedules(id)",
+    "CREATE INDEX tasks_by_schedule ON tasks (schedule_id) WHERE schedule_id IS NOT NULL",
+)
+
 # Index i holds the statements that take the schema from version i to i + 1.
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -528,6 +621,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V9,
     _V10,
     _V11,
+    _V12,
 )
 """The migrations in order: entry ``i`` takes a database from schema version ``i`` to
 ``i + 1`` (SQLite's ``PRAGMA user_version``)."""

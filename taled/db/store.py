@@ -37,6 +37,7 @@ __all__ = [
     "CallRecord",
     "Store",
     "SubtaskSpec",
+    "TaskFields",
     "TaskRecord",
     "Transition",
     "new_task_id",
@@ -101,6 +102,21 @@ class TaskRecord:
     """The user's directory the task works on a copy of (None: a scratch one, or none)."""
     act: bool = False
     """The task acts: its model calls tools in a workspace (the agent loop)."""
+    schedule_id: str | None = None
+    """The schedule this task is a run of (taled.db.schedules), if any."""
+
+
+@dataclass(frozen=True)
+class TaskFields:
+    """What a task is made of when it is asked for, checked (``TaskQueue.check``): the
+    fields ``submit`` stores, and those a schedule keeps for each of its runs."""
+
+    text: str
+    priority: int
+    model: str | None = None
+    criteria: tuple[str, ...] = ()
+    workspace: str | None = None
+    act: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,7 @@ def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
         restore_to=row.restore_to,
         workspace=row.workspace,
         act=bool(row.act),
+        schedule_id=row.schedule_id,
     )
 
 
@@ -698,6 +715,15 @@ class Store:
         read snapshot (see ``taled.doctor.take_backup``): the writer never waits for it.
         """
         return await self._db.backup(directory, keep)
+
+    async def scrub(self) -> bool:
+        """Rewrite the database without free space and empty its write-ahead log, in the
+        writer's turn (``taled.db.engine.Database.scrub``); False if the log stayed busy."""
+        return await self._db.scrub()
+
+    async def replace_backups(self, directory: Path, *, take: bool) -> Path | None:
+        """Replace the backups in ``directory`` by one taken now (``take``) or by none."""
+        return await self._db.replace_backups(directory, take=take)
 
 
 async def _insert_submitted(

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -245,14 +245,7 @@ class LearningEngine:
 
     async def start(self) -> None:
         """Learn everything from the stored outcomes."""
-        async with self._store.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(task_outcomes)
-                    .order_by(task_outcomes.c.at.desc())
-                    .limit(self.settings.history_limit)
-                )
-            ).all()
+        rows = await self._outcomes()
         for row in reversed(rows):
             self._observe(row.text, json.loads(row.features), row)
             self._estimates[row.task_id] = _finished(row, row.level)
@@ -266,6 +259,40 @@ class LearningEngine:
             self._classifier.distinct,
             "enabled" if self.enabled else "observing only (learning.enabled = false)",
         )
+
+    async def _outcomes(self) -> list[Any]:
+        """The newest ``history_limit`` stored outcomes, newest first."""
+        async with self._store.read() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        sa.select(task_outcomes)
+                        .order_by(task_outcomes.c.at.desc())
+                        .limit(self.settings.history_limit)
+                    )
+                ).all()
+            )
+
+    async def forget_tasks(self, task_ids: Collection[str]) -> None:
+        """Forget tasks whose rows were deleted (``tale delete``, ``tale purge``): whatever
+        memory holds of them goes (assessments, estimates, vectors), and everything
+        learned is learned again from the outcomes that remain, so no statistic, word
+        weight or budget still carries them."""
+        for task_id in task_ids:
+            self._active.pop(task_id, None)
+            self._vectors.pop(task_id, None)
+            self._estimates.pop(task_id, None)
+        self._memory.drop(task_ids)
+        rows = await self._outcomes()
+        # Cleared and refilled with no await between: a task recorded meanwhile is either
+        # in ``rows`` or observed after.
+        self._history.clear()
+        self._budget.clear()
+        self._selector.clear()
+        self._tactics.clear()
+        for row in reversed(rows):
+            self._observe(row.text, json.loads(row.features), row)
+        await self._fit()
 
     async def stop(self) -> None:
         """Let a refit in progress finish."""

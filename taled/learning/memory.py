@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -290,6 +290,21 @@ class VectorIndex:
             del self._rows[self._ids.pop(0)]
             self._rows = {t: i for i, t in enumerate(self._ids)}
 
+    def remove(self, task_id: str) -> bool:
+        """Let go of a task's vector (a forgotten task); False if it held none."""
+        row = self._rows.get(task_id)
+        if row is None:
+            return False
+        n = len(self._ids)
+        self._sum -= self._matrix[row]
+        self._matrix[row : n - 1] = self._matrix[row + 1 : n]
+        self._matrix[n - 1] = 0.0
+        del self._ids[row]
+        self._rows = {t: i for i, t in enumerate(self._ids)}
+        if not self._ids:
+            self.clear()
+        return True
+
     def cosines(self, vector: Vector) -> npt.NDArray[np.float32]:
         """The cosine of ``vector`` with every stored one (empty if its length differs)."""
         if not self._ids or vector.shape[0] != self._matrix.shape[1]:
@@ -399,6 +414,12 @@ class SimilarTasks:
         """Hold a recorded task's vector (after it is committed with its outcome)."""
         if self._index is not None:
             self._index.add(task_id, vector)
+
+    def drop(self, task_ids: Collection[str]) -> None:
+        """Let go of forgotten tasks' vectors (their rows are deleted from the store)."""
+        if self._index is not None:
+            for task_id in task_ids:
+                self._index.remove(task_id)
 
     def floor(self) -> float:
         """The cosine at or below which embeddings say nothing (see the module docstring)."""

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from taled import paths
-from taled.db.store import Store, TaskRecord
+from taled.db.store import Store, TaskFields, TaskRecord
 from taled.errors import IllegalTransition, InvalidInput, Unavailable
 from taled.settings import QueueSettings, parse_model_spec
 from taled.tasks.gates import gates
@@ -105,6 +105,30 @@ class TaskQueue:
         """
         if not self._accepting:
             raise Unavailable("the daemon is shutting down and takes no new tasks; retry shortly")
+        fields = self.check(text, priority, model, criteria, workspace=workspace, act=act)
+        record = await self._store.submit(
+            fields.text,
+            fields.priority,
+            fields.model,
+            fields.criteria,
+            workspace=fields.workspace,
+            act=fields.act,
+        )
+        self._wake.set()
+        return record
+
+    def check(
+        self,
+        text: str,
+        priority: int | None = None,
+        model: str | None = None,
+        criteria: list[str] | None = None,
+        *,
+        workspace: str | None = None,
+        act: bool = False,
+    ) -> TaskFields:
+        """The task ``submit`` would store, checked; InvalidInput saying what is wrong.
+        Writes nothing (a schedule keeps these fields for each of its runs)."""
         clean = self._validate(text, priority)
         if model is not None:
             try:
@@ -115,11 +139,9 @@ class TaskQueue:
         if workspace is not None:
             workspace = check_workspace(workspace)
         acts = act or workspace is not None or any(c.kind == "run" for c in parsed)
-        record = await self._store.submit(
-            clean[0], clean[1], model, criteria or (), workspace=workspace, act=acts
+        return TaskFields(
+            clean[0], clean[1], model, tuple(criteria or ()), workspace=workspace, act=acts
         )
-        self._wake.set()
-        return record
 
     def _validate(self, text: str, priority: int | None) -> tuple[str, int]:
         if priority is None:

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,19 @@ class Runner:
     def busy(self) -> int:
         """Tasks being executed right now."""
         return len(self._running)
+
+    async def let_go(self, task_ids: Collection[str], timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds until no worker holds any of ``task_ids`` (a task
+        just finished or cancelled is still being wound down: its outcome recorded, its
+        last checkpoint written); the ids still held then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            held = [t for t in task_ids if t in self._running]
+            left = deadline - time.monotonic()
+            if not held or left <= 0:
+                return held
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._running[held[0]][1].wait(), left)
 
     def health(self) -> dict[str, Any]:
         """The workers for ``daemon_status``: how many are alive; those down (restarting

@@ -242,6 +242,21 @@ class Acting:
             "task %s: its result is commit %s on branch %s", task.id, commit[:12], agent.branch
         )
 
+    async def remove_workspace(
+        self, task_id: str, *, repo: str | None, branch: str | None, base: str | None
+    ) -> None:
+        """Forget a task's files: its workspace and its run outputs are removed; a git
+        worktree's (``repo``, the user's repository, and ``branch``, as its checkpoint
+        holds them) is removed with git and its branch deleted (see
+        ``worktree.delete_branch``). Git's failures are logged, never raised."""
+        self.close_workspace(task_id)
+        root = self.workspace_root(task_id)
+        if repo is not None and branch == worktree.branch_for(task_id):
+            await worktree.discard(Path(repo), root)
+            await worktree.delete_branch(Path(repo), branch, base)
+        await self._clear(root)
+        await self._clear(self._outputs / task_id)
+
     async def _clear(self, root: Path) -> None:
         if root.exists() or root.is_symlink():
             # Iterative removal: a deep tree a killed run left must not raise RecursionError.

@@ -10,6 +10,9 @@ works in a worktree of that repository instead of a plain managed copy:
     begin(...)             index = HEAD; what differs from HEAD (the user's uncommitted
                            changes) becomes the branch's first commit; returns the base
     commit_result(...)     the workspace at the task's end, committed on the branch
+    discard(DIR, root)     the worktree removed (a failed start, or a forgotten task)
+    delete_branch(...)     a forgotten task's branch deleted, unless someone else
+                           committed on it (its commits' messages hold the task's title)
 
 Only the administrative directory read by ``add`` — while the worktree still held
 nothing but what git wrote — is trusted afterwards. The workspace's own ``.git`` file
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,7 +38,16 @@ from pathlib import Path
 
 from taled.errors import TaleError, Unavailable
 
-__all__ = ["GitResult", "add", "begin", "branch_for", "commit_result", "detect", "discard"]
+__all__ = [
+    "GitResult",
+    "add",
+    "begin",
+    "branch_for",
+    "commit_result",
+    "delete_branch",
+    "detect",
+    "discard",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +72,7 @@ _SAFE = (
 # What git gets from the daemon's environment (never GIT_DIR, GIT_WORK_TREE, GIT_INDEX_FILE
 # or other GIT_* variables that would point it elsewhere).
 _KEPT_ENV = ("PATH", "HOME", "USER", "LOGNAME", "XDG_CONFIG_HOME", "TMPDIR")
+_HEX = re.compile(r"[0-9a-f]{7,64}")
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "tale",
     "GIT_AUTHOR_EMAIL": "tale@localhost",
@@ -167,6 +181,43 @@ async def discard(repo: Path, root: Path) -> None:
         await _git("-C", str(repo), "worktree", "prune", check=False)
     except TaleError as exc:
         log.warning("could not remove the git worktree %s: %s", root, exc.message)
+
+
+async def delete_branch(repo: Path, branch: str, base: str | None) -> bool:
+    """Best effort: delete a forgotten task's ``branch`` from the user's repository; True
+    if it is gone (or was). Not when a commit on it since ``base`` (where the task's work
+    started) is someone else's than tale's: that work is the user's, and the branch is
+    left, logged. A failure (the repository moved, the branch checked out) is logged too.
+    The deleted commits stay in the repository's objects until its own gc prunes them."""
+    try:
+        ref = f"refs/heads/{branch}"
+        shown = await _git("-C", str(repo), "rev-parse", "--verify", "-q", ref, check=False)
+        if shown.code != 0:
+            return True  # gone already
+        if base is not None and _HEX.fullmatch(base):
+            authors = await _git(
+                "-C", str(repo), "log", "--format=%ae%n%ce", f"{base}..{ref}", check=False
+            )
+            others = set(authors.out.split()) - {_IDENTITY["GIT_AUTHOR_EMAIL"]}
+            if authors.code != 0 or others:
+                log.warning(
+                    "branch %s in %s was not deleted: it has commits that are not tale's "
+                    "(%s); delete it yourself if they can go",
+                    branch,
+                    repo,
+                    "unreadable" if authors.code else ", ".join(sorted(others)),
+                )
+                return False
+        done = await _git("-C", str(repo), "branch", "-D", branch, check=False)
+    except TaleError as exc:
+        log.warning("could not delete branch %s in %s: %s", branch, repo, exc.message)
+        return False
+    if done.code != 0:
+        log.warning(
+            "could not delete branch %s in %s: %s", branch, repo, _last_line(done.err) or done.code
+        )
+        return False
+    return True
 
 
 # --- running git ---------------------------------------------------------------------
