@@ -12,6 +12,8 @@ the task's own check loop is answered from (it reads the steps' results last).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,6 +67,21 @@ SCRIPT: dict[str, Any] = {
             ("s1", "Clean up", "[[script:ask-s1]] Remove the old build output."),
             ("s2", "Write notes", "[[script:ask-s2]] Write notes.txt."),
         )
+    ],
+    "git-plan": [
+        json.dumps(
+            {
+                "steps": [
+                    {"id": "s1", "title": "Start", "do": "[[script:git-s1]] Start.", "needs": []},
+                    {"id": "s2", "title": "End", "do": "[[script:s2]] End.", "needs": ["s1"]},
+                ]
+            }
+        )
+    ],
+    # Writes a file, then repeats itself until the loop stops it: the step fails.
+    "git-s1": [
+        _call("write_file", path="partial.txt", content="half\n"),
+        *[_call("list_files", path=".")] * 5,
     ],
     "ask-s1": [_call("run", command="rm -f old.txt"), _call("finish", result="cleaned")],
     "ask-s2": [
@@ -251,3 +268,30 @@ def test_restoring_a_planned_task_to_its_plan_rewinds_the_files_its_steps_made(
     done = daemon.wait_for(task["id"])
     assert done["state"] == "completed", done
     assert (workspace / "notes.txt").exists() and not (workspace / "old.txt").exists()
+
+
+def test_a_planned_task_whose_step_fails_leaves_the_steps_work_on_its_branch(
+    planned: tuple[Daemon, ScriptedServer, Home], tmp_path: Path
+) -> None:
+    daemon, _server, _home = planned
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, check=True
+        )
+        return done.stdout
+
+    (repo / "README.md").write_text("hello\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=me", "-c", "user.email=me@example.com", "commit", "-qm", "init")
+    text = "[[script:git-plan]] Start the work and then finish it, then check both parts"
+    task = daemon.call("submit_task", text=text, workspace=str(repo))
+    done = daemon.wait_for(task["id"])
+    assert done["state"] == "failed", done
+    branch = f"tale/{task['id']}"
+    assert git("diff", "--name-only", f"{branch}~1", branch) == "partial.txt\n"
+    assert "failed" in git("log", "-1", "--format=%B", branch)

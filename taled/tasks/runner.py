@@ -934,6 +934,11 @@ class Runner:
         if failed:
             bad = failed[0]
             why = f"subtask {bad.step} ({bad.title}) {bad.state.value}: {bad.error or 'no reason'}"
+            if self._acting is not None:
+                # An acting task's steps worked in its worktree: the branch gets what they
+                # left before the failure shows, as for a task that fails in its own loop.
+                agent = (await self._parent_state(parent_id)).agent
+                await self._acting.settle_workspace(parent, agent, "failed", why)
             if await self._finish(parent_id, TaskState.FAILED, why, TaskState.WAITING, error=why):
                 await self._queue.cancel_subtasks(parent_id, f"its parent failed: {why}")
             return
