@@ -210,3 +210,17 @@ def running_daemon(extra_env: Mapping[str, str] | None = None) -> Iterator[Daemo
     finally:
         daemon.kill_if_running()
         home.cleanup()
+
+
+def git(cwd: Path, *args: str, check: bool = True) -> str:
+    """git as a person runs it in ``cwd`` (an identity given, no global config)."""
+    done = subprocess.run(
+        ["git", "-c", "user.name=me", "-c", "user.email=me@example.org", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"},
+    )
+    if check:
+        assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+    return done.stdout

@@ -12,8 +12,6 @@ the task's own check loop is answered from (it reads the steps' results last).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, Home
+from tests.harness import Daemon, Home, git
 from tests.standins.openai_scripted import ScriptedServer, scripted_server
 
 
@@ -276,22 +274,14 @@ def test_a_planned_task_whose_step_fails_leaves_the_steps_work_on_its_branch(
     daemon, _server, _home = planned
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, check=True
-        )
-        return done.stdout
-
     (repo / "README.md").write_text("hello\n")
-    git("init", "-q")
-    git("add", ".")
-    git("-c", "user.name=me", "-c", "user.email=me@example.com", "commit", "-qm", "init")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "init")
     text = "[[script:git-plan]] Start the work and then finish it, then check both parts"
     task = daemon.call("submit_task", text=text, workspace=str(repo))
     done = daemon.wait_for(task["id"])
     assert done["state"] == "failed", done
     branch = f"tale/{task['id']}"
-    assert git("diff", "--name-only", f"{branch}~1", branch) == "partial.txt\n"
-    assert "failed" in git("log", "-1", "--format=%B", branch)
+    assert git(repo, "diff", "--name-only", f"{branch}~1", branch) == "partial.txt\n"
+    assert "failed" in git(repo, "log", "-1", "--format=%B", branch)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +34,7 @@ from taled.learning.memory import VectorIndex
 from taled.retention import age
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import TaskState
-from tests.harness import Daemon, Home
+from tests.harness import Daemon, Home, git
 from tests.standins.openai_scripted import scripted_server
 
 # Markers: one per test, unlike any word tale or a model would write, lowercase so that
@@ -70,20 +68,6 @@ max_steps = 5
 [tools.policy]
 "run:echo" = "allow"
 """
-
-
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    """git as a person runs it (an identity given, no global config)."""
-    done = subprocess.run(
-        ["git", "-c", "user.name=me", "-c", "user.email=me@example.org", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"},
-    )
-    if check:
-        assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")

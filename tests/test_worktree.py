@@ -6,9 +6,7 @@ the tool calls a test scripts; see tests/test_acting.py)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 
 from taled.tools import worktree
-from tests.harness import Daemon, Home
+from tests.harness import Daemon, Home, git
 from tests.standins.openai_scripted import ScriptedServer, scripted_server
 
 CONFIG = """
@@ -60,20 +58,6 @@ def _script(evil: Path) -> dict[str, Any]:
             *[_call("read_file", path=f"missing-{i}.txt") for i in range(10)],
         ],
     }
-
-
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    """Run git in ``cwd`` as a person would (an identity given, no global config)."""
-    done = subprocess.run(
-        ["git", "-c", "user.name=me", "-c", "user.email=me@example.org", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"},
-    )
-    if check:
-        assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def _hooks(git_dir: Path, marker: Path) -> None:
