@@ -6,6 +6,7 @@ the hot path (``tale list``); a test checks the modules it imports.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -21,6 +22,7 @@ from tale_client import __version__, paths
 from tale_client.output import (
     CliError,
     Exit,
+    bell,
     emit,
     emit_json,
     emit_piece,
@@ -171,6 +173,12 @@ def submit(
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the task and print its result.")
     ] = False,
+    no_bell: Annotated[
+        bool,
+        typer.Option(
+            "--no-bell", help="With --wait: do not ring the terminal's bell when the task ends."
+        ),
+    ] = False,
     model: Annotated[
         str | None,
         typer.Option(
@@ -200,6 +208,23 @@ def submit(
     ] = None,
     act: Annotated[
         bool, typer.Option("--act", help="Give the task tools in a fresh scratch workspace.")
+    ] = False,
+    after: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--after",
+            metavar="ID[,ID]",
+            help="Wait until these tasks complete (ids or unique prefixes; repeatable), then "
+            "run with their results; fail if one fails or is cancelled.",
+        ),
+    ] = None,
+    after_any: Annotated[
+        bool,
+        typer.Option(
+            "--after-any",
+            help="With --after: run once those tasks finished whatever became of them, told "
+            "which failed.",
+        ),
     ] = False,
     at: Annotated[
         str | None,
@@ -235,6 +260,15 @@ def submit(
     With --at or --every it is scheduled instead: each run is a task of its own.
     """
     when = _schedule_args(at, every, missed, wait)
+    waits_for = [ref.strip() for refs in after or () for ref in refs.split(",") if ref.strip()]
+    if after is not None and not waits_for:
+        raise CliError("--after: give the ids of the tasks to run after", Exit.USAGE)
+    if after_any and not waits_for:
+        raise CliError("--after-any goes with --after", Exit.USAGE)
+    if waits_for and when:
+        raise CliError(
+            "--after goes with a task that runs now, not with --at or --every", Exit.USAGE
+        )
     text = _read_text(text, file, "task text")
     if not text.strip():
         raise CliError("task text is empty; say what you want done", Exit.USAGE)
@@ -254,6 +288,10 @@ def submit(
         args["workspace"] = where
     if act:
         args["act"] = True
+    if waits_for:
+        args["after"] = waits_for
+    if after_any:
+        args["after_any"] = True
     if when:
         _submit_schedule({**args, **when}, json_out)
         return
@@ -263,6 +301,7 @@ def submit(
             emit_json({"id": task["id"]}) if json_out else emit(task["id"])
             return
         task = _follow(conn, task["id"], quiet=json_out)
+    _ended(task, quiet=json_out, ring=not no_bell)
     _print_final(task, json_out)
 
 
@@ -365,6 +404,22 @@ def _progress_view(task_id: str, quiet: bool) -> Any:
     return ProgressBar(task_id)
 
 
+def _ended(task: dict[str, Any], quiet: bool, ring: bool) -> None:
+    """A followed task ended: ring the bell (on a terminal, unless --no-bell) and say so
+    in one line on stderr (a failure's line is its error, from ``_print_final``)."""
+    if ring:
+        bell()
+    if task["state"] == "completed" and not quiet:
+        took = ""
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            start, end = (
+                datetime.fromisoformat(task[k].replace("Z", "+00:00"))
+                for k in ("created_at", "updated_at")
+            )
+            took = f" in {(end - start).total_seconds():.0f} s"
+        note(f"task {task['id']} completed{took}")
+
+
 def _print_final(task: dict[str, Any], json_out: bool) -> None:
     if json_out:
         emit_json(task)
@@ -445,6 +500,11 @@ def _print_task(task: dict[str, Any]) -> None:
             f" · {progress['doing']} · {progress['tokens']} tokens"
             f" · {progress['elapsed_seconds']:.0f} s" + (f" · ETA {eta:.0f} s" if eta else "")
         )
+    if task.get("after"):
+        anyway = " (whatever becomes of them)" if task.get("after_any") else ""
+        emit(f"after     {', '.join(task['after'])}{anyway}")
+    if task.get("waiting_for") and task["state"] == "queued":
+        emit(f"progress  waiting for {', '.join(task['waiting_for'])}")
     if task.get("workspace"):
         emit(f"works on  a copy of {task['workspace']}")
     if task.get("schedule_id"):
@@ -520,6 +580,8 @@ def list_(
     now = datetime.now(UTC)
     for t in tasks:
         text = " ".join(t["text"].split())
+        if t.get("waiting_for") and t["state"] == "queued":
+            text = f"(waiting for {', '.join(i[:8] for i in t['waiting_for'])}) {text}"
         text = text if len(text) <= width else text[: width - 1] + "…"
         age = _age(t["created_at"], now)
         emit(f"{t['id']:<12}  {t['state']:<9}  {t['priority']:>3}  {age:>5}  {text}")

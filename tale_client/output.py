@@ -17,6 +17,7 @@ from tale_client.sanitize import json_safe, printable
 __all__ = [
     "CliError",
     "Exit",
+    "bell",
     "emit",
     "emit_json",
     "emit_piece",
@@ -74,6 +75,13 @@ def emit_rich(renderables: list[Any]) -> None:
     for item in renderables:
         console.print(item)
     sys.stdout.flush()
+
+
+def bell() -> None:
+    """Ring the terminal's bell: BEL on stderr, only when stderr is a terminal."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\a")
+        sys.stderr.flush()
 
 
 def note(text: str) -> None:

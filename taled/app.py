@@ -12,7 +12,8 @@
               finish a forgetting a crash cut off, then forget tasks past
               retention.keep_days (then every retention.sweep_interval_hours)
               → start the scheduler (its first pass runs or skips, by schedules.missed,
-              what came due while the daemon was down)
+              what came due while the daemon was down) → start sending notifications
+              (desktop and hooks) of what tasks did, from the first commit on
     main loop serve MCP sessions and ping the watchdog until SIGTERM/SIGINT
     shutdown  STOPPING=1 → refuse new tasks → let running calls finish within the
               grace period, then stop them (their tasks go back to the queue)
@@ -55,6 +56,7 @@ from taled.learning.embeddings import EmbeddingService
 from taled.learning.engine import LearningEngine
 from taled.models.pool import ModelPool
 from taled.models.routing import Router
+from taled.notify.service import Notifications
 from taled.reporting.metrics import Metrics
 from taled.reporting.monitor import Monitor
 from taled.reporting.usage import UsageReport
@@ -182,6 +184,16 @@ class App:
             title_chars=settings.chat.title_chars,
         )
         self.sweep = Sweep(self.forgetting, settings.retention)
+        # Desktop notifications and hooks: they watch the store's state changes.
+        self.notifications = Notifications(
+            self.store,
+            ActingRecords(self.store),
+            settings.notifications,
+            settings.hooks,
+            run_limits=settings.tools.run,
+            sandbox=settings.gates.sandbox,
+            scratch=paths.data_dir() / "scratch",
+        )
         self.server = build_server(
             self.store,
             self.queue,
@@ -285,6 +297,7 @@ class App:
                         # Its first pass applies the missed-run policy to what came due
                         # while the daemon was down.
                         tg.start_soon(self.schedules.run)
+                    tg.start_soon(self.notifications.run)
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1")
                     log.info("shutting down")

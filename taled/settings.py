@@ -40,12 +40,15 @@ __all__ = [
     "DaemonSettings",
     "Decision",
     "GateSettings",
+    "HookSettings",
     "LearningSettings",
     "Level",
     "LlamaCppSettings",
     "LoopSettings",
     "McpServerSettings",
     "ModelsSettings",
+    "NotificationSettings",
+    "NotifyEvent",
     "OllamaSettings",
     "OpenAISettings",
     "PlannerSettings",
@@ -860,6 +863,69 @@ class ScheduleSettings(BaseModel):
     """Schedules listed when no limit is asked for."""
 
 
+NotifyEvent = Literal["completed", "failed", "cancelled", "waiting"]
+"""What a top-level task did that a notification tells: ended one of three ways, or
+stopped to wait for a person (an approval or a question)."""
+
+_DEFAULT_NOTIFY_ON: list[NotifyEvent] = ["completed", "failed", "waiting"]
+
+
+class NotificationSettings(BaseModel):
+    """Desktop notifications when a task ends or waits for you (freedesktop, over D-Bus)."""
+
+    model_config = _STRICT
+
+    desktop: bool = True
+    """Send them to the desktop's notification service on the D-Bus session bus
+    (DBUS_SESSION_BUS_ADDRESS, else $XDG_RUNTIME_DIR/bus). Without a bus they are off,
+    said once in the log."""
+    on: list[NotifyEvent] = Field(default_factory=lambda: _DEFAULT_NOTIFY_ON.copy())
+    """Which events of a top-level task notify: completed, failed, cancelled, waiting (for
+    your approval or answer; not a planned task waiting for its steps)."""
+    expire_seconds: int = Field(default=10, ge=0, le=86_400)
+    """How long a notification stays on screen; 0 leaves it to the notification service.
+    Most services keep a failed or waiting one (urgency critical) until you close it."""
+    timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    """How long sending one may take (connecting to the bus included) before it is given up."""
+    body_chars: int = Field(default=200, ge=20, le=10_000)
+    """A notification's body is the task's first line and the first line of its result,
+    error or question, each cut to this many characters."""
+
+
+class HookSettings(BaseModel):
+    """Your commands, run when a top-level task ends or waits for you, with the task as
+    JSON on stdin, in the sandbox (docs/notifications.md)."""
+
+    model_config = _STRICT
+
+    on_done: str = ""
+    """Command line (run by /bin/sh -c) when a task completes; empty: none."""
+    on_failed: str = ""
+    """Command line when a task fails."""
+    on_waiting: str = ""
+    """Command line when a task waits for your approval or answer."""
+    workdir: str = ""
+    """The directory hooks run in, the only one they may write (~ is your home; made if
+    missing). Empty: a fresh empty directory for each run, removed after it."""
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """Wall time a hook may take before its process group is killed (the task is not
+    affected either way). CPU, memory and process limits are [tools.run]'s."""
+    network: bool = False
+    """Whether hooks may use the network (a webhook needs it); off, they run in a network
+    namespace of their own with loopback only."""
+    queue_size: int = Field(default=100, ge=1, le=100_000)
+    """Hook runs waiting for their turn (one runs at a time); past it a run is dropped,
+    and the log says so."""
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, value: str) -> str:
+        value = value.strip()
+        if value and not Path(value).expanduser().is_absolute():
+            raise ValueError(f"workdir {value!r} must be an absolute path (or start with ~)")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be configured with."""
 
@@ -891,6 +957,10 @@ class Settings(BaseSettings):
     """Tasks that run later or again."""
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     """Forgetting old tasks by themselves."""
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    """Telling you when a task ends or waits for you, on the desktop."""
+    hooks: HookSettings = Field(default_factory=HookSettings)
+    """Your commands, run when a task ends or waits for you."""
 
     @classmethod
     def settings_customise_sources(

@@ -42,6 +42,8 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"db", "models", "checkpoints", "learning", "sandbox", "tools"},
     "chat": {"db", "models", "tasks"},
     "schedules": {"db", "tasks"},
+    # Telling people what tasks did: it watches the store and runs hooks in the sandbox.
+    "notify": {"db", "tasks", "sandbox"},
     # Forgetting tasks: it drives each owner's own way of letting go of one.
     "retention": {"db", "checkpoints", "learning", "tasks", "tools"},
     "daemon": {

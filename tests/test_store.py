@@ -250,3 +250,38 @@ def test_the_writer_outlives_a_write_that_raises_unexpectedly(tmp_path: Path) ->
     failure, text = asyncio.run(run())
     assert failure is not None and "boom" in str(failure)
     assert text == "after"
+
+
+def test_watchers_are_told_of_committed_moves_only_in_order(tmp_path: Path) -> None:
+    """Store.watch sees each state change once it committed, in order; a write that
+    failed after moving a task (its savepoint undone) tells nothing, and a watcher that
+    raises changes nothing for the write or the other watchers."""
+    from taled.db import store as store_module
+
+    seen: list[tuple[str, str]] = []
+
+    def broken(_moved: store_module.Moved) -> None:
+        raise RuntimeError("a broken watcher")
+
+    async def run() -> TaskState:
+        store = _store(tmp_path / "t.db")
+        store.watch(broken)
+        store.watch(lambda m: seen.append((m.from_state.value, m.to_state.value)))
+        await store.open()
+        try:
+            task = await store.submit("a task", 50)
+            await store.transition(task.id, TaskState.RUNNING, "claimed")
+
+            async def move_then_fail(conn: Any) -> None:
+                await store_module._move(conn, task.id, TaskState.RUNNING, TaskState.PAUSED, "x")
+                raise TaleError("changed its mind")
+
+            with pytest.raises(TaleError, match="changed its mind"):
+                await store.write(move_then_fail)
+            await store.transition(task.id, TaskState.COMPLETED, "done", result="ok")
+            return (await store.get_task(task.id)).state
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) is TaskState.COMPLETED
+    assert seen == [("queued", "running"), ("running", "completed")]

@@ -40,7 +40,7 @@ from taled.schedules.service import ScheduleRequest, Schedules
 from taled.schedules.timing import zone_or_utc
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.tasks.progress import Progress, ProgressHub
-from taled.tasks.queue import TaskQueue
+from taled.tasks.queue import MAX_AFTER, TaskQueue
 from taled.tasks.runner import Runner
 from taled.tasks.workstate import WorkState
 from taled.tools.service import Acting, WorkspaceView
@@ -91,6 +91,18 @@ class SubmitTaskArgs(_Args):
         default=None,
         description="Give the task tools in a fresh scratch workspace (implied by workspace "
         "and by a run: criterion).",
+    )
+    after: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        max_length=MAX_AFTER,
+        description="Ids (or unique prefixes of 4+ hex digits) of top-level tasks this one "
+        "waits for: it runs once they all completed, reading their results, and fails if "
+        "one fails or is cancelled.",
+    )
+    after_any: bool | None = Field(
+        default=None,
+        description="With after: run once those tasks finished whatever became of them, told "
+        "which of them failed, instead of failing with them.",
     )
     at: str | None = Field(
         default=None,
@@ -322,6 +334,9 @@ def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str
         "act": task.act,
         "workspace": task.workspace,
         "schedule_id": task.schedule_id,
+        "after": list(task.needs) if task.parent_id is None else [],
+        "after_any": task.after_any,
+        "waiting_for": list(task.waiting_for),
     }
 
 
@@ -517,6 +532,8 @@ class _Tools:
 
     async def submit_task(self, args: SubmitTaskArgs, _call: Call) -> dict[str, Any]:
         if args.at is not None or args.every is not None:
+            if args.after or args.after_any:
+                raise InvalidInput("after goes with a task that runs now, not with at or every")
             return await self._schedule(args)
         if args.timezone is not None or args.missed is not None:
             raise InvalidInput("timezone and missed go with at or every (a schedule)")
@@ -527,6 +544,8 @@ class _Tools:
             args.criteria,
             workspace=args.workspace,
             act=bool(args.act),
+            after=args.after,
+            after_any=bool(args.after_any),
         )
         return task_to_json(task)
 
@@ -696,6 +715,8 @@ class _Tools:
             else:
                 waited = time.time() - task.updated_at
                 line, step, total = f"{task.state} · {waited:.0f} s", 0.0, None
+                if task.waiting_for and task.state == TaskState.QUEUED:
+                    line = f"{task.state} · waiting for {', '.join(task.waiting_for)}"
             asked: list[Approval] = []
             if task.state == TaskState.WAITING and task.act:
                 asked = await self.acting.pending(task.id)

@@ -71,10 +71,20 @@ class Database:
     ``open()`` before use, ``close()`` after.
     """
 
-    def __init__(self, path: Path, settings: StoreSettings, write_batch_max: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        settings: StoreSettings,
+        write_batch_max: int,
+        *,
+        on_settled: Callable[[bool], None] | None = None,
+    ) -> None:
         self.path = path
         self._settings = settings
         self._batch_max = write_batch_max
+        # Told after each group commit of ``write`` operations whether it committed
+        # (True) or was rolled back (False), before any caller is answered.
+        self._on_settled = on_settled
         self._writer_engine: AsyncEngine | None = None
         self._reader_engine: AsyncEngine | None = None
         self._wconn: AsyncConnection | None = None
@@ -271,6 +281,7 @@ class Database:
         conn = self._wconn
         assert conn is not None
         results: list[tuple[_WriteOp, Any, BaseException | None]] = []
+        committed = False
         try:
             async with conn.begin():
                 rows: dict[InsertMany, list[_WriteOp]] = {}
@@ -292,6 +303,7 @@ class Database:
                     else:
                         await savepoint.commit()
                         results.append((op, value, None))
+            committed = True
         except SQLAlchemyError as exc:
             failure = self._write_error(exc)
             if isinstance(failure, DiskFull | StoreDamaged):
@@ -303,6 +315,9 @@ class Database:
                 if not op.future.done():
                     op.future.set_exception(failure)
             return
+        finally:
+            if self._on_settled is not None:
+                self._on_settled(committed)
         # Only now is everything durable: answer the callers.
         for op, value, error in results:
             if op.future.done():

@@ -73,6 +73,9 @@ tasks = sa.Table(
     # The schedule this task is a run of (taled.db.schedules); NULL for a task submitted
     # directly, and for a run whose schedule was deleted since.
     sa.Column("schedule_id", sa.Text, sa.ForeignKey("schedules.id")),
+    # A top-level task with dependencies (task_deps) runs once they have all finished,
+    # whatever became of them, instead of failing when one fails (`tale submit --after-any`).
+    sa.Column("after_any", sa.Boolean, nullable=False, server_default="0"),
 )
 
 task_deps = sa.Table(
@@ -607,6 +610,14 @@ _V12: tuple[str, ...] = (
     "CREATE INDEX tasks_by_schedule ON tasks (schedule_id) WHERE schedule_id IS NOT NULL",
 )
 
+# Version 13 (dependencies between top-level tasks, `tale submit --after`): the edges
+# are task_deps' own; a task may run after its dependencies whatever became of them;
+# a failed or cancelled task looks its dependents up by the task they need.
+_V13: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN after_any BOOLEAN NOT NULL DEFAULT 0",
+    "CREATE INDEX task_deps_by_needs ON task_deps (needs_id)",
+)
+
 # Index i holds the statements that take the schema from version i to i + 1.
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -622,6 +633,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V10,
     _V11,
     _V12,
+    _V13,
 )
 """The migrations in order: entry ``i`` takes a database from schema version ``i`` to
 ``i + 1`` (SQLite's ``PRAGMA user_version``)."""

@@ -3,7 +3,10 @@
 ``Store`` is what the other services hold: it submits, claims and moves tasks (every
 move checked by ``taled.tasks.lifecycle``), creates a planned task's subtasks, and
 appends model calls to the ledger without waiting for their commit. Its values are
-``TaskRecord``, ``SubtaskSpec`` and ``CallRecord``.
+``TaskRecord``, ``SubtaskSpec`` and ``CallRecord``. Every state change, whichever
+repository of ``taled.db`` made it, is told to the store's watchers (``watch``) as a
+``Moved`` once its transaction has committed: that is how other services (the
+notifications) learn of them without the runner knowing they exist.
 
 How it talks to SQLite (the group-committing writer, the readers, the migrations)
 is ``taled.db.engine``; the tables it reads and writes are ``taled.db.schema``'s.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
@@ -27,14 +31,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taled.db.engine import Database
 from taled.db.schema import approvals, model_calls, task_deps, tasks, transitions
-from taled.errors import IllegalTransition, NotFound
+from taled.errors import IllegalTransition, InvalidInput, NotFound
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import FINAL_STATES, RESTORE_TRANSITIONS, TaskState, check_transition
 from taled.tasks.workstate import AttemptKey
+from taled.text import one_line
 
 __all__ = [
     "AttemptKey",  # a ledger row's key, for services that see the ledger but not tasks
     "CallRecord",
+    "Moved",
     "Store",
     "SubtaskSpec",
     "TaskFields",
@@ -48,6 +54,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _FINAL = frozenset(s.value for s in FINAL_STATES)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One state change of a task, as its watchers are told of it (once committed)."""
+
+    task_id: str
+    from_state: TaskState
+    to_state: TaskState
+    at: float
+    reason: str
+
+
+# The moves the write running now has made (``_move`` appends; ``Store.write`` sets it).
+_MOVES: contextvars.ContextVar[list[Moved] | None] = contextvars.ContextVar(
+    "tale_moves", default=None
+)
 
 
 def new_task_id() -> str:
@@ -93,7 +116,13 @@ class TaskRecord:
     round: int = 0
     """Which plan round of its parent a subtask belongs to (a restore starts a new one)."""
     needs: tuple[str, ...] = ()
-    """Ids of the sibling subtasks this one waits for."""
+    """Ids of the tasks this one waits for: a subtask's siblings, or for a top-level task
+    the tasks it was submitted to run after (``--after``)."""
+    after_any: bool = False
+    """A top-level task with ``needs`` runs once they all finished, whatever became of
+    them (``--after-any``); otherwise it fails when one of them fails or is cancelled."""
+    waiting_for: tuple[str, ...] = ()
+    """Those of ``needs`` not finished yet."""
     crashes: int = 0
     """Times the daemon crashed (a fatal error, not a kill) while running this task."""
     restore_to: str | None = None
@@ -174,6 +203,7 @@ def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
         workspace=row.workspace,
         act=bool(row.act),
         schedule_id=row.schedule_id,
+        after_any=bool(row.after_any),
     )
 
 
@@ -200,8 +230,11 @@ class Store:
 
     def __init__(self, path: Path, settings: StoreSettings, write_batch_max: int) -> None:
         self.path = path
-        self._db = Database(path, settings, write_batch_max)
+        self._db = Database(path, settings, write_batch_max, on_settled=self._settled)
         self._ledger_pending: set[asyncio.Future[Any]] = set()
+        self._watchers: list[Callable[[Moved], None]] = []
+        # Moves made in the group commit under way; told to the watchers once it commits.
+        self._uncommitted: list[Moved] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -221,7 +254,43 @@ class Store:
 
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn`` inside the next group commit, in its own savepoint."""
-        return await self._db.write(fn)
+        if not self._watchers:
+            return await self._db.write(fn)
+
+        async def tracked(conn: AsyncConnection) -> T:
+            moves: list[Moved] = []
+            token = _MOVES.set(moves)
+            try:
+                value = await fn(conn)
+            finally:
+                _MOVES.reset(token)
+            # Only a write that succeeded keeps its moves (a failed one's savepoint is undone).
+            self._uncommitted.extend(moves)
+            return value
+
+        return await self._db.write(tracked)
+
+    # -- watching state changes ------------------------------------------
+
+    def watch(self, fn: Callable[[Moved], None]) -> None:
+        """Call ``fn`` with every task's state change once its transaction commits, in
+        commit order (a caller that stopped waiting for its write does not stop that).
+        ``fn`` runs in the writer's turn: it must return at once (put the change in a
+        queue); an exception it raises is logged and goes no further."""
+        self._watchers.append(fn)
+
+    def _settled(self, committed: bool) -> None:
+        moves, self._uncommitted = self._uncommitted, []
+        if not committed:
+            return
+        for moved in moves:
+            for fn in self._watchers:
+                try:
+                    fn(moved)
+                except Exception:
+                    log.exception(
+                        "a watcher of task %s's move to %s failed", moved.task_id, moved.to_state
+                    )
 
     # -- tasks -------------------------------------------------------------
 
@@ -234,8 +303,16 @@ class Store:
         *,
         workspace: str | None = None,
         act: bool = False,
+        after: Sequence[str] = (),
+        after_any: bool = False,
     ) -> TaskRecord:
-        """Persist a new queued task; returns once it is committed to disk."""
+        """Persist a new queued task; returns once it is committed to disk.
+
+        ``after`` are ids, or unique prefixes, of top-level tasks it waits for
+        (``--after``): each resolved and checked in the transaction that writes the task,
+        so nothing is written when one is unknown, ambiguous, a subtask, or already
+        failed or cancelled (unless ``after_any``).
+        """
         now = time.time()
         task_id = new_task_id()
         row: dict[str, Any] = {
@@ -250,7 +327,19 @@ class Store:
             "criteria": json.dumps(list(criteria)) if criteria else None,
             "workspace": workspace,
             "act": act,
+            "after_any": after_any,
         }
+        if after:
+
+            async def apply(conn: AsyncConnection) -> None:
+                found = await _resolve_after(conn, task_id, after, after_any)
+                await _insert_submitted(conn, [row])
+                await conn.execute(
+                    task_deps.insert(), [{"task_id": task_id, "needs_id": n} for n in found]
+                )
+
+            await self.write(apply)
+            return await self.get_task(task_id)  # with what it waits for
         await self._db.write_row(_insert_submitted, row)
         return TaskRecord(
             id=task_id,
@@ -463,6 +552,18 @@ class Store:
         if row is None:
             raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
         return _full_row_to_task(row)
+
+    async def dependencies(self, task_id: str) -> list[TaskRecord]:
+        """The tasks a task waits for (``needs``), oldest first."""
+        query = (
+            sa.select(tasks)
+            .join(task_deps, task_deps.c.needs_id == tasks.c.id)
+            .where(task_deps.c.task_id == task_id)
+            .order_by(tasks.c.created_at, tasks.c.id)
+        )
+        async with self.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_row_to_task(r) for r in rows]
 
     async def add_subtasks(
         self, parent: TaskRecord, plan_round: int, specs: Sequence[SubtaskSpec], reason: str
@@ -782,12 +883,23 @@ def _full_tasks() -> sa.Select[Any]:
         .where(task_deps.c.task_id == tasks.c.id)
         .scalar_subquery()
     )
+    dep = tasks.alias("dep")
+    waiting = (
+        sa.select(sa.func.json_group_array(task_deps.c.needs_id))
+        .where(
+            task_deps.c.task_id == tasks.c.id,
+            dep.c.id == task_deps.c.needs_id,
+            dep.c.state.notin_(_FINAL),
+        )
+        .scalar_subquery()
+    )
     return sa.select(
         tasks,
         history.label("history"),
         prompt.label("prompt_total"),
         completion.label("completion_total"),
         needs.label("needs"),
+        waiting.label("waiting_for"),
     )
 
 
@@ -804,12 +916,14 @@ def _has_unfinished_children(parent: Any) -> Any:
 
 
 def _unmet_needs() -> Any:
-    """EXISTS a dependency of the outer task that has not completed."""
+    """EXISTS a dependency of the outer task that has not completed (for a task that runs
+    after its dependencies whatever became of them, one that has not finished)."""
     dep = tasks.alias("dep")
     return sa.exists().where(
         task_deps.c.task_id == tasks.c.id,
         dep.c.id == task_deps.c.needs_id,
         dep.c.state != TaskState.COMPLETED.value,
+        sa.or_(~tasks.c.after_any, dep.c.state.notin_(_FINAL)),
     )
 
 
@@ -864,6 +978,7 @@ def _full_row_to_task(row: sa.Row[Any]) -> TaskRecord:
         prompt_tokens=int(row.prompt_total),
         completion_tokens=int(row.completion_total),
         needs=tuple(json.loads(row.needs)) if row.needs else (),
+        waiting_for=tuple(json.loads(row.waiting_for)) if row.waiting_for else (),
     )
 
 
@@ -917,3 +1032,121 @@ async def _move(
             task_id=task_id, from_state=current.value, to_state=target.value, at=now, reason=reason
         )
     )
+    moves = _MOVES.get()
+    if moves is not None:
+        moves.append(Moved(task_id, current, target, now, reason))
+    if target in (TaskState.FAILED, TaskState.CANCELLED):
+        await _fail_dependents(conn, task_id, target, fields.get("error") or reason)
+
+
+# A task may be named by a unique prefix of at least this many hex digits.
+_MIN_PREFIX = 4
+# Characters of a failed dependency's reason quoted in its dependents' reasons.
+_CAUSE_CHARS = 300
+_DEPENDENT_STATES = (TaskState.QUEUED.value, TaskState.PAUSED.value)
+
+
+async def _fail_dependents(conn: AsyncConnection, task_id: str, state: TaskState, why: str) -> None:
+    """Fail the top-level tasks waiting to run after ``task_id``, which just ended ``state``
+    (failed or cancelled), unless they run whatever became of it; theirs in turn, and so
+    on: in the transaction that ended it, so no crash leaves one waiting for nothing."""
+    dependents = (
+        await conn.execute(
+            sa.select(tasks.c.id, tasks.c.state)
+            .join(task_deps, task_deps.c.task_id == tasks.c.id)
+            .where(
+                task_deps.c.needs_id == task_id,
+                tasks.c.parent_id.is_(None),
+                ~tasks.c.after_any,
+                tasks.c.state.in_(_DEPENDENT_STATES),
+            )
+        )
+    ).all()
+    what = "failed" if state == TaskState.FAILED else "was cancelled"
+    reason = f"it was to run after task {task_id}, which {what}: {one_line(why, _CAUSE_CHARS)}"
+    for row in dependents:
+        await _move(conn, row.id, TaskState(row.state), TaskState.FAILED, reason, error=reason)
+
+
+async def _resolve_after(
+    conn: AsyncConnection, task_id: str, refs: Sequence[str], after_any: bool
+) -> tuple[str, ...]:
+    """The ids of the tasks a new task ``task_id`` is to run after, from ids or unique
+    prefixes, in the order given; InvalidInput / NotFound naming the one that is wrong."""
+    found: list[str] = []
+    for given in refs:
+        ref = given.strip().lower()
+        if len(ref) < _MIN_PREFIX or any(c not in "0123456789abcdef" for c in ref):
+            raise InvalidInput(
+                f"after {given!r}: give a task id, or at least {_MIN_PREFIX} of its hex "
+                "digits (`tale list` shows the ids)"
+            )
+        rows = (
+            await conn.execute(
+                sa.select(tasks.c.id, tasks.c.state, tasks.c.error, tasks.c.parent_id)
+                .where(tasks.c.id.startswith(ref, autoescape=True))
+                .limit(2)
+            )
+        ).all()
+        if not rows:
+            raise NotFound(f"after {ref}: no task with that id; `tale list` shows the ids")
+        if len(rows) > 1:
+            raise InvalidInput(
+                f"after {ref}: more than one task starts with {ref} ({rows[0].id}, "
+                f"{rows[1].id}, ...); give more digits"
+            )
+        dep = rows[0]
+        if dep.id == task_id:
+            raise InvalidInput(f"after {ref}: a task cannot run after itself")
+        if dep.parent_id is not None:
+            raise InvalidInput(
+                f"after {ref}: task {dep.id} is a step of task {dep.parent_id}; run after "
+                f"the whole task instead: after {dep.parent_id}"
+            )
+        if dep.state in (TaskState.FAILED.value, TaskState.CANCELLED.value) and not after_any:
+            why = one_line(dep.error or "no reason recorded", _CAUSE_CHARS)
+            again = (
+                f"restore it first (`tale restore {dep.id}`)"
+                if dep.state == TaskState.FAILED.value
+                else "submit it again"
+            )
+            raise InvalidInput(
+                f"after {ref}: task {dep.id} already {dep.state} ({why}), so a task after it "
+                f"would never run; {again}, or run regardless of it with --after-any"
+            )
+        if dep.id not in found:
+            found.append(dep.id)
+    cycle = await _path_to(conn, found, task_id)
+    if cycle:
+        chain = " → ".join([task_id, *cycle, task_id])
+        raise InvalidInput(f"after: that would make a cycle of dependencies: {chain}")
+    return tuple(found)
+
+
+async def _path_to(conn: AsyncConnection, starts: Sequence[str], target: str) -> list[str]:
+    """A chain of dependencies from one of ``starts`` to ``target`` (empty if none): the
+    cycle a new edge ``target → starts`` would close. A new task has no dependents, so
+    this finds one only if ids resolve oddly; it is checked all the same."""
+    came_from: dict[str, str | None] = {s: None for s in starts}
+    frontier = list(starts)
+    while frontier:
+        if target in came_from:
+            chain: list[str] = []
+            at = came_from[target]
+            while at is not None:
+                chain.append(at)
+                at = came_from[at]
+            return chain[::-1]
+        rows = (
+            await conn.execute(
+                sa.select(task_deps.c.task_id, task_deps.c.needs_id).where(
+                    task_deps.c.task_id.in_(frontier)
+                )
+            )
+        ).all()
+        frontier = []
+        for r in rows:
+            if r.needs_id not in came_from:
+                came_from[r.needs_id] = r.task_id
+                frontier.append(r.needs_id)
+    return []

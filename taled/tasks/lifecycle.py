@@ -7,6 +7,7 @@
       └─ paused ◄──┘  (pause from queued, running or waiting)
 
     waiting ──► queued   (its subtasks finished: it queues to aggregate them)
+    queued | paused ──► failed   (a task it was to run after failed: it never runs)
 
     any non-final state ──► cancelled
 
@@ -40,10 +41,10 @@ class TaskState(StrEnum):
 S = TaskState
 
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    S.QUEUED: frozenset({S.RUNNING, S.PAUSED, S.CANCELLED}),
+    S.QUEUED: frozenset({S.RUNNING, S.PAUSED, S.CANCELLED, S.FAILED}),
     S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.PAUSED, S.WAITING, S.QUEUED}),
     S.WAITING: frozenset({S.RUNNING, S.QUEUED, S.PAUSED, S.FAILED, S.CANCELLED}),
-    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED}),
+    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED, S.FAILED}),
     S.COMPLETED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),

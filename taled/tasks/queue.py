@@ -20,7 +20,10 @@ from taled.tasks.gates import gates
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 from taled.text import clean_text
 
-__all__ = ["TaskQueue"]
+__all__ = ["MAX_AFTER", "TaskQueue"]
+
+MAX_AFTER = 20
+"""Most tasks one task may be submitted to run after (``--after``)."""
 
 _PAUSABLE = frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING})
 _LIVE = frozenset(set(TaskState) - FINAL_STATES)
@@ -93,6 +96,8 @@ class TaskQueue:
         *,
         workspace: str | None = None,
         act: bool = False,
+        after: list[str] | None = None,
+        after_any: bool = False,
     ) -> TaskRecord:
         """Validate and durably enqueue a task; returns once it is on disk.
 
@@ -101,11 +106,17 @@ class TaskQueue:
         ``criteria`` are done criteria (see taled.tasks.gates.gates), checked for form here.
         ``workspace`` is a directory of the user's the task acts on (a copy of it);
         ``act`` gives the task tools in a scratch workspace. Either, or a ``run:``
-        criterion, makes the task act.
+        criterion, makes the task act. ``after`` (ids or unique prefixes of top-level
+        tasks) makes it wait until they complete, and fail if one fails or is cancelled;
+        with ``after_any`` it runs once they have finished, whatever became of them.
         """
         if not self._accepting:
             raise Unavailable("the daemon is shutting down and takes no new tasks; retry shortly")
         fields = self.check(text, priority, model, criteria, workspace=workspace, act=act)
+        if after_any and not after:
+            raise InvalidInput("after-any goes with after: name the tasks to run after")
+        if after and len(after) > MAX_AFTER:
+            raise InvalidInput(f"after: at most {MAX_AFTER} tasks, not {len(after)}")
         record = await self._store.submit(
             fields.text,
             fields.priority,
@@ -113,6 +124,8 @@ class TaskQueue:
             fields.criteria,
             workspace=fields.workspace,
             act=fields.act,
+            after=after or (),
+            after_any=after_any,
         )
         self._wake.set()
         return record
@@ -180,6 +193,7 @@ class TaskQueue:
             raise IllegalTransition(f"task {task_id} is already {current.state}; nothing to cancel")
         await self._store.transition(task_id, TaskState.CANCELLED, "cancelled by the user")
         await self.cancel_subtasks(task_id, "its parent was cancelled")
+        self._wake.set()  # a task to run after it whatever became of it may be ready now
         return await self._stopped(task_id)
 
     async def cancel_subtasks(self, task_id: str, reason: str) -> None:

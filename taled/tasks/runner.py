@@ -24,7 +24,7 @@ import os
 import time
 import weakref
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from taled.tasks.planning.needs_tools import needs_tools
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
 from taled.tasks.workstate import AgentState, Attempt, AttemptKey, WorkState
+from taled.text import one_line
 from taled.tools.base import ToolSpec
 from taled.tools.service import Acting
 from taled.tools.workspace import Workspace
@@ -565,6 +566,7 @@ class Runner:
             why = self._why_done(ws)
             await self._finish(task.id, TaskState.COMPLETED, why, result=ws.result or "")
             return
+        asked = await self._with_results_waited_for(task)
         assessment = await self._assess(task, ws)
         route = self._router.for_task(task)
         criteria = gates.parse_criteria(list(task.criteria))
@@ -596,7 +598,7 @@ class Runner:
                 f"classified {level} ({complexity.score:.2f}); runs on {route.role}",
             )
         if ws.phase == "answer":
-            messages = self._messages(task.text)
+            messages = self._messages(asked.text)
             budget = assessment.budget if assessment and self._learning_on else None
             try:
                 ws.result = await self._produce(
@@ -621,7 +623,7 @@ class Runner:
                 await self._complete(task, ws)
                 return
         if ws.phase == "plan":
-            await self._plan(task, ws, route, token)
+            await self._plan(asked, ws, route, token)
         if ws.phase == "subtasks" and not await self._gather(task, ws):
             return  # waiting for its subtasks; the last one to finish queues it again
         if ws.phase == "aggregate" and ws.agent is not None:
@@ -632,13 +634,13 @@ class Runner:
             assert ws.agent is not None
             predicted = assessment.predicted_steps if assessment is not None else None
             async with self._workspace_lock(ws.agent.workspace):
-                ws.result = await self._act(task, ws, route, criteria, token, predicted)
+                ws.result = await self._act(asked, ws, route, criteria, token, predicted)
             await self._complete(task, ws)
             return
         if ws.phase == "aggregate":
             plan = planner.Plan.from_json(ws.plan or {})
             messages = planner.aggregate_messages(
-                task.text,
+                asked.text,
                 plan,
                 ws.outputs,
                 self._planning.aggregate_chars,
@@ -675,7 +677,7 @@ class Runner:
             context = planner.dependency_context(
                 plan, task.step, outputs, self._planning.context_chars
             )
-            parent = await self._store.get_task(task.parent_id)
+            parent = await self._with_results_waited_for(await self._store.get_task(task.parent_id))
             shared = parent_state.agent
             if shared is not None:
                 # Steps of one acting task share its workspace: one at a time writes there,
@@ -1350,6 +1352,34 @@ class Runner:
             raise _Failed(str(exc)) from None
         await acting.settle_workspace(task, ws.agent, "completed", result)
         return result
+
+    async def _with_results_waited_for(self, task: TaskRecord) -> TaskRecord:
+        """The task as its model reads it: one submitted to run after others has their
+        results after its text, sharing ``planner.context_chars``, and is told which of
+        them failed or were cancelled (it runs regardless of them: ``--after-any``)."""
+        needs = [] if task.parent_id is not None else await self._store.dependencies(task.id)
+        if not needs:
+            return task
+        results, missing = [], []
+        for need in needs:
+            first_line = need.text.strip().partition("\n")[0]
+            about = f"task {need.id}: {one_line(first_line, 80)}"
+            if need.state == TaskState.COMPLETED:
+                results.append((about, need.result or ""))
+                continue
+            why = one_line(need.error or "no reason recorded", 200)
+            results.append((f"{about} ({need.state})", f"(no result: it {need.state}: {why})"))
+            missing.append(f"{need.id} {need.state}")
+        text = (
+            f"{task.text}\n\nResults of the tasks this one waits for:\n\n"
+            + planner.results_context(results, self._planning.context_chars)
+        )
+        if missing:
+            text += (
+                f"\n\nNot all of them completed ({'; '.join(missing)}): do what you can "
+                "without their results, and say what is missing."
+            )
+        return replace(task, text=text)
 
     def _messages(self, text: str) -> list[ChatMessage]:
         return [

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +46,7 @@ __all__ = [
     "heuristic_plan",
     "parse_plan",
     "plan_messages",
+    "results_context",
     "step_brief",
     "step_messages",
 ]
@@ -1054,22 +1055,36 @@ def dependency_context(plan: Plan, step_id: str, outputs: dict[str, str], max_ch
     return text
 
 
+def results_context(results: Sequence[tuple[str, str]], max_chars: int) -> str:
+    """Titled results in at most ``max_chars``, sharing the room fairly as a step's
+    dependencies do (``dependency_context``): what a task submitted to run after others
+    is told they produced."""
+    text, _ = _labelled([t for t, _ in results], [r for _, r in results], max_chars)
+    return text
+
+
 def _blocks(
     plan: Plan, ids: list[str], outputs: Mapping[str, str], max_chars: int
 ) -> tuple[str, bool]:
     """Labelled outputs of ``ids`` sharing ``max_chars`` fairly; and whether all fit whole."""
-    labels = [f"### {plan.step(i).title}\n" for i in ids]
-    room = max_chars - 2 * (len(ids) - 1) - sum(len(label) for label in labels)
+    titles = [plan.step(i).title for i in ids]
+    return _labelled(titles, [outputs.get(i, "") for i in ids], max_chars)
+
+
+def _labelled(titles: list[str], outputs: list[str], max_chars: int) -> tuple[str, bool]:
+    """``outputs`` under their titles sharing ``max_chars`` fairly; whether all fit whole."""
+    labels = [f"### {title}\n" for title in titles]
+    room = max_chars - 2 * (len(titles) - 1) - sum(len(label) for label in labels)
     if room < 0:
         # Not even the labels fit: as many shortened labels as there is room for.
         kept: list[str] = []
-        for i in ids:
-            label = f"### {_clip(plan.step(i).title, 24)}"
+        for title in titles:
+            label = f"### {_clip(title, 24)}"
             if sum(len(k) + 2 for k in kept) + len(label) > max_chars:
                 break
             kept.append(label)
         return "\n\n".join(kept), False
-    bodies = [outputs.get(i, "").strip() or "(no result)" for i in ids]
+    bodies = [o.strip() or "(no result)" for o in outputs]
     shares = _fair_shares([len(b) for b in bodies], room)
     clipped = [_clip(b, share) for b, share in zip(bodies, shares, strict=True)]
     text = "\n\n".join(label + body for label, body in zip(labels, clipped, strict=True))
