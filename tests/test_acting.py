@@ -11,6 +11,7 @@ the request, so a daemon killed and restarted mid-loop gets the right next turn.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -24,6 +25,10 @@ import pytest
 from tale_client.rpc import RpcError
 from tests.harness import Daemon, Home
 from tests.standins.openai_scripted import ScriptedServer, scripted_server
+
+# The slow command sleeps a time no other test run on this machine sleeps, so looking
+# for it after a kill finds this run's process only.
+SLEEP = f"sleep {60 + secrets.randbelow(10**6) / 10**7:.7f}"
 
 
 def _call(name: str, **arguments: Any) -> dict[str, Any]:
@@ -53,7 +58,7 @@ SCRIPT: dict[str, Any] = {
     "loop": [_call("read_file", path=f"missing-{i}.txt") for i in range(50)],
     "repeat": [_call("list_files", path=".")] * 50,
     "slow": [
-        _call("run", command="echo start >> log.txt; sleep 60; echo end >> log.txt"),
+        _call("run", command=f"echo start >> log.txt; {SLEEP}; echo end >> log.txt"),
         _finish("after the interruption"),
     ],
     "ask": [_call("ask_user", question="Which greeting?"), _finish("asked")],
@@ -403,9 +408,9 @@ def test_kill_9_during_a_command_reports_it_interrupted_and_never_runs_it_again(
     daemon.kill9()
     # The command died with the daemon (the sandbox dies with its parent).
     time.sleep(1)
-    out = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", SLEEP], capture_output=True, text=True)
+    daemon.start()  # before asserting: the module's other tests need the daemon
     assert not out.stdout.strip(), out.stdout
-    daemon.start()
     done = daemon.wait_for(task["id"])
     assert done["state"] == "completed", done
     assert log.read_text() == "start\n"  # ran once, cut off; never run again
