@@ -29,10 +29,11 @@ from taled.chat.intent import Intent
 from taled.chat.service import ChatService, Turn
 from taled.checkpoints.repo import Checkpoint, CheckpointStore
 from taled.daemon.elicitation import Asker, Elicit
+from taled.daemon.resources import RESOURCES, TEMPLATES, ResourceKind, ResourceRef, parse_uri
 from taled.db.acting import Approval, ApprovalState
 from taled.db.schedules import MissedPolicy, Schedule, ScheduleRun, ScheduleState
 from taled.db.store import Store, TaskRecord
-from taled.errors import IllegalTransition, InvalidInput, TaleError
+from taled.errors import IllegalTransition, InvalidInput, NotFound, TaleError
 from taled.reporting.metrics import Metrics
 from taled.reporting.usage import UsageReport
 from taled.retention.forget import Forgetting
@@ -1048,6 +1049,26 @@ def _can_elicit(ctx: ServerRequestContext[Any]) -> bool:
     return ctx.session.can_send_request
 
 
+async def _quiet(_progress: float, _message: str, _total: float | None) -> None:
+    """A resource read reports no progress."""
+
+
+async def _read_resource(tools: _Tools, ref: ResourceRef) -> dict[str, Any]:
+    """A resource's JSON, read through the tool that returns the same thing."""
+    call = Call(progress=_quiet)
+    match ref.kind:
+        case ResourceKind.TASKS:
+            return await tools.list_tasks(ListTasksArgs(), call)
+        case ResourceKind.SCHEDULES:
+            return await tools.list_schedules(ListSchedulesArgs(), call)
+        case ResourceKind.DASHBOARD:
+            return await tools.daemon_status(NoArgs(), call)
+        case ResourceKind.TASK:
+            return await tools.get_task(TaskIdArgs(id=ref.id), call)
+        case ResourceKind.SCHEDULE:
+            return await tools.get_schedule(ScheduleIdArgs(id=ref.id), call)
+
+
 def build_server(
     store: Store,
     queue: TaskQueue,
@@ -1135,6 +1156,33 @@ def build_server(
             structured_content=result,
         )
 
+    async def on_list_resources(
+        _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=RESOURCES)
+
+    async def on_list_resource_templates(
+        _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(resource_templates=TEMPLATES)
+
+    async def on_read_resource(
+        _ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        try:
+            found = await _read_resource(tools, parse_uri(params.uri))
+        except NotFound as exc:
+            # What the SDK's own resource manager answers for a missing resource.
+            raise MCPError(types.INVALID_PARAMS, exc.message, data={"uri": params.uri}) from None
+        except TaleError as exc:
+            raise MCPError(exc.code, exc.message) from None
+        text = json.dumps(found)
+        return types.ReadResourceResult(
+            contents=[
+                types.TextResourceContents(uri=params.uri, mime_type="application/json", text=text)
+            ]
+        )
+
     server: Server[Any] = Server(
         "taled",
         version=__version__,
@@ -1142,6 +1190,9 @@ def build_server(
         "submit_task queues one; get_task and list_tasks follow them.",
         on_list_tools=on_list_tools,
         on_call_tool=on_call_tool,
+        on_list_resources=on_list_resources,
+        on_list_resource_templates=on_list_resource_templates,
+        on_read_resource=on_read_resource,
     )
     # The SDK wraps every request in an OpenTelemetry span by default; tale exports
     # no traces, and the no-op spans cost a measurable share of each request.
