@@ -406,10 +406,12 @@ def _progress_view(task_id: str, quiet: bool) -> Any:
 
 def _ended(task: dict[str, Any], quiet: bool, ring: bool) -> None:
     """A followed task ended: ring the bell (on a terminal, unless --no-bell) and say so
-    in one line on stderr (a failure's line is its error, from ``_print_final``)."""
+    in one line on stderr (a failure's line is its error, from ``_print_final``). Only
+    on a terminal: there the live bar vanishes; into a pipe the progress lines already
+    ended with the task's "completed after N s"."""
     if ring:
         bell()
-    if task["state"] == "completed" and not quiet:
+    if task["state"] == "completed" and not quiet and sys.stderr.isatty():
         took = ""
         with contextlib.suppress(KeyError, TypeError, ValueError):
             start, end = (
