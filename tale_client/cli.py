@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -32,7 +32,17 @@ from tale_client.output import (
 )
 from tale_client.rpc import Connection, DaemonUnreachable, RpcError
 
-__all__ = ["app", "main"]
+if TYPE_CHECKING:
+    from tale_client.daemon import Started
+
+__all__ = [
+    "app",
+    "complete_approval_id",
+    "complete_schedule_id",
+    "complete_task_id",
+    "main",
+    "task_id_completer",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,7 +58,8 @@ app = typer.Typer(
     name="tale",
     help="tale: a personal AI worker on your own machine.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion; ids complete from the daemon (below).
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 daemon_app = typer.Typer(help="Start, stop and inspect the daemon.", no_args_is_help=True)
@@ -96,7 +107,98 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
 def _connect(autostart: bool = True) -> Connection:
     from tale_client.daemon import connect
 
-    return connect(autostart=autostart)
+    return connect(autostart=autostart, on_start=_say_started)
+
+
+def _say_started(started: Started) -> None:
+    """Say on stderr that a command started the daemon, and which way."""
+    from tale_client.daemon import Route
+
+    if started.route is Route.SYSTEMD:
+        note("tale: no daemon was running; started it with systemctl --user start taled")
+    else:
+        note(
+            f"tale: no daemon was running; started taled (pid {started.pid}) in the background, "
+            f"its log in {paths.log_file()}"
+        )
+
+
+# -- shell completion ------------------------------------------------------------
+
+# Completion runs on every tab press: a daemon that does not answer at once is left
+# alone (and none is ever started for it).
+_COMPLETE_TIMEOUT_SECONDS = 1.0
+UNFINISHED = ("queued", "running", "waiting", "paused")
+
+
+def _ask_quickly(tool: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    """One tool call for completion: None on any failure, never an error or a start."""
+    try:
+        with Connection(paths.socket_path(), timeout=_COMPLETE_TIMEOUT_SECONDS) as conn:
+            conn.initialize("tale-completion")
+            return conn.call_tool(tool, args)
+    except (DaemonUnreachable, RpcError, paths.PathError, OSError, ValueError):
+        return None
+
+
+def _completion_help(*parts: str) -> str:
+    """One short line of help: whitespace folded, control characters dropped."""
+    from tale_client.sanitize import printable
+
+    text = " ".join(printable(" · ".join(p for p in parts if p)).split())
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def task_id_completer(
+    states: tuple[str, ...] = (),
+) -> Callable[[str], list[tuple[str, str]]]:
+    """A completion callback: ids of the daemon's tasks (in ``states``; all if empty),
+    newest first, each with its state and text as help."""
+
+    def complete(incomplete: str) -> list[tuple[str, str]]:
+        found = _ask_quickly("list_tasks", {"limit": 200})
+        try:
+            tasks = found["tasks"] if found is not None else []
+            return [
+                (t["id"], _completion_help(t["state"], t["text"]))
+                for t in tasks
+                if t["id"].startswith(incomplete) and (not states or t["state"] in states)
+            ]
+        except (KeyError, TypeError, AttributeError):
+            return []  # an answer of another shape (an older daemon): nothing to offer
+
+    return complete
+
+
+def complete_approval_id(incomplete: str) -> list[tuple[str, str]]:
+    """A completion callback: the ids of what acting tasks wait for, with the summary."""
+    found = _ask_quickly("list_approvals", {})
+    try:
+        waiting = found["approvals"] if found is not None else []
+        return [
+            (a["id"], _completion_help(a["kind"], a["summary"]))
+            for a in waiting
+            if a["id"].startswith(incomplete)
+        ]
+    except (KeyError, TypeError, AttributeError):
+        return []
+
+
+def complete_schedule_id(incomplete: str) -> list[tuple[str, str]]:
+    """A completion callback: schedule ids, with when they run and their text."""
+    found = _ask_quickly("list_schedules", {})
+    try:
+        schedules = found["schedules"] if found is not None else []
+        return [
+            (s["id"], _completion_help(_when(s), s["text"]))
+            for s in schedules
+            if s["id"].startswith(incomplete)
+        ]
+    except (KeyError, TypeError, AttributeError):
+        return []
+
+
+complete_task_id = task_id_completer()
 
 
 def _version(value: bool) -> None:
@@ -439,7 +541,12 @@ def _print_final(task: dict[str, Any], json_out: bool) -> None:
 @handle_errors
 def status(
     task_id: Annotated[
-        str | None, typer.Argument(metavar="[ID]", help="A task id; omit for a summary.")
+        str | None,
+        typer.Argument(
+            metavar="[ID]",
+            help="A task id; omit for a summary.",
+            autocompletion=complete_task_id,
+        ),
     ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Follow the task until it ends.")
@@ -600,7 +707,9 @@ def _age(stamp: str, now: datetime) -> str:
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def checkpoints(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task.")],
+    task_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The task.", autocompletion=complete_task_id)
+    ],
     limit: Annotated[
         int | None, typer.Option("--limit", "-n", help="Most checkpoints shown.")
     ] = None,
@@ -629,7 +738,14 @@ def checkpoints(
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def restore(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="A paused or failed task.")],
+    task_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID",
+            help="A paused or failed task.",
+            autocompletion=task_id_completer(("paused", "failed")),
+        ),
+    ],
     commit: Annotated[
         str | None,
         typer.Argument(
@@ -656,7 +772,12 @@ def restore(
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def cancel(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task to cancel.")],
+    task_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID", help="The task to cancel.", autocompletion=task_id_completer(UNFINISHED)
+        ),
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Cancel a task that has not finished (a running model call stops)."""
@@ -666,7 +787,14 @@ def cancel(
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def pause(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task to pause.")],
+    task_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID",
+            help="The task to pause.",
+            autocompletion=task_id_completer(("queued", "running", "waiting")),
+        ),
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Pause a queued, running or waiting task (a running answer stops; resume continues it)."""
@@ -676,7 +804,12 @@ def pause(
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def resume(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="The paused task.")],
+    task_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID", help="The paused task.", autocompletion=task_id_completer(("paused",))
+        ),
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Put a paused task back in the queue."""
@@ -686,7 +819,12 @@ def resume(
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def priority(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task.")],
+    task_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID", help="The task.", autocompletion=task_id_completer(UNFINISHED)
+        ),
+    ],
     value: Annotated[int, typer.Argument(metavar="N", help="0..100, higher runs first.")],
     json_out: JsonOpt = False,
 ) -> None:
@@ -706,7 +844,12 @@ AGE_PATTERN = r"([1-9][0-9]{0,5})([smhdw])"
 @app.command(rich_help_panel="Tasks")
 @handle_errors
 def delete(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="A finished top-level task.")],
+    task_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID", help="A finished top-level task.", autocompletion=task_id_completer(FINAL)
+        ),
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Forget a finished task everywhere: its text, result, checkpoints, workspace and
@@ -795,7 +938,14 @@ def _task_action(
 @app.command(rich_help_panel="Acting")
 @handle_errors
 def approvals(
-    task_id: Annotated[str | None, typer.Argument(metavar="[ID]", help="Only this task's.")] = None,
+    task_id: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[ID]",
+            help="Only this task's.",
+            autocompletion=task_id_completer(("waiting", "running")),
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """What acting tasks wait for: tool calls to approve, questions to answer."""
@@ -814,10 +964,18 @@ def approvals(
     emit("tale approve ID [--always] · tale deny ID [REASON] · tale answer ID TEXT")
 
 
+ApprovalId = Annotated[
+    str,
+    typer.Argument(
+        metavar="ID", help="From `tale approvals`.", autocompletion=complete_approval_id
+    ),
+]
+
+
 @app.command(rich_help_panel="Acting")
 @handle_errors
 def approve(
-    approval_id: Annotated[str, typer.Argument(metavar="ID", help="From `tale approvals`.")],
+    approval_id: ApprovalId,
     always: Annotated[
         bool, typer.Option("--always", help="Also allow calls like it from now on.")
     ] = False,
@@ -833,7 +991,7 @@ def approve(
 @app.command(rich_help_panel="Acting")
 @handle_errors
 def deny(
-    approval_id: Annotated[str, typer.Argument(metavar="ID", help="From `tale approvals`.")],
+    approval_id: ApprovalId,
     reason: Annotated[
         str | None, typer.Argument(help="Why, or what to do instead (the model reads it).")
     ] = None,
@@ -854,7 +1012,7 @@ def deny(
 @app.command(rich_help_panel="Acting")
 @handle_errors
 def answer(
-    approval_id: Annotated[str, typer.Argument(metavar="ID", help="From `tale approvals`.")],
+    approval_id: ApprovalId,
     text: Annotated[str, typer.Argument(help="Your answer to the task's question.")],
     json_out: JsonOpt = False,
 ) -> None:
@@ -876,7 +1034,9 @@ def _decide(tool: str, args: dict[str, Any], json_out: bool) -> None:
 @app.command(rich_help_panel="Acting")
 @handle_errors
 def diff(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="An acting task.")],
+    task_id: Annotated[
+        str, typer.Argument(metavar="ID", help="An acting task.", autocompletion=complete_task_id)
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """What an acting task changed, as a unified diff."""
@@ -896,7 +1056,9 @@ def diff(
 @app.command("apply", rich_help_panel="Acting")
 @handle_errors
 def apply_(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="An acting task.")],
+    task_id: Annotated[
+        str, typer.Argument(metavar="ID", help="An acting task.", autocompletion=complete_task_id)
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Bring an acting task's change into the directory it was given (conflicts refused)."""
@@ -973,7 +1135,12 @@ def usage(
 
 SCHEDULE_STATES = ("active", "paused", "done")
 ScheduleId = Annotated[
-    str, typer.Argument(metavar="ID", help="A schedule id, or a unique prefix of 4+ digits.")
+    str,
+    typer.Argument(
+        metavar="ID",
+        help="A schedule id, or a unique prefix of 4+ digits.",
+        autocompletion=complete_schedule_id,
+    ),
 ]
 
 
@@ -1269,25 +1436,48 @@ def mcp() -> None:
 @daemon_app.command("start")
 @handle_errors
 def daemon_start() -> None:
-    """Start the daemon in the background (no-op if it runs)."""
-    from tale_client.daemon import daemon_pid, start_daemon
+    """Start the daemon in the background (no-op if it runs).
+
+    When the systemd user unit is installed (`tale daemon install`) and `systemctl --user`
+    works, this is `systemctl --user start taled`, so systemd keeps the daemon; otherwise
+    tale starts it itself, logging to a file. The output says which.
+    """
+    from tale_client.daemon import Route, daemon_pid, probe, start_daemon
 
     pid = daemon_pid()
     if pid is not None:
-        emit(f"taled already running (pid {pid})")
+        by = " under systemd (taled.service)" if probe().active else ""
+        emit(f"taled already running (pid {pid}){by}")
         return
-    pid = start_daemon()
-    emit(f"taled started (pid {pid}); socket {paths.socket_path()}")
+    started = start_daemon()
+    if started.route is Route.SYSTEMD:
+        pid_note = f", pid {started.pid}" if started.pid is not None else ""
+        emit(f"taled started by systemd (systemctl --user start taled{pid_note})")
+        emit(f"socket {paths.socket_path()}")
+        emit("log    journalctl --user -u taled (or: tale daemon logs)")
+        return
+    emit(f"taled started (pid {started.pid}) by tale, not systemd: {started.why}")
+    emit(f"socket {paths.socket_path()}")
+    emit(f"log    {paths.log_file()}")
 
 
 @daemon_app.command("stop")
 @handle_errors
 def daemon_stop() -> None:
-    """Stop the daemon gracefully (running tasks go back to the queue)."""
-    from tale_client.daemon import stop_daemon
+    """Stop the daemon gracefully (running tasks go back to the queue).
 
-    pid = stop_daemon()
-    emit("taled is not running" if pid is None else f"taled stopped (pid {pid})")
+    `systemctl --user stop taled` when systemd runs it, else SIGTERM.
+    """
+    from tale_client.daemon import Route, stop_daemon
+
+    stopped = stop_daemon()
+    pid = f" (pid {stopped.pid})" if stopped.pid is not None else ""
+    if stopped.route is Route.SYSTEMD:
+        emit(f"taled stopped{pid} by systemd (systemctl --user stop taled)")
+    elif stopped.pid is None:
+        emit("taled is not running")
+    else:
+        emit(f"taled stopped{pid}")
 
 
 @daemon_app.command("status")
@@ -1361,18 +1551,91 @@ def daemon_install() -> None:
 @daemon_app.command("logs")
 @handle_errors
 def daemon_logs(
-    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines.")] = 50,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", help="How many of the last lines (0: none).")
+    ] = 50,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Then print new lines as they come, until ctrl+c."),
+    ] = False,
 ) -> None:
-    """The end of the daemon's log (auto-started daemons log to a file)."""
-    from tale_client.daemon import journal_available, log_tail
+    """The end of the daemon's log.
 
+    While systemd runs the daemon this is `journalctl --user -u taled` (with -n, -f);
+    otherwise the log file of a daemon tale started (-f follows it across rotations).
+    """
+    import shutil
+
+    from tale_client.daemon import Route, follow_log, journal_argv, logs_route, probe, tail_lines
+
+    if lines < 0:
+        raise CliError(f"--lines must be 0 or more, not {lines}", Exit.USAGE)
     log = paths.log_file()
-    if log.exists():
-        emit(log_tail(lines))
-    elif journal_available():
-        emit("no log file; under systemd the log is in the journal: journalctl --user -u taled")
-    else:
-        emit(f"no log yet at {log}")
+    if logs_route(probe(), log.exists()) is Route.SYSTEMD:
+        argv = journal_argv(lines, follow)
+        journalctl = shutil.which(argv[0])
+        if journalctl is None:
+            raise CliError(
+                "systemd runs taled, so its log is in the journal, but journalctl is not installed",
+                Exit.FAILED,
+            )
+        sys.stdout.flush()
+        try:
+            # Replaced by journalctl: its paging, colours, ctrl+c and exit status are the user's.
+            os.execv(journalctl, argv)
+        except OSError as exc:
+            raise CliError(f"cannot run {journalctl}: {exc.strerror or exc}", Exit.FAILED) from None
+    if follow:
+        if not log.exists():
+            note(f"tale: waiting for {log} (a daemon started by tale writes it)")
+        with contextlib.suppress(KeyboardInterrupt):
+            for line in follow_log(log, lines):
+                emit(line)
+        return
+    if not log.exists():
+        note(f"tale: no log yet at {log} (a daemon started by tale writes it)")
+        return
+    for line in tail_lines(log, lines):
+        emit(line)
+
+
+@daemon_app.command("config")
+@handle_errors
+def daemon_config(
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            metavar="PATH",
+            help="Read this config file (it must exist) instead of "
+            "$XDG_CONFIG_HOME/tale/taled.toml.",
+        ),
+    ] = None,
+) -> None:
+    """The settings a daemon started now would run with, as TOML, each value marked with
+    where it came from: default, the config file, or a TALE_* variable.
+
+    Runs `taled --print-config` with this shell's environment (a daemon under systemd has
+    the unit's: `systemctl --user show-environment`). Secrets print as "***".
+    """
+    import importlib.util
+    import subprocess
+
+    # The daemon's own code reads the settings, in a process of its own: the thin client
+    # never imports taled.
+    if importlib.util.find_spec("taled") is None:
+        raise CliError(
+            "tale daemon config needs the daemon (taled) installed beside tale", Exit.FAILED
+        )
+    argv = [sys.executable, "-m", "taled", "--print-config"]
+    argv += ["--config", config] if config is not None else []
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.stdout:
+        emit_piece(done.stdout)
+    if done.stderr:
+        note(done.stderr.rstrip("\n"))
+    if done.returncode:
+        raise typer.Exit(done.returncode)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ twice; ``tests/test_paths.py`` pins the two copies equal.
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -33,6 +34,16 @@ def _xdg(var: str, fallback: Path) -> Path:
     value = os.environ.get(var, "")
     # The XDG spec says relative paths are invalid and must be ignored.
     return Path(value) if value and os.path.isabs(value) else fallback
+
+
+def _home() -> Path:
+    """``$HOME``, or the password database's home when it is unset or relative: a
+    relative one would move the data directory with the working directory (the daemon's
+    platformdirs does the same)."""
+    value = os.environ.get("HOME", "")
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
 
 
 def runtime_dir() -> Path:
@@ -82,12 +93,12 @@ def lock_file() -> Path:
 
 def data_dir() -> Path:
     """The SQLite store, checkpoint repo and daemon log live here."""
-    return _xdg("XDG_DATA_HOME", Path.home() / ".local" / "share") / "tale"
+    return _xdg("XDG_DATA_HOME", _home() / ".local" / "share") / "tale"
 
 
 def config_file() -> Path:
     """The user's config file, layered over the defaults."""
-    return _xdg("XDG_CONFIG_HOME", Path.home() / ".config") / "tale" / "taled.toml"
+    return _xdg("XDG_CONFIG_HOME", _home() / ".config") / "tale" / "taled.toml"
 
 
 def log_file() -> Path:

@@ -2,7 +2,8 @@
 
 Importing the MCP SDK costs over a second, so the client speaks the wire
 protocol itself: newline-delimited JSON-RPC 2.0, the ``initialize`` handshake,
-then ``tools/call``.
+then ``tools/call``. A refused call comes back as a result with ``isError`` and is
+raised as the same ``RpcError`` a JSON-RPC error is.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROTOCOL_VERSION", "Connection", "DaemonUnreachable", "RpcError"]
+__all__ = ["PROTOCOL_VERSION", "Connection", "DaemonUnreachable", "RpcError", "tool_error"]
 
 PROTOCOL_VERSION = "2025-11-25"
 
@@ -25,6 +26,23 @@ class RpcError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def tool_error(name: str, result: dict[str, Any]) -> RpcError:
+    """The RpcError a tools/call result with ``isError`` stands for.
+
+    The daemon reports a refused call (no such task, bad arguments, a state that does
+    not allow it) in the result, as MCP asks, with the JSON-RPC code it would have
+    answered with in ``structuredContent.error``: callers see the same code and
+    message either way, and so exit codes do not change."""
+    texts = [c.get("text", "") for c in result.get("content") or [] if isinstance(c, dict)]
+    structured = result.get("structuredContent")
+    error = structured.get("error") if isinstance(structured, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("code"), int):
+        message = error.get("message")
+        return RpcError(error["code"], str(message) if message else " ".join(texts))
+    # Another server's tool error, or one without a code: an internal error.
+    return RpcError(-32603, " ".join(texts) or f"{name} failed")
 
 
 class DaemonUnreachable(Exception):
@@ -146,8 +164,7 @@ class Connection:
 
         result = self.request("tools/call", params, on_notification)
         if result.get("isError"):
-            texts = [c.get("text", "") for c in result.get("content", [])]
-            raise RpcError(-32603, " ".join(texts) or f"{name} failed")
+            raise tool_error(name, result)
         structured = result.get("structuredContent")
         if isinstance(structured, dict):
             return structured

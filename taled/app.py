@@ -46,7 +46,7 @@ from taled.checkpoints.repo import CheckpointStore
 from taled.checkpoints.retention import Retention
 from taled.daemon.crashlog import CrashLog
 from taled.daemon.sdnotify import Notifier
-from taled.daemon.server import build_server
+from taled.daemon.server import Services, build_server
 from taled.daemon.transport import SocketListener
 from taled.db.acting import ActingRecords
 from taled.db.schedules import ScheduleRecords
@@ -195,24 +195,26 @@ class App:
             scratch=paths.data_dir() / "scratch",
         )
         self.server = build_server(
-            self.store,
-            self.queue,
-            self.status,
-            self.models_status,
-            self.chat,
-            self.runner,
-            self.checkpoints,
-            self.progress,
-            self.metrics,
-            list_limit=settings.queue.list_limit,
-            max_list_limit=settings.queue.max_list_limit,
-            conversation_limit=settings.chat.list_limit,
-            stream_interval=settings.chat.stream_interval_ms / 1000,
-            usage=self.usage,
-            acting=self.acting,
-            schedules=self.schedules,
-            schedule_limit=settings.schedules.list_limit,
-            forgetting=self.forgetting,
+            Services(
+                store=self.store,
+                queue=self.queue,
+                status=self.status,
+                models=self.models_status,
+                chat=self.chat,
+                runner=self.runner,
+                checkpoints=self.checkpoints,
+                progress=self.progress,
+                metrics=self.metrics,
+                usage=self.usage,
+                acting=self.acting,
+                forgetting=self.forgetting,
+                schedules=self.schedules,
+                list_limit=settings.queue.list_limit,
+                max_list_limit=settings.queue.max_list_limit,
+                conversation_limit=settings.chat.list_limit,
+                stream_interval=settings.chat.stream_interval_ms / 1000,
+                schedule_limit=settings.schedules.list_limit,
+            )
         )
         self._init_options = self.server.create_initialization_options()
         self._stop = anyio.Event()

@@ -1,8 +1,15 @@
 """Where tale keeps its socket, data and config (XDG base directories).
 
-``tale_client/paths.py`` is a standard-library copy of this module for the thin
-client; ``tests/test_paths.py`` pins the two equal. ``secure_data_dir`` is the
-daemon's alone: it repairs the permissions of what is already on disk.
+The data and config directories are platformdirs' (``$XDG_DATA_HOME/tale``,
+``$XDG_CONFIG_HOME/tale``; a relative variable is ignored, as the XDG spec says, and
+so is a relative ``HOME``). The runtime directory keeps tale's own rule: platformdirs
+falls back to ``/tmp/runtime-$UID`` (and warns) where tale's clients look for
+``/tmp/tale-$UID``, and a socket path must not change under a running daemon.
+
+``tale_client/paths.py`` is a standard-library copy of these rules for the thin
+client (platformdirs costs it an import); ``tests/test_paths.py`` pins the two
+equal, and this module to platformdirs. ``secure_data_dir`` is the daemon's alone:
+it repairs the permissions of what is already on disk.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import logging
 import os
 import stat
 from pathlib import Path
+
+from platformdirs import PlatformDirs
 
 __all__ = [
     "PathError",
@@ -34,10 +43,10 @@ class PathError(ValueError):
     """An environment variable names a path tale cannot use; the message says which."""
 
 
-def _xdg(var: str, fallback: Path) -> Path:
-    value = os.environ.get(var, "")
-    # The XDG spec says relative paths are invalid and must be ignored.
-    return Path(value) if value and os.path.isabs(value) else fallback
+def _dirs() -> PlatformDirs:
+    # Built per call: platformdirs reads the environment when a property is read, and
+    # tests (and `tale` itself) change XDG_* between calls. Never creates anything.
+    return PlatformDirs("tale", appauthor=False, ensure_exists=False)
 
 
 def runtime_dir() -> Path:
@@ -87,12 +96,12 @@ def lock_file() -> Path:
 
 def data_dir() -> Path:
     """The SQLite store, checkpoint repo and daemon log live here."""
-    return _xdg("XDG_DATA_HOME", Path.home() / ".local" / "share") / "tale"
+    return _dirs().user_data_path
 
 
 def config_file() -> Path:
     """The user's config file, layered over the defaults."""
-    return _xdg("XDG_CONFIG_HOME", Path.home() / ".config") / "tale" / "taled.toml"
+    return _dirs().user_config_path / "taled.toml"
 
 
 def log_file() -> Path:

@@ -17,11 +17,21 @@ import difflib
 import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -61,11 +71,14 @@ __all__ = [
     "SandboxSettings",
     "ScheduleSettings",
     "ServerSettings",
+    "SettingOrigin",
+    "SettingSources",
     "Settings",
     "StoreSettings",
     "ToolsSettings",
     "UsageSettings",
     "WorkspaceSettings",
+    "is_secret",
     "load_settings",
     "parse_model_spec",
 ]
@@ -305,11 +318,15 @@ class LlamaCppSettings(BaseModel):
     n_ctx: int = Field(default=2048, ge=256, le=131_072)
     """Context window; llama-cpp-python's own default (512) is too small for real tasks."""
     n_threads: int = Field(default=0, ge=0, le=256)
-    """CPU threads per model instance; 0 means one per core."""
+    """CPU threads per model instance; 0 means one per physical core this process may use
+    (its CPU affinity, hyper-threads not counted)."""
     role_threads: dict[Role, Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
     """Threads for one role's instance, overriding n_threads, e.g. {ux = 1, task = 1}."""
     n_batch: int = Field(default=256, ge=16, le=8192)
     """Prompt tokens evaluated per batch."""
+    prefix_cache_mb: int = Field(default=32, ge=0, le=65_536)
+    """Memory per instance for copies of its KV cache, so a conversation's history is
+    not read again after another call used the instance in between; 0 turns it off."""
     seed: int = Field(default=-1, ge=-1)
     """Sampling seed; -1 draws a random one."""
     repack_weights: bool = False
@@ -347,7 +364,7 @@ class ChatSettings(BaseModel):
     """How much the UX model's judgement weighs against the text signals (one signal is 1-4)."""
     intent_judge_tokens: int = Field(default=3, ge=1, le=64)
     """Most tokens of the UX model's one-word intent judgement."""
-    context_tokens: int = Field(default=600, ge=64, le=1_000_000)
+    context_tokens: int = Field(default=1024, ge=64, le=1_000_000)
     """History sent with a turn; above it, older messages are folded into the summary.
     Keep it below the UX model's context (models.llamacpp.n_ctx) minus max_tokens."""
     summarise_ahead_share: float = Field(default=0.8, gt=0, le=1)
@@ -356,6 +373,9 @@ class ChatSettings(BaseModel):
     must (before its reply)."""
     keep_recent_messages: int = Field(default=6, ge=1, le=1000)
     """Newest messages always sent verbatim, never folded into the summary."""
+    fold_to_share: float = Field(default=0.4, gt=0, le=1)
+    """A fold leaves this share of context_tokens unfolded (or keep_recent_messages, if
+    more): folds are rare, and the turn after one reads its whole history again."""
     summary_max_tokens: int = Field(default=160, ge=16, le=8192)
     """Most tokens of a conversation summary."""
     chars_per_token: float = Field(default=4.0, gt=0, le=20)
@@ -777,7 +797,10 @@ class LearningSettings(BaseModel):
     """Simple tasks the ux model must have finished before its success rate counts."""
     explore_rate: float = Field(default=0.1, ge=0, le=1)
     """While ux has fewer samples than that, this share of simple tasks goes to it anyway
-    (chosen by task id, so deterministically) to gather the evidence."""
+    (chosen by a hash of the task's text and explore_seed) to gather the evidence."""
+    explore_seed: int = Field(default=0, ge=0)
+    """Which tasks explore (a ux route, a skipped tactic): the same seed picks the same
+    texts, so a replayed workload is reproducible; another seed picks others."""
     tactic_min_samples: int = Field(default=5, ge=1, le=100_000)
     """Uses of a costly tactic (a retry, decomposing after failed answers, planning up
     front) on a model at a level before its record decides whether to use it."""
@@ -786,9 +809,9 @@ class LearningSettings(BaseModel):
     subtasks and the aggregation, say, for each task rescued) is skipped on that model at
     that level; one that never carried a task is skipped at once."""
     tactic_explore_rate: float = Field(default=0.1, ge=0, le=1)
-    """Share of tasks that still use a skipped tactic (chosen by task id), so the evidence
-    keeps coming if the model gets better at it; it shrinks as the uses grow (times
-    tactic_min_samples / uses)."""
+    """Share of tasks that still use a skipped tactic (chosen as explore_rate's are), so
+    the evidence keeps coming if the model gets better at it; it shrinks as the uses grow
+    (times tactic_min_samples / uses)."""
     think_for: list[Level] = Field(default_factory=_default_think_for)
     """Levels whose tasks run with thinking on, on models that support it (Ollama's think)."""
     history_limit: int = Field(default=5000, ge=10, le=1_000_000)
@@ -1123,3 +1146,72 @@ def _describe(err: Any) -> str:
     if err.get("type") == "finite_number":
         return "must be a finite number (not inf or nan)"
     return str(err.get("msg", "invalid value"))
+
+
+# -- where each value came from (taled --print-config) ---------------------------------
+
+
+@dataclass(frozen=True)
+class SettingOrigin:
+    """Where one setting's effective value came from."""
+
+    kind: Literal["default", "file", "env"]
+    name: str = ""
+    """The config file's path, or the environment variable's name."""
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "default" else f"{self.kind} {self.name}"
+
+
+class SettingSources:
+    """Where each setting's value comes from, layered as ``load_settings`` layers them:
+    a ``TALE_*`` variable over the config file over the default.
+
+    Ask about one value at a time by its dotted path (``("queue", "workers")``, a dict
+    setting's key included: ``("tools", "policy", "run")``).
+    """
+
+    def __init__(self, config_file: Path | None, environ: Mapping[str, str] | None = None) -> None:
+        self.config_file = (
+            config_file if config_file is not None and config_file.is_file() else None
+        )
+        self._file: dict[str, Any] = (
+            tomllib.loads(self.config_file.read_text(encoding="utf-8")) if self.config_file else {}
+        )
+        self._env = _scan_environment(os.environ if environ is None else environ)
+
+    def origin(self, loc: tuple[str, ...]) -> SettingOrigin:
+        """The source of the value at ``loc``."""
+        for parts, (var, value) in self._env.paths.items():
+            # A variable sets the value itself, or a table (as JSON) that holds it.
+            if loc[: len(parts)] == parts and _dig(value, loc[len(parts) :]) is not None:
+                return SettingOrigin("env", var)
+        if self.config_file is not None and _dig(self._file, loc) is not None:
+            return SettingOrigin("file", str(self.config_file))
+        return SettingOrigin("default")
+
+
+def _dig(doc: Any, keys: tuple[str, ...]) -> Any:
+    """The value under ``keys`` in nested dicts, or None where a key is missing."""
+    for key in keys:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+# The last word of a name that holds a credential. The last word only: max_tokens and
+# chars_per_token are numbers, api_key_env names a variable rather than holding a key.
+_SECRET_WORDS = frozenset(
+    {"key", "apikey", "token", "secret", "password", "passwd", "passphrase", "credentials"}
+)
+
+
+def is_secret(name: str, value: object) -> bool:
+    """Whether a setting (or a dict setting's entry, such as an MCP server's ``env``)
+    holds a secret to keep off screens and logs: a SecretStr, or a string whose name
+    ends in key, token, secret or password (``api_key``, ``GITHUB_TOKEN``)."""
+    if isinstance(value, SecretStr):
+        return True
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return isinstance(value, str) and bool(words) and words[-1] in _SECRET_WORDS

@@ -217,6 +217,47 @@ def test_the_summary_is_made_after_a_reply_not_before_the_next() -> None:
         assert len(ledger(daemon, f"{where} AND step = 'summary' AND seq < {after['seq']}")) == 1
 
 
+def test_a_conversations_next_turn_reads_only_what_is_new() -> None:
+    """Another conversation using the UX model in between does not make the next turn
+    read its history again: the ledger's cached_tokens covers the earlier prompt."""
+    with running_daemon(_SHORT_CHAT) as daemon:
+        first = chat(daemon, _MOON[0], new=True)["conversation"]
+        chat(daemon, _MOON[1], new=True)
+        chat(daemon, _MOON[2], conversation=first)
+        replies = ledger(daemon, f"conversation_id = '{first}' AND step IS NULL ORDER BY seq")
+        assert len(replies) == 2
+        assert replies[1]["cached_tokens"] >= replies[0]["prompt_tokens"]
+        assert replies[1]["prompt_tokens"] - replies[1]["cached_tokens"] < 80
+
+
+def test_a_fold_is_read_ahead_so_the_next_turn_finds_it_cached() -> None:
+    """After a fold made ahead, the UX model reads the folded conversation at once
+    (step prefill); the next turn's reply reads little more than its own message."""
+    settings = {
+        **_SHORT_CHAT,
+        "TALE_CHAT__CONTEXT_TOKENS": "200",
+        "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
+    }
+    with running_daemon(settings) as daemon:
+        conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+        where = f"conversation_id = '{conversation}'"
+        for text in _MOON:
+            if chat(daemon, text, conversation=conversation)["summarised"]:
+                break
+        else:
+            pytest.fail("no turn passed the ahead share")
+        deadline = time.monotonic() + 120
+        while not ledger(daemon, f"{where} AND step = 'prefill'"):
+            assert time.monotonic() < deadline, "the folded conversation was not read ahead"
+            time.sleep(0.2)
+        (prefill,) = ledger(daemon, f"{where} AND step = 'prefill'")
+        assert prefill["completion_tokens"] <= 1
+        chat(daemon, "and what about its far side?", conversation=conversation)
+        (after,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert after["saved_tokens"] > 0  # the reply is folded
+        assert after["cached_tokens"] >= prefill["prompt_tokens"] - 2
+
+
 def test_bad_chat_arguments_get_clear_errors(shared_daemon: Daemon) -> None:
     with pytest.raises(RpcError, match="conversation") as bad_id:
         chat(shared_daemon, "hi", conversation="nope")

@@ -128,3 +128,41 @@ def test_short_run_prints_a_table_and_a_plot(report: dict[str, Any]) -> None:
     assert "| task-model tokens |" in report["_stdout"]
     png = Path(report["_out"]) / "savings.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_short_run_has_the_stateless_baselines(report: dict[str, Any]) -> None:
+    """The stateless baselines answered every item; their task tokens are the task items'
+    own, and the right-sized limit is one the user could pick, no higher than the full."""
+    base = report["baselines"]
+    stateless, sized = base["stateless"], base["right_sized"]
+    gated = sum(1 for i in _items()[:SHORT] if i.get("criteria"))
+    for run in (stateless, sized):
+        assert run["judged"] == gated
+        assert 0 <= run["passed"] <= gated
+        assert run["total_tokens"] >= run["task_model_tokens"] > 0
+    assert sized["max_tokens"] <= stateless["max_tokens"] == 32
+    assert sized["task_model_tokens"] <= stateless["task_model_tokens"]
+    assert "stateless single calls" in report["_stdout"]
+
+
+def test_short_run_breakdown_accounts_for_every_ledger_token(report: dict[str, Any]) -> None:
+    """Tokens by step kind add up to the ledger's total: none uncounted, none twice."""
+    with sqlite3.connect(report["tale"]["db"]) as conn:
+        (total,) = conn.execute(
+            "SELECT SUM(prompt_tokens + completion_tokens) FROM model_calls"
+        ).fetchone()
+    conn.close()
+    kinds = report["baselines"]["happy_path"][0]["by_kind"]
+    assert sum(k["total"] for k in kinds.values()) == total
+    assert sum(k["calls"] for k in kinds.values()) == report["tale"]["tokens"]["total"]["calls"]
+
+
+def test_short_run_compares_tale_with_the_stateless_baseline(report: dict[str, Any]) -> None:
+    """The token ratio is tale's task-model tokens over the stateless run's, and the goal
+    and happy-path verdicts are met or MISSED."""
+    base = report["baselines"]
+    (run,) = base["runs"]
+    ratio = run["task_model_tokens"] / base["stateless"]["task_model_tokens"]
+    assert base["token_ratio"]["median"] == pytest.approx(ratio)
+    assert set(base["verdicts"].values()) <= {"met", "MISSED"}
+    assert run["task_model_tokens"] == report["tale"]["task_model_tokens"]

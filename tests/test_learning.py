@@ -473,6 +473,17 @@ def test_exploration_sends_about_its_rate_of_tasks_and_is_deterministic() -> Non
     assert not any(explores(i, 0.0) for i in ids)
 
 
+def test_exploration_is_chosen_by_the_task_text_and_the_seed() -> None:
+    """The same texts explore under the same seed (a replay is reproducible); another
+    seed picks about as many, but others."""
+    texts = [f"What is the capital of country number {i}?" for i in range(4000)]
+    seed0 = {t for t in texts if explores(t, 0.1, seed=0)}
+    assert seed0 == {t for t in texts if explores(t, 0.1, seed=0)}
+    seed1 = {t for t in texts if explores(t, 0.1, seed=1)}
+    assert 0.08 < len(seed1) / len(texts) < 0.12
+    assert len(seed0 & seed1) < len(seed0) / 2
+
+
 def test_thinking_follows_the_configured_levels() -> None:
     """Only levels in think_for run with thinking on."""
     selector = Selector(LearningSettings(think_for=["medium", "complex"]))

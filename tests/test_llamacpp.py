@@ -200,3 +200,22 @@ def test_repacking_on_makes_the_amx_copy_on_an_amx_cpu() -> None:
     log, after = _buffers("on")
     assert "AMX model buffer" in log
     assert after == "restored"
+
+
+def test_instances_default_to_the_cores_this_process_may_use() -> None:
+    """n_threads 0 follows the CPU affinity (a container's or taskset's limit), not the
+    machine's total."""
+    code = (
+        "from taled.models.backends.llamacpp import machine_threads;"
+        "import os; print(machine_threads(), len(os.sched_getaffinity(0)))"
+    )
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    threads, allowed = map(int, free.stdout.split())
+    assert 1 <= threads <= allowed
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert pinned.stdout.split() == ["1", "1"]

@@ -67,17 +67,33 @@ def test_sdk_client_submits_and_reads_a_task(shared_daemon: Daemon) -> None:
     assert got["text"] == "Name a colour"
 
 
-def test_sdk_client_gets_invalid_params_for_bad_arguments(shared_daemon: Daemon) -> None:
-    """Bad arguments reach an SDK client as a JSON-RPC -32602 error naming the field."""
+def test_sdk_client_gets_bad_arguments_as_a_tool_error(shared_daemon: Daemon) -> None:
+    """Bad arguments reach an SDK client as an isError result naming the field, with the
+    JSON-RPC code -32602 in its structured content (MCP: the model can correct itself)."""
+
+    async def body(session: ClientSession) -> types.CallToolResult:
+        return await session.call_tool("submit_task", {"text": "x", "priority": -3})
+
+    result = run(shared_daemon, body)
+    assert result.is_error
+    (text,) = result.content
+    assert isinstance(text, types.TextContent)
+    assert "priority" in text.text
+    assert result.structured_content == {"error": {"code": -32602, "message": text.text}}
+
+
+def test_sdk_client_gets_an_unknown_tool_as_a_protocol_error(shared_daemon: Daemon) -> None:
+    """A tool that does not exist stays a JSON-RPC -32602 error, listing the tools."""
 
     async def body(session: ClientSession) -> MCPError:
         with pytest.raises(MCPError) as info:
-            await session.call_tool("submit_task", {"text": "x", "priority": -3})
+            await session.call_tool("no_such_tool", {})
         return info.value
 
     error = run(shared_daemon, body)
     assert error.code == -32602
-    assert "priority" in error.message
+    assert "unknown tool 'no_such_tool'" in error.message
+    assert "submit_task" in error.message
 
 
 def test_sdk_client_pings(shared_daemon: Daemon) -> None:

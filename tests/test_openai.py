@@ -297,6 +297,58 @@ def test_usage_sent_on_the_stream_is_taken_as_is() -> None:
     assert asked == ["GET /v1/models", "POST /v1/chat/completions"]
 
 
+def _models_or(content_type: str, body: bytes) -> Respond:
+    """A stand-in's answers: the model list to GET, ``body`` to the chat POST."""
+
+    def respond(request: BaseHTTPRequestHandler) -> tuple[int, str, bytes]:
+        if request.command == "GET":
+            return 200, "application/json", _json({"data": [{"id": "big-model"}]})
+        return 200, content_type, body
+
+    return respond
+
+
+def _call(url: str) -> tuple[list[str], Completion]:
+    async def go() -> tuple[list[str], Completion]:
+        backend = _backend(url, "big-model")
+        await backend.load()
+        try:
+            return await _run(backend, YES_NO, max_tokens=50)
+        finally:
+            await backend.unload()
+
+    return asyncio.run(go())
+
+
+def test_event_streams_with_crlf_comments_and_multiline_data_are_parsed() -> None:
+    """CRLF line ends, keep-alive comments, event/id fields and data split over lines all parse."""
+    first = json.dumps({"choices": [{"index": 0, "delta": {"content": "Hel"}}]}, indent=1)
+    last = {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+    multiline = "".join(f"data: {line}\r\n" for line in first.splitlines())
+    sse = (
+        ": keep-alive\r\n\r\n"
+        + f"event: message\r\nid: 1\r\n{multiline}\r\n"
+        + "event: ping\r\n\r\n"
+        + f"data:{json.dumps(last)}\r\n\r\n"
+        + f"data: {json.dumps(usage)}\r\n\r\ndata: [DONE]\r\n\r\n"
+    )
+    with _stand_in(_models_or("text/event-stream; charset=utf-8", sse.encode())) as (url, _):
+        pieces, out = _call(url)
+    assert pieces == ["Hel", "lo"]
+    assert (out.text, out.finish_reason, out.prompt_tokens) == ("Hello", "stop", 5)
+
+
+def test_a_200_that_is_not_an_event_stream_is_a_model_error_naming_its_type() -> None:
+    """A base_url that answers the chat call with a web page is misconfigured, not down."""
+    page = b"<html>not an API</html>"
+    with (
+        _stand_in(_models_or("text/html", page)) as (url, _),
+        pytest.raises(ModelError, match=r"'text/html', not an event stream"),
+    ):
+        _call(url)
+
+
 def test_a_5xx_answer_is_backend_down_with_the_servers_text() -> None:
     """A server answering 503 is down, and the error carries what it said."""
 

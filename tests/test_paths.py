@@ -98,3 +98,41 @@ def test_without_xdg_runtime_dir_the_socket_is_the_login_shells(
     shell = module.socket_path()
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert module.socket_path() == shell == login_runtime_dir / "tale" / "taled.sock"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HOME": "/home/u"},
+        {"HOME": "/home/u", "XDG_DATA_HOME": "/srv/data/", "XDG_CONFIG_HOME": "/etc/u"},
+        {"HOME": "/home/u", "XDG_DATA_HOME": "relative", "XDG_CONFIG_HOME": ""},
+        {"HOME": "relative/home"},
+    ],
+    ids=["defaults", "xdg-set", "xdg-relative-or-empty", "home-relative"],
+)
+def test_data_and_config_dirs_are_platformdirs_for_the_same_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    """The daemon's data and config directories are what platformdirs gives for "tale"."""
+    import platformdirs
+
+    for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert daemon_paths.data_dir() == platformdirs.user_data_path("tale", appauthor=False)
+    assert daemon_paths.config_file().parent == platformdirs.user_config_path(
+        "tale", appauthor=False
+    )
+
+
+def test_a_relative_home_is_ignored_for_the_password_databases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HOME=relative/dir would move the data directory with the working directory: ignored."""
+    import pwd
+
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("HOME", "relative/dir")
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    assert daemon_paths.data_dir() == home / ".local" / "share" / "tale"

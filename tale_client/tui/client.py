@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tale_client.rpc import PROTOCOL_VERSION, DaemonUnreachable, RpcError
+from tale_client.rpc import PROTOCOL_VERSION, DaemonUnreachable, RpcError, tool_error
 
 __all__ = [
     "DaemonUnreachable",
@@ -165,8 +165,7 @@ class TaleClient:
             if token is not None:
                 self._listeners.pop(token, None)
         if result.get("isError"):
-            texts = [c.get("text", "") for c in result.get("content", [])]
-            raise RpcError(-32603, " ".join(texts) or f"{name} failed")
+            raise tool_error(name, result)
         structured = result.get("structuredContent")
         if isinstance(structured, dict):
             return structured

@@ -3,147 +3,48 @@
 A conversation is its messages (each user message with the intent it was read
 as, and the task it handed off if any), a running summary of its older part,
 a request waiting for the answer to a clarifying question, and the tasks it
-handed off with the last state it reported back to the user.
+handed off with the last state it reported back to the user. Their rows are kept by
+``taled.db.conversations``; this module is what the agent asks of them.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from taled.db.schema import conversation_tasks, conversations, messages
-from taled.db.store import Store, new_task_id
+from taled.db.conversations import (
+    Conversation,
+    ConversationRecords,
+    Message,
+    NewMessage,
+    Pending,
+)
+from taled.db.store import Store
 from taled.errors import NotFound
 from taled.text import one_line
 
 __all__ = ["Conversation", "Conversations", "Message", "Pending"]
 
-
-@dataclass(frozen=True)
-class Message:
-    """One message of a conversation."""
-
-    seq: int
-    conversation_id: str
-    role: str
-    """'user' or 'assistant'."""
-    text: str
-    at: float
-    intent: str | None = None
-    confidence: float | None = None
-    action: str | None = None
-    task_id: str | None = None
-    """The task this message handed off (the assistant's reply carries it too)."""
-
-
-@dataclass(frozen=True)
-class Pending:
-    """What the agent will do if the user says yes to its clarifying question."""
-
-    kind: str
-    """'task' (queue ``text``)."""
-    text: str
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """A conversation's header: no messages, their count."""
-
-    id: str
-    title: str
-    created_at: float
-    updated_at: float
-    summary: str | None
-    summary_upto: int
-    """Messages up to this seq are folded into ``summary``."""
-    pending: Pending | None
-    messages: int
-
-
-def _pending(raw: str | None) -> Pending | None:
-    if not raw:
-        return None
-    data = json.loads(raw)
-    return Pending(kind=str(data["kind"]), text=str(data["text"]))
-
-
-def _message(row: Any) -> Message:
-    return Message(
-        seq=row.seq,
-        conversation_id=row.conversation_id,
-        role=row.role,
-        text=row.text,
-        at=row.at,
-        intent=row.intent,
-        confidence=row.confidence,
-        action=row.action,
-        task_id=row.task_id,
-    )
-
-
-def _headers() -> sa.Select[Any]:
-    c = conversations.c
-    count = (
-        sa.select(sa.func.count())
-        .where(messages.c.conversation_id == c.id)
-        .scalar_subquery()
-        .label("messages")
-    )
-    return sa.select(
-        c.id, c.title, c.created_at, c.updated_at, c.summary, c.summary_upto, c.pending, count
-    )
-
-
-def _conversation(row: Any) -> Conversation:
-    return Conversation(
-        id=row.id,
-        title=row.title,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        summary=row.summary,
-        summary_upto=row.summary_upto,
-        pending=_pending(row.pending),
-        messages=row.messages,
-    )
+# The intents that read a message as work asked for (chat, the third, is not).
+_WORK_INTENTS = ("task", "unclear")
 
 
 class Conversations:
     """Reads and writes conversations through the store's group-committing writer."""
 
     def __init__(self, store: Store, title_chars: int) -> None:
-        self._store = store
+        self._records = ConversationRecords(store)
         self._title_chars = title_chars
 
     async def create(self, first_text: str) -> Conversation:
         """A new, empty conversation titled after its first message."""
-        now = time.time()
-        title = one_line(first_text, self._title_chars)
-        cid = new_task_id()
-
-        async def apply(conn: AsyncConnection) -> None:
-            await conn.execute(
-                conversations.insert().values(id=cid, title=title, created_at=now, updated_at=now)
-            )
-
-        await self._store.write(apply)
-        return Conversation(cid, title, now, now, None, 0, None, 0)
+        return await self._records.create(one_line(first_text, self._title_chars))
 
     async def get(self, conversation_id: str) -> Conversation:
         """One conversation's header; NotFound if there is none by that id."""
-        async with self._store.read() as conn:
-            row = (
-                await conn.execute(_headers().where(conversations.c.id == conversation_id))
-            ).one_or_none()
-        if row is None:
+        found = await self._records.get(conversation_id)
+        if found is None:
             raise NotFound(
                 f"no conversation {conversation_id}; `list_conversations` shows the ones there are"
             )
-        return _conversation(row)
+        return found
 
     async def latest(self) -> Conversation | None:
         """The conversation with the most recent message, if any."""
@@ -152,27 +53,11 @@ class Conversations:
 
     async def recent(self, limit: int) -> list[Conversation]:
         """Conversations, most recently active first."""
-        c = conversations.c
-        async with self._store.read() as conn:
-            rows = (
-                await conn.execute(
-                    _headers().order_by(c.updated_at.desc(), c.created_at.desc()).limit(limit)
-                )
-            ).all()
-        return [_conversation(r) for r in rows]
+        return await self._records.recent(limit)
 
     async def messages(self, conversation_id: str, after_seq: int = 0) -> list[Message]:
         """A conversation's messages after ``after_seq``, oldest first."""
-        m = messages.c
-        async with self._store.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(messages)
-                    .where(m.conversation_id == conversation_id, m.seq > after_seq)
-                    .order_by(m.seq)
-                )
-            ).all()
-        return [_message(r) for r in rows]
+        return await self._records.messages(conversation_id, after_seq)
 
     async def add(
         self,
@@ -186,83 +71,33 @@ class Conversations:
         task_id: str | None = None,
     ) -> Message:
         """Append a message (durably) and mark the conversation active."""
-        now = time.time()
-        values = {
-            "conversation_id": conversation_id,
-            "role": role,
-            "text": text,
-            "at": now,
-            "intent": intent,
-            "confidence": confidence,
-            "action": action,
-            "task_id": task_id,
-        }
-
-        async def apply(conn: AsyncConnection) -> int:
-            seq = (await conn.execute(messages.insert().values(**values))).inserted_primary_key
-            await conn.execute(
-                conversations.update()
-                .where(conversations.c.id == conversation_id)
-                .values(updated_at=now)
+        return await self._records.add(
+            NewMessage(
+                conversation_id=conversation_id,
+                role=role,
+                text=text,
+                intent=intent,
+                confidence=confidence,
+                action=action,
+                task_id=task_id,
             )
-            assert seq is not None
-            return int(seq[0])
-
-        seq = await self._store.write(apply)
-        return Message(seq=seq, **values)  # type: ignore[arg-type]
+        )
 
     async def set_pending(self, conversation_id: str, pending: Pending | None) -> None:
         """Remember (or forget) what a yes to the clarifying question would do."""
-        raw = None if pending is None else json.dumps({"kind": pending.kind, "text": pending.text})
-        await self._update(conversation_id, pending=raw)
+        await self._records.set_pending(conversation_id, pending)
 
     async def set_summary(self, conversation_id: str, summary: str, upto: int) -> None:
         """Store the summary of every message up to seq ``upto``."""
-        await self._update(conversation_id, summary=summary, summary_upto=upto)
-
-    async def _update(self, conversation_id: str, **values: Any) -> None:
-        async def apply(conn: AsyncConnection) -> None:
-            await conn.execute(
-                conversations.update().where(conversations.c.id == conversation_id).values(**values)
-            )
-
-        await self._store.write(apply)
+        await self._records.set_summary(conversation_id, summary, upto)
 
     async def track_task(self, conversation_id: str, task_id: str, state: str) -> None:
         """Note that this conversation handed off ``task_id`` (or last saw it in ``state``)."""
-        now = time.time()
-
-        async def apply(conn: AsyncConnection) -> None:
-            t = conversation_tasks.c
-            updated = await conn.execute(
-                conversation_tasks.update()
-                .where(t.conversation_id == conversation_id, t.task_id == task_id)
-                .values(reported_state=state)
-            )
-            if updated.rowcount == 0:
-                await conn.execute(
-                    conversation_tasks.insert().values(
-                        conversation_id=conversation_id,
-                        task_id=task_id,
-                        reported_state=state,
-                        at=now,
-                    )
-                )
-
-        await self._store.write(apply)
+        await self._records.track_task(conversation_id, task_id, state)
 
     async def tracked(self, conversation_id: str) -> list[tuple[str, str]]:
         """(task id, last reported state) of the tasks it handed off, in hand-off order."""
-        t = conversation_tasks.c
-        async with self._store.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(t.task_id, t.reported_state)
-                    .where(t.conversation_id == conversation_id)
-                    .order_by(t.at, t.task_id)
-                )
-            ).all()
-        return [(r.task_id, r.reported_state) for r in rows]
+        return await self._records.tracked(conversation_id)
 
     async def last_user_message(
         self, before_seq: int, conversation_id: str | None = None, *, work_only: bool = False
@@ -271,13 +106,6 @@ class Conversations:
 
         ``work_only`` keeps to messages read as work (a task, or unclear).
         """
-        m = messages.c
-        # Questions about tasks ("how is it doing?") are not requests.
-        query = sa.select(messages).where(m.role == "user", m.seq < before_seq, m.action.is_(None))
-        if work_only:
-            query = query.where(m.intent.in_(("task", "unclear")))
-        if conversation_id is not None:
-            query = query.where(m.conversation_id == conversation_id)
-        async with self._store.read() as conn:
-            row = (await conn.execute(query.order_by(m.seq.desc()).limit(1))).one_or_none()
-        return None if row is None else _message(row)
+        return await self._records.last_request(
+            before_seq, conversation_id, _WORK_INTENTS if work_only else None
+        )

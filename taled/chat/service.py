@@ -15,6 +15,13 @@ fold is made ahead, in the background right after a reply, once the history
 passes ``chat.summarise_ahead_share`` of the limit: the user reads the reply
 while it runs, and the next turn's first token does not wait for a summary
 (it waits only for a fold still running, under the conversation's lock).
+
+Turns are laid out so the model reads little of each again: a fold takes the
+history down to ``chat.fold_to_share`` of the limit (folds are rare), the UX model
+reads the folded conversation right after the fold (step ``prefill``), and what
+changes between turns, the handed-off tasks' states, comes last, just before the
+newest message. llama.cpp then finds all but the new message in its cache (kept
+across other calls by taled.models.backends.prefixes).
 """
 
 from __future__ import annotations
@@ -311,7 +318,8 @@ class ChatService:
         async with self._locks.setdefault(conversation_id, asyncio.Lock()):
             try:
                 summary, recent = await self._unfolded(conversation_id)
-                await self._fit(conversation_id, summary, recent, limit)
+                if await self._fit(conversation_id, summary, recent, limit) is not None:
+                    await self._read_ahead(conversation_id)
             except TaleError as exc:
                 # The next turn folds it itself if it still must.
                 log.warning("conversation %s: the summary ahead failed: %s", conversation_id, exc)
@@ -405,17 +413,16 @@ class ChatService:
         )
         if folded is not None:
             summary, upto = folded
-        recent = _after(everything, upto)
-        system = self._settings.system_prompt
-        if summary:
-            system += "\n\nThe conversation so far, in short: " + summary
+        messages = self._history(summary, _after(everything, upto))
         handed = await self._handed_off(conv.id)
         if handed:
-            system += "\n\nTasks you queued for the user: " + handed
-        messages: list[ChatMessage] = [{"role": "system", "content": system}]
-        messages += [
-            {"role": "user" if m.role == "user" else "assistant", "content": m.text} for m in recent
-        ]
+            # Just before the newest message, not in the system prompt: the tasks' states
+            # change between turns, and anything that changes is read again with all
+            # that follows it (llama.cpp keeps the prompt's unchanged prefix).
+            messages.insert(
+                len(messages) - 1,
+                {"role": "system", "content": "Tasks you queued for the user: " + handed},
+            )
         saved = 0
         if upto:
             before = _chat_only([m for m in everything if m.seq <= upto])
@@ -435,6 +442,35 @@ class ChatService:
             await say(piece)
         self._budget.learn(sum(len(m["content"]) for m in messages), result.prompt_tokens)
         return result, folded is not None
+
+    def _history(self, summary: str | None, recent: list[Message]) -> list[ChatMessage]:
+        """The prompt's part that stays the same from turn to turn until the next fold."""
+        system = self._settings.system_prompt
+        if summary:
+            system += "\n\nThe conversation so far, in short: " + summary
+        messages: list[ChatMessage] = [{"role": "system", "content": system}]
+        messages += [
+            {"role": "user" if m.role == "user" else "assistant", "content": m.text} for m in recent
+        ]
+        return messages
+
+    async def _read_ahead(self, conversation_id: str) -> None:
+        """Have the UX model read the folded conversation now, while the person reads.
+
+        A fold changes the prompt's start, so the next turn would read its whole history
+        before its first token; read here (one token generated, in the ledger as step
+        ``prefill``), the next turn finds it in the model's cache and reads only its own
+        message.
+        """
+        summary, recent = await self._unfolded(conversation_id)
+        if not recent:
+            return
+        await self._side_call(
+            self._history(summary, recent),
+            max_tokens=1,
+            key=AttemptKey("prefill"),
+            conversation_id=conversation_id,
+        )
 
     async def _handed_off(self, conversation_id: str) -> str:
         tracked = (await self.conversations.tracked(conversation_id))[-_TASKS_IN_PROMPT:]
@@ -460,13 +496,30 @@ class ChatService:
         """
         if not self._over(summary, recent, limit):
             return None
-        fold = recent[: -self._settings.keep_recent_messages]
+        fold = self._to_fold(recent)
         new = await self._summarise(conversation_id, summary, fold)
         if new is None:
             return None
         await self.conversations.set_summary(conversation_id, new, fold[-1].seq)
         log.info("conversation %s: %d messages folded into its summary", conversation_id, len(fold))
         return new, fold[-1].seq
+
+    def _to_fold(self, recent: list[Message]) -> list[Message]:
+        """The oldest messages to fold: enough that the rest is within
+        ``fold_to_share`` of the history's tokens, never the newest
+        ``keep_recent_messages``.
+
+        Folding down well below the limit is what makes folds rare: each one changes the
+        prompt's start, and the turn after it reads the whole history again.
+        """
+        keep = self._settings.keep_recent_messages
+        target = self._settings.context_tokens * self._settings.fold_to_share
+        left = sum(self._budget.tokens(m.text) for m in recent)
+        cut = 0
+        while cut < len(recent) - keep and left > target:
+            left -= self._budget.tokens(recent[cut].text)
+            cut += 1
+        return recent[: max(cut, 1)]
 
     async def _summarise(
         self, conversation_id: str, summary: str | None, fold: list[Message]

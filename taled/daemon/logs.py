@@ -6,11 +6,21 @@ Under systemd the log is stderr (the journal); a daemon started by ``tale`` is g
 stdout and stderr are pointed at that file too (a native library's messages, a
 traceback at exit), and pointed again at the new file after each rotation.
 
+Under systemd (``JOURNAL_STREAM`` names the stream stderr is), every line starts
+with its syslog priority, ``<3>`` for an error to ``<7>`` for debug, which journald
+strips and files the entry under (``journalctl -p warning``); there is no time stamp,
+as journald stamps each entry itself. The handler writes to its own copy of the
+stderr descriptor: llama-cpp-python points descriptor 2 at /dev/null while it loads
+a model, which would otherwise swallow every thread's log lines meanwhile.
+llama.cpp's own messages come through the ``llama.cpp`` logger
+(``taled/models/backends/llamacpp.py``), so they get priorities too.
+
 Two rules hold at every level: prompts and answers stay out (the database
-drivers, which log SQL parameters at debug, are held at warning), and one
-warning or error repeated in a loop (a full disk fails every write) is logged
-a few times per window, then counted: the count rides on the next one after the
-window, or is logged at exit.
+drivers, which log SQL parameters at debug, are held at warning, and so is
+llama.cpp, whose debug output is not ours to vouch for and whose info is a few
+hundred lines of model metadata per load), and one warning or error repeated in a
+loop (a full disk fails every write) is logged a few times per window, then
+counted: the count rides on the next one after the window, or is logged at exit.
 """
 
 from __future__ import annotations
@@ -26,12 +36,31 @@ from pathlib import Path
 
 from taled.settings import DaemonSettings
 
-__all__ = ["QUIET_LOGGERS", "RepeatFilter", "RotatingLogFile", "setup_logging"]
+__all__ = [
+    "QUIET_LOGGERS",
+    "JournalFormatter",
+    "RepeatFilter",
+    "RotatingLogFile",
+    "journal_stream",
+    "setup_logging",
+]
 
-# Loggers that write SQL parameters (task texts, answers, chat messages) at debug.
-QUIET_LOGGERS = ("aiosqlite", "sqlalchemy.engine")
+# Held at warning: the database drivers write SQL parameters (task texts, answers,
+# chat messages) at debug; llama.cpp (its messages, routed by the llamacpp backend).
+QUIET_LOGGERS = ("aiosqlite", "sqlalchemy.engine", "llama.cpp")
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# journald stamps each entry: a second time stamp in the text is noise.
+_JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+# syslog priorities (sd-daemon.h's SD_CRIT ... SD_DEBUG), highest level first.
+_PRIORITIES = (
+    (logging.CRITICAL, 2),
+    (logging.ERROR, 3),
+    (logging.WARNING, 4),
+    (logging.INFO, 6),
+)
+_DEBUG_PRIORITY = 7
 
 
 @dataclass
@@ -126,16 +155,72 @@ class RotatingLogFile(RotatingFileHandler):
         os.dup2(fd, 2)
 
 
+class JournalFormatter(logging.Formatter):
+    """Lines journald files under their level: ``<4>WARNING name: message``.
+
+    journald reads the prefix of every line of the stream separately, so each line
+    of a multi-line record (a traceback) carries it; otherwise they would be filed
+    as info.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_JOURNAL_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as lines, each prefixed with its syslog priority."""
+        prefix = f"<{_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def _priority(level: int) -> int:
+    for floor, priority in _PRIORITIES:
+        if level >= floor:
+            return priority
+    return _DEBUG_PRIORITY
+
+
+def journal_stream(fd: int = 2) -> bool:
+    """Whether ``fd`` is the stream systemd connected to the journal.
+
+    systemd sets ``JOURNAL_STREAM`` to that stream's ``device:inode``; comparing
+    them (as systemd.exec(5) advises) keeps a process that inherited the variable
+    but writes elsewhere (a shell under a service, redirected) from prefixing.
+    """
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(fd)
+        return (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError):
+        return False
+
+
+def _stderr_copy() -> logging.Handler:
+    """A handler on a duplicate of descriptor 2, unaffected by later redirections of it."""
+    sys.stderr.flush()
+    stream = open(  # noqa: SIM115  (the handler owns it until exit)
+        os.dup(sys.stderr.fileno()),
+        "w",
+        encoding="utf-8",
+        errors="backslashreplace",
+        buffering=1,
+    )
+    return logging.StreamHandler(stream)
+
+
 def setup_logging(settings: DaemonSettings, log_file: Path | None) -> RepeatFilter:
     """Configure the root logger from ``settings``; returns the repeat filter in use."""
     handler: logging.Handler
+    formatter = logging.Formatter(_FORMAT)
     if log_file is not None:
         handler = RotatingLogFile(log_file, settings.log_max_bytes, settings.log_backups)
+    elif journal_stream():
+        handler = _stderr_copy()
+        formatter = JournalFormatter()
     else:
         handler = logging.StreamHandler(sys.stderr)
     repeats = RepeatFilter(settings.log_repeats, settings.log_repeat_seconds)
     handler.addFilter(repeats)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -3,7 +3,8 @@
 What a resource holds is what the tool of the same subject returns: ``server.py``
 reads each one through the tool handler (``tale://tasks`` is ``list_tasks``,
 ``task://{id}`` is ``get_task``, ...), so a resource and its tool never disagree.
-This module only names the resources and parses a URI into what to read.
+This module only names the resources, parses a URI into what to read, and says
+which URIs a task's change touches (for ``resources/subscribe``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,20 @@ import mcp_types as types
 
 from taled.errors import NotFound
 
-__all__ = ["RESOURCES", "TEMPLATES", "ResourceKind", "ResourceRef", "parse_uri"]
+__all__ = [
+    "RESOURCES",
+    "TASK_URI",
+    "TEMPLATES",
+    "ResourceKind",
+    "ResourceRef",
+    "affected_by_move",
+    "parse_uri",
+    "subscribable",
+]
 
 _JSON = "application/json"
+TASK_URI = "task://"
+"""The prefix of a task's resource URI: ``task://`` then its id."""
 
 
 class ResourceKind(StrEnum):
@@ -108,3 +120,18 @@ def parse_uri(uri: str) -> ResourceRef:
         return ResourceRef(ResourceKind.SCHEDULE, ident)
     known = ", ".join([*_STATIC, *(t.uri_template for t in TEMPLATES)])
     raise NotFound(f"no resource {uri!r}; resources: {known}")
+
+
+# What resources/subscribe follows: a task, the task list and the dashboard all change
+# when a task moves; schedules change on the scheduler's clock, which nothing watches.
+_FOLLOWED = frozenset({ResourceKind.TASK, ResourceKind.TASKS, ResourceKind.DASHBOARD})
+
+
+def subscribable(uri: str) -> bool:
+    """Whether ``resources/subscribe`` can follow the (existing) resource at ``uri``."""
+    return parse_uri(uri).kind in _FOLLOWED
+
+
+def affected_by_move(task_id: str) -> tuple[str, ...]:
+    """The resources that change when task ``task_id`` changes state (or is submitted)."""
+    return (f"{TASK_URI}{task_id}", "tale://tasks", "tale://dashboard")

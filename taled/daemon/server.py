@@ -8,18 +8,23 @@ This module is also the one place where a ``TaleError`` becomes a JSON-RPC error
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
+from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,10 +34,19 @@ from taled.chat.intent import Intent
 from taled.chat.service import ChatService, Turn
 from taled.checkpoints.repo import Checkpoint, CheckpointStore
 from taled.daemon.elicitation import Asker, Elicit
-from taled.daemon.resources import RESOURCES, TEMPLATES, ResourceKind, ResourceRef, parse_uri
+from taled.daemon.resources import (
+    RESOURCES,
+    TASK_URI,
+    TEMPLATES,
+    ResourceKind,
+    ResourceRef,
+    affected_by_move,
+    parse_uri,
+    subscribable,
+)
 from taled.db.acting import Approval, ApprovalState
 from taled.db.schedules import MissedPolicy, Schedule, ScheduleRun, ScheduleState
-from taled.db.store import Store, TaskRecord
+from taled.db.store import Moved, Store, TaskRecord
 from taled.errors import IllegalTransition, InvalidInput, NotFound, TaleError
 from taled.reporting.metrics import Metrics
 from taled.reporting.usage import UsageReport
@@ -46,7 +60,7 @@ from taled.tasks.runner import Runner
 from taled.tasks.workstate import WorkState
 from taled.tools.service import Acting, WorkspaceView
 
-__all__ = ["TOOLS", "Call", "build_server", "task_to_json"]
+__all__ = ["PROMPTS", "TOOLS", "Call", "Services", "ToolDef", "build_server", "task_to_json"]
 
 log = logging.getLogger(__name__)
 
@@ -492,44 +506,43 @@ Handler = Callable[[Any, Call], Awaitable[dict[str, Any]]]
 StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
 
 
+@dataclass(frozen=True)
+class Services:
+    """What the MCP surface serves from: built once in ``taled/app.py`` and handed down
+    whole, so a new service or limit is one field here, not a parameter at every layer."""
+
+    store: Store
+    queue: TaskQueue
+    status: StatusProvider
+    """daemon_status's answer."""
+    models: StatusProvider
+    """models_status's answer."""
+    chat: ChatService
+    runner: Runner
+    checkpoints: CheckpointStore
+    progress: ProgressHub
+    metrics: Metrics
+    usage: UsageReport
+    acting: Acting
+    forgetting: Forgetting
+    schedules: Schedules
+    list_limit: int
+    """Tasks list_tasks returns without a limit."""
+    max_list_limit: int
+    """The largest limit list_tasks accepts."""
+    conversation_limit: int
+    """Conversations list_conversations returns without a limit."""
+    stream_interval: float
+    """Seconds between streamed notifications of one call or subscription, at least."""
+    schedule_limit: int = 100
+    """Schedules (and a schedule's runs) listed without a limit."""
+
+
 class _Tools:
-    def __init__(
-        self,
-        store: Store,
-        queue: TaskQueue,
-        status: StatusProvider,
-        models: StatusProvider,
-        chat: ChatService,
-        runner: Runner,
-        checkpoints: CheckpointStore,
-        progress: ProgressHub,
-        metrics: Metrics,
-        max_list_limit: int,
-        list_limit: int,
-        conversation_limit: int,
-        stream_interval: float,
-        usage_report: UsageReport,
-        acting: Acting,
-        schedules: Schedules,
-        schedule_limit: int = 100,
-    ) -> None:
-        self.acting = acting
-        self.schedules = schedules
-        self.schedule_limit = schedule_limit
-        self.runner = runner
-        self.metrics_service = metrics
-        self.usage_report = usage_report
-        self.conversation_limit = conversation_limit
-        self.checkpoints = checkpoints
-        self.progress = progress
-        self.store = store
-        self.queue = queue
-        self.status = status
-        self.models = models
-        self.chat_service = chat
-        self.stream_interval = stream_interval
-        self.max_list_limit = max_list_limit
-        self.list_limit = list_limit
+    """The tools' handlers: one method per tool, named for it."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
 
     async def submit_task(self, args: SubmitTaskArgs, _call: Call) -> dict[str, Any]:
         if args.at is not None or args.every is not None:
@@ -538,7 +551,7 @@ class _Tools:
             return await self._schedule(args)
         if args.timezone is not None or args.missed is not None:
             raise InvalidInput("timezone and missed go with at or every (a schedule)")
-        task = await self.queue.submit(
+        task = await self.s.queue.submit(
             args.text,
             args.priority,
             args.model,
@@ -551,7 +564,7 @@ class _Tools:
         return task_to_json(task)
 
     async def _schedule(self, args: SubmitTaskArgs) -> dict[str, Any]:
-        fields = self.queue.check(
+        fields = self.s.queue.check(
             args.text,
             args.priority,
             args.model,
@@ -566,58 +579,58 @@ class _Tools:
             timezone=args.timezone,
             missed=None if args.missed is None else MissedPolicy(args.missed),
         )
-        return schedule_to_json(await self.schedules.create(request))
+        return schedule_to_json(await self.s.schedules.create(request))
 
     # -- schedules ---------------------------------------------------------
 
     async def list_schedules(self, args: ListSchedulesArgs, _call: Call) -> dict[str, Any]:
-        limit = args.limit if args.limit is not None else self.schedule_limit
+        limit = args.limit if args.limit is not None else self.s.schedule_limit
         state = None if args.state is None else ScheduleState(args.state)
-        found = await self.schedules.records.find(state, limit)
+        found = await self.s.schedules.records.find(state, limit)
         return {"schedules": [schedule_to_json(s) for s in found]}
 
     async def get_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
-        found = await self.schedules.records.get(args.id)
-        runs = await self.schedules.records.runs(found.id, self.schedule_limit)
+        found = await self.s.schedules.records.get(args.id)
+        runs = await self.s.schedules.records.runs(found.id, self.s.schedule_limit)
         return {**schedule_to_json(found), "history": [_schedule_run_json(r) for r in runs]}
 
     async def pause_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
-        return schedule_to_json(await self.schedules.pause(args.id))
+        return schedule_to_json(await self.s.schedules.pause(args.id))
 
     async def resume_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
-        return schedule_to_json(await self.schedules.resume(args.id))
+        return schedule_to_json(await self.s.schedules.resume(args.id))
 
     async def delete_schedule(self, args: ScheduleIdArgs, _call: Call) -> dict[str, Any]:
-        return {**schedule_to_json(await self.schedules.delete(args.id)), "deleted": True}
+        return {**schedule_to_json(await self.s.schedules.delete(args.id)), "deleted": True}
 
     # -- acting ------------------------------------------------------------
 
     async def list_approvals(self, args: ApprovalsArgs, _call: Call) -> dict[str, Any]:
-        return {"approvals": [approval_to_json(a) for a in await self.acting.pending(args.task)]}
+        return {"approvals": [approval_to_json(a) for a in await self.s.acting.pending(args.task)]}
 
     async def approve(self, args: ApproveArgs, _call: Call) -> dict[str, Any]:
-        decided = await self.acting.decide(
+        decided = await self.s.acting.decide(
             args.id, ApprovalState.APPROVED, None, always=bool(args.always)
         )
-        self.queue.wake()
+        self.s.queue.wake()
         return approval_to_json(decided)
 
     async def deny(self, args: DenyArgs, _call: Call) -> dict[str, Any]:
-        decided = await self.acting.decide(
+        decided = await self.s.acting.decide(
             args.id, ApprovalState.DENIED, args.reason, always=bool(args.always)
         )
-        self.queue.wake()
+        self.s.queue.wake()
         return approval_to_json(decided)
 
     async def answer(self, args: AnswerArgs, _call: Call) -> dict[str, Any]:
-        decided = await self.acting.decide(args.id, ApprovalState.ANSWERED, args.text)
-        self.queue.wake()
+        decided = await self.s.acting.decide(args.id, ApprovalState.ANSWERED, args.text)
+        self.s.queue.wake()
         return approval_to_json(decided)
 
     async def _view(self, task_id: str) -> tuple[TaskRecord, WorkspaceView]:
-        task = await self.store.get_task(task_id)
-        latest = await self.checkpoints.latest(task_id)
-        ws = None if latest is None else WorkState.from_json(await self.checkpoints.load(task_id))
+        task = await self.s.store.get_task(task_id)
+        latest = await self.s.checkpoints.latest(task_id)
+        ws = None if latest is None else WorkState.from_json(await self.s.checkpoints.load(task_id))
         if ws is None or ws.agent is None:
             if task.act and task.state not in FINAL_STATES:
                 raise IllegalTransition(f"task {task_id} has not made its workspace yet")
@@ -638,7 +651,7 @@ class _Tools:
             "state": task.state.value,
             "workspace": str(view.root),
             "source": None if view.source is None else str(view.source),
-            "diff": await self.acting.diff(view),
+            "diff": await self.s.acting.diff(view),
         }
 
     async def apply_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
@@ -648,7 +661,7 @@ class _Tools:
                 f"task {task.id} is {task.state}; its workspace is still changing "
                 f"(`tale pause {task.id}` first, or wait for it)"
             )
-        report = await self.acting.apply(view)
+        report = await self.s.acting.apply(view)
         return {
             "task_id": task.id,
             "target": str(view.source),
@@ -657,17 +670,17 @@ class _Tools:
         }
 
     async def list_tools(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
-        return await self.acting.status()
+        return await self.s.acting.status()
 
     async def get_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
-        return await self._tree(await self.store.get_task(args.id))
+        return await self._tree(await self.s.store.get_task(args.id))
 
     async def _tree(self, task: TaskRecord) -> dict[str, Any]:
         """A task with its progress and, recursively, its subtasks (current plan round)."""
-        out = task_to_json(task, self.progress.get(task.id))
+        out = task_to_json(task, self.s.progress.get(task.id))
         if task.parent_id is None:
             # The learning engine's estimate, from memory (no query): level, tokens, budget.
-            out["estimate"] = self.runner.estimate(task.id)
+            out["estimate"] = self.s.runner.estimate(task.id)
         if task.act:
             out["tool_calls"] = [
                 {
@@ -679,18 +692,20 @@ class _Tools:
                     "detail": c.detail,
                     "at": _iso(c.at),
                 }
-                for c in await self.acting.records.calls(task.id)
+                for c in await self.s.acting.records.calls(task.id)
             ]
-            out["approvals"] = [approval_to_json(a) for a in await self.acting.pending(task.id)]
+            out["approvals"] = [approval_to_json(a) for a in await self.s.acting.pending(task.id)]
         out["subtasks"] = [
-            await self._tree(child) for child in await self.store.children(task.id, task.round)
+            await self._tree(child) for child in await self.s.store.children(task.id, task.round)
         ]
         return out
 
     async def watch_task(self, args: TaskIdArgs, call: Call) -> dict[str, Any]:
         # With a client that can show forms, what the task waits for is also asked
         # there, in the background: progress lines keep flowing while the person thinks.
-        asker = None if call.elicit is None else Asker(call.elicit, self.acting, self.queue.wake)
+        asker = (
+            None if call.elicit is None else Asker(call.elicit, self.s.acting, self.s.queue.wake)
+        )
         try:
             return await self._watch(args.id, call, asker)
         finally:
@@ -705,8 +720,8 @@ class _Tools:
         last = ""
         sent = time.monotonic()
         while True:
-            task = await self.store.get_task(task_id)
-            progress = self.progress.get(task.id)
+            task = await self.s.store.get_task(task_id)
+            progress = self.s.progress.get(task.id)
             if progress is not None and task.state not in FINAL_STATES:
                 line = f"{task.state} · {progress.line()}"
                 step, total = float(progress.step), float(progress.steps)
@@ -720,7 +735,7 @@ class _Tools:
                     line = f"{task.state} · waiting for {', '.join(task.waiting_for)}"
             asked: list[Approval] = []
             if task.state == TaskState.WAITING and task.act:
-                asked = await self.acting.pending(task.id)
+                asked = await self.s.acting.pending(task.id)
                 if asked:
                     a = asked[0]
                     how = "tale answer" if a.kind.value == "question" else "tale approve"
@@ -734,51 +749,51 @@ class _Tools:
                 await call.progress(step, line, total)
             if task.state in FINAL_STATES:
                 return await self._tree(task)
-            seen = await self.progress.wait_change(seen, 1.0)
-            await asyncio.sleep(self.stream_interval)
+            seen = await self.s.progress.wait_change(seen, 1.0)
+            await asyncio.sleep(self.s.stream_interval)
 
     async def list_checkpoints(self, args: CheckpointsArgs, _call: Call) -> dict[str, Any]:
-        await self.store.get_task(args.id)  # NotFound for an unknown task
-        found = await self.checkpoints.list(args.id, args.limit)
+        await self.s.store.get_task(args.id)  # NotFound for an unknown task
+        found = await self.s.checkpoints.list(args.id, args.limit)
         return {"task_id": args.id, "checkpoints": [_checkpoint_json(c) for c in found]}
 
     async def restore_checkpoint(self, args: RestoreArgs, _call: Call) -> dict[str, Any]:
-        task, saved = await self.runner.restore(args.id, args.commit)
+        task, saved = await self.s.runner.restore(args.id, args.commit)
         return {"task": task_to_json(task), "checkpoint": _checkpoint_json(saved)}
 
     async def list_tasks(self, args: ListTasksArgs, _call: Call) -> dict[str, Any]:
-        limit = args.limit if args.limit is not None else self.list_limit
-        if limit > self.max_list_limit:
-            raise InvalidInput(f"limit {limit} is above the maximum of {self.max_list_limit}")
+        limit = args.limit if args.limit is not None else self.s.list_limit
+        if limit > self.s.max_list_limit:
+            raise InvalidInput(f"limit {limit} is above the maximum of {self.s.max_list_limit}")
         state = TaskState(args.state) if args.state else None
-        tasks = await self.store.list_tasks(state, limit)
+        tasks = await self.s.store.list_tasks(state, limit)
         return {"tasks": [task_to_json(t) for t in tasks]}
 
     async def cancel_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
-        return task_to_json(await self.queue.cancel(args.id))
+        return task_to_json(await self.s.queue.cancel(args.id))
 
     async def pause_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
-        return task_to_json(await self.queue.pause(args.id))
+        return task_to_json(await self.s.queue.pause(args.id))
 
     async def resume_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
-        return task_to_json(await self.queue.resume(args.id))
+        return task_to_json(await self.s.queue.resume(args.id))
 
     async def set_priority(self, args: SetPriorityArgs, _call: Call) -> dict[str, Any]:
-        return task_to_json(await self.queue.set_priority(args.id, args.priority))
+        return task_to_json(await self.s.queue.set_priority(args.id, args.priority))
 
     async def usage(self, args: UsageArgs, _call: Call) -> dict[str, Any]:
-        return await self.usage_report.report(args.days, args.top)
+        return await self.s.usage.report(args.days, args.top)
 
     async def daemon_status(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
-        return await self.status()
+        return await self.s.status()
 
     async def models_status(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
-        return await self.models()
+        return await self.s.models()
 
     async def chat(self, args: ChatArgs, call: Call) -> dict[str, Any]:
         # One notification per token costs more than the token (~0.6 ms each here):
         # pieces are gathered and sent at most every stream_interval, the first at once.
-        interval = self.stream_interval
+        interval = self.s.stream_interval
         pending: list[str] = []
         sent = 0
         last = float("-inf")
@@ -796,21 +811,21 @@ class _Tools:
             if time.monotonic() - last >= interval:
                 await flush()
 
-        turn = await self.chat_service.turn(
+        turn = await self.s.chat.turn(
             args.text, on_text, conversation=args.conversation, new=args.new
         )
         await flush()
         return _turn_json(turn)
 
     async def detect_intent(self, args: DetectIntentArgs, _call: Call) -> dict[str, Any]:
-        return _intent_json(await self.chat_service.detect(self.chat_service.validate(args.text)))
+        return _intent_json(await self.s.chat.detect(self.s.chat.validate(args.text)))
 
     async def list_conversations(self, args: ListConversationsArgs, _call: Call) -> dict[str, Any]:
-        found = await self.chat_service.conversations.recent(args.limit or self.conversation_limit)
+        found = await self.s.chat.conversations.recent(args.limit or self.s.conversation_limit)
         return {"conversations": [_conversation_json(c) for c in found]}
 
     async def get_conversation(self, args: ConversationArgs, _call: Call) -> dict[str, Any]:
-        conversations = self.chat_service.conversations
+        conversations = self.s.chat.conversations
         conv = await conversations.get(args.id)
         messages = await conversations.messages(conv.id)
         return {
@@ -822,111 +837,471 @@ class _Tools:
         }
 
     async def metrics(self, _args: NoArgs, _call: Call) -> dict[str, Any]:
-        return await self.metrics_service.snapshot()
+        return await self.s.metrics.snapshot()
 
     # -- forgetting ----------------------------------------------------------
 
-    forgetting: Forgetting
-    """Set by build_server."""
-
     async def delete_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
-        return await self.forgetting.delete(args.id)
+        return await self.s.forgetting.delete(args.id)
 
     async def purge_tasks(self, args: PurgeTasksArgs, _call: Call) -> dict[str, Any]:
-        return await self.forgetting.purge(args.older_than, dry_run=args.dry_run)
+        return await self.s.forgetting.purge(args.older_than, dry_run=args.dry_run)
 
 
-# name -> (argument model, description)
-TOOLS: dict[str, tuple[type[_Args], str]] = {
-    "submit_task": (
+# -- what each tool returns (its outputSchema) ---------------------------------
+# Hand-written to match the *_json functions above; tests validate real results
+# against them, and the SDK client validates every result it receives. A shape
+# that grows with the daemon (usage, metrics, status) names only the keys it always
+# has and leaves the rest open.
+
+_STR: dict[str, Any] = {"type": "string"}
+_INT: dict[str, Any] = {"type": "integer"}
+_NUM: dict[str, Any] = {"type": "number"}
+_BOOL: dict[str, Any] = {"type": "boolean"}
+_OBJ: dict[str, Any] = {"type": "object"}
+_ARR: dict[str, Any] = {"type": "array"}
+
+
+def _maybe(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema, or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _list(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+def _object(properties: dict[str, Any], *optional: str) -> dict[str, Any]:
+    """An object with these properties, all required but ``optional``; others allowed."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [k for k in properties if k not in optional],
+    }
+
+
+def _keys(*required: str) -> dict[str, Any]:
+    """An open-ended object: only the keys it always has are named."""
+    return {"type": "object", "required": list(required)}
+
+
+_NSTR = _maybe(_STR)
+_TOKENS = _object({"prompt": _INT, "completion": _INT, "total": _INT})
+_TASK = _object(
+    {
+        "id": _STR,
+        "parent_id": _NSTR,
+        "step": _NSTR,
+        "title": _NSTR,
+        "needs": _list(_STR),
+        "criteria": _list(_STR),
+        "progress": _maybe(_keys("step", "steps", "doing", "tokens", "elapsed_seconds")),
+        "state": {"enum": [s.value for s in TaskState]},
+        "priority": _INT,
+        "model": _NSTR,
+        "text": _STR,
+        "result": _NSTR,
+        "error": _NSTR,
+        "attempts": _INT,
+        "created_at": _STR,
+        "updated_at": _STR,
+        "transitions": _list(_object({"from": _NSTR, "to": _STR, "at": _STR, "reason": _STR})),
+        "tokens": _TOKENS,
+        "act": _BOOL,
+        "workspace": _NSTR,
+        "schedule_id": _NSTR,
+        "after": _list(_STR),
+        "after_any": _BOOL,
+        "waiting_for": _list(_STR),
+    }
+)
+_APPROVAL = _object(
+    {
+        "id": _STR,
+        "task_id": _STR,
+        "call_id": _NSTR,
+        "kind": _STR,
+        "tool": _NSTR,
+        "arguments": {},
+        "summary": _STR,
+        "rule": _NSTR,
+        "state": _STR,
+        "reason": _NSTR,
+        "created_at": _STR,
+        "decided_at": _NSTR,
+    }
+)
+# get_task's tree: the task, the learning engine's estimate (top-level tasks), an
+# acting task's tool calls and approvals, and the subtasks (each the same, recursively).
+_TASK_TREE = {
+    **_TASK,
+    "properties": {
+        **_TASK["properties"],
+        "estimate": _maybe(_OBJ),
+        "tool_calls": _list(_keys("call_id", "tool", "outcome", "at")),
+        "approvals": _list(_APPROVAL),
+        "subtasks": _list(_TASK),
+    },
+    "required": [*_TASK["required"], "subtasks"],
+}
+_TASKS = _object({"tasks": _list(_TASK)})
+_SCHEDULE = _object(
+    {
+        "id": _STR,
+        "kind": _STR,
+        "expression": _STR,
+        "cron": _NSTR,
+        "timezone": _NSTR,
+        "state": {"enum": [s.value for s in ScheduleState]},
+        "next_run": _NSTR,
+        "next_run_local": _NSTR,
+        "missed_policy": _STR,
+        "text": _STR,
+        "priority": _maybe(_INT),
+        "model": _NSTR,
+        "criteria": _list(_STR),
+        "workspace": _NSTR,
+        "act": _BOOL,
+        "runs": _INT,
+        "missed_runs": _INT,
+        "last_run": _NSTR,
+        "last_task_id": _NSTR,
+        "created_at": _STR,
+        "updated_at": _STR,
+    }
+)
+_SCHEDULES = _object({"schedules": _list(_SCHEDULE)})
+_SCHEDULE_WITH_HISTORY = {
+    **_SCHEDULE,
+    "properties": {
+        **_SCHEDULE["properties"],
+        "history": _list(
+            _object(
+                {"due_at": _STR, "at": _STR, "outcome": _STR, "missed": _BOOL, "task_id": _NSTR}
+            )
+        ),
+    },
+    "required": [*_SCHEDULE["required"], "history"],
+}
+_SCHEDULE_DELETED = {
+    **_SCHEDULE,
+    "properties": {**_SCHEDULE["properties"], "deleted": {"const": True}},
+    "required": [*_SCHEDULE["required"], "deleted"],
+}
+# submit_task returns the task, or with at/every the schedule it made.
+_SUBMITTED = {"type": "object", "anyOf": [_TASK, _SCHEDULE]}
+_CHECKPOINT = _object({"commit": _STR, "at": _STR, "step": _NSTR, "kind": _STR, "message": _STR})
+_CHECKPOINTS = _object({"task_id": _STR, "checkpoints": _list(_CHECKPOINT)})
+_RESTORED = _object({"task": _TASK, "checkpoint": _CHECKPOINT})
+_APPROVALS = _object({"approvals": _list(_APPROVAL)})
+_DIFF = _object({"task_id": _STR, "state": _STR, "workspace": _STR, "source": _NSTR, "diff": _STR})
+_CHANGE = _list(_object({"path": _STR, "kind": _STR}))
+_APPLIED = _object({"task_id": _STR, "target": _STR, "applied": _CHANGE, "unchanged": _CHANGE})
+_TOOL_STATUS = _object({"builtin": _list(_keys("name", "policy")), "servers": _ARR, "rules": _OBJ})
+_USAGE = _keys(
+    "at", "total", "by_model", "by_role", "by_day", "by_task", "prediction", "savings", "violations"
+)
+_INTENT = _object(
+    {
+        "kind": {"enum": ["chat", "task", "unclear"]},
+        "confidence": _NUM,
+        "probabilities": _OBJ,
+        "action": _NSTR,
+        "signals": _list(_STR),
+        "model_vote": {},
+    }
+)
+_TURN = _object(
+    {
+        "text": _STR,
+        "conversation": _STR,
+        "intent": _INTENT,
+        "task": _maybe(_object({"id": _STR, "state": _STR, "text": _STR})),
+        "handed_off": _BOOL,
+        "updates": _list(_STR),
+        "summarised": _BOOL,
+        "finish_reason": _NSTR,
+        "tokens": _TOKENS,
+    }
+)
+_CONVERSATION_SUMMARY = _object(
+    {"id": _STR, "title": _NSTR, "created_at": _STR, "updated_at": _STR, "messages": _INT}
+)
+_CONVERSATIONS = _object({"conversations": _list(_CONVERSATION_SUMMARY)})
+_CONVERSATION = _object(
+    {
+        "id": _STR,
+        "title": _NSTR,
+        "created_at": _STR,
+        "updated_at": _STR,
+        "summary": _NSTR,
+        "summary_upto": {},
+        "pending": _NSTR,
+        "messages": _list(_keys("seq", "role", "text", "at")),
+    }
+)
+_METRICS = _keys("at", "window_minutes", "tokens_per_minute", "latency", "queue", "violations")
+_MODELS = _object({"models": _list(_keys("role", "backend", "model", "loaded", "health"))})
+_STATUS = _keys("version", "pid", "uptime_seconds", "workers", "tasks", "models")
+_DELETED = _keys("id", "tasks")
+_PURGED = _keys("older_than", "dry_run", "tasks", "skipped")
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    """One MCP tool: its arguments' model, what it does and returns, and its hints."""
+
+    args: type[_Args]
+    description: str
+    title: str
+    read_only: bool
+    """Changes nothing (readOnlyHint); the two hints below then say nothing."""
+    destructive: bool
+    """May undo or lose something: cancels, deletes, overwrites (destructiveHint)."""
+    idempotent: bool
+    """A second identical call has no further effect (idempotentHint)."""
+    output: dict[str, Any]
+    """The JSON Schema of its structuredContent (outputSchema)."""
+
+    def listed(self, name: str) -> types.Tool:
+        """The tool as tools/list publishes it."""
+        return types.Tool(
+            name=name,
+            title=self.title,
+            description=self.description,
+            input_schema=_schema(self.args),
+            output_schema=self.output,
+            annotations=types.ToolAnnotations(
+                title=self.title,
+                read_only_hint=self.read_only,
+                destructive_hint=self.destructive,
+                idempotent_hint=self.idempotent,
+                # Everything a tool touches is this daemon's own (its store, its
+                # models, the workspace given); nothing reaches out to the world.
+                open_world_hint=False,
+            ),
+        )
+
+
+# name -> the tool: its arguments, what it does and returns, and its hints.
+TOOLS: dict[str, ToolDef] = {
+    "submit_task": ToolDef(
         SubmitTaskArgs,
         "Queue a task for the task model. Returns the task (with its id) as soon as it is "
         "stored. With at or every it is scheduled instead: the schedule is returned (id, "
         "kind, next_run in UTC and next_run_local in its timezone), and each run is a task "
         "of its own with schedule_id set.",
+        title="Submit a task",
+        read_only=False,
+        destructive=False,
+        idempotent=False,
+        output=_SUBMITTED,
     ),
-    "list_schedules": (
+    "list_schedules": ToolDef(
         ListSchedulesArgs,
         "Schedules: active ones by next run, then paused, then done; each with its "
         "expression, cron, timezone, next run, runs and missed runs.",
+        title="List schedules",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_SCHEDULES,
     ),
-    "get_schedule": (
+    "get_schedule": ToolDef(
         ScheduleIdArgs,
         "One schedule, with the history of its due times newest first: ran, caught_up "
         "(one run for times missed while the daemon was down) or skipped, with the task "
         "each created.",
+        title="Get a schedule",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_SCHEDULE_WITH_HISTORY,
     ),
-    "pause_schedule": (ScheduleIdArgs, "Stop an active schedule from running until resumed."),
-    "resume_schedule": (
+    "pause_schedule": ToolDef(
+        ScheduleIdArgs,
+        "Stop an active schedule from running until resumed.",
+        title="Pause a schedule",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_SCHEDULE,
+    ),
+    "resume_schedule": ToolDef(
         ScheduleIdArgs,
         "Make a paused schedule active again from its next time after now (times that "
         "passed while paused are not run).",
+        title="Resume a schedule",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_SCHEDULE,
     ),
-    "delete_schedule": (
+    "delete_schedule": ToolDef(
         ScheduleIdArgs,
         "Delete a schedule; the tasks it already created stay (no longer linked).",
+        title="Delete a schedule",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+        output=_SCHEDULE_DELETED,
     ),
-    "get_task": (
+    "get_task": ToolDef(
         TaskIdArgs,
         "One task: state, priority, result, transitions, tokens, live progress and its "
         "subtasks (the same, recursively).",
+        title="Get a task",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_TASK_TREE,
     ),
-    "watch_task": (
+    "watch_task": ToolDef(
         TaskIdArgs,
         "Follow a task until it ends, then return it. With a progress token, each change "
         "of state or progress (step i of n, tokens, elapsed, ETA) is a progress notification. "
         "A client that declared elicitation is asked, as a form, about each tool call the "
         "task waits to have approved and each question its model asks; declining leaves it "
         "to the approve, deny and answer tools.",
+        title="Watch a task",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_TASK_TREE,
     ),
-    "list_checkpoints": (
+    "list_checkpoints": ToolDef(
         CheckpointsArgs,
         "A task's checkpoints, newest first: commit, time, step, kind and message.",
+        title="List a task's checkpoints",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_CHECKPOINTS,
     ),
-    "restore_checkpoint": (
+    "restore_checkpoint": ToolDef(
         RestoreArgs,
         "Rewind a paused or failed task to one of its checkpoints and queue it again; "
         "finished steps in that checkpoint are not run again.",
+        title="Restore a checkpoint",
+        read_only=False,
+        destructive=True,
+        idempotent=False,
+        output=_RESTORED,
     ),
-    "list_tasks": (ListTasksArgs, "Tasks, newest first, optionally filtered by state."),
-    "list_approvals": (
+    "list_tasks": ToolDef(
+        ListTasksArgs,
+        "Tasks, newest first, optionally filtered by state.",
+        title="List tasks",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_TASKS,
+    ),
+    "list_approvals": ToolDef(
         ApprovalsArgs,
         "What acting tasks wait for: tool calls their policy says to ask about, and their "
         "models' questions, oldest first, each with its id, task, tool and summary.",
+        title="List approvals",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_APPROVALS,
     ),
-    "approve": (ApproveArgs, "Let a waiting tool call run; the task goes on."),
-    "deny": (DenyArgs, "Refuse a waiting tool call; the reason goes to the task's model."),
-    "answer": (AnswerArgs, "Answer a task's question (its model asked with ask_user)."),
-    "task_diff": (
+    "approve": ToolDef(
+        ApproveArgs,
+        "Let a waiting tool call run; the task goes on.",
+        title="Approve a tool call",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+        output=_APPROVAL,
+    ),
+    "deny": ToolDef(
+        DenyArgs,
+        "Refuse a waiting tool call; the reason goes to the task's model.",
+        title="Deny a tool call",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_APPROVAL,
+    ),
+    "answer": ToolDef(
+        AnswerArgs,
+        "Answer a task's question (its model asked with ask_user).",
+        title="Answer a task's question",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_APPROVAL,
+    ),
+    "task_diff": ToolDef(
         TaskIdArgs,
         "What an acting task changed in its workspace, as a unified diff against the "
         "directory it started from.",
+        title="Show a task's diff",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_DIFF,
     ),
-    "apply_task": (
+    "apply_task": ToolDef(
         TaskIdArgs,
         "Bring an acting task's change into the directory it was given; refused whole, "
         "naming the files, when any of them changed there since the task copied it.",
+        title="Apply a task's change",
+        read_only=False,
+        destructive=True,
+        idempotent=False,
+        output=_APPLIED,
     ),
-    "list_tools": (
+    "list_tools": ToolDef(
         NoArgs,
         "The tools tasks may use: the built-ins with their permission rule, and the "
         "configured MCP servers with their state and tools.",
+        title="List task tools",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_TOOL_STATUS,
     ),
-    "cancel_task": (
+    "cancel_task": ToolDef(
         TaskIdArgs,
         "Cancel a task that has not finished; a running model call is stopped.",
+        title="Cancel a task",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+        output=_TASK,
     ),
-    "pause_task": (
+    "pause_task": ToolDef(
         TaskIdArgs,
         "Pause a queued, running or waiting task; a running model call is stopped and the "
         "partial answer is checkpointed and continued on resume.",
+        title="Pause a task",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_TASK,
     ),
-    "resume_task": (TaskIdArgs, "Put a paused task back in the queue."),
-    "set_priority": (
+    "resume_task": ToolDef(
+        TaskIdArgs,
+        "Put a paused task back in the queue.",
+        title="Resume a task",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_TASK,
+    ),
+    "set_priority": ToolDef(
         SetPriorityArgs,
         "Change an unfinished task's priority (0..100, higher runs first).",
+        title="Set a task's priority",
+        read_only=False,
+        destructive=False,
+        idempotent=True,
+        output=_TASK,
     ),
-    "usage": (
+    "usage": ToolDef(
         UsageArgs,
         "The usage report: tokens (calls, prompt, completion, failures) overall and by model, "
         "role, route, day, top task (subtasks folded in), complexity and top conversation; "
@@ -934,47 +1309,87 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
         "savings (summaries, turns answered from the store, tasks routed to the UX model, and "
         "an estimate against a naive single-model design, with its method); recorded "
         "performance-target violations.",
+        title="Usage report",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_USAGE,
     ),
-    "chat": (
+    "chat": ToolDef(
         ChatArgs,
         "One turn of a conversation with the UX agent (the most recent conversation unless "
         "one is named or new is true). A request for work is queued as a task and the reply "
         "names it; a vague one gets a clarifying question; questions about your tasks are "
         "answered from the store. With a progress token, the reply streams as "
         "notifications/progress whose message is the next piece of text.",
+        title="Chat with tale",
+        read_only=False,
+        destructive=False,
+        idempotent=False,
+        output=_TURN,
     ),
-    "detect_intent": (
+    "detect_intent": ToolDef(
         DetectIntentArgs,
         "How the agent would read a message (chat, task or unclear, with confidence, the "
         "signals that fired and the UX model's vote), without acting on it.",
+        title="Detect a message's intent",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_INTENT,
     ),
-    "list_conversations": (
+    "list_conversations": ToolDef(
         ListConversationsArgs,
         "Conversations, most recently active first: id, title, times, message count.",
+        title="List conversations",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_CONVERSATIONS,
     ),
-    "get_conversation": (
+    "get_conversation": ToolDef(
         ConversationArgs,
         "One conversation: its messages (with the task each handed off), and the summary "
         "its older part was folded into.",
+        title="Get a conversation",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_CONVERSATION,
     ),
-    "metrics": (
+    "metrics": ToolDef(
         NoArgs,
         "Live metrics: tokens per minute per model, latencies against the spec's targets, "
         "queue depth and recent target violations with their context (live, from the "
         "window), and the newest violations the monitor recorded (kept across restarts).",
+        title="Live metrics",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_METRICS,
     ),
-    "models_status": (
+    "models_status": ToolDef(
         NoArgs,
         "The model pool: each role's and optional model's backend, model, pinned, loaded, "
         "health, who serves a role that is down, memory, calls and tokens since start, "
         "reloads, evictions, last error.",
+        title="Model pool status",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_MODELS,
     ),
-    "daemon_status": (
+    "daemon_status": ToolDef(
         NoArgs,
         "The daemon: version, pid, uptime, models, workers, tasks by state, and the "
         "learning engine (its embeddings' model, state, lookups and bm25 fallbacks).",
+        title="Daemon status",
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+        output=_STATUS,
     ),
-    "delete_task": (
+    "delete_task": ToolDef(
         TaskIdArgs,
         "Forget a finished top-level task and its subtasks everywhere: its text, result, "
         "history, checkpoints (and their objects), workspace, run outputs, git worktree "
@@ -982,12 +1397,22 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
         "engine's copy; the database and its backups are rewritten without it. Token counts "
         "stay in the ledger, anonymous, so usage totals do not change. A live task is "
         "refused (cancel it first); a second delete of the same id is NotFound.",
+        title="Delete a task",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+        output=_DELETED,
     ),
-    "purge_tasks": (
+    "purge_tasks": ToolDef(
         PurgeTasksArgs,
         "Forget, as delete_task does, every finished top-level task last updated longer "
         "ago than older_than; dry_run only lists them. Returns the tasks (with their text "
         "on a dry run) and any skipped, with why.",
+        title="Purge old tasks",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+        output=_PURGED,
     ),
 }
 
@@ -1012,7 +1437,7 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "arguments"
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(TOOLS[tool][0].model_fields) or "none"
+            allowed = ", ".join(TOOLS[tool].args.model_fields) or "none"
             parts.append(f"unknown argument {field!r} (allowed: {allowed})")
         elif err["type"] == "string_too_short" and field == "text":
             parts.append(
@@ -1069,52 +1494,281 @@ async def _read_resource(tools: _Tools, ref: ResourceRef) -> dict[str, Any]:
             return await tools.get_schedule(ScheduleIdArgs(id=ref.id), call)
 
 
-def build_server(
-    store: Store,
-    queue: TaskQueue,
-    status: StatusProvider,
-    models: StatusProvider,
-    chat: ChatService,
-    runner: Runner,
-    checkpoints: CheckpointStore,
-    progress: ProgressHub,
-    metrics: Metrics,
-    *,
-    list_limit: int,
-    max_list_limit: int,
-    conversation_limit: int,
-    stream_interval: float,
-    usage: UsageReport,
-    acting: Acting,
-    forgetting: Forgetting,
-    schedules: Schedules,
-    schedule_limit: int = 100,
-) -> Server[Any]:
-    """The MCP server with tale's tools, ready to ``run`` on a stream pair."""
-    tools = _Tools(
-        store,
-        queue,
-        status,
-        models,
-        chat,
-        runner,
-        checkpoints,
-        progress,
-        metrics,
-        max_list_limit=max_list_limit,
-        list_limit=list_limit,
-        conversation_limit=conversation_limit,
-        stream_interval=stream_interval,
-        usage_report=usage,
-        acting=acting,
-        schedules=schedules,
-        schedule_limit=schedule_limit,
+class _Rising:
+    """One call's progress reporter whose values strictly increase, as MCP requires.
+
+    A handler reports what it knows (step i of n, or 0 while a task waits); a value
+    that does not rise (an unchanged step, a heartbeat, the final line) is sent as
+    the last rising value plus a fraction that approaches, never reaches, the next
+    whole step: ``2, 2.5, 2.67, ...`` stays inside "step 2 of n", so ``total`` and a
+    client's bar keep their meaning."""
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self._last = -math.inf
+        self._base = 0.0
+        self._repeats = 0
+
+    async def __call__(self, progress: float, message: str, total: float | None) -> None:
+        if progress > self._last:
+            self._base, self._repeats, value = progress, 0, progress
+        else:
+            self._repeats += 1
+            value = self._base + self._repeats / (self._repeats + 1)
+            if value <= self._last:  # past what a float can tell apart
+                value = math.nextafter(self._last, math.inf)
+        self._last = value
+        await self._report(value, message, total)
+
+
+# RFC 5424 severities, lowest first, as logging/setLevel names them.
+_LEVELS: tuple[types.LoggingLevel, ...] = (
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+)
+
+# What a state change of one of a session's tasks is logged to it as.
+_MOVE_LEVEL: dict[TaskState, types.LoggingLevel] = {
+    TaskState.FAILED: "warning",
+    TaskState.CANCELLED: "notice",
+    TaskState.WAITING: "notice",
+    TaskState.COMPLETED: "info",
+}
+
+# Log entries a slow client may leave unsent before the oldest are dropped.
+_LOG_BACKLOG = 200
+
+
+class _Session:
+    """One connection's MCP state: the resources it follows, its log level, the tasks
+    that are its work, and the one background task that sends what they produce.
+
+    Made when the connection's session starts (the server's lifespan runs once per
+    connection) and closed with it, which ends its subscriptions."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self.subscribed: set[str] = set()
+        self.tasks: set[str] = set()
+        """Tasks this session submitted or watches: their state changes are logged to it."""
+        self.level: types.LoggingLevel | None = None
+        """logging/setLevel's level; None (nothing is logged) until the client sets one."""
+        self._peer: ServerSession | None = None
+        self._dirty: set[str] = set()
+        self._logs: collections.deque[types.LoggingMessageNotificationParams] = collections.deque(
+            maxlen=_LOG_BACKLOG
+        )
+        self._seen: dict[str, Progress | None] = {}
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+
+    def attach(self, peer: ServerSession) -> None:
+        """Send this session's notifications through ``peer`` (any request's session
+        handle: notifications go on the connection's own channel, not the request's)."""
+        self._peer = peer
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_loop(), name="mcp session notices")
+
+    async def close(self) -> None:
+        """The connection ended: stop sending."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+
+    def changed(self, uris: Iterable[str]) -> None:
+        """These resources changed; those this session follows are sent as updated."""
+        followed = self.subscribed.intersection(uris)
+        if followed:
+            self._dirty |= followed
+            self._wake.set()
+
+    def moved(self, moved: Moved) -> None:
+        """A task changed state (the store's watcher: returns at once)."""
+        self.changed(affected_by_move(moved.task_id))
+        if moved.task_id in self.tasks:
+            level = _MOVE_LEVEL.get(moved.to_state, "debug")
+            self.log(
+                level,
+                {
+                    "task_id": moved.task_id,
+                    "from": moved.from_state.value,
+                    "to": moved.to_state.value,
+                    "reason": moved.reason,
+                },
+                "taled.tasks",
+            )
+
+    def log(self, level: types.LoggingLevel, data: Any, logger: str) -> None:
+        """Queue one notifications/message if ``level`` is at or above the session's."""
+        if self.level is None or _LEVELS.index(level) < _LEVELS.index(self.level):
+            return
+        self._logs.append(
+            types.LoggingMessageNotificationParams(level=level, data=data, logger=logger)
+        )
+        self._wake.set()
+
+    async def _send_loop(self) -> None:
+        # Wakes on a move or log entry, and (while it follows a task) on progress;
+        # then sends what changed, and rests stream_interval so a busy task is
+        # reported at most that often.
+        seen = -1
+        try:
+            while True:
+                seen = await self._wait(seen)
+                self._wake.clear()
+                self._progress_changed()
+                await self._send()
+                await asyncio.sleep(self._services.stream_interval)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # The client went away mid-send; the lifespan closes this session.
+            return
+
+    async def _wait(self, seen: int) -> int:
+        """Until woken or, while a task resource is followed, its progress may have moved."""
+        if not any(uri.startswith(TASK_URI) for uri in self.subscribed):
+            await self._wake.wait()
+            return seen
+        woken = asyncio.ensure_future(self._wake.wait())
+        progressed = asyncio.ensure_future(self._services.progress.wait_change(seen, 3600))
+        try:
+            await asyncio.wait({woken, progressed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            progressed.cancel()
+        return progressed.result() if progressed.done() and not progressed.cancelled() else seen
+
+    def _progress_changed(self) -> None:
+        for uri in self.subscribed:
+            if uri.startswith(TASK_URI):
+                now = self._services.progress.get(uri.removeprefix(TASK_URI))
+                if now is not self._seen.get(uri):
+                    self._seen[uri] = now
+                    self._dirty.add(uri)
+
+    async def _send(self) -> None:
+        if self._peer is None:
+            return
+        dirty, self._dirty = self._dirty & self.subscribed, set()
+        for uri in sorted(dirty):
+            await self._peer.send_resource_updated(uri)
+        while self._logs:
+            params = self._logs.popleft()
+            await self._peer.send_notification(types.LoggingMessageNotification(params=params))
+
+
+class _Sessions:
+    """The live sessions; one watcher on the store tells them all of each move."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._live: set[_Session] = set()
+        services.store.watch(self._moved)
+
+    def _moved(self, moved: Moved) -> None:
+        for session in list(self._live):
+            session.moved(moved)
+
+    def changed(self, uris: Iterable[str]) -> None:
+        """Resources changed without a move (a task was submitted)."""
+        for session in list(self._live):
+            session.changed(uris)
+
+    @contextlib.asynccontextmanager
+    async def open(self, _server: Server[Any]) -> AsyncIterator[_Session]:
+        """The server's lifespan: entered once per connection, for its session."""
+        session = _Session(self._services)
+        self._live.add(session)
+        try:
+            yield session
+        finally:
+            self._live.discard(session)
+            await session.close()
+
+
+def _session_of(ctx: ServerRequestContext[Any]) -> _Session:
+    session = ctx.lifespan_context
+    assert isinstance(session, _Session), "build_server's lifespan makes one per connection"
+    return session
+
+
+def _error_result(code: int, message: str) -> types.CallToolResult:
+    """A tool execution error as MCP 2025-11-25 asks: in the result, so the model reads
+    the message and can correct its call; structuredContent carries the code."""
+    return types.CallToolResult(
+        content=[types.TextContent(text=message)],
+        structured_content={"error": {"code": code, "message": message}},
+        is_error=True,
     )
-    tools.forgetting = forgetting
-    listed = [
-        types.Tool(name=name, description=desc, input_schema=_schema(model))
-        for name, (model, desc) in TOOLS.items()
-    ]
+
+
+# -- prompts ---------------------------------------------------------------------
+
+PROMPTS = [
+    types.Prompt(
+        name="submit",
+        title="Submit a task",
+        description="Ask the assistant to queue a task for tale's task model with submit_task.",
+        arguments=[
+            types.PromptArgument(
+                name="task", description="What the task should do, in your words.", required=True
+            )
+        ],
+    ),
+    types.Prompt(
+        name="summarise",
+        title="Summarise my tasks",
+        description="Ask the assistant to summarise your recent tale tasks; the message "
+        "carries the current list_tasks answer.",
+        arguments=[],
+    ),
+]
+
+
+def _user_prompt(description: str, text: str) -> types.GetPromptResult:
+    return types.GetPromptResult(
+        description=description,
+        messages=[types.PromptMessage(role="user", content=types.TextContent(text=text))],
+    )
+
+
+async def _get_prompt(tools: _Tools, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+    arguments = params.arguments or {}
+    if params.name == "submit":
+        task = arguments.get("task", "").strip()
+        if not task:
+            raise MCPError(types.INVALID_PARAMS, "prompt submit: missing required argument 'task'")
+        return _user_prompt(
+            "Queue a task with tale",
+            "Please queue this as a background task with tale's submit_task tool (text: the "
+            "task below, unchanged), then tell me the task's id and that `tale status ID` "
+            f"follows it.\n\nTask:\n{task}",
+        )
+    if params.name == "summarise":
+        listed = await tools.list_tasks(ListTasksArgs(), Call(progress=_quiet))
+        return _user_prompt(
+            "Summarise my tale tasks",
+            "Summarise my tale tasks for me: what finished (and its result in a line), what "
+            "failed and why, and what is still queued, running or waiting for me. Here is "
+            "the current list from tale's list_tasks tool, newest first:\n\n```json\n"
+            f"{json.dumps(listed, indent=1)}\n```",
+        )
+    known = ", ".join(p.name for p in PROMPTS)
+    raise MCPError(types.INVALID_PARAMS, f"unknown prompt {params.name!r}; prompts: {known}")
+
+
+def build_server(services: Services) -> Server[Any]:
+    """The MCP server with tale's tools, resources and prompts, ready to ``run`` on a
+    stream pair (once per connection)."""
+    tools = _Tools(services)
+    sessions = _Sessions(services)
+    listed = [tool.listed(name) for name, tool in TOOLS.items()]
 
     async def on_list_tools(
         _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
@@ -1124,18 +1778,44 @@ def build_server(
     async def on_call_tool(
         ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        entry = TOOLS.get(params.name)
-        if entry is None:
+        tool = TOOLS.get(params.name)
+        if tool is None:
+            # Not an execution error: the call names nothing, a protocol error.
             raise MCPError(
                 InvalidInput.code,
                 f"unknown tool {params.name!r}; tools: {', '.join(TOOLS)}",
             )
-        model, _ = entry
+        session = _session_of(ctx)
+        session.attach(ctx.session)
+        started = time.perf_counter()
         try:
-            args = model.model_validate(params.arguments or {})
+            result = await _call_tool(ctx, params.name, tool, params.arguments or {}, session)
+        except TaleError as exc:
+            session.log(
+                "warning",
+                {"tool": params.name, "code": exc.code, "message": exc.message},
+                "taled.tools",
+            )
+            return _error_result(exc.code, exc.message)
+        finally:
+            services.metrics.time_tool(params.name, time.perf_counter() - started)
+        return types.CallToolResult(
+            content=[types.TextContent(text=json.dumps(result))],
+            structured_content=result,
+        )
+
+    async def _call_tool(
+        ctx: ServerRequestContext[Any],
+        name: str,
+        tool: ToolDef,
+        arguments: dict[str, Any],
+        session: _Session,
+    ) -> dict[str, Any]:
+        try:
+            args = tool.args.model_validate(arguments)
         except ValidationError as exc:
-            raise MCPError(InvalidInput.code, _describe_validation(params.name, exc)) from None
-        handler: Handler = getattr(tools, params.name)
+            raise InvalidInput(_describe_validation(name, exc)) from None
+        handler: Handler = getattr(tools, name)
 
         async def report(progress: float, message: str, total: float | None) -> None:
             await ctx.session.report_progress(progress, total, message)
@@ -1143,18 +1823,14 @@ def build_server(
         async def elicit(message: str, schema: dict[str, Any]) -> types.ElicitResult:
             return await ctx.session.elicit_form(message, schema, ctx.request_id)
 
-        call = Call(progress=report, elicit=elicit if _can_elicit(ctx) else None)
-        started = time.perf_counter()
-        try:
-            result = await handler(args, call)
-        except TaleError as exc:
-            raise MCPError(exc.code, exc.message) from None
-        finally:
-            metrics.time_tool(params.name, time.perf_counter() - started)
-        return types.CallToolResult(
-            content=[types.TextContent(text=json.dumps(result))],
-            structured_content=result,
-        )
+        if isinstance(args, TaskIdArgs) and name == "watch_task":
+            session.tasks.add(args.id)
+        call = Call(progress=_Rising(report), elicit=elicit if _can_elicit(ctx) else None)
+        result = await handler(args, call)
+        if name == "submit_task" and "attempts" in result:  # a task, not a schedule
+            session.tasks.add(result["id"])
+            sessions.changed(affected_by_move(result["id"]))
+        return result
 
     async def on_list_resources(
         _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
@@ -1166,34 +1842,88 @@ def build_server(
     ) -> types.ListResourceTemplatesResult:
         return types.ListResourceTemplatesResult(resource_templates=TEMPLATES)
 
+    async def read(uri: str) -> dict[str, Any]:
+        try:
+            return await _read_resource(tools, parse_uri(uri))
+        except NotFound as exc:
+            # What the SDK's own resource manager answers for a missing resource.
+            raise MCPError(types.INVALID_PARAMS, exc.message, data={"uri": uri}) from None
+        except TaleError as exc:
+            raise MCPError(exc.code, exc.message) from None
+
     async def on_read_resource(
         _ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams
     ) -> types.ReadResourceResult:
-        try:
-            found = await _read_resource(tools, parse_uri(params.uri))
-        except NotFound as exc:
-            # What the SDK's own resource manager answers for a missing resource.
-            raise MCPError(types.INVALID_PARAMS, exc.message, data={"uri": params.uri}) from None
-        except TaleError as exc:
-            raise MCPError(exc.code, exc.message) from None
-        text = json.dumps(found)
+        text = json.dumps(await read(params.uri))
         return types.ReadResourceResult(
             contents=[
                 types.TextResourceContents(uri=params.uri, mime_type="application/json", text=text)
             ]
         )
 
+    async def on_subscribe(
+        ctx: ServerRequestContext[Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        uri = str(params.uri)
+        await read(uri)  # a missing resource is refused as a read of it is
+        if not subscribable(uri):
+            raise MCPError(
+                types.INVALID_PARAMS,
+                f"{uri} cannot be subscribed to (schedules are not followed); read it "
+                "again instead. Subscribable: task://{id}, tale://tasks, tale://dashboard",
+                data={"uri": uri},
+            )
+        session = _session_of(ctx)
+        session.subscribed.add(uri)
+        if uri.startswith(TASK_URI):
+            session.tasks.add(uri.removeprefix(TASK_URI))
+        session.attach(ctx.session)
+        return types.EmptyResult()
+
+    async def on_unsubscribe(
+        ctx: ServerRequestContext[Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        _session_of(ctx).subscribed.discard(str(params.uri))
+        return types.EmptyResult()
+
+    async def on_set_level(
+        ctx: ServerRequestContext[Any], params: types.SetLevelRequestParams
+    ) -> types.EmptyResult:
+        session = _session_of(ctx)
+        session.level = params.level
+        session.attach(ctx.session)
+        return types.EmptyResult()
+
+    async def on_list_prompts(
+        _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        return types.ListPromptsResult(prompts=PROMPTS)
+
+    async def on_get_prompt(
+        _ctx: ServerRequestContext[Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        return await _get_prompt(tools, params)
+
     server: Server[Any] = Server(
         "taled",
         version=__version__,
         instructions="tale runs your tasks in the background on local models. "
         "submit_task queues one; get_task and list_tasks follow them.",
+        lifespan=sessions.open,
         on_list_tools=on_list_tools,
         on_call_tool=on_call_tool,
         on_list_resources=on_list_resources,
         on_list_resource_templates=on_list_resource_templates,
         on_read_resource=on_read_resource,
+        on_subscribe_resource=on_subscribe,
+        on_unsubscribe_resource=on_unsubscribe,
+        on_list_prompts=on_list_prompts,
+        on_get_prompt=on_get_prompt,
     )
+    # Registered here, not as on_set_logging_level: the constructor warns that logging
+    # leaves the protocol in 2026-07-28; tale speaks 2025-11-25, where it is current.
+    # The capability is declared from the handler all the same.
+    server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, on_set_level)
     # The SDK wraps every request in an OpenTelemetry span by default; tale exports
     # no traces, and the no-op spans cost a measurable share of each request.
     server.middleware = []

@@ -1,5 +1,8 @@
 """The SQLite database: ``schema`` (the tables and their migrations), ``engine`` (the
 group-committing writer, the readers, migrating at open) and the repositories over
 them, ``store`` (tasks, transitions, the token ledger), ``acting`` (approvals, the
-tool ledger, permission rules) and ``schedules`` (schedules and their runs); ``forget``
-deletes a forgotten task's rows across them, keeping the ledger's counts."""
+tool ledger, permission rules), ``schedules`` (schedules and their runs),
+``conversations`` (the chat's conversations and messages), ``learning`` (task outcomes,
+the similar-task memory and its vectors) and ``reporting`` (what the metrics read of
+the ledger, recorded violations); ``ids`` finds a record by a unique prefix of its id;
+``forget`` deletes a forgotten task's rows across them, keeping the ledger's counts."""

@@ -19,9 +19,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taled.db.ids import IdMessages, by_prefix, normalise
 from taled.db.schema import approvals, policy_rules, tasks, tool_calls
 from taled.db.store import Store, _current_state, _move, new_task_id
-from taled.errors import IllegalTransition, InvalidInput, NotFound
+from taled.errors import IllegalTransition
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 
 __all__ = [
@@ -33,8 +34,12 @@ __all__ = [
     "ToolCallRecord",
 ]
 
-# An approval id may be given by a unique prefix of at least this many hex digits.
-_MIN_PREFIX = 4
+# What a person is told when an approval id they gave names none, or several.
+_APPROVAL_IDS = IdMessages(
+    invalid="approval id {ref!r}: give at least {min} hex digits of an id `tale approvals` lists",
+    missing="no approval with id {ref}; `tale approvals` lists the pending ones",
+    ambiguous="more than one approval starts with {ref}; give more digits",
+)
 
 
 class ApprovalKind(StrEnum):
@@ -202,23 +207,9 @@ class ActingRecords:
 
     async def get(self, ref: str) -> Approval:
         """An approval by id or unique prefix; NotFound / InvalidInput saying which."""
-        ref = ref.strip().lower()
-        if len(ref) < _MIN_PREFIX or any(c not in "0123456789abcdef" for c in ref):
-            raise InvalidInput(
-                f"approval id {ref!r}: give at least {_MIN_PREFIX} hex digits of an id "
-                "`tale approvals` lists"
-            )
+        ref = normalise(ref, _APPROVAL_IDS)  # a malformed id is refused before any I/O
         async with self._store.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(approvals).where(approvals.c.id.startswith(ref)).limit(2)
-                )
-            ).all()
-        if not rows:
-            raise NotFound(f"no approval with id {ref}; `tale approvals` lists the pending ones")
-        if len(rows) > 1:
-            raise InvalidInput(f"more than one approval starts with {ref}; give more digits")
-        return _approval(rows[0])
+            return _approval(await by_prefix(conn, approvals.c.id, ref, _APPROVAL_IDS))
 
     async def decide(self, ref: str, state: ApprovalState, reason: str | None) -> Approval:
         """Answer a pending approval and queue its task again, in one transaction."""

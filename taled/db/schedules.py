@@ -25,9 +25,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taled.db.ids import IdMessages, by_prefix, normalise
 from taled.db.schema import schedule_runs, schedules, tasks
 from taled.db.store import Store, TaskFields, _insert_submitted, new_task_id
-from taled.errors import IllegalTransition, InvalidInput, NotFound
+from taled.errors import IllegalTransition, NotFound
 from taled.tasks.lifecycle import TaskState
 
 __all__ = [
@@ -42,8 +43,12 @@ __all__ = [
     "ScheduleState",
 ]
 
-# A schedule id may be given by a unique prefix of at least this many hex digits.
-_MIN_PREFIX = 4
+# What a person is told when a schedule id they gave names none, or several.
+_SCHEDULE_IDS = IdMessages(
+    invalid="schedule id {ref!r}: give at least {min} hex digits of an id `tale schedules` lists",
+    missing="no schedule with id {ref}; `tale schedules` lists them",
+    ambiguous="more than one schedule starts with {ref}; give more digits",
+)
 
 
 class ScheduleKind(StrEnum):
@@ -253,23 +258,9 @@ class ScheduleRecords:
 
     async def get(self, ref: str) -> Schedule:
         """A schedule by id or unique prefix; NotFound / InvalidInput saying which."""
-        ref = ref.strip().lower()
-        if len(ref) < _MIN_PREFIX or any(c not in "0123456789abcdef" for c in ref):
-            raise InvalidInput(
-                f"schedule id {ref!r}: give at least {_MIN_PREFIX} hex digits of an id "
-                "`tale schedules` lists"
-            )
+        ref = normalise(ref, _SCHEDULE_IDS)  # a malformed id is refused before any I/O
         async with self._store.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(schedules).where(schedules.c.id.startswith(ref)).limit(2)
-                )
-            ).all()
-        if not rows:
-            raise NotFound(f"no schedule with id {ref}; `tale schedules` lists them")
-        if len(rows) > 1:
-            raise InvalidInput(f"more than one schedule starts with {ref}; give more digits")
-        return _schedule(rows[0])
+            return _schedule(await by_prefix(conn, schedules.c.id, ref, _SCHEDULE_IDS))
 
     async def find(self, state: ScheduleState | None, limit: int) -> list[Schedule]:
         """Schedules, active ones first by next run, then paused, then done (newest first)."""

@@ -121,6 +121,7 @@ model_calls = sa.Table(
     sa.Column("saved_tokens", sa.Integer, nullable=False, server_default="0"),
     sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
     sa.Column("looped", sa.Boolean, nullable=False, server_default="0"),
+    sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),
 )
 
 conversations = sa.Table(
@@ -618,6 +619,12 @@ _V13: tuple[str, ...] = (
     "CREATE INDEX task_deps_by_needs ON task_deps (needs_id)",
 )
 
+# Version 14 (issue #19): of a call's prompt tokens, those the backend did not read again
+# (a prefix still in its KV cache, or OpenAI's prompt_tokens_details.cached_tokens).
+_V14: tuple[str, ...] = (
+    "ALTER TABLE model_calls ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
+)
+
 # Index i holds the statements that take the schema from version i to i + 1.
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -634,6 +641,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V11,
     _V12,
     _V13,
+    _V14,
 )
 """The migrations in order: entry ``i`` takes a database from schema version ``i`` to
 ``i + 1`` (SQLite's ``PRAGMA user_version``)."""

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taled.db.engine import Database
+from taled.db.ids import IdMessages, by_prefix, normalise
 from taled.db.schema import approvals, model_calls, task_deps, tasks, transitions
 from taled.errors import IllegalTransition, InvalidInput, NotFound
 from taled.settings import StoreSettings
@@ -177,6 +178,8 @@ class CallRecord:
     """Prompt tokens a conversation summary kept out of this call (an estimate)."""
     looped: bool = False
     """The pool stopped the answer where it started repeating itself (taled.models.repetition)."""
+    cached_tokens: int = 0
+    """Of prompt_tokens, those the backend did not read again (a prefix it kept cached)."""
     at: float = field(default_factory=time.time)
     """When the call ended (it started ``total_ms`` earlier)."""
 
@@ -1039,8 +1042,14 @@ async def _move(
         await _fail_dependents(conn, task_id, target, fields.get("error") or reason)
 
 
-# A task may be named by a unique prefix of at least this many hex digits.
-_MIN_PREFIX = 4
+# What ``--after`` says when a task id it was given names none, or several.
+_AFTER_IDS = IdMessages(
+    invalid="after {given!r}: give a task id, or at least {min} of its hex digits "
+    "(`tale list` shows the ids)",
+    missing="after {ref}: no task with that id; `tale list` shows the ids",
+    ambiguous="after {ref}: more than one task starts with {ref} ({first}, {second}, ...); "
+    "give more digits",
+)
 # Characters of a failed dependency's reason quoted in its dependents' reasons.
 _CAUSE_CHARS = 300
 _DEPENDENT_STATES = (TaskState.QUEUED.value, TaskState.PAUSED.value)
@@ -1075,27 +1084,8 @@ async def _resolve_after(
     prefixes, in the order given; InvalidInput / NotFound naming the one that is wrong."""
     found: list[str] = []
     for given in refs:
-        ref = given.strip().lower()
-        if len(ref) < _MIN_PREFIX or any(c not in "0123456789abcdef" for c in ref):
-            raise InvalidInput(
-                f"after {given!r}: give a task id, or at least {_MIN_PREFIX} of its hex "
-                "digits (`tale list` shows the ids)"
-            )
-        rows = (
-            await conn.execute(
-                sa.select(tasks.c.id, tasks.c.state, tasks.c.error, tasks.c.parent_id)
-                .where(tasks.c.id.startswith(ref, autoescape=True))
-                .limit(2)
-            )
-        ).all()
-        if not rows:
-            raise NotFound(f"after {ref}: no task with that id; `tale list` shows the ids")
-        if len(rows) > 1:
-            raise InvalidInput(
-                f"after {ref}: more than one task starts with {ref} ({rows[0].id}, "
-                f"{rows[1].id}, ...); give more digits"
-            )
-        dep = rows[0]
+        ref = normalise(given, _AFTER_IDS)
+        dep = await by_prefix(conn, tasks.c.id, ref, _AFTER_IDS)
         if dep.id == task_id:
             raise InvalidInput(f"after {ref}: a task cannot run after itself")
         if dep.parent_id is not None:

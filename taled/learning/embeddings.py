@@ -39,7 +39,7 @@ import numpy.typing as npt
 from ollama import AsyncClient
 
 from taled.errors import BackendDown, ModelError, ModelTimeout, TaleError
-from taled.models.backends.llamacpp import model_params, resolve_model_path
+from taled.models.backends.llamacpp import machine_threads, model_params, resolve_model_path
 from taled.models.backends.ollama import (
     DEFAULT_HOST,
     canonical_name,
@@ -148,7 +148,7 @@ class LlamaCppEmbedder:
         self.model = model
         self.key = f"llamacpp:{model}"
         self._settings = settings
-        self._threads = threads or os.cpu_count() or 1
+        self._threads = threads or machine_threads()
         self._llm: Any = None
         self._lock = asyncio.Lock()
         self.dimension: int | None = None

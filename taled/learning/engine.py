@@ -21,26 +21,21 @@ history is there when it is turned on), but nothing assessed is acted on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from taled.db.acting import ActingRecords
-from taled.db.schema import model_calls, task_outcomes, tasks, transitions
+from taled.db.learning import Embedding, LearningRecords, LedgerFacts, Outcome, OutcomeRecord
 from taled.db.store import Store, TaskRecord
 from taled.errors import TaleError
 from taled.learning.budget import BudgetPredictor
 from taled.learning.complexity import ComplexityModel, label_outcome
 from taled.learning.embeddings import EmbeddingService
-from taled.learning.memory import Neighbour, SimilarTasks, Vector, save_vector
+from taled.learning.memory import Neighbour, SimilarTasks, Vector
 from taled.learning.selection import TACTICS, Selector, Tactic, Tactics
 from taled.settings import LearningSettings, Level, ModelsSettings, Role, parse_model_spec
 from taled.tasks.lifecycle import TaskState
@@ -138,46 +133,6 @@ class Assessment:
         }
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One finished top-level task, as ``task_outcomes`` stores it."""
-
-    task_id: str
-    text: str
-    predicted_level: str
-    confidence: float
-    completion_tokens: int
-    success: bool
-    role: str
-    backend: str | None
-    model: str | None
-    predicted_tokens: int | None = None
-    budget_tokens: int | None = None
-    prompt_tokens: int = 0
-    steps: int = 1
-    retries: int = 0
-    truncations: int = 0
-    gate_passed: bool | None = None
-    thinking: bool = False
-    seconds: float = 0.0
-    at: float = field(default_factory=time.time)
-    planned: bool | None = None
-    """Planned into subtasks up front (None: not known, an older row)."""
-    retried: bool | None = None
-    """Its first direct answer failed and was retried on the same model."""
-    retry_worked: bool | None = None
-    """A retry's answer passed."""
-    decomposed: bool | None = None
-    """Decomposed into subtasks after its direct answers failed."""
-    retry_tokens: int | None = None
-    """Tokens (prompt and completion) of its direct answer's retries."""
-    plan_tokens: int | None = None
-    """Tokens of everything but its direct answers: a plan, subtasks, an aggregation."""
-    answer_tokens: int | None = None
-    """Completion tokens of its first direct answer (continuations included): what a
-    budget caps. None without a direct answer (planned up front)."""
-
-
 def _predicted_steps(neighbours: Sequence[Neighbour], calls: dict[str, int]) -> int | None:
     """The similarity-weighted mean of the tool calls of the similar past tasks that acted
     (an acting task's steps), rounded up; None when none of them acted."""
@@ -213,7 +168,7 @@ class LearningEngine:
     ) -> None:
         """``thinks(role)``: whether the role's model can think (recorded in outcomes);
         ``embeddings``: the embedder of ``learning.embeddings`` (None: bm25 alone)."""
-        self._store = store
+        self._records = LearningRecords(store)
         # The tool ledger: how many calls similar acting tasks made (predicted steps).
         self._acting = ActingRecords(store)
         self._thinks = thinks or (lambda _role: False)
@@ -247,8 +202,8 @@ class LearningEngine:
         """Learn everything from the stored outcomes."""
         rows = await self._outcomes()
         for row in reversed(rows):
-            self._observe(row.text, json.loads(row.features), row)
-            self._estimates[row.task_id] = _finished(row, row.level)
+            self._observe(row.outcome.text, row.features, _Row(row.outcome, row.level))
+            self._estimates[row.outcome.task_id] = _finished(row.outcome, row.level)
         self._trim_estimates()
         await self._memory.start()
         await self._fit()
@@ -260,18 +215,9 @@ class LearningEngine:
             "enabled" if self.enabled else "observing only (learning.enabled = false)",
         )
 
-    async def _outcomes(self) -> list[Any]:
+    async def _outcomes(self) -> list[OutcomeRecord]:
         """The newest ``history_limit`` stored outcomes, newest first."""
-        async with self._store.read() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        sa.select(task_outcomes)
-                        .order_by(task_outcomes.c.at.desc())
-                        .limit(self.settings.history_limit)
-                    )
-                ).all()
-            )
+        return await self._records.outcomes(self.settings.history_limit)
 
     async def forget_tasks(self, task_ids: Collection[str]) -> None:
         """Forget tasks whose rows were deleted (``tale delete``, ``tale purge``): whatever
@@ -291,7 +237,7 @@ class LearningEngine:
         self._selector.clear()
         self._tactics.clear()
         for row in reversed(rows):
-            self._observe(row.text, json.loads(row.features), row)
+            self._observe(row.outcome.text, row.features, _Row(row.outcome, row.level))
         await self._fit()
 
     async def stop(self) -> None:
@@ -328,7 +274,7 @@ class LearningEngine:
         """Classify a new top-level task and predict its tokens, route and thinking."""
         feats = planner.features(task.text)
         estimate = self._classifier.predict(task.text, feats)
-        choice = self._selector.choose(task.id, estimate.level, _spec_key(self._models.ux))
+        choice = self._selector.choose(task.text, estimate.level, _spec_key(self._models.ux))
         reason = choice.reason
         if task.model is not None:
             reason = "per-task model override"
@@ -351,7 +297,7 @@ class LearningEngine:
         # sent to ux escalates to the task model instead.
         if self.enabled and role == "task":
             for tactic in TACTICS:
-                allowed, why = self._tactics.allows(task.id, key, estimate.level, tactic)
+                allowed, why = self._tactics.allows(task.text, key, estimate.level, tactic)
                 tactics[tactic] = why
                 if not allowed:
                     skip.append(tactic)
@@ -436,8 +382,8 @@ class LearningEngine:
         tactics = _tactics_used(ws)
         vector = await self._vector_for(task.id, task.text)
 
-        async def apply(conn: AsyncConnection) -> Outcome:
-            facts = await _ledger_facts(conn, task.id)
+        def make(facts: LedgerFacts) -> OutcomeRecord:
+            role = facts.role or assessment.role
             outcome = Outcome(
                 task_id=task.id,
                 text=task.text,
@@ -445,33 +391,26 @@ class LearningEngine:
                 confidence=assessment.confidence,
                 predicted_tokens=assessment.predicted_tokens,
                 budget_tokens=assessment.budget if self.enabled else None,
-                completion_tokens=facts["completion_tokens"],
-                prompt_tokens=facts["prompt_tokens"],
+                completion_tokens=facts.completion_tokens,
+                prompt_tokens=facts.prompt_tokens,
                 steps=steps,
-                retries=facts["retries"],
+                retries=facts.retries,
                 truncations=truncations,
                 gate_passed=gate_passed if success else False,
                 success=success,
-                role=facts["role"] or assessment.role,
-                backend=facts["backend"],
-                model=facts["model"],
-                thinking=bool(
-                    self.enabled
-                    and assessment.think
-                    and self._thinks(facts["role"] or assessment.role)
-                ),
-                seconds=max(task.updated_at - (facts["started"] or task.created_at), 0.0),
-                retry_tokens=facts["retry_tokens"],
-                plan_tokens=facts["plan_tokens"],
-                answer_tokens=facts["answer_tokens"],
+                role=role,
+                backend=facts.backend,
+                model=facts.model,
+                thinking=bool(self.enabled and assessment.think and self._thinks(role)),
+                seconds=max(task.updated_at - (facts.started or task.created_at), 0.0),
+                retry_tokens=facts.retry_tokens,
+                plan_tokens=facts.plan_tokens,
+                answer_tokens=facts.answer_tokens,
                 **tactics,
             )
-            await _insert(conn, outcome, self._label(outcome))
-            if vector is not None and self._embeddings is not None:
-                await save_vector(conn, task.id, self._embeddings.key, vector)
-            return outcome
+            return self._stored(outcome)
 
-        outcome = await self._store.write(apply)
+        outcome = await self._records.record(task.id, make, self._embedding(vector))
         if vector is not None:
             self._memory.add(task.id, vector)
         await self.add(outcome)
@@ -483,18 +422,21 @@ class LearningEngine:
 
     async def ingest(self, outcome: Outcome) -> None:
         """Store an outcome observed elsewhere (an imported or replayed history), and learn."""
-        level = self._label(outcome)
         vector = await self._vector_for(outcome.task_id, outcome.text)
-
-        async def apply(conn: AsyncConnection) -> None:
-            await _insert(conn, outcome, level)
-            if vector is not None and self._embeddings is not None:
-                await save_vector(conn, outcome.task_id, self._embeddings.key, vector)
-
-        await self._store.write(apply)
+        await self._records.ingest(self._stored(outcome), self._embedding(vector))
         if vector is not None:
             self._memory.add(outcome.task_id, vector)
         await self.add(outcome)
+
+    def _stored(self, outcome: Outcome) -> OutcomeRecord:
+        """An outcome as it is stored: labelled, with its text's features."""
+        return OutcomeRecord(outcome, self._label(outcome), planner.features(outcome.text))
+
+    def _embedding(self, vector: Vector | None) -> Embedding | None:
+        """A finished task's vector as stored with its outcome (None: none to store)."""
+        if vector is None or self._embeddings is None:
+            return None
+        return Embedding(self._embeddings.key, vector)
 
     async def _vector_for(self, task_id: str, text: str) -> Vector | None:
         """A finished task's embedding: the one made when it was assessed, else a new one
@@ -565,26 +507,10 @@ class LearningEngine:
 
     async def _measure_speed(self) -> None:
         """Each model's generation speed (tokens/s) over its newest ledger rows."""
-        c = model_calls.c
-        recent = (
-            sa.select(c.backend, c.model, c.completion_tokens, c.generation_ms)
-            .where(c.completion_tokens > 0, c.generation_ms > 0)
-            .order_by(c.seq.desc())
-            .limit(_SPEED_ROWS)
-            .subquery()
-        )
-        query = sa.select(
-            recent.c.backend,
-            recent.c.model,
-            sa.func.sum(recent.c.completion_tokens),
-            sa.func.sum(recent.c.generation_ms),
-        ).group_by(recent.c.backend, recent.c.model)
-        async with self._store.read() as conn:
-            rows = (await conn.execute(query)).all()
         self._speed = {
-            model_key(backend, model): float(tokens) * 1000 / float(ms)
-            for backend, model, tokens, ms in rows
-            if ms
+            model_key(t.backend, t.model): float(t.completion_tokens) * 1000 / t.generation_ms
+            for t in await self._records.generation_totals(_SPEED_ROWS)
+            if t.generation_ms
         }
 
     def _trim_estimates(self) -> None:
@@ -636,76 +562,3 @@ class _Row:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.outcome, name)
-
-
-async def _ledger_facts(conn: AsyncConnection, task_id: str) -> dict[str, Any]:
-    """A task's token totals and retries (its subtasks' included), its first call's role
-    and model, and when it first ran. Runs in the writer, after every ledger row queued
-    before it."""
-    tree = sa.select(tasks.c.id).where(tasks.c.id == task_id).cte("tree", recursive=True)
-    tree = tree.union_all(sa.select(tasks.c.id).where(tasks.c.parent_id == tree.c.id))
-    c = model_calls.c
-    spent = c.prompt_tokens + c.completion_tokens
-    # The task's own direct answers: the first and its retries; everything else in the
-    # tree (a plan, subtasks, an aggregation) is what planning cost.
-    direct = (c.task_id == task_id) & (c.step == "answer")
-    retry = direct & (c.attempt > 1)
-    first = direct & (c.attempt == 1)
-    sums = (
-        await conn.execute(
-            sa.select(
-                sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0),
-                sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
-                sa.func.coalesce(sa.func.sum(sa.case((c.attempt > 1, 1), else_=0)), 0),
-                sa.func.coalesce(sa.func.sum(sa.case((retry, spent), else_=0)), 0),
-                sa.func.coalesce(sa.func.sum(sa.case((direct, 0), else_=spent)), 0),
-                sa.func.sum(sa.case((first, c.completion_tokens), else_=None)),
-            ).where(c.task_id.in_(sa.select(tree.c.id)))
-        )
-    ).one()
-    # The first call's role and model are the ones the task was routed to; a failure
-    # there that another model recovered must count against them, not for the rescuer.
-    first_call = (
-        await conn.execute(
-            sa.select(c.role, c.backend, c.model)
-            .where(c.task_id == task_id)
-            .order_by(c.seq)
-            .limit(1)
-        )
-    ).first()
-    started = (
-        await conn.execute(
-            sa.select(sa.func.min(transitions.c.at)).where(
-                transitions.c.task_id == task_id,
-                transitions.c.to_state == TaskState.RUNNING.value,
-            )
-        )
-    ).scalar()
-    return {
-        "prompt_tokens": int(sums[0]),
-        "completion_tokens": int(sums[1]),
-        "retries": int(sums[2]),
-        "retry_tokens": int(sums[3]),
-        "plan_tokens": int(sums[4]),
-        "answer_tokens": None if sums[5] is None else int(sums[5]),
-        "role": first_call.role if first_call else None,
-        "backend": first_call.backend if first_call else None,
-        "model": first_call.model if first_call else None,
-        "started": started,
-    }
-
-
-async def _insert(conn: AsyncConnection, outcome: Outcome, level: Level) -> None:
-    """Insert (or, for a task finished again after a restore, replace) its outcome."""
-    row = asdict(outcome)
-    row["features"] = json.dumps(planner.features(outcome.text))
-    row["level"] = level
-    await conn.execute(task_outcomes.delete().where(task_outcomes.c.task_id == outcome.task_id))
-    await conn.execute(task_outcomes.insert().values(**row))
-    await conn.execute(
-        sa.text("DELETE FROM task_memory WHERE task_id = :id"), {"id": outcome.task_id}
-    )
-    await conn.execute(
-        sa.text("INSERT INTO task_memory (task_id, text) VALUES (:id, :text)"),
-        {"id": outcome.task_id, "text": outcome.text},
-    )

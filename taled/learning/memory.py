@@ -32,16 +32,14 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.schema import PREDICTABLE_TOKENS_SQL, task_embeddings, task_outcomes
+from taled.db.learning import LearningRecords, PastTask, Vector
 from taled.db.store import Store
 from taled.settings import LearningSettings
 
@@ -59,22 +57,16 @@ __all__ = [
     "cosine_part",
     "fts_query",
     "jaccard",
-    "save_vector",
     "words",
 ]
 
 log = logging.getLogger(__name__)
-
-Vector = npt.NDArray[np.float32]
-"""One embedding: float32, L2-normalised."""
 
 # At most this many distinct words of a task go into its query: enough to find
 # its neighbours, small enough to keep the lookup a millisecond or two.
 _MAX_QUERY_WORDS = 32
 # Rows fetched before same-text neighbours are merged.
 _OVERFETCH = 4
-# Stored vectors are little-endian float32, whatever this machine's byte order.
-_BLOB_DTYPE = np.dtype("<f4")
 # Texts embedded per call while filling in the vectors of older tasks: small enough
 # that a lookup waiting behind the backfill waits one short call.
 _BACKFILL_BATCH = 8
@@ -85,34 +77,6 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _STOP_WORDS = """a an and are as at be but by can do for from how i in is it me my of on or
 please that the this to was what with you your"""
 _STOP = frozenset(_STOP_WORDS.split())
-
-_SEARCH = sa.text(
-    f"""
-    SELECT m.task_id AS task_id, -bm25(task_memory) AS score, o.text AS text,
-           {PREDICTABLE_TOKENS_SQL} AS tokens,
-           o.level AS level, o.success AS success,
-           o.role AS role, o.model AS model
-    FROM task_memory AS m JOIN task_outcomes AS o ON o.task_id = m.task_id
-    WHERE task_memory MATCH :query
-    ORDER BY bm25(task_memory)
-    LIMIT :limit
-    """
-)
-
-
-def _by_ids(ids: Sequence[str]) -> sa.Select[Any]:
-    """The outcome rows of tasks found by their embeddings, shaped like ``_SEARCH``'s."""
-    o = task_outcomes.c
-    return sa.select(
-        o.task_id,
-        sa.literal(0.0).label("score"),
-        o.text,
-        sa.literal_column(PREDICTABLE_TOKENS_SQL).label("tokens"),
-        o.level,
-        o.success,
-        o.role,
-        o.model,
-    ).where(o.task_id.in_(list(ids)))
 
 
 @dataclass(frozen=True)
@@ -207,21 +171,6 @@ def blend(overlap: float, cos: float | None, weight: float, floor: float) -> flo
         return overlap
     w = min(max(weight, 0.0), 1.0)
     return w * cosine_part(cos, floor) + (1.0 - w) * overlap
-
-
-async def save_vector(conn: AsyncConnection, task_id: str, model: str, vector: Vector) -> None:
-    """Store (or replace) a task's embedding by ``model``, inside the caller's write."""
-    blob = np.ascontiguousarray(vector, dtype=_BLOB_DTYPE).tobytes()
-    await conn.execute(
-        task_embeddings.delete().where(
-            task_embeddings.c.task_id == task_id, task_embeddings.c.model == model
-        )
-    )
-    await conn.execute(
-        task_embeddings.insert().values(
-            task_id=task_id, model=model, dimension=int(vector.shape[0]), vector=blob
-        )
-    )
 
 
 class VectorIndex:
@@ -349,7 +298,7 @@ class SimilarTasks:
         embeddings: EmbeddingService | None = None,
         settings: LearningSettings | None = None,
     ) -> None:
-        self._store = store
+        self._records = LearningRecords(store)
         self._settings = settings or LearningSettings()
         self._embeddings = embeddings
         self._index = (
@@ -380,22 +329,12 @@ class SimilarTasks:
         """Load the stored vectors of the configured model (newest ``history_limit`` tasks)."""
         if self._index is None:
             return
-        e, o = task_embeddings.c, task_outcomes.c
-        query = (
-            sa.select(e.task_id, e.dimension, e.vector)
-            .join(task_outcomes, o.task_id == e.task_id)
-            .where(e.model == self._index.model)
-            .order_by(o.at.desc())
-            .limit(self._settings.history_limit)
-        )
-        async with self._store.read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._records.vectors(self._index.model, self._settings.history_limit)
         # The newest rows fix the dimension (an older model of the same name is set aside).
-        dimension = int(rows[0].dimension) if rows else 0
+        dimension = rows[0].dimension if rows else 0
         for row in reversed(rows):
-            vector = np.frombuffer(row.vector, dtype=_BLOB_DTYPE).astype(np.float32)
-            if row.dimension == dimension and vector.shape[0] == dimension:
-                self._index.add(row.task_id, vector)
+            if row.dimension == dimension and row.vector.shape[0] == dimension:
+                self._index.add(row.task_id, row.vector)
         log.info(
             "similar tasks: %d stored embeddings by %s (%s dimensions)",
             len(self._index),
@@ -450,21 +389,18 @@ class SimilarTasks:
         use_vector = vector is not None and self._index is not None
         if not query and not use_vector:
             return []
-        rows: list[Any] = []
-        async with self._store.read() as conn:
-            if query:
-                rows = list(
-                    (await conn.execute(_SEARCH, {"query": query, "limit": k * _OVERFETCH})).all()
-                )
-            if not use_vector:
-                return _merge(text, rows, k, None)
-            assert vector is not None and self._index is not None
-            floor = self.floor()
-            matches = self._index.top(vector, k * _OVERFETCH, floor)
-            lexical = {r.task_id for r in rows}
-            extra = [task_id for task_id, _ in matches if task_id not in lexical]
-            if extra:
-                rows.extend((await conn.execute(_by_ids(extra))).all())
+        if not use_vector:
+            found = await self._records.similar(query, k * _OVERFETCH)
+            return _merge(text, found.by_words, k, None)
+        assert vector is not None and self._index is not None
+        floor = self.floor()
+        matches = self._index.top(vector, k * _OVERFETCH, floor)
+        # The words' matches and the vectors' others, read together (one snapshot).
+        found = await self._records.similar(
+            query, k * _OVERFETCH, [task_id for task_id, _ in matches]
+        )
+        rows = found.by_words + found.by_id
+        lexical = {r.task_id for r in found.by_words}
         scoring = _Scoring(
             cosines={
                 r.task_id: c
@@ -486,20 +422,7 @@ class SimilarTasks:
         """
         if self._embeddings is None or self._index is None:
             return 0
-        e, o = task_embeddings.c, task_outcomes.c
-        newest = (
-            sa.select(o.task_id, o.text, o.at)
-            .order_by(o.at.desc())
-            .limit(self._settings.history_limit)
-            .subquery()
-        )
-        missing = (
-            sa.select(newest.c.task_id, newest.c.text)
-            .where(~sa.exists().where(e.task_id == newest.c.task_id, e.model == self._index.model))
-            .order_by(newest.c.at.desc())
-        )
-        async with self._store.read() as conn:
-            rows = (await conn.execute(missing)).all()
+        rows = await self._records.unembedded(self._index.model, self._settings.history_limit)
         if not rows:
             return 0
         log.info("similar tasks: embedding %d older task(s) in the background", len(rows))
@@ -512,12 +435,7 @@ class SimilarTasks:
                 log.info("similar tasks: backfill stopped after %d; the next start goes on", made)
                 break
             pairs = [(r.task_id, vectors[i]) for i, r in enumerate(batch)]
-
-            async def apply(conn: AsyncConnection, pairs: list[tuple[str, Vector]] = pairs) -> None:
-                for task_id, v in pairs:
-                    await save_vector(conn, task_id, model, v)
-
-            await self._store.write(apply)
+            await self._records.save_vectors(model, pairs)
             for task_id, v in pairs:
                 self._index.add(task_id, v)
             made += len(pairs)
@@ -551,8 +469,8 @@ class _Scoring:
     floor: float
 
 
-def _merge(text: str, rows: list[Any], k: int, scoring: _Scoring | None) -> list[Neighbour]:
-    groups: dict[str, list[Any]] = {}
+def _merge(text: str, rows: list[PastTask], k: int, scoring: _Scoring | None) -> list[Neighbour]:
+    groups: dict[str, list[PastTask]] = {}
     for row in rows:
         groups.setdefault(row.text, []).append(row)
     out = []

@@ -4,7 +4,8 @@ A simple task goes to ``ux`` when the ux model has finished at least
 ``ux_min_samples`` simple tasks and succeeded on at least ``ux_success_threshold``
 of them. Until it has that many, ``explore_rate`` of simple tasks go to ux
 anyway, or there would never be evidence; which ones is decided by a hash of
-the task id, so the choice is deterministic and survives a restart. Levels here
+the task's text and ``explore_seed``, so the choice survives a restart and a
+replayed workload explores the same tasks (another seed, other tasks). Levels here
 are the *predicted* ones, the only ones known when the route is chosen.
 
 The costly tactics a task can be carried with beyond one direct answer are kept
@@ -14,7 +15,7 @@ front. Each is counted per (model, predicted level): how often it carried the
 task, and the tokens its own calls spent. Once it has been tried
 ``tactic_min_samples`` times and spends more than ``tactic_max_tokens_per_success``
 tokens per task it carries (every token, if it carried none), it is skipped —
-except for a share of tasks (by a hash of the task id and the tactic), so the
+except for a share of tasks (by the same hash, with the tactic), so the
 evidence keeps coming if the model improves: ``tactic_explore_rate`` at first,
 shrinking as the uses that say it does not pay accumulate (times min_samples / uses).
 """
@@ -46,11 +47,12 @@ class Choice:
     reason: str
 
 
-def explores(task_id: str, rate: float) -> bool:
-    """Whether this task is one of the ``rate`` share picked for exploration."""
+def explores(key: str, rate: float, seed: int = 0) -> bool:
+    """Whether the task ``key`` names (its text) is one of the ``rate`` share picked for
+    exploration under ``seed``."""
     if rate <= 0:
         return False
-    digest = hashlib.sha256(task_id.encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < rate
 
 
@@ -84,9 +86,10 @@ class Selector:
         ok, n = self._counts.get((role, model, level), (0, 0))
         return (ok / n if n else None), n
 
-    def choose(self, task_id: str, level: Level, ux_model: str = "") -> Choice:
-        """The role and thinking mode for a top-level task of this predicted level, with
-        ``ux_model`` the ux role's model now (its own record decides)."""
+    def choose(self, key: str, level: Level, ux_model: str = "") -> Choice:
+        """The role and thinking mode for a top-level task (``key``: its text) of this
+        predicted level, with ``ux_model`` the ux role's model now (its own record
+        decides)."""
         s = self._settings
         think = level in s.think_for
         if level != "simple":
@@ -97,7 +100,7 @@ class Selector:
             if rate >= s.ux_success_threshold:
                 return Choice("ux", think, f"ux succeeded on {rate:.0%} of {n} simple tasks")
             return Choice("task", think, f"ux succeeded on only {rate:.0%} of {n} simple tasks")
-        if explores(task_id, s.explore_rate):
+        if explores(key, s.explore_rate, s.explore_seed):
             return Choice("ux", think, f"exploring: ux has {n} of {s.ux_min_samples} samples")
         return Choice("task", think, f"ux has {n} of {s.ux_min_samples} samples on simple tasks")
 
@@ -128,8 +131,8 @@ class Tactics:
             return None
         return spent / good if good else math.inf
 
-    def allows(self, task_id: str, model: str, level: str, tactic: Tactic) -> tuple[bool, str]:
-        """Whether this task may use ``tactic`` on ``model``, and why."""
+    def allows(self, key: str, model: str, level: str, tactic: Tactic) -> tuple[bool, str]:
+        """Whether this task (``key``: its text) may use ``tactic`` on ``model``, and why."""
         s = self._settings
         good, n, _ = self._counts.get((model, level, tactic), (0, 0, 0))
         if n < s.tactic_min_samples:
@@ -143,7 +146,7 @@ class Tactics:
             return True, f"{tactic} kept: {record}"
         # The more uses say it does not pay, the rarer a look at whether it has changed.
         share = s.tactic_explore_rate * s.tactic_min_samples / n
-        if explores(f"{task_id}:{tactic}", share):
+        if explores(f"{key}:{tactic}", share, s.explore_seed):
             return True, f"{tactic} explored: {record}"
         return False, (
             f"{tactic} skipped: {record} "

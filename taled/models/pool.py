@@ -689,6 +689,15 @@ class ModelPool:
             if error is not None and error != "cancelled":
                 slot.failures += 1
                 slot.last_error = error
+            log.debug(
+                "%s call %s: %d prompt tokens (%d still cached) read in %.0f ms, %d generated",
+                slot.key,
+                request.key,
+                out.prompt_tokens,
+                out.cached_tokens,
+                out.prompt_ms,
+                out.completion_tokens,
+            )
             self._store.record_call(
                 CallRecord(
                     role=role,
@@ -715,6 +724,7 @@ class ModelPool:
                     conversation_id=request.conversation_id,
                     saved_tokens=request.saved_tokens,
                     looped=looped,
+                    cached_tokens=out.cached_tokens,
                 )
             )
 

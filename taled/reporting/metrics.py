@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psutil
-import sqlalchemy as sa
 
+from taled.db.reporting import ReportingRecords
 from taled.db.store import Store
 from taled.reporting.monitor import Monitor
 from taled.settings import MetricsSettings
@@ -40,19 +40,6 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-_TOKENS_PER_MINUTE = sa.text(
-    "SELECT CAST(at / 60 AS INTEGER) * 60 AS minute, backend, model, role, "
-    "SUM(prompt_tokens + completion_tokens) AS tokens FROM model_calls WHERE at >= :since "
-    "GROUP BY minute, backend, model, role ORDER BY minute, backend, model, role"
-)
-# A chat reply's first token: the ledger's load and prompt time of UX calls that
-# streamed to a person (intent judgements and summaries carry a step).
-_UX_FIRST_TOKEN = sa.text(
-    "SELECT at, load_ms + prompt_ms AS ms, model, conversation_id FROM model_calls "
-    "WHERE role = 'ux' AND step IS NULL AND success AND at >= :since ORDER BY at"
-)
-
-
 class Metrics:
     """Collects tool timings and answers the ``metrics`` tool."""
 
@@ -66,6 +53,7 @@ class Metrics:
         monitor: Monitor | None = None,
     ) -> None:
         self._store = store
+        self._records = ReportingRecords(store)
         self._monitor = monitor
         self._settings = settings
         self._workers = workers
@@ -90,18 +78,17 @@ class Metrics:
             recorded = await self._monitor.recent(s.violations)
         now = time.time()
         since = now - s.window_minutes * 60
-        async with self._store.read() as conn:
-            per_minute = (await conn.execute(_TOKENS_PER_MINUTE, {"since": since})).all()
-            first_tokens = (await conn.execute(_UX_FIRST_TOKEN, {"since": since})).all()
+        window = await self._records.window(since)
+        per_minute, first_tokens = window.tokens_per_minute, window.first_tokens
         counts = await self._store.count_by_state()
         violations: list[dict[str, Any]] = []
 
-        ux = [float(r.ms) for r in first_tokens]
+        ux = [r.ms for r in first_tokens]
         violations += [
             {
                 "at": _iso(r.at),
                 "name": "ux_first_token_ms",
-                "value": round(float(r.ms), 1),
+                "value": round(r.ms, 1),
                 "target": s.ux_first_token_ms,
                 "context": f"{r.model}"
                 + (f", conversation {r.conversation_id}" if r.conversation_id else ""),
@@ -138,7 +125,7 @@ class Metrics:
                     "minute": _iso(r.minute),
                     "model": f"{r.backend}:{r.model}",
                     "role": r.role,
-                    "tokens": int(r.tokens),
+                    "tokens": r.tokens,
                 }
                 for r in per_minute
             ],

@@ -26,23 +26,14 @@ from typing import Any
 
 import anyio
 import psutil
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.schema import model_calls, violations
+from taled.db.reporting import NewViolation, ReportingRecords, Violation
 from taled.db.store import Store
 from taled.settings import MetricsSettings
 
 __all__ = ["Monitor", "describe", "violation_json"]
 
 log = logging.getLogger(__name__)
-
-# Chat replies (UX calls without a step) over target, after the last call scanned.
-_SLOW_FIRST_TOKENS = sa.text(
-    "SELECT seq, at, load_ms, prompt_ms, backend, model, conversation_id FROM model_calls "
-    "WHERE seq > :after AND seq <= :upto AND role = 'ux' AND step IS NULL AND success "
-    "AND load_ms + prompt_ms > :target ORDER BY seq"
-)
 
 
 def _iso(ts: float) -> str:
@@ -68,8 +59,8 @@ def describe(metric: str, context: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def violation_json(row: Any) -> dict[str, Any]:
-    """The wire form of one recorded violation (a ``violations`` row)."""
+def violation_json(row: Violation) -> dict[str, Any]:
+    """The wire form of one recorded violation."""
     try:
         details = json.loads(row.context)
     except ValueError:
@@ -107,16 +98,16 @@ class _Tally:
     def due(self, now: float, interval: float) -> bool:
         return self.count > 0 and now - self.last_recorded >= interval
 
-    def take(self, now: float, target: float, **context: Any) -> dict[str, Any]:
-        row = {
-            "at": now,
-            "metric": self.metric,
-            "value": self.worst,
-            "target": target,
-            "context": json.dumps(
+    def take(self, now: float, target: float, **context: Any) -> NewViolation:
+        row = NewViolation(
+            at=now,
+            metric=self.metric,
+            value=self.worst,
+            target=target,
+            context=json.dumps(
                 {**context, "occurrences": self.count, "since": _iso(self.first_at)}
             ),
-        }
+        )
         self.count = 0
         self.last_recorded = now
         return row
@@ -127,11 +118,12 @@ class Monitor:
 
     def __init__(self, store: Store, settings: MetricsSettings) -> None:
         self._store = store
+        self._records = ReportingRecords(store)
         self._settings = settings
         self._after_seq = 0
         self._status = _Tally("status_ms")
         self._rss = _Tally("rss_mb")
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[NewViolation] = []
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._next_rss_check = 0.0
@@ -139,10 +131,8 @@ class Monitor:
 
     async def start(self) -> None:
         """Begin after the ledger's current end (calls before are a past run's) and prune."""
-        async with self._store.read() as conn:
-            last = (await conn.execute(sa.select(sa.func.max(model_calls.c.seq)))).scalar()
-        self._after_seq = int(last or 0)
-        await self._store.write(self._prune)
+        self._after_seq = await self._records.last_call()
+        await self._records.prune(self._settings.recorded_keep)
         self._started = True
 
     async def run(self) -> None:
@@ -179,13 +169,13 @@ class Monitor:
         if seconds > self._settings.ready_seconds:
             context = {"pid": os.getpid(), "models": models}
             self._pending.append(
-                {
-                    "at": time.time(),
-                    "metric": "ready_seconds",
-                    "value": seconds,
-                    "target": self._settings.ready_seconds,
-                    "context": json.dumps(context),
-                }
+                NewViolation(
+                    at=time.time(),
+                    metric="ready_seconds",
+                    value=seconds,
+                    target=self._settings.ready_seconds,
+                    context=json.dumps(context),
+                )
             )
             self._wake.set()
 
@@ -210,90 +200,47 @@ class Monitor:
                 rows.append(self._rss.take(now, s.rss_mb, pid=os.getpid()))
             if not rows:
                 return
+            await self._records.record(rows, s.recorded_keep)
 
-            async def insert(conn: AsyncConnection) -> None:
-                await conn.execute(violations.insert(), rows)
-                await self._prune(conn)
-
-            await self._store.write(insert)
-
-    async def _slow_first_tokens(self) -> list[dict[str, Any]]:
+    async def _slow_first_tokens(self) -> list[NewViolation]:
         target = self._settings.ux_first_token_ms
-        async with self._store.read() as conn:
-            upto = (await conn.execute(sa.select(sa.func.max(model_calls.c.seq)))).scalar()
-            upto = int(upto or 0)
-            if upto <= self._after_seq:
-                return []
-            found = (
-                await conn.execute(
-                    _SLOW_FIRST_TOKENS, {"after": self._after_seq, "upto": upto, "target": target}
-                )
-            ).all()
-        self._after_seq = upto
+        found = await self._records.slow_replies(self._after_seq, target)
+        if found is None:
+            return []
+        self._after_seq = found.upto
         return [
-            {
-                "at": r.at,
-                "metric": "ux_first_token_ms",
-                "value": float(r.load_ms + r.prompt_ms),
-                "target": target,
-                "context": json.dumps(
+            NewViolation(
+                at=r.at,
+                metric="ux_first_token_ms",
+                value=r.load_ms + r.prompt_ms,
+                target=target,
+                context=json.dumps(
                     {
                         "model": f"{r.backend}:{r.model}",
                         "conversation": r.conversation_id,
                         "call": r.seq,
-                        "load_ms": round(float(r.load_ms), 1),
-                        "prompt_ms": round(float(r.prompt_ms), 1),
+                        "load_ms": round(r.load_ms, 1),
+                        "prompt_ms": round(r.prompt_ms, 1),
                     }
                 ),
-            }
-            for r in found
+            )
+            for r in found.replies
         ]
-
-    async def _prune(self, conn: AsyncConnection) -> None:
-        keep = self._settings.recorded_keep
-        newest = (await conn.execute(sa.select(sa.func.max(violations.c.seq)))).scalar()
-        if newest is not None and newest > keep:
-            await conn.execute(violations.delete().where(violations.c.seq <= newest - keep))
 
     async def recent(self, limit: int, since: float | None = None) -> list[dict[str, Any]]:
         """The newest recorded violations (since ``since``), newest first."""
-        query = sa.select(violations).order_by(violations.c.seq.desc()).limit(limit)
-        if since is not None:
-            query = query.where(violations.c.at >= since)
-        async with self._store.read() as conn:
-            rows = (await conn.execute(query)).all()
-        return [violation_json(r) for r in rows]
+        return [violation_json(r) for r in await self._records.recent(limit, since)]
 
     async def counts(self, since: float | None = None) -> list[dict[str, Any]]:
         """Recorded violations per metric: rows, occurrences, worst value, last time."""
-        v = violations.c
-        occurrences = sa.func.coalesce(
-            sa.func.json_extract(v.context, "$.occurrences"), 1
-        )  # rows written by the tallies stand for several occurrences
-        query = (
-            sa.select(
-                v.metric,
-                sa.func.count().label("rows"),
-                sa.func.sum(occurrences).label("occurrences"),
-                sa.func.max(v.value).label("worst"),
-                sa.func.max(v.target).label("target"),
-                sa.func.max(v.at).label("last_at"),
-            )
-            .group_by(v.metric)
-            .order_by(v.metric)
-        )
-        if since is not None:
-            query = query.where(v.at >= since)
-        async with self._store.read() as conn:
-            rows = (await conn.execute(query)).all()
         return [
             {
-                "name": r.metric,
-                "rows": int(r.rows),
-                "occurrences": int(r.occurrences),
-                "worst": round(float(r.worst), 2),
-                "target": float(r.target),
-                "last_at": _iso(r.last_at),
+                "name": c.metric,
+                "rows": c.rows,
+                "occurrences": c.occurrences,
+                "worst": round(c.worst, 2),
+                "target": c.target,
+                "last_at": _iso(c.last_at),
             }
-            for r in rows
+            for c in await self._records.counts(since)
         ]

@@ -193,6 +193,9 @@ class Completion:
     tool_calls: list[ToolCall] = field(default_factory=list)
     """The calls the model made (only when the call offered ``tools``), in order. A call
     that could not be read has ``error`` set; the agent loop answers it with that."""
+    cached_tokens: int = 0
+    """Of prompt_tokens, how many the backend did not evaluate again: a prefix still in
+    its KV cache from an earlier call (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
 
     @classmethod
     def empty(cls) -> Completion:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import importlib.util
 import json
@@ -44,6 +45,7 @@ import anyio
 
 from taled.errors import BackendDown, ContextOverflow, ModelError
 from taled.models.backends.base import CancelToken, ChatMessage, Completion, Memory, new_call_id
+from taled.models.backends.prefixes import PrefixCache, Snapshot, shared_prefix
 from taled.settings import LlamaCppSettings
 from taled.tools.base import ToolCall, ToolSpec
 
@@ -58,6 +60,7 @@ __all__ = [
     "parse_tool_call",
     "plain_messages",
     "resolve_model_path",
+    "route_native_log",
     "string_chars",
     "tool_call_schema",
 ]
@@ -66,6 +69,21 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def machine_threads() -> int:
+    """Threads for one instance when none are configured: the physical cores this process
+    may run on. llama.cpp gains nothing from a core's second hardware thread (both share
+    one core's arithmetic units) and loses much to threads the scheduler cannot place:
+    a container or ``taskset`` limit counts, the machine's total does not."""
+    import psutil
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    logical = psutil.cpu_count(logical=True) or allowed or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    usable = allowed or logical
+    # With hyper-threads, about physical/logical of the allowed CPUs are distinct cores.
+    return max(1, min(usable, round(usable * physical / logical)))
 
 
 def embedded_model_path() -> Path:
@@ -130,6 +148,66 @@ def model_params(*, repack: bool) -> Iterator[None]:
             native.llama_model_default_params = default
 
 
+# llama.cpp's own messages go through logging, to the ``llama.cpp`` logger (held at
+# warning by taled/daemon/logs.py), so the journal files them under their level and
+# they pass the same filters; llama-cpp-python would print them to stderr as they are.
+_NATIVE_LOG = logging.getLogger("llama.cpp")
+# ggml_log_level as ggml.h numbers it now: NONE (plain output), DEBUG, INFO, WARN, ERROR;
+# CONT continues a line. (llama-cpp-python 0.3.16's own table is the older numbering:
+# it takes errors for debug and so drops them.)
+_NATIVE_LEVELS = {
+    0: logging.INFO,
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+_GGML_LOG_CONT = 5
+
+
+class _NativeLine(threading.local):
+    """The line llama.cpp is writing on this thread (it comes in pieces) and its level."""
+
+    level = logging.INFO
+    text = ""
+
+
+_native_line = _NativeLine()
+
+
+def _native_log(level: int, text: bytes | None, _user_data: object) -> None:
+    """llama.cpp's log callback: each finished line to the ``llama.cpp`` logger."""
+    line = _native_line
+    if level != _GGML_LOG_CONT:
+        if line.text.strip():  # an unfinished line, ended by a new message
+            _NATIVE_LOG.log(line.level, "%s", line.text.rstrip())
+        line.text = ""
+        line.level = _NATIVE_LEVELS.get(level, logging.INFO)
+    if not text or not _NATIVE_LOG.isEnabledFor(line.level):
+        return
+    *done, line.text = (line.text + text.decode("utf-8", "replace")).split("\n")
+    for piece in done:
+        if piece.strip():
+            _NATIVE_LOG.log(line.level, "%s", piece.rstrip())
+
+
+@functools.cache
+def route_native_log() -> Any:
+    """Point llama.cpp's log at ``_native_log``; call after importing ``llama_cpp.llama``.
+
+    Importing it installs llama-cpp-python's own printer, which this replaces. The
+    ctypes callback is returned, and so kept alive by the cache: llama.cpp calls it
+    until exit.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    callback = llama_cpp.llama_log_callback(_native_log)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    return callback
+
+
 # -- tool calls and JSON-Schema replies under a grammar ------------------------
 
 # A string a schema leaves unbounded holds at most this many characters per token of
@@ -141,6 +219,10 @@ _MIN_STRING_CHARS = 64
 _MAX_ITEMS = 64
 # Grammars kept per instance, by schema (the conversion and its check are not free).
 _GRAMMAR_CACHE = 32
+# A prompt shorter than this is read again rather than looked up in the prefix cache,
+# and a saved prefix is copied back only if it saves this many tokens over the live one.
+_MIN_PREFIX_TOKENS = 64
+_MIN_GAIN = 32
 # How much of a call that could not be read is quoted back to the model.
 _QUOTED_CHARS = 200
 # Schema keywords whose value is a schema, a list of schemas, or a map of them.
@@ -552,10 +634,15 @@ class LlamaCppBackend:
         self._settings = settings
         self._yield_to = yield_to
         # 0: the settings' n_threads, whose 0 means one per core.
-        self._threads = n_threads or settings.n_threads or os.cpu_count() or 1
+        self._threads = n_threads or settings.n_threads or machine_threads()
         self._llm: Any = None
         self._formatter: Any = None
         self._grammars: OrderedDict[str, Any] = OrderedDict()
+        self._prefixes = (
+            PrefixCache(settings.prefix_cache_mb * 2**20, _MIN_PREFIX_TOKENS)
+            if settings.prefix_cache_mb
+            else None
+        )
         self._lock = asyncio.Lock()
         # Tokens generated so far by this instance; a probe during a call waits
         # for it to move, so a hung generation thread fails its probe.
@@ -570,6 +657,8 @@ class LlamaCppBackend:
         """Load the GGUF in a worker thread."""
         path = resolve_model_path(self.model, self._settings)
         started = time.perf_counter()
+        if self._prefixes is not None:
+            self._prefixes.clear()  # copies of the old context's cache
         try:
             self._llm, self._formatter = await anyio.to_thread.run_sync(self._load_sync, path)
         except (ValueError, RuntimeError, OSError) as exc:
@@ -581,6 +670,7 @@ class LlamaCppBackend:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        route_native_log()
         s = self._settings
         with model_params(repack=s.repack_weights):
             llm = Llama(
@@ -606,6 +696,8 @@ class LlamaCppBackend:
         """Free the model (waits for a running call to finish first)."""
         async with self._lock:
             llm, self._llm = self._llm, None
+            if self._prefixes is not None:
+                self._prefixes.clear()
             if llm is not None:
                 await anyio.to_thread.run_sync(llm.close)
 
@@ -789,6 +881,63 @@ class LlamaCppBackend:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(done.wait)
 
+    def _reuse(self, prompt: str) -> int:
+        """Make the KV cache hold as much of ``prompt`` as any copy of it does, and say
+        how many of its tokens llama.cpp will not read again.
+
+        The cache's sequence is copied out first when ``prompt`` would throw most of it
+        away; a copy sharing more with ``prompt`` than the live cache is copied back.
+        Runs in the generating thread, under the instance's lock.
+        """
+        llm = self._llm
+        # Tokenized as create_completion does (with the model's BOS, if it has one).
+        tokens = llm.tokenize(prompt.encode("utf-8"), special=True)
+        # llama.cpp always reads the prompt's last token itself, for its logits.
+        wanted = tokens[:-1]
+        held: list[int] = llm.input_ids[: llm.n_tokens].tolist()
+        live = shared_prefix(held, wanted)
+        cache = self._prefixes
+        if cache is None:
+            return live
+        snapshot, kept = cache.best(wanted)
+        if live < len(held) // 2 and len(held) >= cache.min_tokens:
+            self._stash(held)
+        if snapshot is not None and kept >= live + _MIN_GAIN and self._restore(snapshot):
+            cache.hits += 1
+            return kept
+        return live
+
+    def _stash(self, held: list[int]) -> None:
+        """Copy the KV cache's sequence (holding ``held``) into the prefix cache."""
+        import llama_cpp
+
+        assert self._prefixes is not None
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        copied = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        if copied:
+            self._prefixes.add(Snapshot(tuple(held), bytes(buffer)[:copied]))
+
+    def _restore(self, snapshot: Snapshot) -> bool:
+        """Put ``snapshot`` back in the KV cache; False (and an empty cache) if refused."""
+        import llama_cpp
+
+        llm = self._llm
+        ctx = llm._ctx.ctx
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, 0, -1)
+        state = (ctypes.c_uint8 * len(snapshot.state)).from_buffer_copy(snapshot.state)
+        if not llama_cpp.llama_state_seq_set_data(ctx, state, len(snapshot.state), 0):
+            log.warning(
+                "%s: llama.cpp refused a saved prefix; reading the prompt again", self.model
+            )
+            llm.n_tokens = 0
+            return False
+        n = len(snapshot.tokens)
+        llm.input_ids[:n] = snapshot.tokens
+        llm.n_tokens = n
+        return True
+
     def _generate(
         self,
         prompt: str,
@@ -823,6 +972,7 @@ class LlamaCppBackend:
         text: list[str] = []
         finish = "stop"
         try:
+            result.cached_tokens = self._reuse(prompt)
             pieces: Iterator[Any] = self._llm.create_completion(
                 prompt,
                 max_tokens=max_tokens,

@@ -1,7 +1,7 @@
 """The OpenAI-compatible backend: a model on a remote server (vLLM, llama.cpp, LM Studio).
 
 Calls are ``POST {base_url}/chat/completions`` with ``stream: true``; the
-server-sent events are parsed here. Closing the response is how a cancelled
+server-sent events are parsed by httpx-sse. Closing the response is how a cancelled
 call tells the server to stop generating.
 
 Token counts, best first:
@@ -57,13 +57,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import anyio
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from taled.errors import BackendDown, ModelError
 from taled.models.backends.base import (
@@ -250,7 +251,7 @@ class OpenAIBackend:
                         )
                     await self._raise_for_status(response)
                     events = await stack.enter_async_context(
-                        contextlib.aclosing(_sse_data(response.aiter_lines()))
+                        contextlib.aclosing(_sse_data(response, self._where()))
                     )
                 while not interrupter.interrupted:
                     with interrupter.reading():
@@ -640,19 +641,29 @@ class _PartialCall:
         return ToolCall(call_id, name, arguments)
 
 
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
-    """The data of each server-sent event; comments (keep-alive pings) and other fields skipped."""
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            value = line[len("data:") :]
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
+async def _sse_data(response: httpx.Response, where: str) -> AsyncGenerator[str, None]:
+    """The data of each server-sent event; comments (keep-alive pings) and other fields skipped.
+
+    httpx-sse parses the stream (line endings, multi-line data, fields) as the
+    HTML standard says. A 200 that is not an event stream (a web page, a server
+    that ignores ``stream: true``) is a misconfigured endpoint, not a server
+    that is down: a ``ModelError`` naming what came instead.
+    """
+    events = EventSource(response).aiter_sse()
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                # An event with no data field (only ``event:`` or ``id:``) carries no chunk.
+                if event.data:
+                    yield event.data
+    except SSEError as exc:
+        # httpx-sse raises it (a TransportError) only for the content type, before
+        # reading a line: not a server that is down.
+        content_type = response.headers.get("content-type", "")
+        raise ModelError(
+            f"{where} answered with {content_type or 'no content type'!r}, not an event "
+            "stream: is base_url the API's (ending in /v1)?"
+        ) from exc
 
 
 def _describe(exc: Exception) -> str:
