@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from tale_client import __version__, paths
+from tale_client import __version__, paths, protocol
 from tale_client.output import (
     CliError,
     Exit,
@@ -47,12 +47,8 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-STATES = ("queued", "running", "waiting", "paused", "completed", "failed", "cancelled")
-FINAL = ("completed", "failed", "cancelled")
-
-# JSON-RPC error codes from taled/errors.py that mean "your input was wrong".
-_USAGE_CODES = {-32602, -32001, -32600, -32601, -32700}
-_UNAVAILABLE_CODES = {-32003}
+STATES = protocol.TASK_STATES
+FINAL = protocol.FINAL_STATES
 
 app = typer.Typer(
     name="tale",
@@ -85,9 +81,9 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except paths.PathError as exc:
             fail(f"{exc}", Exit.USAGE)
         except RpcError as exc:
-            if exc.code in _USAGE_CODES:
+            if exc.code in protocol.USAGE_CODES:
                 fail(exc.message, Exit.USAGE)
-            if exc.code in _UNAVAILABLE_CODES:
+            if exc.code == protocol.UNAVAILABLE:
                 fail(exc.message, Exit.UNREACHABLE)
             fail(exc.message, Exit.FAILED)
         except (KeyError, TypeError) as exc:
@@ -128,7 +124,7 @@ def _say_started(started: Started) -> None:
 # Completion runs on every tab press: a daemon that does not answer at once is left
 # alone (and none is ever started for it).
 _COMPLETE_TIMEOUT_SECONDS = 1.0
-UNFINISHED = ("queued", "running", "waiting", "paused")
+UNFINISHED = tuple(s for s in protocol.TASK_STATES if s not in protocol.FINAL_STATES)
 
 
 def _ask_quickly(tool: str, args: dict[str, Any]) -> dict[str, Any] | None:
@@ -1133,7 +1129,7 @@ def usage(
 
 # -- schedules ----------------------------------------------------------------
 
-SCHEDULE_STATES = ("active", "paused", "done")
+SCHEDULE_STATES = protocol.SCHEDULE_STATES
 ScheduleId = Annotated[
     str,
     typer.Argument(
@@ -1518,17 +1514,24 @@ def doctor(
     1 problems found (or not all repaired), 2 --repair while the daemon runs.
     docs/operations.md explains each check and repair.
     """
+    # Run by the daemon's own code, in a process of its own: this must work when the
+    # daemon will not start.
+    argv = ["taled.doctor"]
+    argv += ["--repair"] if repair else []
+    argv += ["--json"] if json_out else []
+    _run_daemon_code("tale doctor", argv)
+
+
+def _run_daemon_code(command: str, argv: list[str]) -> None:
+    """``python -m ARGV...`` of the daemon's package, its output passed through and its
+    exit code kept: the thin client never imports taled."""
     import importlib.util
     import subprocess
 
-    # Run by the daemon's own code, in a process of its own: the thin client never
-    # imports taled, and this must work when the daemon will not start.
     if importlib.util.find_spec("taled") is None:
-        raise CliError("tale doctor needs the daemon (taled) installed beside tale", Exit.FAILED)
-    argv = [sys.executable, "-m", "taled.doctor"]
-    argv += ["--repair"] if repair else []
-    argv += ["--json"] if json_out else []
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        raise CliError(f"{command} needs the daemon (taled) installed beside tale", Exit.FAILED)
+    run = [sys.executable, "-m", *argv]
+    done = subprocess.run(run, capture_output=True, text=True, check=False)
     if done.stdout:
         emit_piece(done.stdout)
     if done.stderr:
@@ -1618,24 +1621,9 @@ def daemon_config(
     Runs `taled --print-config` with this shell's environment (a daemon under systemd has
     the unit's: `systemctl --user show-environment`). Secrets print as "***".
     """
-    import importlib.util
-    import subprocess
-
-    # The daemon's own code reads the settings, in a process of its own: the thin client
-    # never imports taled.
-    if importlib.util.find_spec("taled") is None:
-        raise CliError(
-            "tale daemon config needs the daemon (taled) installed beside tale", Exit.FAILED
-        )
-    argv = [sys.executable, "-m", "taled", "--print-config"]
+    argv = ["taled", "--print-config"]
     argv += ["--config", config] if config is not None else []
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.stdout:
-        emit_piece(done.stdout)
-    if done.stderr:
-        note(done.stderr.rstrip("\n"))
-    if done.returncode:
-        raise typer.Exit(done.returncode)
+    _run_daemon_code("tale daemon config", argv)
 
 
 def main() -> None:

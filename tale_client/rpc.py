@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tale_client import protocol
+
 __all__ = ["PROTOCOL_VERSION", "Connection", "DaemonUnreachable", "RpcError", "tool_error"]
 
 PROTOCOL_VERSION = "2025-11-25"
@@ -42,7 +44,7 @@ def tool_error(name: str, result: dict[str, Any]) -> RpcError:
         message = error.get("message")
         return RpcError(error["code"], str(message) if message else " ".join(texts))
     # Another server's tool error, or one without a code: an internal error.
-    return RpcError(-32603, " ".join(texts) or f"{name} failed")
+    return RpcError(protocol.INTERNAL_ERROR, " ".join(texts) or f"{name} failed")
 
 
 class DaemonUnreachable(Exception):
@@ -124,7 +126,8 @@ class Connection:
         if "error" in reply:
             error = reply["error"]
             raise RpcError(
-                int(error.get("code", -32603)), str(error.get("message", "unknown error"))
+                int(error.get("code", protocol.INTERNAL_ERROR)),
+                str(error.get("message", "unknown error")),
             )
         result = reply.get("result")
         return result if isinstance(result, dict) else {}

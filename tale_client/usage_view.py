@@ -214,6 +214,21 @@ def _savings(s: dict[str, Any]) -> list[Any]:
         f"  all tokens        {_n(tale['total_tokens'])} vs {_n(naive['total_tokens'])} naive: "
         f"{_n(saved['total_tokens'])} saved ({_pct(saved['total_pct'])})",
     )
+    st = s.get("stateless")  # an older daemon does not report it
+    if st and st["direct"]:
+        per = st["extra_tokens_per_rescue"]
+        text.append_text(
+            Text.assemble(
+                "\n\n",
+                ("Against one fresh call per task", "bold"),
+                f" (the honest baseline; an estimate): {_n(st['direct'])} tasks cost "
+                f"{_n(st['tale_tokens'])} tokens vs {_n(st['stateless_tokens'])} for their "
+                f"first answers alone ({st['ratio']}x). "
+                f"{_n(st['first_passed'])} passed on that first answer; the extra "
+                f"{_n(st['extra_tokens'])} tokens carried {_n(st['rescued'])} more"
+                + (f" ({_n(per)} tokens each)." if per is not None else "."),
+            )
+        )
     return [table, text]
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from taled.app import App
 
     log = logging.getLogger("taled")
+    spin_threads_as_set(settings, os.environ)
     try:
         anyio.run(App(settings).serve)
     except AlreadyRunning as exc:
@@ -119,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         for line in repeats.pending():
             log.warning("%s", line)
     return 0
+
+
+def spin_threads_as_set(settings: Settings, environ: MutableMapping[str, str]) -> None:
+    """Tell libgomp how long idle llama.cpp threads spin (LlamaCppSettings.omp_spin_count).
+
+    It reads GOMP_SPINCOUNT once, when llama.cpp loads with the first model, so this runs
+    before; a value already in the environment wins."""
+    spin = settings.models.llamacpp.omp_spin_count
+    if spin >= 0:
+        environ.setdefault("GOMP_SPINCOUNT", str(spin))
 
 
 # -- --print-config ----------------------------------------------------------------------

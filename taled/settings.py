@@ -324,6 +324,13 @@ class LlamaCppSettings(BaseModel):
     """Threads for one role's instance, overriding n_threads, e.g. {ux = 1, task = 1}."""
     n_batch: int = Field(default=256, ge=16, le=8192)
     """Prompt tokens evaluated per batch."""
+    omp_spin_count: int = Field(default=-1, ge=-1)
+    """How long llama.cpp's idle OpenMP threads spin before they sleep (GOMP_SPINCOUNT);
+    -1 leaves libgomp's default (300,000). Spinning threads of the instance that just
+    computed take the cores from the daemon's own loop: on 2 cores, get_task's p99 while
+    the task model generates was 11.3 ms at the default, 7.7 ms at 10,000 and 4.1 ms at 0,
+    but prompts were read 13 % slower at 10,000 and replies took twice as long at 0
+    (docs/benchmarks.md). An environment's own GOMP_SPINCOUNT wins."""
     prefix_cache_mb: int = Field(default=32, ge=0, le=65_536)
     """Memory per instance for copies of its KV cache, so a conversation's history is
     not read again after another call used the instance in between; 0 turns it off."""

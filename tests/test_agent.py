@@ -258,6 +258,31 @@ def test_a_fold_is_read_ahead_so_the_next_turn_finds_it_cached() -> None:
         assert after["cached_tokens"] >= prefill["prompt_tokens"] - 2
 
 
+def test_a_turn_does_not_wait_for_a_fold_it_can_do_without() -> None:
+    """A message sent while the fold made ahead is still running gets its reply from the
+    unfolded history (which still fits) instead of waiting for the summary."""
+    settings = {
+        **_SHORT_CHAT,
+        "TALE_CHAT__CONTEXT_TOKENS": "400",
+        "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.3",
+        "TALE_CHAT__SUMMARY_MAX_TOKENS": "200",
+    }
+    with running_daemon(settings) as daemon:
+        conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+        where = f"conversation_id = '{conversation}'"
+        for text in _MOON:
+            if chat(daemon, text, conversation=conversation)["summarised"]:
+                break
+        else:
+            pytest.fail("no turn passed the ahead share")
+        # At once, while the summary is being made.
+        chat(daemon, "and what about its far side?", conversation=conversation)
+        (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert reply["saved_tokens"] == 0, "the reply waited for the fold"
+        made = ledger(daemon, f"{where} AND step = 'summary' AND success = 1")
+        assert all(r["seq"] > reply["seq"] for r in made)
+
+
 def test_bad_chat_arguments_get_clear_errors(shared_daemon: Daemon) -> None:
     with pytest.raises(RpcError, match="conversation") as bad_id:
         chat(shared_daemon, "hi", conversation="nope")

@@ -219,3 +219,20 @@ def test_instances_default_to_the_cores_this_process_may_use() -> None:
         check=True,
     )
     assert pinned.stdout.split() == ["1", "1"]
+
+
+def test_idle_llama_threads_spin_as_configured_unless_the_environment_says() -> None:
+    """GOMP_SPINCOUNT is set from models.llamacpp.omp_spin_count before llama.cpp loads;
+    a value the person set wins, and -1 (the default) leaves libgomp's own."""
+    from taled.__main__ import spin_threads_as_set
+    from taled.settings import Settings
+
+    def spun(count: int, environ: dict[str, str]) -> dict[str, str]:
+        settings = Settings.model_validate({"models": {"llamacpp": {"omp_spin_count": count}}})
+        spin_threads_as_set(settings, environ)
+        return environ
+
+    assert spun(10_000, {}) == {"GOMP_SPINCOUNT": "10000"}
+    assert spun(10_000, {"GOMP_SPINCOUNT": "5"}) == {"GOMP_SPINCOUNT": "5"}
+    assert spun(-1, {}) == {}
+    assert Settings().models.llamacpp.omp_spin_count == -1

@@ -122,6 +122,28 @@ def test_savings_count_the_turn_answered_from_the_store(
     )
 
 
+def test_savings_compare_tale_with_one_fresh_call_per_task(
+    used: tuple[Daemon, dict[str, Any]],
+) -> None:
+    """The stateless estimate's baseline is each top-level task's first direct answer, from
+    the ledger; tale's side is every call of those tasks; what the extra bought is counted."""
+    daemon, _ = used
+    st = daemon.call("usage")["savings"]["stateless"]
+    db = daemon.home.data / "tale.db"
+    ((first,),) = _rows(
+        db,
+        "SELECT COALESCE(SUM(c.prompt_tokens + c.completion_tokens), 0) FROM model_calls c "
+        "JOIN tasks t ON t.id = c.task_id WHERE t.parent_id IS NULL AND c.step = 'answer' "
+        "AND c.attempt = 1",
+    )
+    assert st["kind"] == "estimate"
+    assert st["direct"] >= 1
+    assert st["stateless_tokens"] == first > 0
+    assert st["tale_tokens"] >= st["stateless_tokens"]
+    assert st["extra_tokens"] == st["tale_tokens"] - st["stateless_tokens"]
+    assert st["first_passed"] + st["rescued"] <= st["direct"] <= st["tasks"]
+
+
 def test_finished_task_appears_by_complexity_with_its_prediction(
     used: tuple[Daemon, dict[str, Any]],
 ) -> None:

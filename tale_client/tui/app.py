@@ -186,8 +186,24 @@ class TaleApp(App[None]):
         if self._starting():
             self.notify("taled is already starting")
             return
-        from tale_client.daemon import spawn_daemon
+        from tale_client.daemon import Route, probe, spawn_daemon, start_daemon
 
+        found = probe()
+        if found.route is Route.SYSTEMD:
+            # systemd runs it here: start the unit (as `tale daemon start` does), not a
+            # second daemon it does not know about. systemctl waits for READY=1, so it
+            # runs off the app's loop; the countdown finds the socket when it answers.
+            self.notify("starting taled through systemd (systemctl --user start taled)")
+
+            def through_systemd() -> None:
+                try:
+                    start_daemon()
+                except DaemonUnreachable as exc:  # systemctl's own message, and the journal's
+                    self.call_from_thread(self.notify, str(exc), severity="error")
+
+            self.run_worker(through_systemd, thread=True)
+            self.retry_now()
+            return
         try:
             # Its own session: the daemon outlives the app (and a ctrl+c in it).
             self._daemon_proc = proc = spawn_daemon()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tale_client import protocol
 from tale_client.rpc import PROTOCOL_VERSION, DaemonUnreachable, RpcError, tool_error
 
 __all__ = [
@@ -45,12 +46,13 @@ class ProgressNote:
 
 def is_unknown_tool(exc: RpcError) -> bool:
     """Whether the daemon does not have the tool (an older daemon)."""
-    return exc.code in (-32601, -32602) and "unknown tool" in exc.message
+    unknown = (protocol.METHOD_NOT_FOUND, protocol.INVALID_PARAMS)
+    return exc.code in unknown and "unknown tool" in exc.message
 
 
 def is_unknown_argument(exc: RpcError) -> bool:
     """Whether the daemon rejected an argument it does not know (an older daemon)."""
-    return exc.code == -32602 and "unknown argument" in exc.message
+    return exc.code == protocol.INVALID_PARAMS and "unknown argument" in exc.message
 
 
 class TaleClient:
@@ -228,7 +230,8 @@ class TaleClient:
         if "error" in doc:
             error = doc["error"] if isinstance(doc["error"], dict) else {}
             exc = RpcError(
-                int(error.get("code", -32603)), str(error.get("message", "unknown error"))
+                int(error.get("code", protocol.INTERNAL_ERROR)),
+                str(error.get("message", "unknown error")),
             )
             if request_id is None:
                 # An error nobody's id is on (a frame the daemon could not parse):

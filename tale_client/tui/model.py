@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from tale_client import protocol
 from tale_client.sanitize import printable, printable_doc
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "parse_time",
 ]
 
-FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+FINAL_STATES = frozenset(protocol.FINAL_STATES)
 
 # The board's columns, left to right, and the states each one holds: a cancelled
 # task sits with the failed ones (marked), since both ended without a result.

@@ -14,7 +14,9 @@ each later call records in the ledger the prompt tokens the summary saved. The
 fold is made ahead, in the background right after a reply, once the history
 passes ``chat.summarise_ahead_share`` of the limit: the user reads the reply
 while it runs, and the next turn's first token does not wait for a summary
-(it waits only for a fold still running, under the conversation's lock).
+(a fold still running when the next message comes is cancelled, unless that message
+cannot be answered without it: then the turn waits for it, under the conversation's
+lock).
 
 Turns are laid out so the model reads little of each again: a fold takes the
 history down to ``chat.fold_to_share`` of the limit (folds are rare), the UX model
@@ -227,6 +229,11 @@ class ChatService:
         else:
             conv = await self.conversations.latest() or await self.conversations.create(clean)
         lock = self._locks.setdefault(conv.id, asyncio.Lock())
+        fold = self._folds.get(conv.id)
+        if fold is not None and not await self._must_fold(conv.id, clean):
+            # A person is waiting and the history still fits: the fold made ahead gives
+            # way (the model is theirs now) and is made again after this reply.
+            fold.cancel()
         async with lock:
             # Re-read under the lock: a concurrent turn may have changed it.
             conv = await self.conversations.get(conv.id)
@@ -305,6 +312,15 @@ class ChatService:
         self._folds[conversation_id] = fold
         fold.add_done_callback(lambda _t: self._folds.pop(conversation_id, None))
         return True
+
+    async def _must_fold(self, conversation_id: str, text: str) -> bool:
+        """Whether a turn saying ``text`` could not be answered without folding first."""
+        summary, recent = await self._unfolded(conversation_id)
+        if len(recent) + 1 <= self._settings.keep_recent_messages:
+            return False
+        used = self._budget.tokens(summary or "") + self._budget.tokens(text)
+        used += sum(self._budget.tokens(m.text) for m in recent)
+        return used > self._settings.context_tokens
 
     async def _unfolded(self, conversation_id: str) -> tuple[str | None, list[Message]]:
         """The conversation's summary and the messages after what it covers."""

@@ -106,6 +106,37 @@ _ROUTED_TO_UX = sa.text(
     "COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS tokens "
     "FROM model_calls WHERE role = 'ux' AND task_id IS NOT NULL AND at >= :since"
 )
+# Top-level tasks against one fresh call each: what tale spent on each, what its first
+# direct answer cost (that call is the fresh call a user would have made: the runner's
+# system prompt and the task's text), and whether the first answer passed or tale's
+# retries, fallback, decomposition or planning carried it.
+_STATELESS = sa.text(
+    _BY_ROOT + ", first AS (SELECT task_id, SUM(prompt_tokens + completion_tokens) AS tokens "
+    " FROM model_calls WHERE step = 'answer' AND attempt = 1 AND at >= :since GROUP BY task_id) "
+    "SELECT COUNT(*) AS tasks, COUNT(f.task_id) AS direct, "
+    "COALESCE(SUM(CASE WHEN f.task_id IS NOT NULL "
+    " THEN b.prompt_tokens + b.completion_tokens END), 0) AS tale_tokens, "
+    "COALESCE(SUM(f.tokens), 0) AS first_tokens, "
+    "SUM(CASE WHEN f.task_id IS NOT NULL AND o.success AND COALESCE(o.retries, 0) = 0 "
+    " AND NOT COALESCE(o.decomposed, 0) AND NOT COALESCE(o.planned, 0) THEN 1 ELSE 0 END)"
+    " AS first_passed, "
+    "SUM(CASE WHEN f.task_id IS NOT NULL AND o.success AND (COALESCE(o.retries, 0) > 0 "
+    " OR COALESCE(o.decomposed, 0) OR COALESCE(o.planned, 0)) THEN 1 ELSE 0 END) AS rescued "
+    "FROM by_root b JOIN tasks t ON t.id = b.root AND t.parent_id IS NULL "
+    "LEFT JOIN first f ON f.task_id = b.root "
+    "LEFT JOIN task_outcomes o ON o.task_id = b.root"
+)
+STATELESS_METHOD = (
+    "Estimate from the ledger. For every top-level task with a direct answer, a fresh single "
+    "call is the task's first direct answer (the runner's system prompt and the task's "
+    "text, on the model it ran on): stateless tokens = that call's tokens; tale tokens = "
+    "every call of the task and its subtasks; extra = tale - stateless. first_passed: tasks "
+    "whose first answer passed its gate; rescued: tasks that completed only after a retry, "
+    "a fallback, decomposition or planning, which a single call would have failed. Tasks "
+    "planned up front or acting in a workspace have no direct answer and are left out. "
+    "The benchmark (tests/bench/bench_savings.py) measures the same baseline for real."
+)
+
 # Calls the pool stopped because the answer had started repeating itself (taled.models.repetition).
 _LOOPS_STOPPED = sa.text("SELECT COUNT(*) AS calls FROM model_calls WHERE looped AND at >= :since")
 # Each message with its conversation's running length and the user message it answers.
@@ -282,6 +313,7 @@ class UsageReport:
             levels = (await conn.execute(_BY_COMPLEXITY, p)).all()
             conversations = (await conn.execute(_TOP_CONVERSATIONS, p)).all()
             routed = (await conn.execute(_ROUTED_TO_UX, p)).one()
+            stateless = (await conn.execute(_STATELESS, p)).one()
             loops = (await conn.execute(_LOOPS_STOPPED, p)).one()
             ratio_row = (await conn.execute(_CHARS_PER_TOKEN)).one()
             measured = bool(ratio_row.tokens) and bool(ratio_row.chars)
@@ -324,6 +356,7 @@ class UsageReport:
         report["truncation"] = _truncation(by_day_outcomes)
         report["savings"] = self._savings(ledger, routed, turns, ratio, measured)
         report["savings"]["loops_stopped"] = {"calls": int(loops.calls)}
+        report["savings"]["stateless"] = _stateless(stateless)
         report["violations"] = {
             "counts": await self._monitor.counts(since if days is not None else None),
             "recent": await self._monitor.recent(top, since if days is not None else None),
@@ -394,6 +427,25 @@ class UsageReport:
                 },
             },
         }
+
+
+def _stateless(r: Any) -> dict[str, Any]:
+    """tale against one fresh call per task: what its extra work cost and what it bought."""
+    tale, fresh, rescued = int(r.tale_tokens), int(r.first_tokens), int(r.rescued or 0)
+    extra = tale - fresh
+    return {
+        "kind": "estimate",
+        "method": STATELESS_METHOD,
+        "tasks": int(r.tasks),
+        "direct": int(r.direct),
+        "stateless_tokens": fresh,
+        "tale_tokens": tale,
+        "extra_tokens": extra,
+        "ratio": round(tale / fresh, 2) if fresh else None,
+        "first_passed": int(r.first_passed or 0),
+        "rescued": rescued,
+        "extra_tokens_per_rescue": round(extra / rescued) if rescued else None,
+    }
 
 
 _LEVELS = ("simple", "medium", "complex")

@@ -914,10 +914,14 @@ class LlamaCppBackend:
         assert self._prefixes is not None
         ctx = self._llm._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        if not self._prefixes.worth_keeping(held, size):
+            return
+        # Kept as llama.cpp wrote it: a copy into bytes would double the peak, and the
+        # allocator keeps such peaks (the daemon's RSS has a budget).
         buffer = (ctypes.c_uint8 * size)()
         copied = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
-        if copied:
-            self._prefixes.add(Snapshot(tuple(held), bytes(buffer)[:copied]))
+        if copied == size:
+            self._prefixes.add(Snapshot(tuple(held), buffer))
 
     def _restore(self, snapshot: Snapshot) -> bool:
         """Put ``snapshot`` back in the KV cache; False (and an empty cache) if refused."""
@@ -926,8 +930,8 @@ class LlamaCppBackend:
         llm = self._llm
         ctx = llm._ctx.ctx
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, 0, -1)
-        state = (ctypes.c_uint8 * len(snapshot.state)).from_buffer_copy(snapshot.state)
-        if not llama_cpp.llama_state_seq_set_data(ctx, state, len(snapshot.state), 0):
+        state = snapshot.state
+        if not llama_cpp.llama_state_seq_set_data(ctx, state, len(state), 0):
             log.warning(
                 "%s: llama.cpp refused a saved prefix; reading the prompt again", self.model
             )

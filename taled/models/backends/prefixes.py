@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["PrefixCache", "Snapshot", "shared_prefix"]
 
@@ -36,10 +37,11 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A copy of the KV cache's sequence: the tokens it holds and their state."""
+    """A copy of the KV cache's sequence: the tokens it holds and their state (the
+    buffer llama.cpp wrote it into; its length is its size in bytes)."""
 
     tokens: tuple[int, ...]
-    state: bytes
+    state: Any
 
 
 class PrefixCache:
