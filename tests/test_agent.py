@@ -184,6 +184,16 @@ def test_a_long_conversation_is_summarised_and_the_saving_is_in_the_ledger() -> 
         assert replies[-1]["prompt_tokens"] < sum(r["completion_tokens"] for r in replies) + 120
 
 
+def _talk_until_folding_ahead(daemon: Daemon) -> str:
+    """A conversation about the moon, up to the turn whose history passed the ahead share
+    (its fold is being made in the background as this returns); its id."""
+    conversation: str = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+    for text in _MOON:
+        if chat(daemon, text, conversation=conversation)["summarised"]:
+            return conversation
+    pytest.fail("no turn passed the ahead share")
+
+
 def test_the_summary_is_made_after_a_reply_not_before_the_next() -> None:
     """A turn that passes the ahead share has its summary made once its reply is out,
     before the next message is sent; that next reply is already folded."""
@@ -195,13 +205,8 @@ def test_the_summary_is_made_after_a_reply_not_before_the_next() -> None:
         "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
     }
     with running_daemon(settings) as daemon:
-        conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+        conversation = _talk_until_folding_ahead(daemon)
         where = f"conversation_id = '{conversation}'"
-        for text in _MOON:
-            if chat(daemon, text, conversation=conversation)["summarised"]:
-                break
-        else:
-            pytest.fail("no turn passed the ahead share")
         # Its own reply went out unfolded; the summary follows with nobody waiting on it.
         (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
         assert reply["saved_tokens"] == 0
@@ -239,13 +244,8 @@ def test_a_fold_is_read_ahead_so_the_next_turn_finds_it_cached() -> None:
         "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
     }
     with running_daemon(settings) as daemon:
-        conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+        conversation = _talk_until_folding_ahead(daemon)
         where = f"conversation_id = '{conversation}'"
-        for text in _MOON:
-            if chat(daemon, text, conversation=conversation)["summarised"]:
-                break
-        else:
-            pytest.fail("no turn passed the ahead share")
         deadline = time.monotonic() + 120
         while not ledger(daemon, f"{where} AND step = 'prefill'"):
             assert time.monotonic() < deadline, "the folded conversation was not read ahead"
@@ -268,13 +268,8 @@ def test_a_turn_does_not_wait_for_a_fold_it_can_do_without() -> None:
         "TALE_CHAT__SUMMARY_MAX_TOKENS": "200",
     }
     with running_daemon(settings) as daemon:
-        conversation = chat(daemon, "hello, tell me about the moon", new=True)["conversation"]
+        conversation = _talk_until_folding_ahead(daemon)
         where = f"conversation_id = '{conversation}'"
-        for text in _MOON:
-            if chat(daemon, text, conversation=conversation)["summarised"]:
-                break
-        else:
-            pytest.fail("no turn passed the ahead share")
         # At once, while the summary is being made.
         chat(daemon, "and what about its far side?", conversation=conversation)
         (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
