@@ -316,11 +316,7 @@ class ChatService:
     async def _must_fold(self, conversation_id: str, text: str) -> bool:
         """Whether a turn saying ``text`` could not be answered without folding first."""
         summary, recent = await self._unfolded(conversation_id)
-        if len(recent) + 1 <= self._settings.keep_recent_messages:
-            return False
-        used = self._budget.tokens(summary or "") + self._budget.tokens(text)
-        used += sum(self._budget.tokens(m.text) for m in recent)
-        return used > self._settings.context_tokens
+        return self._over(summary, recent, self._settings.context_tokens, adding=text)
 
     async def _unfolded(self, conversation_id: str) -> tuple[str | None, list[Message]]:
         """The conversation's summary and the messages after what it covers."""
@@ -496,12 +492,16 @@ class ChatService:
             parts.append(f"{task.id} “{' '.join(task.text.split())[:60]}” ({task.state})")
         return "; ".join(parts)
 
-    def _over(self, summary: str | None, recent: list[Message], limit: int) -> bool:
-        """Whether the history is over ``limit`` tokens with something old enough to fold."""
-        if len(recent) <= self._settings.keep_recent_messages:
+    def _over(
+        self, summary: str | None, recent: list[Message], limit: int, adding: str | None = None
+    ) -> bool:
+        """Whether the history (with the message ``adding``, if one is about to join it) is
+        over ``limit`` tokens with something old enough to fold."""
+        added = [] if adding is None else [adding]
+        if len(recent) + len(added) <= self._settings.keep_recent_messages:
             return False
-        used = self._budget.tokens(summary or "") + sum(self._budget.tokens(m.text) for m in recent)
-        return used > limit
+        texts = [summary or "", *(m.text for m in recent), *added]
+        return sum(self._budget.tokens(t) for t in texts) > limit
 
     async def _fit(
         self, conversation_id: str, summary: str | None, recent: list[Message], limit: int
