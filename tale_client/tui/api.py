@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from tale_client.rpc import RpcError, is_unknown_argument, is_unknown_tool
 from tale_client.sanitize import printable
-from tale_client.tui.client import RpcError, TaleClient, is_unknown_argument, is_unknown_tool
+from tale_client.tui.client import TaleClient
 from tale_client.tui.model import (
     Approval,
     ChatReply,
