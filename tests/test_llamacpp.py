@@ -15,7 +15,7 @@ from taled.db.store import Store
 from taled.errors import ModelError
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.models.backends.llamacpp import LlamaCppBackend, embedded_model_path
-from taled.models.pool import ModelPool
+from taled.models.pool import ModelCall, ModelPool
 from taled.settings import LlamaCppSettings, ModelsSettings, StoreSettings
 from tests.harness import Daemon, Home
 
@@ -130,7 +130,9 @@ def test_a_prompt_longer_than_the_context_is_refused(tmp_path: Path) -> None:
         try:
             huge: list[ChatMessage] = [{"role": "user", "content": "word " * 400}]
             with pytest.raises(ModelError, match=r"models\.llamacpp\.n_ctx"):
-                await pool.complete("task", huge, max_tokens=8, temperature=0, timeout=30)
+                await pool.complete(
+                    ModelCall("task", huge, max_tokens=8, temperature=0, timeout=30)
+                )
         finally:
             await pool.stop()
             await store.close()

@@ -24,12 +24,13 @@ from taled.db.store import Store, TaskRecord
 from taled.errors import Unavailable
 from taled.models.backends.base import ChatMessage
 from taled.models.backends.llamacpp import embedded_model_path
-from taled.models.pool import ModelPool, ModelStatus
+from taled.models.pool import ModelCall, ModelPool, ModelStatus
 from taled.models.routing import Route, Router
 from taled.settings import LlamaCppSettings, ModelsSettings, PoolSettings, Role, StoreSettings
 from tests.harness import Daemon, running_daemon
 
 HELLO: list[ChatMessage] = [{"role": "user", "content": "Say hello."}]
+
 GGUF = str(embedded_model_path())
 # Two more names for the embedded GGUF: distinct optional models for the pool.
 NAMED = json.dumps({"tiny-a": GGUF, "tiny-b": GGUF})
@@ -148,6 +149,11 @@ async def _pool(tmp_path: Path, **pool: Any) -> AsyncIterator[tuple[ModelPool, S
         await store.close()
 
 
+def _hello(role: Role = "task") -> ModelCall:
+    """A short call that asks ``role``'s model to say hello."""
+    return ModelCall(role, HELLO, max_tokens=8, temperature=0, timeout=60)
+
+
 def _status(pool: ModelPool, role: str) -> ModelStatus:
     return next(s for s in pool.status() if s.role == role)
 
@@ -189,10 +195,10 @@ def test_a_backend_that_raises_is_reloaded_and_its_calls_go_to_the_fallback(
             _store,
         ):
             _break(_llama(pool, "task"), _raise)
-            out = await pool.complete("task", HELLO, max_tokens=8, temperature=0, timeout=60)
+            out = await pool.complete(_hello())
             during = _status(pool, "task")
             await _until(lambda: _status(pool, "task").health == "ok")
-            await pool.complete("task", HELLO, max_tokens=8, temperature=0, timeout=60)
+            await pool.complete(_hello())
             return out.text, during, _status(pool, "task")
 
     text, during, after = asyncio.run(run())
@@ -216,7 +222,7 @@ def test_without_a_fallback_a_call_waits_for_the_role_then_says_why(tmp_path: Pa
         ):
             _break(_llama(pool, "task"), _raise)
             with pytest.raises(Unavailable) as caught:
-                await pool.complete("task", HELLO, max_tokens=8, temperature=0, timeout=60)
+                await pool.complete(_hello())
             return _status(pool, "task"), caught.value.message
 
     status, message = asyncio.run(run())
@@ -235,7 +241,7 @@ def test_a_waiting_call_proceeds_when_the_role_comes_back(tmp_path: Path) -> Non
             _store,
         ):
             _break(_llama(pool, "task"), _raise)
-            out = await pool.complete("task", HELLO, max_tokens=8, temperature=0, timeout=60)
+            out = await pool.complete(_hello())
             return out.text, [s.role for s in pool.status()]
 
     text, roles = asyncio.run(run())
@@ -264,9 +270,7 @@ def test_a_hung_model_fails_its_probe_and_is_reloaded(tmp_path: Path) -> None:
             down_wait_seconds=60,
         ) as (pool, _store):
             _break(_llama(pool, "task"), hang)
-            call = asyncio.create_task(
-                pool.complete("task", HELLO, max_tokens=8, temperature=0, timeout=60)
-            )
+            call = asyncio.create_task(pool.complete(_hello()))
             await _until(lambda: _status(pool, "task").reloads == 1)
             status = _status(pool, "task")
             release.set()
@@ -289,8 +293,8 @@ def test_the_ux_role_keeps_answering_while_the_task_role_is_down(tmp_path: Path)
         ):
             _break(_llama(pool, "task"), _raise)
             with pytest.raises(Unavailable):
-                await pool.complete("task", HELLO, max_tokens=8, temperature=0, timeout=60)
-            out = await pool.complete("ux", HELLO, max_tokens=8, temperature=0, timeout=60)
+                await pool.complete(_hello())
+            out = await pool.complete(_hello("ux"))
             return out.text, _status(pool, "ux").health, _status(pool, "task").health
 
     text, ux, task = asyncio.run(run())
@@ -339,10 +343,10 @@ def _task_tokens_during_a_reply(tmp_path: Path, ux_priority: bool) -> tuple[int,
         async with _pool(tmp_path, ux_priority=ux_priority) as (pool, _store):
             task_backend = pool._roles["task"].backend
             work = asyncio.create_task(
-                pool.complete("task", STORY, max_tokens=400, temperature=0, timeout=120)
+                pool.complete(ModelCall("task", STORY, max_tokens=400, temperature=0, timeout=120))
             )
             await _until(lambda: task_backend._beats > 5)  # type: ignore[attr-defined]
-            pieces = pool.stream("ux", HELLO, max_tokens=24, temperature=0, timeout=60)
+            pieces = pool.stream(ModelCall("ux", HELLO, max_tokens=24, temperature=0, timeout=60))
             first = await anext(pieces)
             before = task_backend._beats  # type: ignore[attr-defined]
             rest = [p async for p in pieces]

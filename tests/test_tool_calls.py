@@ -37,7 +37,7 @@ from taled.models.backends.base import (
 from taled.models.backends.llamacpp import LlamaCppBackend, bounded_schema, integer_rule
 from taled.models.backends.ollama import OllamaBackend
 from taled.models.backends.openai import OpenAIBackend
-from taled.models.pool import ModelPool
+from taled.models.pool import ModelCall, ModelPool
 from taled.settings import (
     LlamaCppSettings,
     LoopSettings,
@@ -671,7 +671,7 @@ def _complete(server: ScriptedServer, tmp_path: Path, prompt: str, **extra: Any)
     async def go() -> Completion:
         async with _scripted_pool(server, tmp_path) as pool:
             return await pool.complete(
-                "task", _ask(prompt), max_tokens=100, temperature=0, timeout=30, **extra
+                ModelCall("task", _ask(prompt), max_tokens=100, temperature=0, timeout=30, **extra)
             )
 
     return asyncio.run(go())
@@ -680,7 +680,7 @@ def _complete(server: ScriptedServer, tmp_path: Path, prompt: str, **extra: Any)
 def test_the_pool_carries_tools_down_and_calls_back(
     openai_server: ScriptedServer, tmp_path: Path
 ) -> None:
-    """``ModelPool.complete(tools=...)`` offers the tools and returns the model's calls."""
+    """``ModelPool.complete`` with a call's ``tools`` offers them and returns the model's calls."""
     out = _complete(openai_server, tmp_path, "[[script:two]] go", tools=TOOLS)
     assert [c.name for c in out.tool_calls] == ["read_file", "git.commit"]
     assert len(openai_server.requests[-1]["tools"]) == len(TOOLS)
@@ -697,10 +697,11 @@ def test_the_loop_guard_does_not_cut_a_reply_under_a_schema(tmp_path: Path) -> N
     assert json.loads(held.text)
 
 
-def test_a_partial_answer_cannot_be_continued_under_tools(
-    openai_server: ScriptedServer, tmp_path: Path
-) -> None:
+def test_a_partial_answer_cannot_be_continued_under_tools() -> None:
     """Continuing a cut-off answer with tools or a schema is refused: the grammar would
     start over in the middle of the JSON."""
+    ask = _ask("go")
     with pytest.raises(ValueError, match="partial"):
-        _complete(openai_server, tmp_path, "go", tools=TOOLS, partial='{"to')
+        ModelCall("task", ask, max_tokens=100, temperature=0, timeout=30, tools=TOOLS, partial="{")
+    with pytest.raises(ValueError, match="partial"):
+        ModelCall("task", ask, max_tokens=100, temperature=0, timeout=30, schema={}, partial="{")

@@ -40,7 +40,7 @@ from taled.chat.recall import Recall, task_update
 from taled.db.store import Store, TaskRecord
 from taled.errors import ModelError, TaleError
 from taled.models.backends.base import ChatMessage, Completion
-from taled.models.pool import ModelPool
+from taled.models.pool import ModelCall, ModelPool
 from taled.models.routing import Router
 from taled.settings import ChatSettings
 from taled.tasks.progress import ProgressHub
@@ -199,13 +199,15 @@ class ChatService:
         """
         try:
             out = await self._pool.complete(
-                self._router.for_chat().role,
-                messages,
-                max_tokens=max_tokens,
-                temperature=0.0,
-                timeout=self._settings.call_timeout_seconds,
-                key=key,
-                conversation_id=conversation_id,
+                ModelCall(
+                    self._router.for_chat().role,
+                    messages,
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    timeout=self._settings.call_timeout_seconds,
+                    key=key,
+                    conversation_id=conversation_id,
+                )
             )
         except ModelError as exc:
             log.warning("conversation %s: the %s call failed: %s", conversation_id, key, exc)
@@ -441,16 +443,16 @@ class ChatService:
             folded_tokens = sum(self._budget.tokens(m.text) for m in before)
             saved = max(0, folded_tokens - self._budget.tokens(summary or ""))
         result = Completion.empty()
-        async for piece in self._pool.stream(
+        call = ModelCall(
             self._router.for_chat().role,
             messages,
             max_tokens=self._settings.max_tokens,
             temperature=self._settings.temperature,
             timeout=self._settings.call_timeout_seconds,
-            result=result,
             conversation_id=conv.id,
             saved_tokens=saved,
-        ):
+        )
+        async for piece in self._pool.stream(call, result):
             await say(piece)
         self._budget.learn(sum(len(m["content"]) for m in messages), result.prompt_tokens)
         return result, folded is not None

@@ -13,7 +13,8 @@ backoff; meanwhile its role's calls go to the fallback, or wait up to
 ``down_wait_seconds`` for it to come back. A call that failed before the caller
 saw any text is retried once on wherever the role now routes.
 
-All model calls go through ``ModelPool.stream``/``complete``, so each one is
+All model calls go through ``ModelPool.stream``/``complete``, each as one
+``ModelCall`` (``taled/models/call.py``) built by the caller, so each one is
 timed out, cancellable and recorded in the token ledger in exactly one place,
 with how its model was chosen (``route``: role, override or fallback).
 """
@@ -24,22 +25,22 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 import psutil
 
-from taled.db.store import AttemptKey, CallRecord, Store
+from taled.db.store import CallRecord, Store
 from taled.errors import BackendDown, InvalidInput, ModelError, ModelTimeout, RoleDown
-from taled.models.backends.base import Backend, CancelToken, ChatMessage, Completion, continuation
+from taled.models.backends.base import Backend, CancelToken, Completion, continuation
 from taled.models.backends.llamacpp import LlamaCppBackend
+from taled.models.call import ModelCall
 from taled.models.repetition import LoopGuard
 from taled.settings import BackendSpec, LoopSettings, ModelsSettings, Role, parse_model_spec
-from taled.tools.base import ToolSpec
 
-__all__ = ["ModelPool", "ModelStatus", "make_backend"]
+__all__ = ["ModelCall", "ModelPool", "ModelStatus", "make_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -101,38 +102,6 @@ class _Slot:
     up: asyncio.Event = field(default_factory=asyncio.Event)
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reloader: asyncio.Task[None] | None = None
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One model call as asked for, carried unchanged through a retry."""
-
-    role: str
-    messages: list[ChatMessage]
-    max_tokens: int
-    temperature: float
-    timeout: float
-    task_id: str | None
-    cancel: CancelToken
-    model: str | None
-    key: AttemptKey | None = None
-    """The step (and attempt at it) the call serves, for the ledger."""
-    on_piece: Callable[[str], None] | None = None
-    on_restart: Callable[[], None] | None = None
-    conversation_id: str | None = None
-    saved_tokens: int = 0
-    think: bool | None = None
-    partial: str = ""
-    """An answer of the model's own, cut off, that this call continues."""
-    tools: Sequence[ToolSpec] | None = None
-    """Tools the model may call; its calls land in the Completion's ``tool_calls``."""
-    schema: dict[str, Any] | None = None
-    """A JSON Schema the reply's text must satisfy."""
-
-    @property
-    def structured(self) -> bool:
-        """Whether the reply is a tool call or JSON under a schema (never cut as a loop)."""
-        return bool(self.tools) or self.schema is not None
 
 
 @dataclass(frozen=True)
@@ -470,115 +439,51 @@ class ModelPool:
 
     # -- calls ---------------------------------------------------------------
 
-    def stream(
-        self,
-        role: str,
-        messages: list[ChatMessage],
-        *,
-        max_tokens: int,
-        temperature: float,
-        timeout: float,
-        task_id: str | None = None,
-        cancel: CancelToken | None = None,
-        result: Completion | None = None,
-        model: str | None = None,
-        conversation_id: str | None = None,
-        saved_tokens: int = 0,
-    ) -> AsyncIterator[str]:
+    def stream(self, call: ModelCall, result: Completion | None = None) -> AsyncIterator[str]:
         """Stream one call's text; it lands in the ledger however it ends.
 
         If the backend fails before any text reached the caller, the call runs
         once more wherever the role now routes (the fallback, or the reloaded
         model). Once text has been delivered, the failure is raised.
-        ``saved_tokens`` (prompt tokens a conversation summary kept out) is
-        recorded with the call.
+        ``result`` (filled in as the call runs) gets the call's text, counts and
+        timings.
         """
-        request = _Request(
-            role,
-            messages,
-            max_tokens,
-            temperature,
-            timeout,
-            task_id,
-            cancel or CancelToken(),
-            model,
-            conversation_id=conversation_id,
-            saved_tokens=saved_tokens,
-        )
         out = result if result is not None else Completion.empty()
-        return self._run(request, out, restartable=False)
+        return self._run(call, out, restartable=False)
 
-    async def complete(
-        self,
-        role: str,
-        messages: list[ChatMessage],
-        *,
-        max_tokens: int,
-        temperature: float,
-        timeout: float,
-        task_id: str | None = None,
-        cancel: CancelToken | None = None,
-        model: str | None = None,
-        key: AttemptKey | None = None,
-        on_piece: Callable[[str], None] | None = None,
-        on_restart: Callable[[], None] | None = None,
-        conversation_id: str | None = None,
-        think: bool | None = None,
-        partial: str = "",
-        tools: Sequence[ToolSpec] | None = None,
-        schema: dict[str, Any] | None = None,
-    ) -> Completion:
+    async def complete(self, call: ModelCall) -> Completion:
         """Run one call to the end and return its text, counts and timings.
 
         Nobody has seen partial text, so a backend failing mid-answer restarts the
-        call (once) on wherever the role now routes. ``on_piece`` sees each piece
-        as it arrives (for progress), ``on_restart`` hears that the pieces seen so far
-        are void (the call starts over); ``key`` names the step, and which attempt at
-        it, in the ledger; ``think`` switches a thinking model's reasoning (backends
-        without one ignore it).
-        ``partial`` is an answer of the model's own, cut off, to continue: the result's
-        text is what follows it (see ``backends.base.continuation``, chosen per backend
-        because a fallback may serve the call). A cancelled call returns what it had
-        produced, with finish_reason 'cancelled'.
-        ``tools``: the model may call them, in its backend's native form; the calls are
-        the result's ``tool_calls`` (the embedded model always makes one). ``schema``: a
-        JSON Schema the reply's text must satisfy. Either way the loop guard stays off: a
-        cut would break the JSON. Neither goes with ``partial``.
+        call (once) on wherever the role now routes. ``call.on_piece`` sees each piece
+        as it arrives (for progress), ``call.on_restart`` hears that the pieces seen so
+        far are void (the call starts over); ``call.key`` names the step, and which
+        attempt at it, in the ledger; ``call.think`` switches a thinking model's
+        reasoning (backends without one ignore it).
+        ``call.partial`` is an answer of the model's own, cut off, to continue: the
+        result's text is what follows it (see ``backends.base.continuation``, chosen per
+        backend because a fallback may serve the call). A cancelled call returns what it
+        had produced, with finish_reason 'cancelled'.
+        ``call.tools``: the model may call them, in its backend's native form; the calls
+        are the result's ``tool_calls`` (the embedded model always makes one).
+        ``call.schema``: a JSON Schema the reply's text must satisfy. Either way the loop
+        guard stays off: a cut would break the JSON. Neither goes with ``partial``
+        (``ModelCall`` refuses that).
         """
-        if partial and (tools or schema is not None):
-            raise ValueError("a call with tools or a schema cannot continue a partial answer")
-        request = _Request(
-            role,
-            messages,
-            max_tokens,
-            temperature,
-            timeout,
-            task_id,
-            cancel or CancelToken(),
-            model,
-            key,
-            on_piece,
-            on_restart,
-            conversation_id,
-            think=think,
-            partial=partial,
-            tools=tools,
-            schema=schema,
-        )
         out = Completion.empty()
-        async for piece in self._run(request, out, restartable=True):
+        async for piece in self._run(call, out, restartable=True):
             # The text accumulates in ``out``; the callback only watches.
-            if request.on_piece is not None:
-                request.on_piece(piece)
+            if call.on_piece is not None:
+                call.on_piece(piece)
         return out
 
     async def _run(
-        self, request: _Request, out: Completion, *, restartable: bool
+        self, call: ModelCall, out: Completion, *, restartable: bool
     ) -> AsyncIterator[str]:
-        role, cancel = request.role, request.cancel
+        role, cancel = call.role, call.cancel
         retried = False
         while True:
-            slot, route = await self._acquire(role, request.model, cancel)
+            slot, route = await self._acquire(role, call.model, cancel)
             backend = slot.backend
             delivered = False
             # A person is waiting on this reply: other embedded models pause meanwhile.
@@ -587,7 +492,7 @@ class ModelPool:
                 self._ux_calls += 1
                 self._ux_idle.clear()
             try:
-                async for piece in self._call(request, slot, backend, route, out):
+                async for piece in self._call(call, slot, backend, route, out):
                     delivered = True
                     yield piece
                 return
@@ -598,8 +503,8 @@ class ModelPool:
                 log.warning("retrying the %s call after: %s", role, exc.message)
                 retried = True
                 _reset(out)
-                if request.on_restart is not None:
-                    request.on_restart()
+                if call.on_restart is not None:
+                    call.on_restart()
             finally:
                 slot.in_use -= 1
                 slot.last_used = time.monotonic()
@@ -609,9 +514,9 @@ class ModelPool:
                         self._ux_idle.set()
 
     async def _call(
-        self, request: _Request, slot: _Slot, backend: Backend, route: RouteKind, out: Completion
+        self, call: ModelCall, slot: _Slot, backend: Backend, route: RouteKind, out: Completion
     ) -> AsyncIterator[str]:
-        role, timeout = request.role, request.timeout
+        role, timeout = call.role, call.timeout
         started = time.perf_counter()
         error: str | None = None
         note = None
@@ -619,23 +524,21 @@ class ModelPool:
             down = self._roles[role]
             note = f"{role} model {down.spec.label} was down: {down.last_error}"
         guard = None
-        if self._loops is not None and not request.structured:
-            asked = next(
-                (m["content"] for m in reversed(request.messages) if m["role"] == "user"), ""
-            )
+        if self._loops is not None and not call.structured:
+            asked = next((m["content"] for m in reversed(call.messages) if m["role"] == "user"), "")
             guard = LoopGuard.from_settings(self._loops, asked)
         # The guard stops the backend through a token of its own: the caller's token
         # being set means "the caller stopped it", which a loop is not.
-        cancel = CancelToken(parent=request.cancel) if guard is not None else request.cancel
+        cancel = CancelToken(parent=call.cancel) if guard is not None else call.cancel
         pieces = backend.stream(
-            continuation(request.messages, request.partial, native=backend.continues_final_message),
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
+            continuation(call.messages, call.partial, native=backend.continues_final_message),
+            max_tokens=call.max_tokens,
+            temperature=call.temperature,
             cancel=cancel,
             result=out,
-            think=request.think,
-            tools=request.tools,
-            schema=request.schema,
+            think=call.think,
+            tools=call.tools,
+            schema=call.schema,
         )
         deadline = time.monotonic() + timeout
         so_far = ""
@@ -666,7 +569,7 @@ class ModelPool:
             with anyio.CancelScope(shield=True):
                 await pieces.aclose()
             looped = False
-            if guard is not None and guard.cut is not None and not request.cancel.cancelled:
+            if guard is not None and guard.cut is not None and not call.cancel.cancelled:
                 looped = True
                 out.text = guard.trimmed(out.text)
                 out.finish_reason = "stop"
@@ -692,7 +595,7 @@ class ModelPool:
             log.debug(
                 "%s call %s: %d prompt tokens (%d still cached) read in %.0f ms, %d generated",
                 slot.key,
-                request.key,
+                call.key,
                 out.prompt_tokens,
                 out.cached_tokens,
                 out.prompt_ms,
@@ -708,7 +611,7 @@ class ModelPool:
                         if slot.spec.backend == "openai"
                         else backend.model
                     ),
-                    task_id=request.task_id,
+                    task_id=call.task_id,
                     prompt_tokens=out.prompt_tokens,
                     completion_tokens=out.completion_tokens,
                     load_ms=out.load_ms,
@@ -720,9 +623,9 @@ class ModelPool:
                     route=route,
                     note=note,
                     counts_exact=out.counts_exact,
-                    key=request.key,
-                    conversation_id=request.conversation_id,
-                    saved_tokens=request.saved_tokens,
+                    key=call.key,
+                    conversation_id=call.conversation_id,
+                    saved_tokens=call.saved_tokens,
                     looped=looped,
                     cached_tokens=out.cached_tokens,
                 )

@@ -46,7 +46,7 @@ from taled.errors import (
 from taled.learning.engine import Assessment, LearningEngine
 from taled.learning.selection import Tactic
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
-from taled.models.pool import ModelPool
+from taled.models.pool import ModelCall, ModelPool
 from taled.models.routing import Route, Router
 from taled.sandbox import sandbox
 from taled.settings import GateSettings, PlannerSettings, Role, RunnerSettings
@@ -1119,21 +1119,23 @@ class Runner:
             completion: Completion | None = None
             try:
                 completion = await self._pool.complete(
-                    route.role,
-                    messages,
-                    model=route.model,
-                    max_tokens=max_tokens,
-                    temperature=self._settings.temperature,
-                    timeout=self._settings.call_timeout_seconds,
-                    task_id=task.id,
-                    cancel=token,
-                    key=key,
-                    on_piece=counted,
-                    on_restart=pieces.clear,
-                    think=self._learning.think(task) if self._learning is not None else None,
-                    partial=partial,
-                    tools=tools,
-                    schema=schema,
+                    ModelCall(
+                        route.role,
+                        messages,
+                        model=route.model,
+                        max_tokens=max_tokens,
+                        temperature=self._settings.temperature,
+                        timeout=self._settings.call_timeout_seconds,
+                        task_id=task.id,
+                        cancel=token,
+                        key=key,
+                        on_piece=counted,
+                        on_restart=pieces.clear,
+                        think=self._learning.think(task) if self._learning is not None else None,
+                        partial=partial,
+                        tools=tools,
+                        schema=schema,
+                    )
                 )
             except RoleDown as exc:
                 down = exc.message
