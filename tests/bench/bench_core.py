@@ -1,13 +1,15 @@
 """Core benchmarks of issue #2, run on demand (not part of the test suite).
 
-    python tests/bench/bench_core.py [--quick]
+    python tests/bench/bench_core.py [--quick] [--json]
 
 Measures, against a real taled in a throw-away XDG home:
   - `tale list` wall time vs `python -c pass` (p50, same run)
   - durable submits/s over the socket (one sequential client; several pipelined clients)
   - get_task latency p50/p99 over one connection
   - time to READY=1 (spawn to the sd_notify datagram), embedded model
-and prints a Markdown block for docs/benchmarks.md.
+  - the daemon's RSS after the submits (both embedded models loaded)
+and prints a Markdown block for docs/benchmarks.md, or with ``--json`` one line: its
+``targets.Report`` (raw numbers and verdicts), which run_all.py reads.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tale_client.rpc import Connection
+from tests.bench import targets
 from tests.harness import Daemon, Home
 
 # The runner executes what the benchmark submits; one-token answers on one
@@ -209,7 +212,20 @@ def bench_ready(runs: int) -> dict[str, float]:
             proc.terminate()
             proc.wait(30)
         home.cleanup()
-    return {"ready_p50_s": statistics.median(times), "ready_max_s": max(times)}
+    return {
+        "ready_p50_s": statistics.median(times),
+        "ready_max_s": max(times),
+        "ready_runs": runs,
+    }
+
+
+def daemon_rss_mb(daemon: Daemon) -> float:
+    """The daemon's resident memory, MB."""
+    import psutil
+
+    assert daemon.proc is not None
+    rss: float = psutil.Process(daemon.proc.pid).memory_info().rss / 2**20
+    return rss
 
 
 def print_report(title: str, rows: list[tuple[str, str, str]], raw: dict[str, Any]) -> None:
@@ -243,25 +259,46 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {python}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args()
-    q = args.quick
+def measure(quick: bool) -> dict[str, Any]:
+    """Every measure of this benchmark, raw."""
+    q = quick
     home = Home(BENCH_ENV)
     daemon = Daemon(home).start()
     try:
-        results = {
+        results: dict[str, Any] = {
             **bench_cli(home, 10 if q else 40),
             **bench_get_task(daemon, 300 if q else 2000),
             **bench_submits(daemon, 300 if q else 2000, 4, 500 if q else 3000),
         }
+        results["rss_mb_after_workload"] = daemon_rss_mb(daemon)
     finally:
         daemon.stop()
         home.cleanup()
     results.update(bench_get_task_busy(300 if q else 2000))
     results.update(bench_ready(3 if q else 10))
-    r = results
+    return results
+
+
+def report(quick: bool) -> targets.Report:
+    """This benchmark's run: raw numbers and verdicts."""
+    results = measure(quick)
+    notes = ["--quick: 10 `tale list` runs, 300 get_task calls, 2,300 submits, 3 starts"]
+    return targets.Report(
+        "bench_core", quick, results, targets.core(results), notes if quick else []
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--json", action="store_true", help="print one line: raw numbers and verdicts"
+    )
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps(report(args.quick).to_json()))
+        return
+    r = measure(args.quick)
     ratio = r["tale_list_p50_ms"] / r["python_pass_p50_ms"]
     rows = [
         (
@@ -294,6 +331,11 @@ def main() -> None:
             "spawn to READY=1, embedded model",
             f"p50 {r['ready_p50_s']:.2f} s, max {r['ready_max_s']:.2f} s",
             "<= 3 s",
+        ),
+        (
+            "daemon RSS after the submits, both models loaded",
+            f"{r['rss_mb_after_workload']:.0f} MB",
+            "<= 500 MB",
         ),
     ]
     print_report("Core benchmarks", rows, r)

@@ -1,6 +1,6 @@
 """Model-pool benchmarks (issue #3), run on demand.
 
-    python tests/bench/bench_pool.py [--quick]
+    python tests/bench/bench_pool.py [--quick] [--json]
 
 Against a real taled with both embedded roles loaded:
   - UX first-token latency (socket request to the first streamed piece), p50/p95,
@@ -12,23 +12,32 @@ Against a real taled with both embedded roles loaded:
   - model switch overhead: loading an optional model on demand (cold) vs running on it
     once loaded (warm), alternating two optional models under a memory floor that
     evicts each one as the other loads
+
+``--quick`` takes fewer runs and leaves out the conversation (bench_conversation.py
+measures that one, over 30 turns); ``--json`` prints one line, its ``targets.Report``
+(raw numbers and verdicts), which run_all.py reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import psutil
 
+from tale_client.rpc import DaemonUnreachable, RpcError
 from taled.models.backends.llamacpp import embedded_model_path
 from taled.settings import ChatSettings
+from tests.bench import targets
 from tests.bench.bench_core import LONG_TASK, direct_llama, machine, pct
 from tests.harness import Daemon, Home
 
@@ -39,10 +48,12 @@ THINK_SECONDS = 5.0
 ENV = {"TALE_RUNNER__MAX_TOKENS": "4000", "TALE_DAEMON__LOG_LEVEL": "warning"}
 
 
-def first_token_and_total(
+def timed_reply(
     daemon: Daemon, text: str, conversation: str | None = None
-) -> tuple[float, float]:
-    """Seconds to the first streamed piece and to the full reply, over one connection.
+) -> tuple[float, float, Exception | None]:
+    """Seconds to the first streamed piece and to the full reply, over one connection,
+    and the error the reply ended with: on a starved machine the daemon stops a reply at
+    ``chat.call_timeout_seconds``, and such a reply counts at the time it failed.
 
     Each turn starts a new conversation unless one is named: a turn's latency, not
     that of a conversation growing with every run (see ``conversation_latencies``).
@@ -52,6 +63,7 @@ def first_token_and_total(
         if conversation is None
         else {"text": text, "conversation": conversation}
     )
+    error: Exception | None = None
     with daemon.client() as conn:
         start = time.perf_counter()
         first: list[float] = []
@@ -60,17 +72,37 @@ def first_token_and_total(
             if not first:
                 first.append(time.perf_counter() - start)
 
-        conn.call_tool("chat", args, on_progress=on_piece)
+        try:
+            conn.call_tool("chat", args, on_progress=on_piece)
+        except (RpcError, DaemonUnreachable) as exc:
+            error = exc
         total = time.perf_counter() - start
-    return (first[0] if first else total), total
+    return (first[0] if first else total), total, error
+
+
+def first_token_and_total(
+    daemon: Daemon, text: str, conversation: str | None = None
+) -> tuple[float, float]:
+    """``timed_reply``'s two times; a failed reply raises its error."""
+    first, total, error = timed_reply(daemon, text, conversation)
+    if error is not None:
+        raise error
+    return first, total
 
 
 def latencies(
     daemon: Daemon, runs: int, conversation: str | None = None, think: float = 0.0
 ) -> dict[str, float]:
+    """First token and full reply p50 / p95 over ``runs`` short replies; ``failed`` counts
+    the replies that ended with an error (timed up to it)."""
+    failed = 0
+
     def one() -> tuple[float, float]:
+        nonlocal failed
         time.sleep(think)
-        return first_token_and_total(daemon, SHORT, conversation)
+        first, total, error = timed_reply(daemon, SHORT, conversation)
+        failed += error is not None
+        return first, total
 
     firsts, totals = zip(*(one() for _ in range(runs)), strict=True)
     return {
@@ -78,6 +110,7 @@ def latencies(
         "first_p95_ms": pct(list(firsts), 95) * 1000,
         "reply_p50_ms": pct(list(totals), 50) * 1000,
         "reply_p95_ms": pct(list(totals), 95) * 1000,
+        "failed": float(failed),
     }
 
 
@@ -95,34 +128,51 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
 
     One persistent connection (the daemon's cost, not connection set-up), streaming
     on; the direct side is a second instance of the same GGUF in this process, with
-    the same prompt, n_ctx, threads and greedy sampling, so both produce the same tokens.
+    the same prompt, n_ctx, threads, greedy sampling and reply cap (the daemon's
+    ``chat.max_tokens``, which the test harness lowers), so both produce the same tokens.
     """
     chat = ChatSettings()
+    max_tokens = int(daemon.home.env.get("TALE_CHAT__MAX_TOKENS", chat.max_tokens))
     llm = direct_llama()
     messages = [
         {"role": "system", "content": chat.system_prompt},
         {"role": "user", "content": text},
     ]
     via_socket, direct = [], []
+    failed = 0
     turn = {"text": text, "new": True}  # the same prompt as the direct side's
     with daemon.client() as conn:
-        conn.call_tool("chat", turn, on_progress=lambda _p: None)  # warm-up
+        with contextlib.suppress(RpcError):
+            conn.call_tool("chat", turn, on_progress=lambda _p: None)  # warm-up
         for _ in range(runs):
             start = time.perf_counter()
-            conn.call_tool("chat", turn, on_progress=lambda _p: None)
+            try:
+                conn.call_tool("chat", turn, on_progress=lambda _p: None)
+            except RpcError:  # stopped at chat.call_timeout_seconds: no pair
+                failed += 1
+                continue
             via_socket.append(time.perf_counter() - start)
             start = time.perf_counter()
             for _chunk in llm.create_chat_completion(
-                messages, max_tokens=chat.max_tokens, temperature=0, stream=True
+                messages, max_tokens=max_tokens, temperature=0, stream=True
             ):
                 pass
             direct.append(time.perf_counter() - start)
     llm.close()
+    if not direct:
+        nan = float("nan")
+        return {
+            "reply_via_socket_p50_s": nan,
+            "reply_direct_p50_s": nan,
+            "daemon_overhead_pct": nan,
+            "overhead_failed": float(failed),
+        }
     diffs = [a - b for a, b in zip(via_socket, direct, strict=True)]
     return {
         "reply_via_socket_p50_s": statistics.median(via_socket),
         "reply_direct_p50_s": statistics.median(direct),
         "daemon_overhead_pct": statistics.median(diffs) / statistics.median(direct) * 100,
+        "overhead_failed": float(failed),
     }
 
 
@@ -176,42 +226,89 @@ def switch_overhead(runs: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    runs = 12 if parser.parse_args().quick else 30
+@dataclass(frozen=True)
+class Plan:
+    """How many of each measure a run takes; 0 leaves one out."""
+
+    runs: int
+    overhead_runs: int
+    conversation_turns: int
+    switch_runs: int
+
+
+FULL = Plan(runs=30, overhead_runs=30, conversation_turns=30, switch_runs=10)
+QUICK = Plan(runs=8, overhead_runs=6, conversation_turns=0, switch_runs=3)
+QUICK_NOTES = [
+    "--quick: 8 replies per measure, 6 paired overhead runs, 3 model switches",
+    "--quick: no conversation part (bench_conversation.py measures it)",
+]
+
+
+def measure(plan: Plan) -> dict[str, Any]:
+    """Every measure of this benchmark the plan asks for, raw."""
     overhead_text = "Name the planets of the solar system."
     home = Home({**ENV, "TALE_CHAT__TEMPERATURE": "0"})
     daemon = Daemon(home).start()
+    r: dict[str, Any] = {}
     try:
         assert daemon.proc is not None
-        rss_mb = psutil.Process(daemon.proc.pid).memory_info().rss / 2**20
-        idle = latencies(daemon, runs)
-        overhead = paired_overhead(daemon, overhead_text, runs)
-        one = conversation_latencies(daemon, runs)
-        busy, still_running = busy_latencies(daemon, runs)
+        r["rss_mb_both_roles"] = psutil.Process(daemon.proc.pid).memory_info().rss / 2**20
+        r.update({f"idle_{k}": v for k, v in latencies(daemon, plan.runs).items()})
+        r.update(paired_overhead(daemon, overhead_text, plan.overhead_runs))
+        if plan.conversation_turns:
+            one = conversation_latencies(daemon, plan.conversation_turns)
+            r.update({f"conversation_{k}": v for k, v in one.items()})
+        busy, still_running = busy_latencies(daemon, plan.runs)
+        r.update({f"busy_{k}": v for k, v in busy.items()})
+        r["task_still_running_during_busy"] = still_running
     finally:
         daemon.stop()
         home.cleanup()
     home = Home({**ENV, "TALE_CHAT__TEMPERATURE": "0", "TALE_MODELS__POOL__UX_PRIORITY": "false"})
     daemon = Daemon(home).start()
     try:
-        shared, shared_running = busy_latencies(daemon, runs)
+        shared, shared_running = busy_latencies(daemon, plan.runs)
     finally:
         daemon.stop()
         home.cleanup()
-    switch = switch_overhead(max(runs // 3, 4))
-    r = {
-        "rss_mb_both_roles": rss_mb,
-        **{f"idle_{k}": v for k, v in idle.items()},
-        **{f"busy_{k}": v for k, v in busy.items()},
-        **{f"conversation_{k}": v for k, v in one.items()},
-        "task_still_running_during_busy": still_running,
-        **{f"no_priority_busy_{k}": v for k, v in shared.items()},
-        "task_still_running_without_priority": shared_running,
-        **overhead,
-        **switch,
-    }
+    r.update({f"no_priority_busy_{k}": v for k, v in shared.items()})
+    r["task_still_running_without_priority"] = shared_running
+    if plan.switch_runs:
+        r.update(switch_overhead(plan.switch_runs))
+    r["runs"] = plan.runs
+    return r
+
+
+def failure_notes(r: dict[str, Any]) -> list[str]:
+    """What failed: replies the daemon stopped (counted at the time they failed) and
+    overhead pairs left out."""
+    notes = []
+    for key, value in r.items():
+        if key.endswith("failed") and value:
+            part = key.removesuffix("_failed")
+            notes.append(f"{part}: {value:.0f} replies failed (chat.call_timeout_seconds)")
+    return notes
+
+
+def report(quick: bool) -> targets.Report:
+    """This benchmark's run: raw numbers and verdicts."""
+    r = measure(QUICK if quick else FULL)
+    notes = [*(QUICK_NOTES if quick else []), *failure_notes(r)]
+    return targets.Report("bench_pool", quick, r, targets.pool(r), notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer runs, no conversation part")
+    parser.add_argument(
+        "--json", action="store_true", help="print one line: raw numbers and verdicts"
+    )
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps(report(args.quick).to_json()))
+        return
+    plan = QUICK if args.quick else FULL
+    r = measure(plan)
     print(f"### Pool benchmarks, {time.strftime('%Y-%m-%d')}, {machine()}\n")
     print("| what | measured | target |")
     print("| --- | --- | --- |")
@@ -223,12 +320,13 @@ def main() -> None:
         f"| UX first token, task role generating | p50 {r['busy_first_p50_ms']:.0f} ms, p95 "
         f"{r['busy_first_p95_ms']:.0f} ms | p95 <= 250 ms |"
     )
-    print(
-        f"| UX first token, {runs} turns of one conversation, {THINK_SECONDS:.0f} s apart | p50 "
-        f"{r['conversation_first_p50_ms']:.0f} ms, p95 {r['conversation_first_p95_ms']:.0f} ms "
-        f"(history folded into its summary: {'yes' if r['conversation_folded'] else 'no'}) "
-        "| p95 <= 250 ms |"
-    )
+    if plan.conversation_turns:
+        print(
+            f"| UX first token, {plan.conversation_turns} turns of one conversation, "
+            f"{THINK_SECONDS:.0f} s apart | p50 {r['conversation_first_p50_ms']:.0f} ms, p95 "
+            f"{r['conversation_first_p95_ms']:.0f} ms (history folded into its summary: "
+            f"{'yes' if r['conversation_folded'] else 'no'}) | p95 <= 250 ms |"
+        )
     print(
         f"| short reply end to end, idle / busy (p95) | {r['idle_reply_p95_ms']:.0f} ms / "
         f"{r['busy_reply_p95_ms']:.0f} ms | <= 1 s |"
@@ -248,6 +346,8 @@ def main() -> None:
         f"{r['switch_load_p95_ms']:.0f} ms (task cold {r['task_cold_p50_ms']:.0f} ms vs warm "
         f"{r['task_warm_p50_ms']:.0f} ms) | < 500 ms |"
     )
+    for note in [*(QUICK_NOTES if args.quick else []), *failure_notes(r)]:
+        print(f"\n{note}")
     print("\n```json")
     print(
         json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, indent=1)
