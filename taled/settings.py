@@ -97,6 +97,14 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+Level = Literal["simple", "medium", "complex"]
+"""Task complexity levels, as the learning engine classifies them."""
+
+
+def _parted_levels() -> list[Level]:
+    return ["medium", "complex"]
+
+
 class DaemonSettings(BaseModel):
     """How the daemon process behaves."""
 
@@ -230,6 +238,10 @@ class PlannerSettings(BaseModel):
 
     decompose: bool = True
     """Plan tasks classified as complex into subtasks; off runs every task as one step."""
+    decompose_levels: list[Level] = Field(default_factory=_parted_levels)
+    """Predicted levels whose tasks are decomposed into subtasks after their direct
+    answers failed. Not simple ones by default: a one-part task has nothing to split, and
+    the workload's replay showed decomposition carrying none of them at ~3,400 tokens each."""
     complex_min_score: float = Field(default=0.6, ge=0, le=1)
     """Complexity score (0..1, from the classifier) at or above which a task is planned."""
     max_steps: int = Field(default=6, ge=2, le=50)
@@ -743,10 +755,6 @@ class UsageSettings(BaseModel):
     """The naive baseline's fixed max_tokens, used by the savings estimate."""
 
 
-Level = Literal["simple", "medium", "complex"]
-"""Task complexity levels, as the learning engine classifies them."""
-
-
 def _default_prior_tokens() -> dict[Level, int]:
     return {"simple": 120, "medium": 320, "complex": 700}
 
@@ -810,11 +818,15 @@ class LearningSettings(BaseModel):
     texts, so a replayed workload is reproducible; another seed picks others."""
     tactic_min_samples: int = Field(default=5, ge=1, le=100_000)
     """Uses of a costly tactic (a retry, decomposing after failed answers, planning up
-    front) on a model at a level before its record decides whether to use it."""
-    tactic_max_tokens_per_success: int = Field(default=10_000, ge=1)
-    """A tactic whose uses spent more tokens than this per task it carried (a plan, its
-    subtasks and the aggregation, say, for each task rescued) is skipped on that model at
-    that level; one that never carried a task is skipped at once."""
+    front) on a model at a level before that level's own record decides whether to use
+    it; until then the model's record over every level decides."""
+    tactic_max_cost_ratio: float = Field(default=10.0, ge=0)
+    """A tactic may spend per task it carries at most this many times what a task costs
+    that passes on its first answer on the same model (prompt and answer tokens): a
+    retry, a plan with its subtasks and aggregation, a decomposition. One that spends
+    more, or never carried a task, is skipped on that model (at that level once the level
+    has tactic_min_samples uses of its own). Raise it to trade tokens for passes; 0 skips
+    every costly tactic once a first answer has passed."""
     tactic_explore_rate: float = Field(default=0.1, ge=0, le=1)
     """Share of tasks that still use a skipped tactic (chosen as explore_rate's are), so
     the evidence keeps coming if the model gets better at it; it shrinks as the uses grow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -24,11 +23,11 @@ from taled.learning.complexity import (
     label_outcome,
     prior_probabilities,
 )
-from taled.learning.engine import LearningEngine, Outcome
+from taled.learning.engine import Assessment, LearningEngine, Outcome
 from taled.learning.memory import Neighbour, fts_query
 from taled.learning.selection import TACTICS, Selector, Tactic, Tactics, explores
 from taled.settings import LearningSettings, Level, ModelsSettings, StoreSettings
-from taled.tasks.planning.planner import features
+from taled.tasks.planning.planner import classify, features
 from taled.tasks.progress import ProgressHub
 
 LEARNING = LearningSettings()
@@ -105,7 +104,7 @@ def test_history_weight_never_decreases_as_history_grows(n: int, more: int, half
 @given(st.text(max_size=400))
 def test_the_rule_prior_is_a_distribution(text: str) -> None:
     """The rules' verdict, as probabilities, sums to 1 with each in [0, 1]."""
-    probs = prior_probabilities(text)
+    probs = prior_probabilities(classify(text))
     assert set(probs) == set(LEVELS)
     assert all(0 <= p <= 1 for p in probs.values())
     assert sum(probs.values()) == pytest.approx(1.0)
@@ -490,42 +489,101 @@ def test_thinking_follows_the_configured_levels() -> None:
     assert [selector.choose("a" * 12, lv).think for lv in LEVELS] == [False, True, True]
 
 
+def _judged(config: LearningSettings, pass_tokens: int = 100) -> Tactics:
+    """Tactics with a yardstick: ten tasks on model m that passed on their first answer,
+    ``pass_tokens`` each."""
+    tactics = Tactics(config)
+    for _ in range(10):
+        tactics.observe_pass("m", pass_tokens)
+    return tactics
+
+
 @given(
     st.sampled_from(TACTICS),
     st.integers(0, 60),
     st.integers(0, 60),
-    st.integers(0, 20_000),
+    st.integers(0, 5_000),
 )
-def test_a_tactic_is_skipped_only_when_its_record_says_it_costs_too_much_per_success(
+def test_a_tactic_is_kept_exactly_while_it_can_stay_within_its_cost_per_task_carried(
     tactic: Tactic, worked: int, failed: int, tokens: int
 ) -> None:
-    """Past tactic_min_samples, a tactic is kept exactly while the tokens its uses spent
-    per task it carried stay within tactic_max_tokens_per_success."""
+    """A tactic may spend tactic_max_cost_ratio times what a first-answer pass costs per
+    task it carries: judged on its record once it has tactic_min_samples uses, and before
+    that skipped only when even carrying every use still to come, at what its uses cost so
+    far, could not bring it there."""
     config = LearningSettings(tactic_explore_rate=0.0)
-    tactics = Tactics(config)
+    tactics = _judged(config)
     for i in range(worked + failed):
-        tactics.observe("llamacpp:m", "simple", tactic, i < worked, tokens)
-    allowed, reason = tactics.allows("abcdef012345", "llamacpp:m", "simple", tactic)
-    n = worked + failed
-    per_success = tokens * n / worked if worked else math.inf
-    keeps = n < config.tactic_min_samples or per_success <= config.tactic_max_tokens_per_success
+        tactics.observe("m", "simple", tactic, i < worked, tokens)
+    allowed, reason = tactics.allows("abcdef012345", "m", "simple", tactic)
+    n, limit = worked + failed, config.tactic_max_cost_ratio * 100
+    to_come = max(config.tactic_min_samples - n, 0)
+    carried = worked + to_come
+    # With no use yet there is no cost to go by.
+    cost = tokens * (n + to_come) if n else 0
+    keeps = cost <= limit * carried if carried else False
     assert allowed == keeps
     assert tactic in reason
-    # Evidence about one model or level says nothing about another.
-    assert tactics.allows("abcdef012345", "llamacpp:other", "simple", tactic)[0]
-    assert tactics.allows("abcdef012345", "llamacpp:m", "complex", tactic)[0]
+    # Another model has its own record (and no yardstick yet: everything is tried).
+    assert tactics.allows("abcdef012345", "other", "simple", tactic)[0]
+    # Another level with no record of its own is judged on the model's over every level.
+    assert tactics.allows("abcdef012345", "m", "complex", tactic)[0] == allowed
 
 
 def test_a_cheap_tactic_that_rarely_works_is_kept_and_a_costly_one_is_not() -> None:
-    """One rescue in ten is worth a 300-token retry, not a 5,000-token decomposition."""
-    tactics = Tactics(LearningSettings(tactic_explore_rate=0.0))
-    for i in range(10):
-        tactics.observe("m", "simple", "retry", i == 0, 300)
-        tactics.observe("m", "simple", "decompose", i == 0, 5000)
+    """One rescue in three is worth a 300-token retry (900 a rescue, within 10 x a
+    100-token pass), not a 5,000-token decomposition."""
+    tactics = _judged(LearningSettings(tactic_explore_rate=0.0))
+    for i in range(9):
+        tactics.observe("m", "simple", "retry", i % 3 == 0, 300)
+        tactics.observe("m", "simple", "decompose", i % 3 == 0, 5000)
     assert tactics.allows("a" * 12, "m", "simple", "retry")[0]
     allowed, reason = tactics.allows("a" * 12, "m", "simple", "decompose")
     assert not allowed
-    assert "it carried 1 of 10 simple tasks, 50,000 tokens per task carried" in reason
+    assert "it carried 3 of 9 simple tasks for 45,000 tokens, 15,000 per task carried" in reason
+    assert "10 x the 100 tokens of a first-answer pass" in reason
+
+
+def test_every_tactic_is_tried_until_a_first_answer_has_passed() -> None:
+    """With nothing to hold its cost against, a tactic's record does not decide."""
+    tactics = Tactics(LearningSettings(tactic_explore_rate=0.0))
+    for _ in range(20):
+        tactics.observe("m", "medium", "decompose", False, 5000)
+    allowed, reason = tactics.allows("a" * 12, "m", "medium", "decompose")
+    assert allowed
+    assert "no task has passed on its first answer yet" in reason
+
+
+def test_a_tactic_that_cannot_earn_back_what_it_spent_is_skipped_before_its_samples_are_in() -> (
+    None
+):
+    """A 400-token retry that failed once could still pay if its next four carried their
+    tasks (2,000 tokens for four: 500 each, within 1,000); a 3,500-token decomposition
+    that failed once could not (17,500 for four), and is skipped at once."""
+    tactics = _judged(LearningSettings(tactic_explore_rate=0.0, tactic_min_samples=5))
+    tactics.observe("m", "medium", "retry", False, 400)
+    assert tactics.allows("a" * 12, "m", "medium", "retry")[0]
+    tactics.observe("m", "complex", "decompose", False, 3500)
+    allowed, reason = tactics.allows("a" * 12, "m", "medium", "decompose")
+    assert not allowed
+    assert "it carried 0 of 1 tasks for 3,500 tokens" in reason
+    assert "even if its next 4 uses carry theirs" in reason
+
+
+def test_a_levels_own_record_decides_once_it_has_enough_samples() -> None:
+    """Plans that pay on complex tasks and not on medium ones: kept for complex, skipped for
+    medium, though the model's record over both levels would keep it."""
+    tactics = _judged(LearningSettings(tactic_explore_rate=0.0, tactic_min_samples=5))
+    for _ in range(20):
+        tactics.observe("m", "complex", "plan", True, 600)
+    for _ in range(5):
+        tactics.observe("m", "medium", "plan", False, 600)
+    assert tactics.allows("a" * 12, "m", "complex", "plan")[0]
+    allowed, reason = tactics.allows("a" * 12, "m", "medium", "plan")
+    assert not allowed
+    assert "it carried 0 of 5 medium tasks" in reason
+    # A level without its own samples goes by the model's: 20 of 25, 750 per task carried.
+    assert tactics.allows("a" * 12, "m", "simple", "plan")[0]
 
 
 def test_a_skipped_tactic_is_explored_less_the_more_its_uses_say_it_does_not_pay() -> None:
@@ -535,12 +593,28 @@ def test_a_skipped_tactic_is_explored_less_the_more_its_uses_say_it_does_not_pay
     ids = [f"{i:012x}" for i in range(4000)]
     shares = []
     for uses in (5, 20):
-        tactics = Tactics(config)
+        tactics = _judged(config)
         for _ in range(uses):
-            tactics.observe("m", "simple", "decompose", False, 4000)
+            tactics.observe("m", "simple", "decompose", False, 1000)
         tried = [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
         assert tried == [i for i in ids if tactics.allows(i, "m", "simple", "decompose")[0]]
         shares.append(len(tried) / len(ids))
+    assert 0.17 < shares[0] < 0.23
+    assert 0.035 < shares[1] < 0.065
+
+
+def test_a_skipped_tactic_is_explored_less_the_more_a_use_costs() -> None:
+    """Skipped after two uses, a tactic that spends its limit per use is still tried on
+    about tactic_explore_rate of tasks (not more: min_samples / uses is above one), one
+    that spends four times its limit on a quarter of that."""
+    config = LearningSettings(tactic_explore_rate=0.2, tactic_min_samples=5)
+    ids = [f"{i:012x}" for i in range(4000)]
+    shares = []
+    for per_use in (1000, 4000):
+        tactics = _judged(config)
+        for _ in range(2):
+            tactics.observe("m", "simple", "plan", False, per_use)
+        shares.append(sum(tactics.allows(i, "m", "simple", "plan")[0] for i in ids) / len(ids))
     assert 0.17 < shares[0] < 0.23
     assert 0.035 < shares[1] < 0.065
 
@@ -569,3 +643,42 @@ def test_ux_evidence_belongs_to_the_model_it_was_earned_on() -> None:
         selector.observe("ux", "simple", True, model="llamacpp:smollm2-135m")
     assert selector.choose("a" * 12, "simple", "llamacpp:smollm2-135m").role == "ux"
     assert selector.choose("a" * 12, "simple", "ollama:qwen2.5:0.5b").role == "task"
+
+
+def test_an_assessment_carries_the_rules_verdict_made_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's assessment is the one place a task is classified: the rules run once,
+    on features computed once, and their verdict travels in the assessment (and its
+    checkpoint form), so the runner need not classify again."""
+    from taled.tasks.planning import planner
+
+    calls = {"classify": 0, "features": 0}
+    real_classify, real_features = planner.classify, planner.features
+
+    def counted_classify(text: str, feats: dict[str, float] | None = None) -> planner.Complexity:
+        calls["classify"] += 1
+        return real_classify(text, feats)
+
+    def counted_features(text: str) -> dict[str, float]:
+        calls["features"] += 1
+        return real_features(text)
+
+    async def run() -> Assessment:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            engine = LearningEngine(store, LEARNING, ModelsSettings(), ceiling=4096)
+            await engine.start()
+            task = await store.submit("Build a CLI, then write tests and a README for it.", 50)
+            monkeypatch.setattr(planner, "classify", counted_classify)
+            monkeypatch.setattr(planner, "features", counted_features)
+            return await engine.assess(task)
+        finally:
+            await store.close()
+
+    assessment = asyncio.run(run())
+    assert calls == {"classify": 1, "features": 1}
+    text = "Build a CLI, then write tests and a README for it."
+    assert assessment.complexity() == classify(text)
+    assert Assessment.from_json(assessment.to_json()).complexity() == classify(text)

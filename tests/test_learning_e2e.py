@@ -231,9 +231,28 @@ def test_a_model_without_thinking_is_never_sent_think() -> None:
 
 
 def _seed_tactic_history(home: Home, tactic_column: str, uses: int, worked: bool) -> None:
-    """Finished simple tasks on the task model that used a tactic, in a stopped daemon."""
+    """Finished simple tasks on the task model that used a tactic (300 tokens each), in a
+    stopped daemon, after ten that passed on their first answer for 100 tokens each (the
+    yardstick: a tactic may spend 1,000 tokens per task it carries)."""
     now = time.time()
     with _db(home) as db:
+        for i in range(10):
+            task_id = f"{i + 100:012x}"
+            text = f"Name the colour of fruit number {i}"
+            db.execute(
+                "INSERT INTO tasks (id, text, state, priority, result, created_at, updated_at)"
+                " VALUES (?, ?, 'completed', 50, '', ?, ?)",
+                (task_id, text, now, now),
+            )
+            db.execute(
+                "INSERT INTO task_outcomes (task_id, at, text, features, predicted_level,"
+                " confidence, level, predicted_tokens, budget_tokens, prompt_tokens,"
+                " completion_tokens, success, role, backend, model, planned, retried,"
+                " retry_worked, decomposed) VALUES (?, ?, ?, '{}', 'simple', 0.9, 'simple',"
+                " 20, 48, 50, 50, 1, 'task', 'llamacpp', 'smollm2-135m', 0, 0, 0, 0)",
+                (task_id, now, text),
+            )
+            db.execute("INSERT INTO task_memory (task_id, text) VALUES (?, ?)", (task_id, text))
         for i in range(uses):
             task_id = f"{i:012x}"
             text = f"Tell me the name of river number {i}"
@@ -255,7 +274,11 @@ def _seed_tactic_history(home: Home, tactic_column: str, uses: int, worked: bool
 
 # A simple task whose gate cannot pass: every recovery stage runs, or is skipped.
 HOPELESS = {"text": "Say hello to my friend", "criteria": ["contains:XYZZY-never"]}
-DECOMPOSING = {"TALE_PLANNER__DECOMPOSE": "true", "TALE_LEARNING__TACTIC_EXPLORE_RATE": "0"}
+DECOMPOSING = {
+    "TALE_PLANNER__DECOMPOSE": "true",
+    "TALE_PLANNER__DECOMPOSE_LEVELS": '["simple", "medium", "complex"]',
+    "TALE_LEARNING__TACTIC_EXPLORE_RATE": "0",
+}
 
 
 def _steps_of_a_hopeless_task(home: Home) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -277,6 +300,15 @@ def _steps_of_a_hopeless_task(home: Home) -> tuple[list[tuple[str, int]], dict[s
         return steps, task
     finally:
         daemon.stop()
+
+
+def test_a_simple_task_is_not_decomposed_by_default(home: Home) -> None:
+    """A simple task whose answers fail is not planned into subtasks (a one-part task has
+    nothing to split: planner.decompose_levels), and its error says so."""
+    home.env.update({"TALE_PLANNER__DECOMPOSE": "true"})
+    steps, task = _steps_of_a_hopeless_task(home)
+    assert steps == [("answer", 1), ("answer", 2)]
+    assert "decompose: not for this level (planner.decompose_levels)" in task["error"]
 
 
 def test_decomposing_is_skipped_where_it_never_rescued_a_task(home: Home) -> None:

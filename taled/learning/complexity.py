@@ -56,6 +56,8 @@ class Estimate:
     probabilities: dict[Level, float]
     history_weight: float
     """How much the learned model counted (0: rules only)."""
+    rules: planner.Complexity
+    """The rule classifier's verdict, the prior (its score decides up-front planning)."""
 
 
 def label_outcome(
@@ -91,10 +93,9 @@ def history_weight(distinct: int, half_weight: int) -> float:
     return n / (n + half_weight)
 
 
-def prior_probabilities(text: str) -> dict[Level, float]:
+def prior_probabilities(rule: planner.Complexity) -> dict[Level, float]:
     """The rule classifier's verdict as a distribution: its confidence on its level,
     the rest to the other two, more to the adjacent one."""
-    rule = planner.classify(text)
     c = min(max(rule.confidence, 0.0), 1.0)
     rest = 1.0 - c
     i = LEVELS.index(rule.level)
@@ -166,7 +167,8 @@ class ComplexityModel:
     def predict(self, text: str, features: Mapping[str, float] | None = None) -> Estimate:
         """The blended classification of a task's text."""
         feats = features if features is not None else planner.features(text)
-        prior = prior_probabilities(text)
+        rules = planner.classify(text, dict(feats))
+        prior = prior_probabilities(rules)
         learned = self.learned(text, feats)
         w = history_weight(self.distinct, self._half_weight) if learned is not None else 0.0
         probs = {
@@ -177,7 +179,7 @@ class ComplexityModel:
         probs = {level: p / total for level, p in probs.items()}
         level = max(LEVELS, key=lambda lv: (probs[lv], -LEVELS.index(lv)))
         confidence = min(max(probs[level], 0.0), 1.0)
-        return Estimate(level, round(confidence, 4), probs, round(w, 4))
+        return Estimate(level, round(confidence, 4), probs, round(w, 4), rules)
 
 
 def _softmax(a: np.ndarray) -> np.ndarray:

@@ -101,6 +101,21 @@ class Assessment:
     ``decompose``, ``plan``; each for the reason in ``tactics``."""
     tactics: dict[str, str] = field(default_factory=dict)
     """Why each tactic is used or skipped."""
+    rules: dict[str, Any] | None = None
+    """The rule classifier's verdict (``planner.Complexity`` as JSON: level, score,
+    confidence, reasons), made once here; the runner plans up front by its score.
+    None in an assessment saved before it was kept (the runner classifies again)."""
+
+    def complexity(self) -> planner.Complexity | None:
+        """The rules' verdict (None for an assessment saved before it was kept)."""
+        if self.rules is None:
+            return None
+        return planner.Complexity(
+            self.rules["level"],
+            float(self.rules["score"]),
+            float(self.rules["confidence"]),
+            tuple(self.rules["reasons"]),
+        )
 
     def allows(self, tactic: Tactic) -> bool:
         """Whether the task may be carried with ``tactic``."""
@@ -322,6 +337,7 @@ class LearningEngine:
             ),
             skip=skip,
             tactics=tactics,
+            rules={**asdict(estimate.rules), "reasons": list(estimate.rules.reasons)},
         )
 
     def remember(self, task_id: str, assessment: Assessment) -> None:
@@ -491,6 +507,14 @@ class LearningEngine:
                 self._tactics.observe(model, level, "retry", bool(row.retry_worked), retry)
             if row.decomposed:
                 self._tactics.observe(model, level, "decompose", bool(row.success), planning)
+            if (
+                row.success
+                and row.planned is False
+                and row.decomposed is False
+                and not (row.retried or row.retries)
+            ):
+                # Passed on its first answer with no tactic: what a tactic is judged against.
+                self._tactics.observe_pass(model, whole)
 
     async def _fit(self) -> None:
         """Fit a fresh classifier off the event loop, then swap it in."""

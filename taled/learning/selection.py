@@ -10,14 +10,20 @@ are the *predicted* ones, the only ones known when the route is chosen.
 
 The costly tactics a task can be carried with beyond one direct answer are kept
 only while they pay off on the model (``Tactics``): a retry after a failed gate,
-decomposing a task whose direct answers failed, planning a complex task up
-front. Each is counted per (model, predicted level): how often it carried the
-task, and the tokens its own calls spent. Once it has been tried
-``tactic_min_samples`` times and spends more than ``tactic_max_tokens_per_success``
-tokens per task it carries (every token, if it carried none), it is skipped —
-except for a share of tasks (by the same hash, with the tactic), so the
-evidence keeps coming if the model improves: ``tactic_explore_rate`` at first,
-shrinking as the uses that say it does not pay accumulate (times min_samples / uses).
+decomposing a task whose direct answers failed, planning a complex task up front.
+Each is counted per (model, predicted level): how often it carried the task, and the
+tokens its own calls spent. What it may spend per task it carries is measured against
+what a task costs that passes on its first answer on the same model (its prompt and
+answer): at most ``tactic_max_cost_ratio`` times that. A level's own record decides
+once it has ``tactic_min_samples`` uses; before that, the model's record over every
+level does (the evidence that a 135M model cannot decompose is the same for medium and
+complex tasks). A tactic is skipped before its samples are in when it could not pay
+even if every use still to come carried its task, at what its uses have cost so far. A
+skipped tactic is still tried on a share of tasks (by the same hash, with the tactic),
+so the evidence keeps coming if the model improves: ``tactic_explore_rate`` at first,
+shrinking as the uses that say it does not pay accumulate (times min_samples / uses),
+and for a tactic whose one use costs more than it may spend per task carried (times
+that limit / its tokens per use).
 """
 
 from __future__ import annotations
@@ -107,12 +113,15 @@ class Selector:
 
 class Tactics:
     """What each costly tactic cost and how often it carried a task, per (model,
-    predicted level), and the rule that keeps or skips it."""
+    predicted level), what a task that passes on its first answer costs per model, and
+    the rule that keeps or skips a tactic."""
 
     def __init__(self, settings: LearningSettings) -> None:
         self._settings = settings
         # (model, level, tactic) -> (uses that carried the task, uses, tokens of those uses)
         self._counts: dict[tuple[str, str, Tactic], tuple[int, int, int]] = {}
+        # model -> (tasks that passed on their first answer, their tokens)
+        self._passes: dict[str, tuple[int, int]] = {}
 
     def observe(self, model: str, level: str, tactic: Tactic, worked: bool, tokens: int) -> None:
         """Count one use of ``tactic`` on a finished task: whether it carried the task, and
@@ -120,13 +129,34 @@ class Tactics:
         good, n, spent = self._counts.get((model, level, tactic), (0, 0, 0))
         self._counts[(model, level, tactic)] = (good + int(worked), n + 1, spent + tokens)
 
+    def observe_pass(self, model: str, tokens: int) -> None:
+        """Count one task that passed on its first answer on ``model`` with no tactic, and
+        its tokens (prompt and answer): the yardstick a tactic's cost is held to."""
+        n, spent = self._passes.get(model, (0, 0))
+        self._passes[model] = (n + 1, spent + tokens)
+
     def clear(self) -> None:
         """Forget every count (before a refit)."""
         self._counts.clear()
+        self._passes.clear()
 
-    def cost_per_success(self, model: str, level: str, tactic: Tactic) -> float | None:
-        """Tokens spent per task the tactic carried (inf if it carried none; None unused)."""
-        good, n, spent = self._counts.get((model, level, tactic), (0, 0, 0))
+    def pass_cost(self, model: str) -> float | None:
+        """Mean tokens of a task that passed on its first answer on ``model`` (None: none yet)."""
+        n, spent = self._passes.get(model, (0, 0))
+        return spent / n if n else None
+
+    def record(self, model: str, level: str | None, tactic: Tactic) -> tuple[int, int, int]:
+        """(carried, uses, tokens) of ``tactic`` on ``model`` at ``level``; every level's
+        summed with ``level`` None."""
+        if level is not None:
+            return self._counts.get((model, level, tactic), (0, 0, 0))
+        rows = [v for (m, _, t), v in self._counts.items() if m == model and t == tactic]
+        return (sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
+
+    def cost_per_success(self, model: str, level: str | None, tactic: Tactic) -> float | None:
+        """Tokens spent per task the tactic carried (inf if it carried none; None unused);
+        ``level`` None: over every level."""
+        good, n, spent = self.record(model, level, tactic)
         if not n:
             return None
         return spent / good if good else math.inf
@@ -134,21 +164,39 @@ class Tactics:
     def allows(self, key: str, model: str, level: str, tactic: Tactic) -> tuple[bool, str]:
         """Whether this task (``key``: its text) may use ``tactic`` on ``model``, and why."""
         s = self._settings
-        good, n, _ = self._counts.get((model, level, tactic), (0, 0, 0))
-        if n < s.tactic_min_samples:
-            return True, f"{tactic}: {n} of {s.tactic_min_samples} samples"
-        cost = self.cost_per_success(model, level, tactic)
-        assert cost is not None
-        record = f"it carried {good} of {n} {level} tasks" + (
-            f", {cost:,.0f} tokens per task carried" if good else ""
+        own = self.record(model, level, tactic)
+        good, n, spent = own if own[1] >= s.tactic_min_samples else self.record(model, None, tactic)
+        tasks = f"{level} tasks" if own[1] >= s.tactic_min_samples else "tasks"
+        yardstick = self.pass_cost(model)
+        if yardstick is None:
+            return True, f"{tactic}: no task has passed on its first answer yet to judge it by"
+        limit = s.tactic_max_cost_ratio * yardstick
+        record = f"it carried {good} of {n} {tasks} for {spent:,} tokens"
+        to_come = max(s.tactic_min_samples - n, 0)
+        per_use = spent / n if n else 0.0
+        if to_come:
+            # Could it pay if every use still to come carried its task, at what its uses
+            # have cost so far? A plan that spent 4,000 tokens on one task it did not
+            # carry cannot come within 1,200 a task in its next four.
+            if (spent + to_come * per_use) / (good + to_come) <= limit:
+                return True, f"{tactic}: {n} of {s.tactic_min_samples} samples ({record})"
+            why = f"over {limit:,.0f} per task carried even if its next {to_come} uses carry theirs"
+        else:
+            cost = spent / good if good else math.inf
+            if cost <= limit:
+                return True, f"{tactic} kept: {record}, {cost:,.0f} per task carried"
+            why = f"{cost:,.0f} per task carried, over {limit:,.0f}" if good else "none carried"
+        # The more uses say it does not pay, the rarer a look at whether it has changed;
+        # and a look costs what a use does, so one that costs more than a task it carries
+        # may is looked at that much more rarely.
+        share = (
+            s.tactic_explore_rate
+            * min(1.0, s.tactic_min_samples / max(n, 1))
+            * min(1.0, limit / per_use if per_use else 1.0)
         )
-        if cost <= s.tactic_max_tokens_per_success:
-            return True, f"{tactic} kept: {record}"
-        # The more uses say it does not pay, the rarer a look at whether it has changed.
-        share = s.tactic_explore_rate * s.tactic_min_samples / n
         if explores(f"{key}:{tactic}", share, s.explore_seed):
             return True, f"{tactic} explored: {record}"
         return False, (
-            f"{tactic} skipped: {record} "
-            f"(learning.tactic_max_tokens_per_success is {s.tactic_max_tokens_per_success:,})"
+            f"{tactic} skipped: {record}, {why} (learning.tactic_max_cost_ratio: "
+            f"{s.tactic_max_cost_ratio:g} x the {yardstick:,.0f} tokens of a first-answer pass)"
         )

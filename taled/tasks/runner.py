@@ -571,10 +571,11 @@ class Runner:
         route = self._router.for_task(task)
         criteria = gates.parse_criteria(list(task.criteria))
         acting = task.act
+        if ws.phase == "start":
+            complexity = self._classified(task, assessment)
+            ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
         if ws.phase == "start" and self._acts(task):
             assert self._acting is not None
-            complexity = planner.classify(task.text)
-            ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
             planned = self._acting.settings.agent.plan and self._planned(complexity, assessment)
             ws.phase = "plan" if planned else "act"
             if not task.act:
@@ -586,8 +587,6 @@ class Runner:
             assert self._agent is not None
             await self._agent.prepare(task, ws, self._save)
         if ws.phase == "start":
-            complexity = planner.classify(task.text)
-            ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
             planned = self._planned(complexity, assessment)
             ws.phase = "plan" if planned else "answer"
             level = assessment.level if assessment is not None else complexity.level
@@ -609,10 +608,11 @@ class Runner:
                     criteria,
                     route,
                     token,
-                    can_decompose=self._may(assessment, "decompose"),
+                    can_decompose=self._may(assessment, "decompose")
+                    and self._decomposable(ws, assessment),
                     budget=budget,
                     retry=self._may(assessment, "retry"),
-                    skipped=self._skipped(assessment),
+                    skipped=self._skipped(ws, assessment),
                 )
             except _Decompose:
                 ws.phase, ws.decomposed = "plan", True
@@ -650,6 +650,22 @@ class Runner:
                 task, ws, "aggregate", messages, criteria, route, token, can_decompose=False
             )
             await self._complete(task, ws)
+
+    @staticmethod
+    def _classified(task: TaskRecord, assessment: Assessment | None) -> planner.Complexity:
+        """The rules' verdict on the task: the learning engine's, made when it assessed
+        the task (the one place a task is classified); the rules' own without an engine,
+        or for an assessment checkpointed before it kept the verdict."""
+        rules = assessment.complexity() if assessment is not None else None
+        return rules if rules is not None else planner.classify(task.text)
+
+    def _decomposable(self, ws: WorkState, assessment: Assessment | None) -> bool:
+        """Whether the task's predicted level is one whose failed answers are decomposed
+        (``planner.decompose_levels``): the learning engine's level, else the rules'."""
+        level = assessment.level if assessment is not None else None
+        if level is None and ws.complexity:
+            level = ws.complexity.get("level")
+        return level in self._planning.decompose_levels
 
     def _planned(self, complexity: planner.Complexity, assessment: Assessment | None) -> bool:
         """Whether a task is planned into subtasks: complex by the rules or by history,
@@ -716,11 +732,14 @@ class Runner:
         """Whether history lets this task use a costly tactic (taled.learning.selection.Tactics)."""
         return not self._learning_on or assessment is None or assessment.allows(tactic)
 
-    def _skipped(self, assessment: Assessment | None) -> str:
+    def _skipped(self, ws: WorkState, assessment: Assessment | None) -> str:
         """Why tactics were left out, for a failure message ("" when none were)."""
-        if not self._learning_on or assessment is None:
-            return ""
-        return "; ".join(assessment.tactics[t] for t in assessment.skip if t in assessment.tactics)
+        why = []
+        if self._planning.decompose and not self._decomposable(ws, assessment):
+            why.append("decompose: not for this level (planner.decompose_levels)")
+        if self._learning_on and assessment is not None:
+            why += [assessment.tactics[t] for t in assessment.skip if t in assessment.tactics]
+        return "; ".join(why)
 
     def _learned_complex(self, assessment: Assessment | None) -> bool:
         """Whether history (not the rules alone) says the task is complex."""

@@ -183,7 +183,7 @@ def features(text: str) -> dict[str, float]:
     }
 
 
-def classify(text: str) -> Complexity:
+def classify(text: str, feats: dict[str, float] | None = None) -> Complexity:
     """A first, rule-based complexity classifier over ``features(text)``.
 
     Each feature adds its weight in ``_WEIGHTS`` per unit beyond the first request,
@@ -191,9 +191,11 @@ def classify(text: str) -> Complexity:
     to 1.2 at 200 words. The score is ``1 - exp(-raw)``: simple below 0.3, complex
     from 0.6. Confidence is the score's distance from the nearest level boundary
     (0.5 on a boundary, 1.0 at 0.3 or more away): a margin, not a probability.
-    The learning engine replaces this later; ``features`` stays its input.
+    The learning engine blends it with what history says (taled.learning.complexity),
+    and is the one caller of it for a task (``Assessment.rules``); ``feats``, when
+    given, are ``features(text)`` already computed.
     """
-    f = features(text)
+    f = feats if feats is not None else features(text)
     parts = {
         "extra_requests": max(f["requests"] - 1, 0),
         "extra_verbs": max(f["verbs"] - 1, 0),
