@@ -826,7 +826,7 @@ class LearningSettings(BaseModel):
     retry, a plan with its subtasks and aggregation, a decomposition. One that spends
     more, or never carried a task, is skipped on that model (at that level once the level
     has tactic_min_samples uses of its own). Raise it to trade tokens for passes; 0 skips
-    every costly tactic once a first answer has passed."""
+    a tactic after its first use (once a first answer has passed)."""
     tactic_explore_rate: float = Field(default=0.1, ge=0, le=1)
     """Share of tasks that still use a skipped tactic (chosen as explore_rate's are), so
     the evidence keeps coming if the model gets better at it; it shrinks as the uses grow

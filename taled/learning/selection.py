@@ -153,14 +153,6 @@ class Tactics:
         rows = [v for (m, _, t), v in self._counts.items() if m == model and t == tactic]
         return (sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
 
-    def cost_per_success(self, model: str, level: str | None, tactic: Tactic) -> float | None:
-        """Tokens spent per task the tactic carried (inf if it carried none; None unused);
-        ``level`` None: over every level."""
-        good, n, spent = self.record(model, level, tactic)
-        if not n:
-            return None
-        return spent / good if good else math.inf
-
     def allows(self, key: str, model: str, level: str, tactic: Tactic) -> tuple[bool, str]:
         """Whether this task (``key``: its text) may use ``tactic`` on ``model``, and why."""
         s = self._settings
