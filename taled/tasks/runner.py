@@ -599,6 +599,7 @@ class Runner:
         if ws.phase == "answer":
             messages = self._messages(asked.text)
             budget = assessment.budget if assessment and self._learning_on else None
+            parted = self._decomposable(ws, assessment)
             try:
                 ws.result = await self._produce(
                     task,
@@ -608,11 +609,10 @@ class Runner:
                     criteria,
                     route,
                     token,
-                    can_decompose=self._may(assessment, "decompose")
-                    and self._decomposable(ws, assessment),
+                    can_decompose=self._may(assessment, "decompose") and parted,
                     budget=budget,
                     retry=self._may(assessment, "retry"),
-                    skipped=self._skipped(ws, assessment),
+                    skipped=self._skipped(assessment, parted),
                 )
             except _Decompose:
                 ws.phase, ws.decomposed = "plan", True
@@ -732,10 +732,11 @@ class Runner:
         """Whether history lets this task use a costly tactic (taled.learning.selection.Tactics)."""
         return not self._learning_on or assessment is None or assessment.allows(tactic)
 
-    def _skipped(self, ws: WorkState, assessment: Assessment | None) -> str:
-        """Why tactics were left out, for a failure message ("" when none were)."""
+    def _skipped(self, assessment: Assessment | None, parted: bool) -> str:
+        """Why tactics were left out, for a failure message ("" when none were);
+        ``parted``: whether the task's level is one that is decomposed."""
         why = []
-        if self._planning.decompose and not self._decomposable(ws, assessment):
+        if self._planning.decompose and not parted:
             why.append("decompose: not for this level (planner.decompose_levels)")
         if self._learning_on and assessment is not None:
             why += [assessment.tactics[t] for t in assessment.skip if t in assessment.tactics]

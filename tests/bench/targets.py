@@ -11,7 +11,7 @@ not valid (the task meant to keep the model busy had already finished) says so a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -113,6 +113,23 @@ def ms(value: float) -> str:
     return f"{value:.2f} ms" if value < 10 else f"{value:,.0f} ms"
 
 
+def _against(
+    key: str,
+    name: str,
+    value: Any,
+    bench: str,
+    met: Callable[[float], bool],
+    *,
+    shown: str,
+    goal: str,
+) -> Target:
+    """Met when ``met(value)``; not measured when ``value`` is missing or NaN."""
+    number = _number(value)
+    if number is None:
+        return Target(key, name, goal, shown or "-", Verdict.NOT_MEASURED, bench)
+    return Target(key, name, goal, shown, Verdict.MET if met(number) else Verdict.MISSED, bench)
+
+
 def at_most(
     key: str,
     name: str,
@@ -124,11 +141,7 @@ def at_most(
     goal: str,
 ) -> Target:
     """Met when ``value`` <= ``limit``; not measured when ``value`` is missing or NaN."""
-    number = _number(value)
-    if number is None:
-        return Target(key, name, goal, shown or "-", Verdict.NOT_MEASURED, bench)
-    verdict = Verdict.MET if number <= limit else Verdict.MISSED
-    return Target(key, name, goal, shown, verdict, bench)
+    return _against(key, name, value, bench, lambda n: n <= limit, shown=shown, goal=goal)
 
 
 def at_least(
@@ -142,11 +155,7 @@ def at_least(
     goal: str,
 ) -> Target:
     """Met when ``value`` >= ``limit``; not measured when ``value`` is missing or NaN."""
-    number = _number(value)
-    if number is None:
-        return Target(key, name, goal, shown or "-", Verdict.NOT_MEASURED, bench)
-    verdict = Verdict.MET if number >= limit else Verdict.MISSED
-    return Target(key, name, goal, shown, verdict, bench)
+    return _against(key, name, value, bench, lambda n: n >= limit, shown=shown, goal=goal)
 
 
 def holds(key: str, name: str, ok: bool | None, bench: str, *, shown: str, goal: str) -> Target:
