@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from taled.db.schema import MIGRATIONS
 from taled.db.store import Store
+from taled.learning.assessment import Assessment
 from taled.learning.budget import BudgetPredictor, clamp_budget
 from taled.learning.complexity import (
     LEVELS,
@@ -23,7 +24,7 @@ from taled.learning.complexity import (
     label_outcome,
     prior_probabilities,
 )
-from taled.learning.engine import Assessment, LearningEngine, Outcome
+from taled.learning.engine import LearningEngine, Outcome
 from taled.learning.memory import Neighbour, fts_query
 from taled.learning.selection import TACTICS, Selector, Tactic, Tactics, explores
 from taled.settings import LearningSettings, Level, ModelsSettings, StoreSettings
@@ -680,5 +681,5 @@ def test_an_assessment_carries_the_rules_verdict_made_once(
     assessment = asyncio.run(run())
     assert calls == {"classify": 1, "features": 1}
     text = "Build a CLI, then write tests and a README for it."
-    assert assessment.complexity() == classify(text)
-    assert Assessment.from_json(assessment.to_json()).complexity() == classify(text)
+    assert assessment.rules == classify(text)
+    assert Assessment.from_json(assessment.to_json()).rules == classify(text)

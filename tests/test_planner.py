@@ -555,6 +555,8 @@ def _corrupt(edit: str) -> dict[str, Any]:
             del steps[0]["title"]
         case "extra field":
             steps[0]["colour"] = "red"
+        case "extra plan field":
+            data["colour"] = "red"
         case "wrong type":
             steps[1]["needs"] = "a"
         case "empty instruction":
@@ -580,6 +582,7 @@ def _corrupt(edit: str) -> dict[str, Any]:
         "no steps",
         "missing field",
         "extra field",
+        "extra plan field",
         "wrong type",
         "empty instruction",
         "duplicate id",

@@ -25,24 +25,25 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from taled.db.acting import ActingRecords
 from taled.db.learning import Embedding, LearningRecords, LedgerFacts, Outcome, OutcomeRecord
 from taled.db.store import Store, TaskRecord
 from taled.errors import TaleError
+from taled.learning.assessment import Assessment
 from taled.learning.budget import BudgetPredictor
 from taled.learning.complexity import ComplexityModel, label_outcome
 from taled.learning.embeddings import EmbeddingService
 from taled.learning.memory import Neighbour, SimilarTasks, Vector
-from taled.learning.selection import TACTICS, Selector, Tactic, Tactics
+from taled.learning.selection import TACTICS, Selector, Tactics
 from taled.settings import LearningSettings, Level, ModelsSettings, Role, parse_model_spec
 from taled.tasks.lifecycle import TaskState
 from taled.tasks.planning import planner
 from taled.tasks.workstate import WorkState
 
-__all__ = ["Assessment", "LearningEngine", "Outcome", "model_key", "predictable_tokens"]
+__all__ = ["LearningEngine", "Outcome", "model_key", "predictable_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -66,86 +67,6 @@ def _spec_key(spec: str) -> str:
     parsed = parse_model_spec(spec)
     name = f"{parsed.base_url}#{parsed.model}" if parsed.backend == "openai" else parsed.model
     return model_key(parsed.backend, name)
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """What the engine expects of a task when it starts."""
-
-    level: Level
-    confidence: float
-    probabilities: dict[str, float]
-    history_weight: float
-    predicted_tokens: int
-    budget: int
-    similar: list[str]
-    """Ids of the similar past tasks the prediction used, nearest first."""
-    role: Role
-    think: bool
-    reason: str
-    """Why this role (for the log and get_task)."""
-    model: str
-    """The model the prediction was for (``backend:model``)."""
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
-    similarity: str = "bm25"
-    """How the similar tasks were found: ``bm25``, ``bm25+embedding``, or
-    ``bm25 (embedding unavailable)`` when the embedder failed and the lookup fell back."""
-    similar_via: list[str] = field(default_factory=list)
-    """For each similar task, how it was found: ``bm25``, ``embedding`` or both."""
-    predicted_steps: int | None = None
-    """Tool calls an acting task is expected to make: the similarity-weighted mean of its
-    similar past acting tasks' tool calls, from the tool ledger (None without any)."""
-    skip: list[str] = field(default_factory=list)
-    """Costly tactics this task goes without (taled.learning.selection.Tactics): ``retry``,
-    ``decompose``, ``plan``; each for the reason in ``tactics``."""
-    tactics: dict[str, str] = field(default_factory=dict)
-    """Why each tactic is used or skipped."""
-    rules: dict[str, Any] | None = None
-    """The rule classifier's verdict (``planner.Complexity`` as JSON: level, score,
-    confidence, reasons), made once here; the runner plans up front by its score.
-    None in an assessment saved before it was kept (the runner classifies again)."""
-
-    def complexity(self) -> planner.Complexity | None:
-        """The rules' verdict (None for an assessment saved before it was kept)."""
-        if self.rules is None:
-            return None
-        return planner.Complexity(
-            self.rules["level"],
-            float(self.rules["score"]),
-            float(self.rules["confidence"]),
-            tuple(self.rules["reasons"]),
-        )
-
-    def allows(self, tactic: Tactic) -> bool:
-        """Whether the task may be carried with ``tactic``."""
-        return tactic not in self.skip
-
-    def to_json(self) -> dict[str, Any]:
-        """The checkpoint form."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Assessment:
-        """Read the checkpoint form back."""
-        return cls(**data)
-
-    def summary(self) -> dict[str, Any]:
-        """What get_task shows as ``estimate``."""
-        return {
-            "level": self.level,
-            "confidence": self.confidence,
-            "predicted_tokens": self.predicted_tokens,
-            "budget": self.budget,
-            "similar": list(self.similar),
-            "similar_via": list(self.similar_via),
-            "similarity": self.similarity,
-            "role": self.role,
-            "think": self.think,
-            "eta_seconds": self.eta_seconds,
-            "predicted_steps": self.predicted_steps,
-            "skip": list(self.skip),
-        }
 
 
 def _predicted_steps(neighbours: Sequence[Neighbour], calls: dict[str, int]) -> int | None:
@@ -337,7 +258,7 @@ class LearningEngine:
             ),
             skip=skip,
             tactics=tactics,
-            rules={**asdict(estimate.rules), "reasons": list(estimate.rules.reasons)},
+            rules=estimate.rules,
         )
 
     def remember(self, task_id: str, assessment: Assessment) -> None:
@@ -381,13 +302,13 @@ class LearningEngine:
         ):
             return None
         assessment = self._active.get(task.id)
-        if assessment is None and ws is not None and ws.estimate:
-            assessment = Assessment.from_json(ws.estimate)
+        if assessment is None and ws is not None:
+            assessment = ws.estimate
         if assessment is None:
             assessment = await self.assess(task)
         steps = 1
         if ws is not None and ws.plan is not None:
-            steps = max(len(ws.plan.get("steps", [])), 1)
+            steps = max(len(ws.plan.steps), 1)
         gate_passed: bool | None = None
         if ws is not None:
             final = ws.attempts.get("aggregate" if ws.plan is not None else "answer", [])

@@ -24,7 +24,7 @@ import os
 import time
 import weakref
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ from taled.errors import (
     Unavailable,
     is_no_space,
 )
-from taled.learning.engine import Assessment, LearningEngine
+from taled.learning.assessment import Assessment
+from taled.learning.engine import LearningEngine
 from taled.learning.selection import Tactic
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.models.pool import ModelCall, ModelPool
@@ -57,7 +58,7 @@ from taled.tasks.planning import planner
 from taled.tasks.planning.needs_tools import needs_tools
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
-from taled.tasks.workstate import AgentState, Attempt, AttemptKey, WorkState
+from taled.tasks.workstate import AgentState, Attempt, AttemptKey, Partial, WorkState
 from taled.text import one_line
 from taled.tools.base import ToolSpec
 from taled.tools.service import Acting
@@ -573,7 +574,7 @@ class Runner:
         acting = task.act
         if ws.phase == "start":
             complexity = self._classified(task, assessment)
-            ws.complexity = {**asdict(complexity), "reasons": list(complexity.reasons)}
+            ws.complexity = complexity
         if ws.phase == "start" and self._acts(task):
             assert self._acting is not None
             planned = self._acting.settings.agent.plan and self._planned(complexity, assessment)
@@ -638,10 +639,9 @@ class Runner:
             await self._complete(task, ws)
             return
         if ws.phase == "aggregate":
-            plan = planner.Plan.from_json(ws.plan or {})
             messages = planner.aggregate_messages(
                 asked.text,
-                plan,
+                self._plan_of(ws),
                 ws.outputs,
                 self._planning.aggregate_chars,
                 self._settings.system_prompt,
@@ -656,15 +656,15 @@ class Runner:
         """The rules' verdict on the task: the learning engine's, made when it assessed
         the task (the one place a task is classified); the rules' own without an engine,
         or for an assessment checkpointed before it kept the verdict."""
-        rules = assessment.complexity() if assessment is not None else None
+        rules = assessment.rules if assessment is not None else None
         return rules if rules is not None else planner.classify(task.text)
 
     def _decomposable(self, ws: WorkState, assessment: Assessment | None) -> bool:
         """Whether the task's predicted level is one whose failed answers are decomposed
         (``planner.decompose_levels``): the learning engine's level, else the rules'."""
         level = assessment.level if assessment is not None else None
-        if level is None and ws.complexity:
-            level = ws.complexity.get("level")
+        if level is None and ws.complexity is not None:
+            level = ws.complexity.level
         return level in self._planning.decompose_levels
 
     def _planned(self, complexity: planner.Complexity, assessment: Assessment | None) -> bool:
@@ -683,7 +683,7 @@ class Runner:
         assert task.parent_id is not None and task.step is not None
         if ws.phase != "done":
             parent_state = await self._parent_state(task.parent_id)
-            plan = planner.Plan.from_json(parent_state.plan or {})
+            plan = self._plan_of(parent_state)
             outputs = {
                 c.step: c.result or ""
                 for c in await self._store.children(task.parent_id, task.round)
@@ -755,16 +755,11 @@ class Runner:
         """The learning engine's assessment, from the checkpoint when the task resumes."""
         if self._learning is None:
             return None
-        assessment = None
-        if ws.estimate:
-            try:
-                assessment = Assessment.from_json(ws.estimate)
-            except TypeError:
-                log.warning("task %s: its saved estimate is unreadable; assessing again", task.id)
+        assessment = ws.estimate
         if assessment is None:
             assessment = await self._learning.assess(task)
             # Saved with the task's next checkpoint (its "start" one for a new task).
-            ws.estimate = assessment.to_json()
+            ws.estimate = assessment
         self._learning.remember(task.id, assessment)
         self._progress.expect(task.id, assessment.predicted_tokens, assessment.tokens_per_second)
         log.info(
@@ -806,6 +801,15 @@ class Runner:
         return how
 
     # -- planning and subtasks ---------------------------------------------
+
+    @staticmethod
+    def _plan_of(ws: WorkState) -> planner.Plan:
+        """The plan of a task past its planning. PlanError if the checkpoint holds none:
+        tale writes no such checkpoint, but a subtask may read its parent's just after
+        the parent was restored to before its plan."""
+        if ws.plan is None:
+            raise planner.PlanError(f"task {ws.task_id} is at {ws.phase!r} and has no plan")
+        return ws.plan
 
     async def _plan(
         self, task: TaskRecord, ws: WorkState, route: Route, token: CancelToken
@@ -851,7 +855,7 @@ class Runner:
             ws.tokens += tokens
         if plan is None:
             plan = planner.heuristic_plan(task.text, self._planning.max_steps)
-        ws.plan, ws.phase = plan.to_json(), "subtasks"
+        ws.plan, ws.phase = plan, "subtasks"
         now = time.time()
         for attempt in attempts:
             ws.done_at.setdefault(str(attempt.key), now)
@@ -866,7 +870,7 @@ class Runner:
 
     async def _gather(self, task: TaskRecord, ws: WorkState) -> bool:
         """Collect finished subtasks; create missing ones and wait. True when all are done."""
-        plan = planner.Plan.from_json(ws.plan or {})
+        plan = self._plan_of(ws)
         while True:
             children = {c.step: c for c in await self._store.children(task.id, ws.round)}
             before = len(ws.outputs)
@@ -937,7 +941,7 @@ class Runner:
             ws.outputs[task.step] = done.result or ""
             if ws.agent is not None and done.agent is not None:
                 ws.agent.tree = done.agent.tree
-            plan_steps = len((ws.plan or {}).get("steps", []))
+            plan_steps = 0 if ws.plan is None else len(ws.plan.steps)
             await self._save(
                 ws,
                 CheckpointKind.STEP_DONE,
@@ -1018,7 +1022,7 @@ class Runner:
                     {"role": "assistant", "content": attempts[-1].output},
                     {"role": "user", "content": attempts[-1].detail},
                 ]
-            partial = ws.partial["text"] if ws.partial and ws.partial["key"] == str(key) else ""
+            partial = ws.partial.text if ws.partial is not None and ws.partial.key == key else ""
             limit = stage.max_tokens
             budgeted = budget is not None and at == 0 and budget < stage.max_tokens
             if budgeted:
@@ -1057,7 +1061,7 @@ class Runner:
                     ws.cut.append(str(key))
                     ws.truncations += 1
                     ws.tokens += completion.completion_tokens
-                    ws.partial = {"key": str(key), "text": output}
+                    ws.partial = Partial(key, output)
                     await self._save(
                         ws,
                         CheckpointKind.BUDGET_CUT,
@@ -1199,12 +1203,12 @@ class Runner:
                 return
             if len(pieces) > saved:
                 saved = len(pieces)
-                ws.partial = {"key": str(key), "text": earlier + "".join(pieces)}
+                ws.partial = Partial(key, earlier + "".join(pieces))
                 await self._save(
                     ws,
                     CheckpointKind.PARTIAL,
                     "partial",
-                    f"{len(ws.partial['text'])} chars of {key} so far",
+                    f"{len(ws.partial.text)} chars of {key} so far",
                 )
 
     async def _stopped_mid_call(
@@ -1216,13 +1220,13 @@ class Runner:
         """Checkpoint what a stopped call had written; requeue the task on shutdown."""
         if partial_of is not None and completion is not None and completion.text:
             ws, key, earlier = partial_of
-            ws.partial = {"key": str(key), "text": earlier + completion.text}
+            ws.partial = Partial(key, earlier + completion.text)
             why = "daemon stopping" if self._stopping else "paused or cancelled"
             await self._save(
                 ws,
                 CheckpointKind.PAUSE,
                 "pause",
-                f"{why} during {key}: {len(ws.partial['text'])} chars kept",
+                f"{why} during {key}: {len(ws.partial.text)} chars kept",
             )
         if self._stopping:
             await self._finish(
@@ -1296,7 +1300,7 @@ class Runner:
         """After an acting task's planned steps: its loop goes on from the workspace the
         steps left, told their results, to check the whole and finish."""
         assert self._acting is not None and ws.agent is not None
-        plan = planner.Plan.from_json(ws.plan or {})
+        plan = self._plan_of(ws)
         try:
             workspace = self._acting.open_workspace(task.id, ws.agent.workspace)
         except NotFound as exc:
@@ -1413,12 +1417,12 @@ class Runner:
     def _steps(ws: WorkState, task: TaskRecord) -> int:
         if task.parent_id is not None or ws.plan is None:
             return 1
-        return len(ws.plan.get("steps", [])) + 2  # plan, the steps, aggregate
+        return len(ws.plan.steps) + 2  # plan, the steps, aggregate
 
     @staticmethod
     def _steps_done(ws: WorkState) -> int:
         if ws.phase == "done":
-            return 1 if ws.plan is None else len(ws.plan.get("steps", [])) + 2
+            return 1 if ws.plan is None else len(ws.plan.steps) + 2
         if ws.plan is None:
             return 0
         return 1 + len(ws.outputs) + (1 if ws.phase == "aggregate" and ws.result else 0)

@@ -13,12 +13,27 @@ the next unfinished step and never runs a checkpointed one again.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from taled.errors import DaemonError
+from taled.errors import DaemonError, PlanError
+from taled.learning.assessment import Assessment
+from taled.tasks.planning.planner import Complexity, Plan
 
-__all__ = ["AgentState", "Attempt", "AttemptKey", "Phase", "StepStatus", "ToolStep", "WorkState"]
+__all__ = [
+    "AgentState",
+    "Attempt",
+    "AttemptKey",
+    "Partial",
+    "Phase",
+    "StepStatus",
+    "ToolStep",
+    "WorkState",
+]
+
+log = logging.getLogger(__name__)
 
 Phase = Literal["start", "answer", "plan", "subtasks", "aggregate", "act", "done"]
 _PHASES = ("start", "answer", "plan", "subtasks", "aggregate", "act", "done")
@@ -56,6 +71,29 @@ class AttemptKey:
         if str(key) != text:
             raise ValueError(f"{text!r} is not an attempt key")
         return key
+
+
+@dataclass(frozen=True)
+class Partial:
+    """What an attempt stopped mid-answer had written: its continuation starts there."""
+
+    key: AttemptKey
+    """The attempt it belongs to; checkpoints hold the key's text form."""
+    text: str
+
+    def to_json(self) -> dict[str, str]:
+        """The checkpoint form, ``{"key": ..., "text": ...}``."""
+        return {"key": str(self.key), "text": self.text}
+
+    @classmethod
+    def from_json(cls, data: object) -> Partial:
+        """The partial ``to_json`` wrote; ValueError if ``data`` is not exactly that."""
+        if not isinstance(data, dict) or set(data) != {"key", "text"}:
+            raise ValueError("a partial answer is an object of key and text")
+        key, text = data["key"], data["text"]
+        if not isinstance(key, str) or not isinstance(text, str):
+            raise ValueError("a partial answer's key and text are strings")
+        return cls(AttemptKey.parse(key), text)
 
 
 @dataclass
@@ -143,6 +181,22 @@ class AgentState:
         return cls(**body)
 
 
+# The typed fields' readers, by the field's name in the checkpoint document: each raises
+# ValueError (PlanError for a plan) naming what is wrong.
+_TYPED: dict[str, Callable[[object], object]] = {
+    "complexity": Complexity.from_json,
+    "plan": Plan.from_json,
+    "partial": Partial.from_json,
+    "estimate": Assessment.from_json,
+}
+
+# Fields the runner can make again, so a checkpoint is not refused for them: the
+# estimate is the learning engine's advice at the task's start (a downgraded tale
+# meets fields it does not know), and a task whose estimate is unreadable is assessed
+# again, as one that never had one.
+_ADVICE = frozenset({"estimate"})
+
+
 @dataclass
 class WorkState:
     """A task's checkpointed progress."""
@@ -151,15 +205,16 @@ class WorkState:
     phase: Phase = "start"
     round: int = 0
     """Plan round: a restore starts a new one, so old subtasks are not reused."""
-    complexity: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
+    complexity: Complexity | None = None
+    """The rules' verdict on the task when it started (None for a subtask)."""
+    plan: Plan | None = None
+    """The task's plan once it is planned (up front or after failed answers)."""
     outputs: dict[str, str] = field(default_factory=dict)
     """Finished subtasks' outputs by plan step id."""
     attempts: dict[str, list[Attempt]] = field(default_factory=dict)
     """Attempts by step: 'answer', 'plan', 'aggregate', or the subtask's step id."""
-    partial: dict[str, str] | None = None
-    """Output of an attempt stopped mid-answer: ``{"key": ..., "text": ...}`` (the key's
-    text form, see AttemptKey)."""
+    partial: Partial | None = None
+    """Output of an attempt stopped mid-answer."""
     result: str | None = None
     decomposed: bool = False
     """The task was planned as recovery after its direct answer failed."""
@@ -168,8 +223,9 @@ class WorkState:
     the text form of its AttemptKey."""
     tokens: int = 0
     """Tokens this task's own model calls generated, as far as checkpointed."""
-    estimate: dict[str, Any] | None = None
-    """The learning engine's assessment at the task's start (taled.learning.engine.Assessment)."""
+    estimate: Assessment | None = None
+    """The learning engine's assessment at the task's start (None without an engine,
+    and for a subtask)."""
     truncations: int = 0
     """Answers cut off by the learned budget (below runner.max_tokens) and continued."""
     cut: list[str] = field(default_factory=list)
@@ -181,6 +237,11 @@ class WorkState:
     def to_json(self) -> dict[str, Any]:
         """The checkpoint document."""
         out = asdict(self)
+        # The typed values write their own forms (lists, not tuples; a key's text form),
+        # each in its field's place, so the document is the one tale always wrote.
+        for name in _TYPED:
+            value = getattr(self, name)
+            out[name] = None if value is None else value.to_json()
         for step, items in self.attempts.items():
             for written, attempt in zip(out["attempts"][step], items, strict=True):
                 written["key"] = str(attempt.key)
@@ -206,6 +267,20 @@ class WorkState:
             }
             if body.get("agent") is not None:
                 body["agent"] = AgentState.from_json(body["agent"])
+            for name, read in _TYPED.items():
+                if body.get(name) is not None:
+                    try:
+                        body[name] = read(body[name])
+                    except (ValueError, PlanError) as exc:
+                        if name not in _ADVICE:
+                            raise ValueError(f"{name}: {exc}") from None
+                        log.warning(
+                            "task %s: its saved %s is unreadable (%s); made again",
+                            data.get("task_id"),
+                            name,
+                            exc,
+                        )
+                        body[name] = None
             return cls(**body)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise DaemonError(f"a checkpoint of this task is not readable: {exc}") from None

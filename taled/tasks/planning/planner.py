@@ -26,7 +26,7 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from taled.errors import PlanError
 from taled.models.backends.base import ChatMessage
@@ -67,6 +67,7 @@ _MIN_FURTHER_CHARS = 200
 _REPEAT_OVERLAP = 0.8
 
 Level = Literal["simple", "medium", "complex"]
+_LEVELS: tuple[Level, ...] = get_args(Level)
 Source = Literal["model", "repaired", "heuristic"]
 
 
@@ -154,6 +155,37 @@ class Complexity:
     score: float
     confidence: float
     reasons: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The checkpoint form (a task's ``complexity``, an assessment's ``rules``)."""
+        return {
+            "level": self.level,
+            "score": self.score,
+            "confidence": self.confidence,
+            "reasons": list(self.reasons),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Complexity:
+        """The verdict ``to_json`` wrote; ValueError naming what is wrong if ``data`` is
+        not exactly that. Numbers are kept as they were read (an ``int`` score stays one),
+        so the form written back is the form read."""
+        if not isinstance(data, dict) or set(data) != {"level", "score", "confidence", "reasons"}:
+            raise ValueError("a complexity is an object of level, score, confidence, reasons")
+        level, score, confidence, reasons = (
+            data["level"],
+            data["score"],
+            data["confidence"],
+            data["reasons"],
+        )
+        if level not in _LEVELS:
+            raise ValueError(f"a complexity's level is {level!r}, not one of {list(_LEVELS)}")
+        for name, value in (("score", score), ("confidence", confidence)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"a complexity's {name} is {value!r}, not a number")
+        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+            raise ValueError("a complexity's reasons are not a list of strings")
+        return cls(level, score, confidence, tuple(reasons))
 
 
 def features(text: str) -> dict[str, float]:
@@ -349,6 +381,9 @@ class Plan:
         """The plan ``to_json`` wrote; PlanError if ``data`` is not exactly that."""
         if not isinstance(data, dict):
             raise PlanError("a saved plan must be a JSON object")
+        if unknown := set(data) - {"version", "source", "notes", "steps"}:
+            # Refused, not dropped: a plan read back must write back as it was read.
+            raise PlanError(f"saved plan has unknown fields {sorted(unknown)}")
         if data.get("version") != PLAN_VERSION:
             raise PlanError(f"saved plan version {data.get('version')!r} is not {PLAN_VERSION}")
         source, notes, raw_steps = data.get("source"), data.get("notes"), data.get("steps")
