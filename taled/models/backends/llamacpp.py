@@ -2,7 +2,10 @@
 
 One ``Llama`` instance is not safe for concurrent use, so each backend holds
 one asyncio lock and runs inference in a worker thread while holding it. A
-stream is cancelled between tokens through llama.cpp's stopping criteria; if
+stream is cancelled between tokens through llama.cpp's stopping criteria, and while
+its prompt is read, between chunks of ``prompt_chunk_tokens`` (llama.cpp reads a
+whole prompt before it asks the criteria, which made a 600-token read ahead hold
+the model from a person for 2 s); if
 the awaiting coroutine is cancelled, the thread is told to stop and awaited
 before the lock is released, so a model is never used by two threads at once.
 
@@ -37,7 +40,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -881,19 +884,15 @@ class LlamaCppBackend:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(done.wait)
 
-    def _reuse(self, prompt: str) -> int:
-        """Make the KV cache hold as much of ``prompt`` as any copy of it does, and say
+    def _reuse(self, wanted: list[int]) -> int:
+        """Make the KV cache hold as much of ``wanted`` as any copy of it does, and say
         how many of its tokens llama.cpp will not read again.
 
-        The cache's sequence is copied out first when ``prompt`` would throw most of it
-        away; a copy sharing more with ``prompt`` than the live cache is copied back.
+        The cache's sequence is copied out first when ``wanted`` would throw most of it
+        away; a copy sharing more with ``wanted`` than the live cache is copied back.
         Runs in the generating thread, under the instance's lock.
         """
         llm = self._llm
-        # Tokenized as create_completion does (with the model's BOS, if it has one).
-        tokens = llm.tokenize(prompt.encode("utf-8"), special=True)
-        # llama.cpp always reads the prompt's last token itself, for its logits.
-        wanted = tokens[:-1]
         held: list[int] = llm.input_ids[: llm.n_tokens].tolist()
         live = shared_prefix(held, wanted)
         cache = self._prefixes
@@ -942,6 +941,24 @@ class LlamaCppBackend:
         llm.n_tokens = n
         return True
 
+    def _read(self, wanted: list[int], held: int, stopped: Callable[[], bool]) -> bool:
+        """Read ``wanted`` into the KV cache after its first ``held`` tokens, a chunk at a
+        time, looking at ``stopped`` between chunks; False if it said stop.
+
+        create_completion then finds all of it cached and reads only the prompt's last
+        token. What was read before a stop stays in the cache (and is copied out with it
+        when the next prompt replaces it), so a read given up is not all lost.
+        """
+        llm = self._llm
+        llm.n_tokens = held  # llama.cpp drops whatever the cache holds beyond it
+        chunk = self._settings.prompt_chunk_tokens
+        for start in range(held, len(wanted), chunk):
+            if stopped():
+                return False
+            llm.eval(wanted[start : start + chunk])
+            self._beats += 1
+        return True
+
     def _generate(
         self,
         prompt: str,
@@ -976,16 +993,21 @@ class LlamaCppBackend:
         text: list[str] = []
         finish = "stop"
         try:
-            result.cached_tokens = self._reuse(prompt)
-            pieces: Iterator[Any] = self._llm.create_completion(
-                prompt,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                stop=stop,
-                stream=True,
-                stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: stopped()]),
-                grammar=grammar,
-            )
+            # Tokenized as create_completion does (with the model's BOS, if it has one);
+            # llama.cpp always reads the prompt's last token itself, for its logits.
+            wanted = self._llm.tokenize(prompt.encode("utf-8"), special=True)[:-1]
+            result.cached_tokens = self._reuse(wanted)
+            pieces: Iterator[Any] = iter(())
+            if self._read(wanted, result.cached_tokens, stopped):
+                pieces = self._llm.create_completion(
+                    prompt,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    stop=stop,
+                    stream=True,
+                    stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: stopped()]),
+                    grammar=grammar,
+                )
             for piece in pieces:
                 choice = piece["choices"][0]
                 if first is None:
