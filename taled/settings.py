@@ -336,12 +336,12 @@ class LlamaCppSettings(BaseModel):
     """Threads for one role's instance, overriding n_threads, e.g. {ux = 1, task = 1}."""
     n_batch: int = Field(default=256, ge=16, le=8192)
     """Prompt tokens evaluated per batch."""
-    prompt_chunk_tokens: int = Field(default=64, ge=1, le=8192)
+    prompt_chunk_tokens: int = Field(default=32, ge=1, le=8192)
     """Prompt tokens read between looks for a cancel or a pause for the UX model: a
     call given up (a chat turn taking the model from a summary being read ahead) frees
     the instance within one chunk, and a task's long prompt pauses while a person's
-    reply streams. On SmolLM2-135M 64 tokens take ~0.2 s and read as fast as whole
-    batches (docs/benchmarks.md); a bigger model may want fewer."""
+    reply streams. On SmolLM2-135M 32 tokens take ~0.12 s, read 6 % slower than whole
+    batches of 256 (64: 0.24 s, 2 %; docs/benchmarks.md); a bigger model may want fewer."""
     omp_spin_count: int = Field(default=-1, ge=-1)
     """How long llama.cpp's idle OpenMP threads spin before they sleep (GOMP_SPINCOUNT);
     -1 leaves libgomp's default (300,000). Spinning threads of the instance that just
@@ -403,6 +403,15 @@ class ChatSettings(BaseModel):
     more): folds are rare, and the turn after one reads its whole history again."""
     summary_max_tokens: int = Field(default=160, ge=16, le=8192)
     """Most tokens of a conversation summary."""
+    summary_role: Role = "task"
+    """The model that folds a history in the background, after a reply: the task model,
+    which pauses while the UX model answers someone (models.pool.ux_priority), so a fold
+    in progress never holds the UX model from the next turn; "ux" makes it there, and a
+    turn then stops it. A fold a turn cannot do without is made on the UX model."""
+    unfolded_max_share: float = Field(default=1.5, ge=1, le=100)
+    """While the fold made ahead is not ready, a turn is answered over the whole history
+    up to this multiple of context_tokens instead of waiting for it. Keep it times
+    context_tokens, plus max_tokens, within the UX model's context."""
     chars_per_token: float = Field(default=4.0, gt=0, le=20)
     """First guess of characters per token for budgeting; refined from the ledger's counts."""
     title_chars: int = Field(default=60, ge=8, le=1000)

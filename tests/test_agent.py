@@ -194,9 +194,18 @@ def _talk_until_folding_ahead(daemon: Daemon) -> str:
     pytest.fail("no turn passed the ahead share")
 
 
+def _until_applied(daemon: Daemon, conversation: str) -> None:
+    """Wait until the fold made ahead is applied (after the UX model read its prompt)."""
+    deadline = time.monotonic() + 120
+    while not daemon.call("get_conversation", id=conversation)["summary_upto"]:
+        assert time.monotonic() < deadline, "the fold made ahead was never applied"
+        time.sleep(0.2)
+
+
 def test_the_summary_is_made_after_a_reply_not_before_the_next() -> None:
     """A turn that passes the ahead share has its summary made once its reply is out,
-    before the next message is sent; that next reply is already folded."""
+    on the task model, and applied before the next message is sent; that next reply is
+    already folded."""
     # Ahead at 100 tokens, before a turn only past 200: one message and its reply
     # (under 100) cannot take a history under 100 past 200, so every fold is ahead.
     settings = {
@@ -210,12 +219,10 @@ def test_the_summary_is_made_after_a_reply_not_before_the_next() -> None:
         # Its own reply went out unfolded; the summary follows with nobody waiting on it.
         (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
         assert reply["saved_tokens"] == 0
-        deadline = time.monotonic() + 120
-        while not ledger(daemon, f"{where} AND step = 'summary'"):
-            assert time.monotonic() < deadline, "no summary was made after the reply"
-            time.sleep(0.2)
+        _until_applied(daemon, conversation)
         (summary,) = ledger(daemon, f"{where} AND step = 'summary'")
         assert summary["seq"] > reply["seq"]
+        assert summary["role"] == "task"
         chat(daemon, "and what about its far side?", conversation=conversation)
         (after,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
         assert after["saved_tokens"] > 0
@@ -235,6 +242,22 @@ def test_a_conversations_next_turn_reads_only_what_is_new() -> None:
         assert replies[1]["prompt_tokens"] - replies[1]["cached_tokens"] < 80
 
 
+def test_after_a_reply_the_conversation_is_read_as_its_next_turn_will_send_it() -> None:
+    """Right after a reply the UX model reads the conversation with the reply as text
+    (step prefill): the next turn reads little more than its own message, whatever
+    tokens the reply was generated as."""
+    with running_daemon(_SHORT_CHAT) as daemon:
+        conversation = chat(daemon, _MOON[0], new=True)["conversation"]
+        where = f"conversation_id = '{conversation}'"
+        deadline = time.monotonic() + 120
+        while not ledger(daemon, f"{where} AND step = 'prefill' AND success = 1"):
+            assert time.monotonic() < deadline, "the conversation was not read after the reply"
+            time.sleep(0.2)
+        chat(daemon, "and its far side?", conversation=conversation)
+        (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert reply["prompt_tokens"] - reply["cached_tokens"] < 25
+
+
 def test_a_fold_is_read_ahead_so_the_next_turn_finds_it_cached() -> None:
     """After a fold made ahead, the UX model reads the folded conversation at once
     (step prefill); the next turn's reply reads little more than its own message."""
@@ -246,11 +269,10 @@ def test_a_fold_is_read_ahead_so_the_next_turn_finds_it_cached() -> None:
     with running_daemon(settings) as daemon:
         conversation = _talk_until_folding_ahead(daemon)
         where = f"conversation_id = '{conversation}'"
-        deadline = time.monotonic() + 120
-        while not ledger(daemon, f"{where} AND step = 'prefill'"):
-            assert time.monotonic() < deadline, "the folded conversation was not read ahead"
-            time.sleep(0.2)
-        (prefill,) = ledger(daemon, f"{where} AND step = 'prefill'")
+        _until_applied(daemon, conversation)
+        # The fold's read (turns before it had their own, of the unfolded history).
+        (prefill,) = ledger(daemon, f"{where} AND step = 'prefill' ORDER BY seq DESC LIMIT 1")
+        assert prefill["role"] == "ux"
         assert prefill["completion_tokens"] <= 1
         chat(daemon, "and what about its far side?", conversation=conversation)
         (after,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
@@ -276,6 +298,75 @@ def test_a_turn_does_not_wait_for_a_fold_it_can_do_without() -> None:
         assert reply["saved_tokens"] == 0, "the reply waited for the fold"
         made = ledger(daemon, f"{where} AND step = 'summary' AND success = 1")
         assert all(r["seq"] > reply["seq"] for r in made)
+
+
+def test_a_turn_past_the_limit_is_answered_unfolded_while_its_fold_is_made() -> None:
+    """A message whose history is over context_tokens, sent while the fold made ahead is
+    still being made, is answered over the whole history (within unfolded_max_share)
+    instead of waiting; the fold is applied after, and the turn after that is folded."""
+    settings = {
+        **_SHORT_CHAT,
+        "TALE_CHAT__CONTEXT_TOKENS": "120",
+        "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
+        "TALE_CHAT__UNFOLDED_MAX_SHARE": "20",
+    }
+    with running_daemon(settings) as daemon:
+        conversation = _talk_until_folding_ahead(daemon)
+        where = f"conversation_id = '{conversation}'"
+        # At once: the history is over 120 tokens, and the fold is not ready.
+        chat(daemon, _MOON[-1], conversation=conversation)
+        (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert reply["saved_tokens"] == 0, "the reply waited for the fold"
+        assert reply["prompt_tokens"] > 120
+        _until_applied(daemon, conversation)
+        chat(daemon, "and what about its far side?", conversation=conversation)
+        (after,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert after["saved_tokens"] > 0
+
+
+def test_a_turn_past_the_unfolded_maximum_folds_first_on_the_ux_model() -> None:
+    """With no room to answer unfolded (unfolded_max_share 1), a turn over the limit
+    while its fold is made ahead does not answer over the whole history: it is folded
+    for it, by a summary on the UX model."""
+    settings = {
+        **_SHORT_CHAT,
+        "TALE_CHAT__CONTEXT_TOKENS": "120",
+        "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
+        "TALE_CHAT__UNFOLDED_MAX_SHARE": "1",
+        "TALE_CHAT__SUMMARY_MAX_TOKENS": "200",
+    }
+    with running_daemon(settings) as daemon:
+        conversation = _talk_until_folding_ahead(daemon)
+        where = f"conversation_id = '{conversation}'"
+        chat(daemon, _MOON[-1], conversation=conversation)
+        (reply,) = ledger(daemon, f"{where} AND step IS NULL ORDER BY seq DESC LIMIT 1")
+        assert reply["saved_tokens"] > 0, "the reply was sent unfolded"
+        made = ledger(
+            daemon, f"{where} AND step = 'summary' AND success = 1 AND seq < {reply['seq']}"
+        )
+        assert made
+
+
+def test_a_fold_made_while_a_task_holds_the_task_model_is_made_on_the_ux_model() -> None:
+    """A summary made ahead goes to the task model only while it is free: behind a
+    task's long call it would wait minutes, and the UX model is idle between turns."""
+    settings = {
+        **_SHORT_CHAT,
+        "TALE_CHAT__CONTEXT_TOKENS": "200",
+        "TALE_CHAT__SUMMARISE_AHEAD_SHARE": "0.5",
+        "TALE_RUNNER__MAX_TOKENS": "1500",
+    }
+    with running_daemon(settings) as daemon:
+        task_id = daemon.call(
+            "submit_task", text="Write a very long story about a dragon, at least 2000 words."
+        )["id"]
+        daemon.wait_for(task_id, ("running",))
+        conversation = _talk_until_folding_ahead(daemon)
+        _until_applied(daemon, conversation)
+        summaries = ledger(daemon, f"conversation_id = '{conversation}' AND step = 'summary'")
+        assert [r["role"] for r in summaries] == ["ux"]
+        assert daemon.call("get_task", id=task_id)["state"] == "running"
+        daemon.call("cancel_task", id=task_id)
 
 
 def test_bad_chat_arguments_get_clear_errors(shared_daemon: Daemon) -> None:

@@ -336,7 +336,9 @@ def test_the_learning_engine_hook_can_send_a_task_to_ux() -> None:
 STORY: list[ChatMessage] = [{"role": "user", "content": "Write a long story about a dragon."}]
 
 
-def _task_tokens_during_a_reply(tmp_path: Path, ux_priority: bool) -> tuple[int, str]:
+def _task_tokens_during_a_reply(
+    tmp_path: Path, ux_priority: bool, background: bool = False
+) -> tuple[int, str]:
     """Tokens the task model generated while a UX reply streamed, and the task's end."""
 
     async def run() -> tuple[int, str]:
@@ -346,7 +348,11 @@ def _task_tokens_during_a_reply(tmp_path: Path, ux_priority: bool) -> tuple[int,
                 pool.complete(ModelCall("task", STORY, max_tokens=400, temperature=0, timeout=120))
             )
             await _until(lambda: task_backend._beats > 5)  # type: ignore[attr-defined]
-            pieces = pool.stream(ModelCall("ux", HELLO, max_tokens=24, temperature=0, timeout=60))
+            pieces = pool.stream(
+                ModelCall(
+                    "ux", HELLO, max_tokens=24, temperature=0, timeout=60, background=background
+                )
+            )
             first = await anext(pieces)
             before = task_backend._beats  # type: ignore[attr-defined]
             rest = [p async for p in pieces]
@@ -368,6 +374,13 @@ def test_the_task_model_pauses_while_the_ux_model_answers(tmp_path: Path) -> Non
 def test_without_ux_priority_both_models_generate_at_once(tmp_path: Path) -> None:
     """With ux_priority off, the task model keeps generating during the reply."""
     during, _finish = _task_tokens_during_a_reply(tmp_path, ux_priority=False)
+    assert during > 1
+
+
+def test_a_ux_call_nobody_waits_on_does_not_pause_the_task_model(tmp_path: Path) -> None:
+    """A read ahead on the UX model (background) is no person's reply: the task model
+    keeps generating while it runs."""
+    during, _finish = _task_tokens_during_a_reply(tmp_path, ux_priority=True, background=True)
     assert during > 1
 
 

@@ -56,6 +56,22 @@ def test_the_cache_stays_within_its_bytes_dropping_the_least_recently_used(
         assert cache.best(kept[-1])[1] == len(kept[-1])  # the newest is always kept
 
 
+@given(st.lists(tokens, min_size=1, max_size=12), tokens, st.integers(1, 40))
+def test_the_copy_about_to_be_restored_is_never_dropped_to_make_room(
+    kept: list[tuple[int, ...]], new: tuple[int, ...], capacity: int
+) -> None:
+    """A conversation's copy stays when what replaced it in the model is copied out:
+    the new copy is kept only if both fit (or it holds the old one's tokens and more)."""
+    cache = PrefixCache(capacity=capacity, min_tokens=1)
+    for t in kept:
+        cache.add(Snapshot(t, b"x" * len(t)))
+    keep, _ = cache.best(kept[-1])
+    cache.add(Snapshot(new, b"x" * len(new)), keep=keep)
+    assert cache.size <= capacity
+    if keep is not None:
+        assert cache.best(keep.tokens)[1] == len(keep.tokens)
+
+
 def test_a_snapshot_that_extends_another_replaces_it() -> None:
     cache = PrefixCache(capacity=1000, min_tokens=1)
     cache.add(Snapshot((1, 2, 3), b"abc"))
@@ -93,12 +109,19 @@ ELSEWHERE: list[ChatMessage] = [
 ]
 
 
-def _answer(backend: LlamaCppBackend, messages: list[ChatMessage]) -> Completion:
+def _answer(
+    backend: LlamaCppBackend, messages: list[ChatMessage], *, keep_prefix: bool = True
+) -> Completion:
     out = Completion.empty()
 
     async def run() -> None:
         pieces: AsyncIterator[str] = backend.stream(
-            messages, max_tokens=24, temperature=0, cancel=CancelToken(), result=out
+            messages,
+            max_tokens=24,
+            temperature=0,
+            cancel=CancelToken(),
+            result=out,
+            keep_prefix=keep_prefix,
         )
         async for _ in pieces:
             pass
@@ -149,6 +172,22 @@ def test_with_the_cache_off_another_call_in_between_means_reading_it_all_again()
     try:
         _answer(b, HISTORY)
         _answer(b, ELSEWHERE)
+        out = _answer(b, [*HISTORY, {"role": "user", "content": "Is tipping expected?"}])
+    finally:
+        asyncio.run(b.unload())
+    assert out.cached_tokens < 10
+
+
+def test_a_prompt_said_not_to_come_again_leaves_no_copy() -> None:
+    """A call made with keep_prefix off (a summary, an intent vote) is not copied out
+    when the next prompt replaces it: it takes no memory, and the next turn of that
+    prompt would read it all again."""
+    b = LlamaCppBackend("smollm2-135m", LlamaCppSettings(seed=1))
+    asyncio.run(b.load())
+    try:
+        _answer(b, HISTORY, keep_prefix=False)
+        _answer(b, ELSEWHERE)
+        assert b._prefixes is not None and len(b._prefixes) == 0
         out = _answer(b, [*HISTORY, {"role": "user", "content": "Is tipping expected?"}])
     finally:
         asyncio.run(b.unload())

@@ -9,14 +9,19 @@ messages. Tasks this conversation handed off report how they moved since the
 last turn, first thing in the reply.
 
 When the history outgrows ``chat.context_tokens``, its older part is folded
-into a stored summary (one UX call, in the ledger with step ``summary``), and
+into a stored summary (one call, in the ledger with step ``summary``), and
 each later call records in the ledger the prompt tokens the summary saved. The
 fold is made ahead, in the background right after a reply, once the history
 passes ``chat.summarise_ahead_share`` of the limit: the user reads the reply
-while it runs, and the next turn's first token does not wait for a summary
-(a fold still running when the next message comes is cancelled, unless that message
-cannot be answered without it: then the turn waits for it, under the conversation's
-lock).
+while it runs, and the next turn's first token never waits for it. The summary is
+made on ``chat.summary_role``'s model (the task model, which pauses while the UX
+model answers someone); the UX model then reads the folded prompt ahead, and only
+once it has is the fold applied. A message that comes before that is answered over
+the unfolded history, which the UX model still holds (up to
+``chat.unfolded_max_share`` of the limit): it stops the read ahead, which goes on
+after the reply, from where it stopped. Only a turn past that share folds first,
+on the UX model (the person is waiting: it is theirs), taking a summary already
+made if there is one.
 
 Turns are laid out so the model reads little of each again: a fold takes the
 history down to ``chat.fold_to_share`` of the limit (folds are rare), the UX model
@@ -38,11 +43,11 @@ from taled.chat.conversations import Conversation, Conversations, Message, Pendi
 from taled.chat.intent import Intent, IntentDetector, judge_messages
 from taled.chat.recall import Recall, task_update
 from taled.db.store import Store, TaskRecord
-from taled.errors import ModelError, TaleError
-from taled.models.backends.base import ChatMessage, Completion
+from taled.errors import ContextOverflow, ModelError, TaleError
+from taled.models.backends.base import CancelToken, ChatMessage, Completion
 from taled.models.pool import ModelCall, ModelPool
 from taled.models.routing import Router
-from taled.settings import ChatSettings
+from taled.settings import ChatSettings, Role
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
 from taled.tasks.workstate import AttemptKey
@@ -77,6 +82,17 @@ class Turn:
     summarised: bool = False
     """Older messages were folded into the summary for this turn's prompt, or are being
     folded right after its reply (in the background)."""
+
+
+@dataclass(frozen=True)
+class _Made:
+    """A summary made ahead, not yet applied: the UX model is to read its prompt first."""
+
+    summary: str
+    upto: int
+    """The seq of the last message it covers."""
+    over: int
+    """The conversation's ``summary_upto`` when it was made: stale once that moved."""
 
 
 # The latest hand-offs named in a chat prompt; the store has the rest.
@@ -153,13 +169,20 @@ class ChatService:
         self._budget = _Budget(settings.chars_per_token)
         self._locks: dict[str, asyncio.Lock] = {}
         self._folds: dict[str, asyncio.Task[None]] = {}
+        # Summaries made ahead and waiting to be applied; the token of the call a fold
+        # is making on the UX model (the next turn stops it), by conversation.
+        self._made: dict[str, _Made] = {}
+        self._on_ux: dict[str, CancelToken] = {}
+        # Reads of a conversation as its next turn will send it, after a reply.
+        self._reads: dict[str, asyncio.Task[None]] = {}
 
     async def stop(self) -> None:
-        """Cancel summaries still being made ahead (the next turn makes them again)."""
-        folds = list(self._folds.values())
-        for fold in folds:
-            fold.cancel()
-        await asyncio.gather(*folds, return_exceptions=True)
+        """Cancel summaries and reads still being made ahead (the next turn makes them
+        again)."""
+        ahead = [*self._folds.values(), *self._reads.values()]
+        for work in ahead:
+            work.cancel()
+        await asyncio.gather(*ahead, return_exceptions=True)
 
     def validate(self, text: str) -> str:
         """Strip and check a chat message; InvalidInput says what is wrong."""
@@ -181,7 +204,7 @@ class ChatService:
                 key=AttemptKey("intent"),
                 conversation_id=conversation_id,
             )
-            return answer or ""
+            return answer.text if answer is not None else ""
 
         return await self._detector.detect(text, judge)
 
@@ -192,27 +215,37 @@ class ChatService:
         max_tokens: int,
         key: AttemptKey,
         conversation_id: str | None,
-    ) -> str | None:
-        """A short UX call the agent makes for itself (its ledger step says which).
+        role: Role | None = None,
+        cancel: CancelToken | None = None,
+        keep_prefix: bool = False,
+        background: bool = False,
+    ) -> Completion | None:
+        """A short call the agent makes for itself (its ledger step says which), on the
+        UX model unless ``role`` says otherwise; None if it failed or was stopped. Its
+        prompt is not kept in the model's prefix cache unless ``keep_prefix`` (a vote's
+        or a summary's prompt never comes again).
 
         A failing model degrades the turn (no vote, no new summary), it does not fail it.
         """
         try:
             out = await self._pool.complete(
                 ModelCall(
-                    self._router.for_chat().role,
+                    role or self._router.for_chat().role,
                     messages,
                     max_tokens=max_tokens,
                     temperature=0.0,
                     timeout=self._settings.call_timeout_seconds,
                     key=key,
                     conversation_id=conversation_id,
+                    cancel=cancel or CancelToken(),
+                    keep_prefix=keep_prefix,
+                    background=background,
                 )
             )
         except ModelError as exc:
             log.warning("conversation %s: the %s call failed: %s", conversation_id, key, exc)
             return None
-        return out.text
+        return None if out.finish_reason == "cancelled" else out
 
     async def turn(
         self,
@@ -232,10 +265,14 @@ class ChatService:
             conv = await self.conversations.latest() or await self.conversations.create(clean)
         lock = self._locks.setdefault(conv.id, asyncio.Lock())
         fold = self._folds.get(conv.id)
-        if fold is not None and not await self._must_fold(conv.id, clean):
-            # A person is waiting and the history still fits: the fold made ahead gives
-            # way (the model is theirs now) and is made again after this reply.
+        if fold is not None and await self._must_fold(conv.id, clean):
+            # Past what may be sent unfolded: this turn folds on the UX model itself
+            # (taking the summary, if the fold had made it).
             fold.cancel()
+        elif (on_ux := self._on_ux.get(conv.id)) is not None:
+            # A person is waiting: what the fold does on the UX model gives way (the
+            # model is theirs now) and goes on after this reply.
+            on_ux.cancel()
         async with lock:
             # Re-read under the lock: a concurrent turn may have changed it.
             conv = await self.conversations.get(conv.id)
@@ -299,26 +336,50 @@ class ChatService:
         said[streamed:] = [completion.text]
         turn = await self._finish(conv.id, intent, said, updates, completion=completion)
         turn.summarised = summarised or await self._fold_ahead(conv.id)
+        if not turn.summarised and conv.id not in self._reads:
+            read = asyncio.create_task(self._read_on(conv.id))
+            self._reads[conv.id] = read
+            read.add_done_callback(lambda _t: self._reads.pop(conv.id, None))
         return turn
 
+    async def _read_on(self, conversation_id: str) -> None:
+        """Have the UX model read the conversation as the next turn will send it.
+
+        The reply just streamed is in the model's cache as the tokens it generated, and
+        the next prompt holds it as its text, which the tokenizer may split otherwise
+        (or a reply stopped for repeating itself keeps less): llama.cpp then reads again
+        from the first token that differs, up to the whole reply (measured: 85 and 125
+        tokens, 0.3 and 0.55 s before a first token). Read now, while the person reads;
+        a turn stops it.
+        """
+        conv = await self.conversations.get(conversation_id)
+        await self._read_ahead(conversation_id, conv.summary, conv.summary_upto)
+
     async def _fold_ahead(self, conversation_id: str) -> bool:
-        """Start folding the history in the background if it is past the ahead share."""
+        """Start folding the history in the background if it is past the ahead share
+        (or a summary made ahead is still to be read); True if a fold is on its way."""
         share = self._settings.summarise_ahead_share
-        if share >= 1 or conversation_id in self._folds:
+        if conversation_id in self._folds:
+            return True
+        if share >= 1:
             return False
         summary, recent = await self._unfolded(conversation_id)
         limit = int(self._settings.context_tokens * share)
-        if not self._over(summary, recent, limit):
+        if conversation_id not in self._made and not self._over(summary, recent, limit):
             return False
         fold = asyncio.create_task(self._fold_later(conversation_id, limit))
         self._folds[conversation_id] = fold
         fold.add_done_callback(lambda _t: self._folds.pop(conversation_id, None))
         return True
 
+    def _unfolded_max(self) -> int:
+        """Most history tokens a turn sends while the fold made ahead is not ready."""
+        return int(self._settings.context_tokens * self._settings.unfolded_max_share)
+
     async def _must_fold(self, conversation_id: str, text: str) -> bool:
         """Whether a turn saying ``text`` could not be answered without folding first."""
         summary, recent = await self._unfolded(conversation_id)
-        return self._over(summary, recent, self._settings.context_tokens, adding=text)
+        return self._over(summary, recent, self._unfolded_max(), adding=text)
 
     async def _unfolded(self, conversation_id: str) -> tuple[str | None, list[Message]]:
         """The conversation's summary and the messages after what it covers."""
@@ -327,16 +388,69 @@ class ChatService:
         return conv.summary, _after(everything, conv.summary_upto)
 
     async def _fold_later(self, conversation_id: str, limit: int) -> None:
-        # Under the conversation's lock: the turn that started it has released it,
-        # and the next turn waits for the summary rather than making its own.
-        async with self._locks.setdefault(conversation_id, asyncio.Lock()):
-            try:
-                summary, recent = await self._unfolded(conversation_id)
-                if await self._fit(conversation_id, summary, recent, limit) is not None:
-                    await self._read_ahead(conversation_id)
-            except TaleError as exc:
-                # The next turn folds it itself if it still must.
-                log.warning("conversation %s: the summary ahead failed: %s", conversation_id, exc)
+        """Make the summary, have the UX model read the prompt it gives, then apply it.
+
+        Nothing here holds the conversation's lock while a model works: a turn in the
+        meantime is answered over the unfolded history. The lock is taken only to apply
+        the fold, and after a read a turn stopped: that turn has finished by then, and
+        the read goes on with its messages.
+        """
+        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
+        try:
+            made = await self._made_ahead(conversation_id, limit)
+            while made is not None:
+                read = await self._read_ahead(conversation_id, made.summary, made.upto)
+                async with lock:
+                    conv = await self.conversations.get(conversation_id)
+                    if conv.summary_upto != made.over:
+                        self._made.pop(conversation_id, None)  # a turn folded itself
+                        return
+                    if read is not None:
+                        await self._apply(conversation_id, made)
+                        return
+        except TaleError as exc:
+            # The next turn folds it itself if it still must.
+            log.warning("conversation %s: the summary ahead failed: %s", conversation_id, exc)
+
+    async def _made_ahead(self, conversation_id: str, limit: int) -> _Made | None:
+        """The summary made ahead: the one waiting to be applied, or a new one if the
+        history is over ``limit``; None if there is nothing to fold or it failed."""
+        conv = await self.conversations.get(conversation_id)
+        made = self._made.get(conversation_id)
+        if made is not None and made.over == conv.summary_upto:
+            return made
+        recent = _after(await self.conversations.messages(conversation_id), conv.summary_upto)
+        if not self._over(conv.summary, recent, limit):
+            return None
+        fold = self._to_fold(recent)
+        ux = self._router.for_chat().role
+        role = self._settings.summary_role
+        if self._pool.busy(role):
+            # A task's call holds it, maybe for minutes; the UX model is idle between
+            # turns (and the next turn stops the summary there).
+            role = ux
+        summary = await self._summarise(conversation_id, conv.summary, fold, role, ahead=True)
+        if summary is None and role != ux:
+            summary = await self._summarise(conversation_id, conv.summary, fold, ux, ahead=True)
+        if summary is None:
+            return None
+        made = _Made(summary, fold[-1].seq, conv.summary_upto)
+        self._made[conversation_id] = made
+        return made
+
+    async def _apply(self, conversation_id: str, made: _Made) -> None:
+        """Store a summary made ahead (under the conversation's lock)."""
+        await self.conversations.set_summary(conversation_id, made.summary, made.upto)
+        self._made.pop(conversation_id, None)
+        log.info("conversation %s: folded into its summary up to %d", conversation_id, made.upto)
+
+    def _stoppable(self, conversation_id: str, role: Role) -> CancelToken:
+        """The cancel token of a call the fold makes: the next turn stops it if it is
+        on the UX model (see ``turn``)."""
+        token = CancelToken()
+        if role == self._router.for_chat().role:
+            self._on_ux[conversation_id] = token
+        return token
 
     async def _add_user(self, conversation_id: str, text: str, intent: Intent) -> Message:
         return await self.conversations.add(
@@ -419,12 +533,33 @@ class ChatService:
     async def _reply(
         self, conv: Conversation, say: Callable[[str], Awaitable[None]]
     ) -> tuple[Completion, bool]:
+        spoke = False
+
+        async def saying(piece: str) -> None:
+            nonlocal spoke
+            spoke = True
+            await say(piece)
+
+        try:
+            return await self._answer(conv, saying, fold=False)
+        except ContextOverflow:
+            # The unfolded history was too long for the model after all (the budget's
+            # characters per token are learned, not exact): fold, and answer again.
+            if spoke:
+                raise
+            log.info("conversation %s: too long for the model unfolded; folding", conv.id)
+            return await self._answer(conv, saying, fold=True)
+
+    async def _answer(
+        self, conv: Conversation, say: Callable[[str], Awaitable[None]], fold: bool
+    ) -> tuple[Completion, bool]:
+        """Stream the reply; whether the history was folded for it. ``fold``: fold if
+        over context_tokens, whatever a fold made ahead would do."""
         # Read once: the summary's fit, the prompt and the saving all come from it.
         everything = await self.conversations.messages(conv.id)
+        conv = await self.conversations.get(conv.id)
         summary, upto = conv.summary, conv.summary_upto
-        folded = await self._fit(
-            conv.id, summary, _after(everything, upto), self._settings.context_tokens
-        )
+        folded = await self._folded_for_turn(conv, _after(everything, upto), fold)
         if folded is not None:
             summary, upto = folded
         messages = self._history(summary, _after(everything, upto))
@@ -457,6 +592,31 @@ class ChatService:
         self._budget.learn(sum(len(m["content"]) for m in messages), result.prompt_tokens)
         return result, folded is not None
 
+    async def _folded_for_turn(
+        self, conv: Conversation, recent: list[Message], fold: bool
+    ) -> tuple[str, int] | None:
+        """The summary and its end for this turn's prompt, if the history is folded for
+        it (under the conversation's lock); None to send it as it is.
+
+        Over context_tokens, a fold on its way (being made, or made and being read
+        ahead) is not waited for while the history is within the unfolded maximum: the
+        UX model holds it already. Past that, a summary made ahead is applied, and
+        without one the history is folded here, on the UX model.
+        """
+        limit = self._settings.context_tokens
+        if not self._over(conv.summary, recent, limit):
+            return None
+        made = self._made.get(conv.id)
+        if made is not None and made.over != conv.summary_upto:
+            made = None
+        coming = made is not None or conv.id in self._folds
+        if coming and not fold and not self._over(conv.summary, recent, self._unfolded_max()):
+            return None
+        if made is not None:
+            await self._apply(conv.id, made)
+            return made.summary, made.upto
+        return await self._fit(conv.id, conv.summary, recent, limit)
+
     def _history(self, summary: str | None, recent: list[Message]) -> list[ChatMessage]:
         """The prompt's part that stays the same from turn to turn until the next fold."""
         system = self._settings.system_prompt
@@ -468,23 +628,40 @@ class ChatService:
         ]
         return messages
 
-    async def _read_ahead(self, conversation_id: str) -> None:
-        """Have the UX model read the folded conversation now, while the person reads.
+    async def _read_ahead(
+        self, conversation_id: str, summary: str | None, upto: int
+    ) -> Completion | None:
+        """Have the UX model read the conversation's prompt with ``summary`` (covering up
+        to ``upto``), now, while the person reads.
 
         A fold changes the prompt's start, so the next turn would read its whole history
         before its first token; read here (one token generated, in the ledger as step
         ``prefill``), the next turn finds it in the model's cache and reads only its own
-        message.
+        message. None if a turn stopped it (what was read may be kept in the model's
+        prefix cache for the next try); a failed read is as good as done: the turn reads
+        it all.
         """
-        summary, recent = await self._unfolded(conversation_id)
+        recent = _after(await self.conversations.messages(conversation_id), upto)
         if not recent:
-            return
-        await self._side_call(
-            self._history(summary, recent),
-            max_tokens=1,
-            key=AttemptKey("prefill"),
-            conversation_id=conversation_id,
-        )
+            return Completion.empty()
+        role = self._router.for_chat().role
+        token = self._stoppable(conversation_id, role)
+        try:
+            read = await self._side_call(
+                self._history(summary, recent),
+                max_tokens=1,
+                key=AttemptKey("prefill"),
+                conversation_id=conversation_id,
+                cancel=token,
+                keep_prefix=True,  # the conversation's next turns start with it
+                background=True,
+            )
+        finally:
+            if self._on_ux.get(conversation_id) is token:
+                del self._on_ux[conversation_id]
+        if read is None and not token.cancelled:
+            return Completion.empty()
+        return read
 
     async def _handed_off(self, conversation_id: str) -> str:
         tracked = (await self.conversations.tracked(conversation_id))[-_TASKS_IN_PROMPT:]
@@ -508,16 +685,20 @@ class ChatService:
     async def _fit(
         self, conversation_id: str, summary: str | None, recent: list[Message], limit: int
     ) -> tuple[str, int] | None:
-        """Fold the oldest of ``recent`` into the summary if the history is over ``limit``.
+        """Fold the oldest of ``recent`` into the summary, on the UX model, if the history
+        is over ``limit`` (a person is waiting on it; under the conversation's lock).
 
         Returns the new summary and the seq it covers up to, or None if nothing was folded.
         """
         if not self._over(summary, recent, limit):
             return None
         fold = self._to_fold(recent)
-        new = await self._summarise(conversation_id, summary, fold)
+        new = await self._summarise(
+            conversation_id, summary, fold, self._router.for_chat().role, ahead=False
+        )
         if new is None:
             return None
+        self._made.pop(conversation_id, None)
         await self.conversations.set_summary(conversation_id, new, fold[-1].seq)
         log.info("conversation %s: %d messages folded into its summary", conversation_id, len(fold))
         return new, fold[-1].seq
@@ -540,8 +721,16 @@ class ChatService:
         return recent[: max(cut, 1)]
 
     async def _summarise(
-        self, conversation_id: str, summary: str | None, fold: list[Message]
+        self,
+        conversation_id: str,
+        summary: str | None,
+        fold: list[Message],
+        role: Role,
+        *,
+        ahead: bool,
     ) -> str | None:
+        """A summary of ``summary`` and the messages ``fold``, on ``role``'s model;
+        ``ahead``: made in the background, nobody waiting on it."""
         lines = [f"{m.role}: {' '.join(m.text.split())}" for m in fold]
         body = "\n".join(lines)
         # The summary call must itself fit: keep the newest part of what is folded.
@@ -555,14 +744,22 @@ class ChatService:
             + "\n\nWrite a short summary of this conversation: who asked what, what was "
             "answered or decided, and any task ids. Plain sentences."
         )
-        out = await self._side_call(
-            [
-                {"role": "system", "content": "You summarise conversations briefly."},
-                {"role": "user", "content": prompt},
-            ],
-            max_tokens=self._settings.summary_max_tokens,
-            key=AttemptKey("summary"),
-            conversation_id=conversation_id,
-        )
+        token = self._stoppable(conversation_id, role)
+        try:
+            out = await self._side_call(
+                [
+                    {"role": "system", "content": "You summarise conversations briefly."},
+                    {"role": "user", "content": prompt},
+                ],
+                max_tokens=self._settings.summary_max_tokens,
+                key=AttemptKey("summary"),
+                conversation_id=conversation_id,
+                role=role,
+                cancel=token,
+                background=ahead,
+            )
+        finally:
+            if self._on_ux.get(conversation_id) is token:
+                del self._on_ux[conversation_id]
         # Handed-off tasks need no place in it: every chat prompt names them anyway.
-        return (out or "").strip() or None
+        return (out.text if out is not None else "").strip() or None

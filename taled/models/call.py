@@ -60,6 +60,15 @@ class ModelCall:
     """Tools the model may call; its calls land in the Completion's ``tool_calls``."""
     schema: dict[str, Any] | None = None
     """A JSON Schema the reply's text must satisfy."""
+    background: bool = False
+    """Nobody waits on the call (a read ahead): the embedded model reads its prompt in
+    smaller chunks, so a call someone waits on that stops it gets the model sooner, and
+    it does not pause the other roles' models as a UX call does (models.pool.ux_priority)."""
+    keep_prefix: bool = True
+    """Whether the model may keep a copy of what it read for this call, for a later call
+    whose prompt starts the same (models.llamacpp.prefix_cache_mb); a prompt that will
+    not come again (a conversation's summary, an intent vote) says no, so it takes no
+    memory and pushes out no copy that will be used."""
 
     def __post_init__(self) -> None:
         if self.partial and self.structured:

@@ -432,6 +432,11 @@ class ModelPool:
             await self._until_up(slot, cancel)
         return not cancel.cancelled
 
+    def busy(self, role: str) -> bool:
+        """Whether the role's model is serving a call now (a new one would wait for it)."""
+        slot = self._roles.get(role)
+        return slot is not None and slot.in_use > 0
+
     def thinks(self, role: str) -> bool:
         """Whether the role's model has a thinking mode a call can switch (Ollama's think)."""
         slot = self._roles.get(role)
@@ -487,7 +492,7 @@ class ModelPool:
             backend = slot.backend
             delivered = False
             # A person is waiting on this reply: other embedded models pause meanwhile.
-            priority = role == "ux" and slot is self._roles["ux"]
+            priority = role == "ux" and slot is self._roles["ux"] and not call.background
             if priority:
                 self._ux_calls += 1
                 self._ux_idle.clear()
@@ -539,6 +544,8 @@ class ModelPool:
             think=call.think,
             tools=call.tools,
             schema=call.schema,
+            keep_prefix=call.keep_prefix,
+            background=call.background,
         )
         deadline = time.monotonic() + timeout
         so_far = ""

@@ -267,6 +267,13 @@ def read_ledger(db: Path) -> dict[str, Any]:
             "SUM(completion_tokens) AS c, SUM(saved_tokens) AS s FROM model_calls GROUP BY role"
         ):
             by_role[r["role"]] = _sums(r["calls"], r["p"], r["c"], saved=r["s"])
+        # What the task model did for conversations (chat's summaries, made there since
+        # they moved off the UX model): chat work, outside the comparison on both sides,
+        # so not in tale's task-model tokens for its tasks (reported beside them).
+        chat_on_task = conn.execute(
+            "SELECT COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM model_calls "
+            "WHERE role = 'task' AND conversation_id IS NOT NULL AND task_id IS NULL"
+        ).fetchone()
         by_model = {
             r["model"]: _sums(r["calls"], r["p"], r["c"])
             for r in conn.execute(
@@ -303,6 +310,7 @@ def read_ledger(db: Path) -> dict[str, Any]:
     )
     return {
         "by_role": by_role,
+        "chat_on_task_model": _sums(*chat_on_task),
         "by_model": by_model,
         "total": total,
         "outcomes": outcomes,
@@ -799,6 +807,18 @@ def mape_curve(outcomes: list[dict[str, Any]], window: int | None) -> dict[str, 
     }
 
 
+def _task_model_for_tasks(ledger: dict[str, Any]) -> dict[str, int]:
+    """The task model's tokens, less what it did for conversations (a ledger read before
+    that was counted has none)."""
+    task = ledger["by_role"].get("task", _sums(0, 0, 0))
+    chat = ledger.get("chat_on_task_model", _sums(0, 0, 0))
+    return _sums(
+        task["calls"] - chat["calls"],
+        task["prompt"] - chat["prompt"],
+        task["completion"] - chat["completion"],
+    )
+
+
 def summarise(
     items: list[dict[str, Any]],
     tale: dict[str, Any],
@@ -807,7 +827,7 @@ def summarise(
     window: int | None,
 ) -> dict[str, Any]:
     """The report: both runs side by side, savings, learning curve and verdicts."""
-    t_tok, n_tok = tale["ledger"]["by_role"].get("task", _sums(0, 0, 0)), naive["ledger"]["total"]
+    t_tok, n_tok = _task_model_for_tasks(tale["ledger"]), naive["ledger"]["total"]
     outcomes = tale["ledger"].get("outcomes", [])
     t_pass = _rate(tale["items"], "passed")
     n_pass = _rate(naive["items"], "passed")
@@ -890,7 +910,7 @@ HAPPY_PATH_RATIO = 1.10
 
 def _run_numbers(run: dict[str, Any]) -> dict[str, Any]:
     passed, judged, _ = _rate(run["items"], "passed")
-    task_tokens = run["ledger"]["by_role"].get("task", _sums(0, 0, 0))["total"]
+    task_tokens = _task_model_for_tasks(run["ledger"])["total"]
     return {
         "task_model_tokens": task_tokens,
         "total_tokens": run["ledger"]["total"]["total"],

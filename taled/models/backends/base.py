@@ -250,6 +250,8 @@ class Backend(Protocol):
         think: bool | None = None,
         tools: Sequence[ToolSpec] | None = None,
         schema: dict[str, Any] | None = None,
+        keep_prefix: bool = True,
+        background: bool = False,
     ) -> AsyncGenerator[str, None]:
         """Yield the answer's text as it is generated; fill ``result`` when done.
 
@@ -259,6 +261,10 @@ class Backend(Protocol):
         land in ``result.tool_calls`` (their arguments are not yielded as text).
         ``schema``: a JSON Schema the reply's text must satisfy (a grammar on llama.cpp,
         ``response_format`` on OpenAI, ``format`` on Ollama).
+        ``keep_prefix``: whether the backend may keep a copy of this call's prompt state
+        for a later call (the embedded model's prefix cache; others ignore it).
+        ``background``: nobody waits on the call; the embedded model reads its prompt in
+        smaller chunks, to give way sooner when it is stopped (others ignore it).
         """
         ...
 

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import threading
@@ -225,6 +226,10 @@ _GRAMMAR_CACHE = 32
 # A prompt shorter than this is read again rather than looked up in the prefix cache,
 # and a saved prefix is copied back only if it saves this many tokens over the live one.
 _MIN_PREFIX_TOKENS = 64
+# A call nobody waits on reads its prompt in chunks this many times smaller than
+# prompt_chunk_tokens: a turn that stops it waits for less (16 tokens, ~60 ms, against
+# ~120 ms), at ~6 % more time for the read (docs/benchmarks.md).
+_BACKGROUND_CHUNK_SHARE = 2
 _MIN_GAIN = 32
 # How much of a call that could not be read is quoted back to the model.
 _QUOTED_CHARS = 200
@@ -650,6 +655,9 @@ class LlamaCppBackend:
         # Tokens generated so far by this instance; a probe during a call waits
         # for it to move, so a hung generation thread fails its probe.
         self._beats = 0
+        # Whether the call that left the KV cache as it is let it be kept: a one-off
+        # prompt's state is not copied out when the next prompt replaces it.
+        self._keep_live = True
 
     @property
     def loaded(self) -> bool:
@@ -797,6 +805,8 @@ class LlamaCppBackend:
         think: bool | None = None,
         tools: Sequence[ToolSpec] | None = None,
         schema: dict[str, Any] | None = None,
+        keep_prefix: bool = True,
+        background: bool = False,
     ) -> AsyncGenerator[str, None]:
         """Yield text as it is generated; ``result`` holds counts and timings after.
 
@@ -846,6 +856,8 @@ class LlamaCppBackend:
                     done,
                     grammar,
                     bool(tools),
+                    keep_prefix,
+                    background,
                 ),
                 name=f"llama-{self.model}",
                 daemon=True,
@@ -899,15 +911,17 @@ class LlamaCppBackend:
         if cache is None:
             return live
         snapshot, kept = cache.best(wanted)
-        if live < len(held) // 2 and len(held) >= cache.min_tokens:
-            self._stash(held)
-        if snapshot is not None and kept >= live + _MIN_GAIN and self._restore(snapshot):
+        restoring = snapshot if snapshot is not None and kept >= live + _MIN_GAIN else None
+        if self._keep_live and live < len(held) // 2 and len(held) >= cache.min_tokens:
+            self._stash(held, keep=restoring)
+        if restoring is not None and self._restore(restoring):
             cache.hits += 1
             return kept
         return live
 
-    def _stash(self, held: list[int]) -> None:
-        """Copy the KV cache's sequence (holding ``held``) into the prefix cache."""
+    def _stash(self, held: list[int], keep: Snapshot | None = None) -> None:
+        """Copy the KV cache's sequence (holding ``held``) into the prefix cache, unless
+        that would drop ``keep`` (the copy about to be restored) for want of room."""
         import llama_cpp
 
         assert self._prefixes is not None
@@ -915,12 +929,19 @@ class LlamaCppBackend:
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         if not self._prefixes.worth_keeping(held, size):
             return
-        # Kept as llama.cpp wrote it: a copy into bytes would double the peak, and the
-        # allocator keeps such peaks (the daemon's RSS has a budget).
-        buffer = (ctypes.c_uint8 * size)()
+        if keep is not None and size + len(keep.state) > self._prefixes.capacity:
+            return  # before copying: the copy would not be kept
+        # Kept as llama.cpp wrote it, in memory of its own: a copy into bytes would
+        # double the peak, and a buffer from malloc (in the arena of whichever thread
+        # generated) need not go back to the system when dropped: a 16-turn
+        # conversation's daemon peaked at 609 MB against a 64 MB budget for both
+        # instances' copies on top of 453 MB. An anonymous map is unmapped when the
+        # snapshot is dropped.
+        pages = mmap.mmap(-1, size)
+        buffer = (ctypes.c_uint8 * size).from_buffer(pages)
         copied = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
         if copied == size:
-            self._prefixes.add(Snapshot(tuple(held), buffer))
+            self._prefixes.add(Snapshot(tuple(held), buffer), keep=keep)
 
     def _restore(self, snapshot: Snapshot) -> bool:
         """Put ``snapshot`` back in the KV cache; False (and an empty cache) if refused."""
@@ -941,9 +962,9 @@ class LlamaCppBackend:
         llm.n_tokens = n
         return True
 
-    def _read(self, wanted: list[int], held: int, stopped: Callable[[], bool]) -> bool:
-        """Read ``wanted`` into the KV cache after its first ``held`` tokens, a chunk at a
-        time, looking at ``stopped`` between chunks; False if it said stop.
+    def _read(self, wanted: list[int], held: int, chunk: int, stopped: Callable[[], bool]) -> bool:
+        """Read ``wanted`` into the KV cache after its first ``held`` tokens, ``chunk`` at
+        a time, looking at ``stopped`` between chunks; False if it said stop.
 
         create_completion then finds all of it cached and reads only the prompt's last
         token. What was read before a stop stays in the cache (and is copied out with it
@@ -951,7 +972,6 @@ class LlamaCppBackend:
         """
         llm = self._llm
         llm.n_tokens = held  # llama.cpp drops whatever the cache holds beyond it
-        chunk = self._settings.prompt_chunk_tokens
         for start in range(held, len(wanted), chunk):
             if stopped():
                 return False
@@ -972,6 +992,8 @@ class LlamaCppBackend:
         done: threading.Event,
         grammar: Any,
         calls: bool,
+        keep_prefix: bool,
+        background: bool,
     ) -> None:
         """Generate in this thread. ``calls``: the reply is a tool call, parsed into
         ``result.tool_calls`` and not handed over as text."""
@@ -997,8 +1019,12 @@ class LlamaCppBackend:
             # llama.cpp always reads the prompt's last token itself, for its logits.
             wanted = self._llm.tokenize(prompt.encode("utf-8"), special=True)[:-1]
             result.cached_tokens = self._reuse(wanted)
+            self._keep_live = keep_prefix
             pieces: Iterator[Any] = iter(())
-            if self._read(wanted, result.cached_tokens, stopped):
+            chunk = self._settings.prompt_chunk_tokens
+            if background:
+                chunk = max(1, chunk // _BACKGROUND_CHUNK_SHARE)
+            if self._read(wanted, result.cached_tokens, chunk, stopped):
                 pieces = self._llm.create_completion(
                     prompt,
                     max_tokens=max_tokens,

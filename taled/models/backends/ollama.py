@@ -291,6 +291,8 @@ class OllamaBackend:
         think: bool | None = None,
         tools: Sequence[ToolSpec] | None = None,
         schema: dict[str, Any] | None = None,
+        keep_prefix: bool = True,
+        background: bool = False,
     ) -> AsyncGenerator[str, None]:
         """Yield text as Ollama streams it; ``result`` holds Ollama's counts and timings after.
 

@@ -207,6 +207,8 @@ class OpenAIBackend:
         think: bool | None = None,
         tools: Sequence[ToolSpec] | None = None,
         schema: dict[str, Any] | None = None,
+        keep_prefix: bool = True,
+        background: bool = False,
     ) -> AsyncGenerator[str, None]:
         """Yield text as the server streams it; ``result`` holds counts and timings after.
 

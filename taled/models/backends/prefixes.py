@@ -82,17 +82,33 @@ class PrefixCache:
             self._kept.move_to_end(found.tokens)
         return found, longest
 
-    def add(self, snapshot: Snapshot) -> None:
-        """Keep ``snapshot``; one it extends (or repeats) is dropped, it holds more."""
-        if not self.worth_keeping(snapshot.tokens, len(snapshot.state)):
+    def add(self, snapshot: Snapshot, keep: Snapshot | None = None) -> None:
+        """Keep ``snapshot``; one it extends (or repeats) is dropped, it holds more.
+
+        ``keep`` (the snapshot about to be copied back) is never dropped to make room:
+        if both do not fit, ``snapshot`` is not kept. Otherwise a conversation's copy
+        would make way for what replaced it (a summary read ahead) just when the
+        conversation's next turn needs it back.
+        """
+        size = len(snapshot.state)
+        if not self.worth_keeping(snapshot.tokens, size):
+            return
+        if (
+            keep is not None
+            and keep.tokens in self._kept
+            and size + len(keep.state) > self.capacity
+        ):
             return
         n = len(snapshot.tokens)
         for tokens in [t for t in self._kept if len(t) <= n and snapshot.tokens[: len(t)] == t]:
             del self._kept[tokens]
         self._kept[snapshot.tokens] = snapshot
         self.saves += 1
-        while self.size > self.capacity:
-            self._kept.popitem(last=False)
+        for tokens in list(self._kept):
+            if self.size <= self.capacity:
+                break
+            if keep is None or tokens != keep.tokens:
+                del self._kept[tokens]
 
     def clear(self) -> None:
         """Forget every snapshot (the model was unloaded: they belong to its context)."""
