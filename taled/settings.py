@@ -408,6 +408,11 @@ class ChatSettings(BaseModel):
     which pauses while the UX model answers someone (models.pool.ux_priority), so a fold
     in progress never holds the UX model from the next turn; "ux" makes it there, and a
     turn then stops it. A fold a turn cannot do without is made on the UX model."""
+    read_ahead_after_seconds: float = Field(default=0.5, ge=0, le=60)
+    """After a reply, the UX model reads the conversation as its next turn will send it
+    (the reply as text, not as the tokens it was generated as) once this long has passed
+    with no new message: a person reads the reply first, and a client sending turns back
+    to back would only stop the read."""
     unfolded_max_share: float = Field(default=1.5, ge=1, le=100)
     """While the fold made ahead is not ready, a turn is answered over the whole history
     up to this multiple of context_tokens instead of waiting for it. Keep it times

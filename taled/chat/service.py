@@ -273,6 +273,8 @@ class ChatService:
             # A person is waiting: what the fold does on the UX model gives way (the
             # model is theirs now) and goes on after this reply.
             on_ux.cancel()
+        if (reading := self._reads.get(conv.id)) is not None:
+            reading.cancel()  # made again after this reply
         async with lock:
             # Re-read under the lock: a concurrent turn may have changed it.
             conv = await self.conversations.get(conv.id)
@@ -349,9 +351,10 @@ class ChatService:
         the next prompt holds it as its text, which the tokenizer may split otherwise
         (or a reply stopped for repeating itself keeps less): llama.cpp then reads again
         from the first token that differs, up to the whole reply (measured: 85 and 125
-        tokens, 0.3 and 0.55 s before a first token). Read now, while the person reads;
-        a turn stops it.
+        tokens, 0.3 and 0.55 s before a first token). Read now, while the person reads
+        (``chat.read_ahead_after_seconds`` after the reply); a turn stops it.
         """
+        await asyncio.sleep(self._settings.read_ahead_after_seconds)
         conv = await self.conversations.get(conversation_id)
         await self._read_ahead(conversation_id, conv.summary, conv.summary_upto)
 

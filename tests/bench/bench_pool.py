@@ -123,6 +123,11 @@ def conversation_latencies(daemon: Daemon, runs: int) -> dict[str, float]:
     return {**measured, "folded": float(folded)}
 
 
+# Pause before each side of a paired overhead run (the daemon's read after a short
+# reply takes ~0.1-0.3 s).
+IDLE_BEFORE_SECONDS = 1.0
+
+
 def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
     """The same chat turn through the socket and on llama-cpp-python directly, interleaved.
 
@@ -145,6 +150,10 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
         with contextlib.suppress(RpcError):
             conn.call_tool("chat", turn, on_progress=lambda _p: None)  # warm-up
         for _ in range(runs):
+            # Each side starts on an idle machine: after a reply the daemon reads the
+            # conversation ahead for its next turn (a person's next message comes
+            # seconds later), and that read would otherwise land on the direct side.
+            time.sleep(IDLE_BEFORE_SECONDS)
             start = time.perf_counter()
             try:
                 conn.call_tool("chat", turn, on_progress=lambda _p: None)
@@ -152,6 +161,7 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
                 failed += 1
                 continue
             via_socket.append(time.perf_counter() - start)
+            time.sleep(IDLE_BEFORE_SECONDS)
             start = time.perf_counter()
             for _chunk in llm.create_chat_completion(
                 messages, max_tokens=max_tokens, temperature=0, stream=True
