@@ -13,15 +13,17 @@ into a stored summary (one call, in the ledger with step ``summary``), and
 each later call records in the ledger the prompt tokens the summary saved. The
 fold is made ahead, in the background right after a reply, once the history
 passes ``chat.summarise_ahead_share`` of the limit: the user reads the reply
-while it runs, and the next turn's first token never waits for it. The summary is
-made on ``chat.summary_role``'s model (the task model, which pauses while the UX
-model answers someone); the UX model then reads the folded prompt ahead, and only
-once it has is the fold applied. A message that comes before that is answered over
-the unfolded history, which the UX model still holds (up to
-``chat.unfolded_max_share`` of the limit): it stops the read ahead, which goes on
-after the reply, from where it stopped. Only a turn past that share folds first,
-on the UX model (the person is waiting: it is theirs), taking a summary already
-made if there is one.
+while it runs, and the next turn's first token does not wait for it. The summary is
+made on ``chat.summary_role``'s model while it is free (the task model, which pauses
+while the UX model answers someone); the UX model then reads the folded prompt ahead,
+and only once it has is the fold applied. A message that comes before that is
+answered over the unfolded history, which the UX model still holds (up to
+``chat.unfolded_max_share`` of the limit): it stops the read ahead, which runs again
+after the reply. Only a turn past that share folds first, on the UX model (the person
+is waiting: it is theirs), taking a summary already made if there is one. Between
+folds, ``chat.read_ahead_after_seconds`` after a reply, the UX model reads the
+conversation as its next turn will send it (the reply as text, not as the tokens it
+was generated as).
 
 Turns are laid out so the model reads little of each again: a fold takes the
 history down to ``chat.fold_to_share`` of the limit (folds are rare), the UX model

@@ -967,8 +967,9 @@ class LlamaCppBackend:
         a time, looking at ``stopped`` between chunks; False if it said stop.
 
         create_completion then finds all of it cached and reads only the prompt's last
-        token. What was read before a stop stays in the cache (and is copied out with it
-        when the next prompt replaces it), so a read given up is not all lost.
+        token. What was read before a stop stays in the cache, and is copied out like
+        any sequence when the next prompt replaces it, if the prefix cache has room for
+        it beside the copy that prompt restores.
         """
         llm = self._llm
         llm.n_tokens = held  # llama.cpp drops whatever the cache holds beyond it
