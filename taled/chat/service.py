@@ -421,8 +421,7 @@ class ChatService:
         """The summary made ahead: the one waiting to be applied, or a new one if the
         history is over ``limit``; None if there is nothing to fold or it failed."""
         conv = await self.conversations.get(conversation_id)
-        made = self._made.get(conversation_id)
-        if made is not None and made.over == conv.summary_upto:
+        if (made := self._waiting(conv)) is not None:
             return made
         recent = _after(await self.conversations.messages(conversation_id), conv.summary_upto)
         if not self._over(conv.summary, recent, limit):
@@ -442,6 +441,12 @@ class ChatService:
         made = _Made(summary, fold[-1].seq, conv.summary_upto)
         self._made[conversation_id] = made
         return made
+
+    def _waiting(self, conv: Conversation) -> _Made | None:
+        """The summary made ahead for ``conv`` as it is now, if any: one made before its
+        summary moved on (a turn folded itself) is stale."""
+        made = self._made.get(conv.id)
+        return made if made is not None and made.over == conv.summary_upto else None
 
     async def _apply(self, conversation_id: str, made: _Made) -> None:
         """Store a summary made ahead (under the conversation's lock)."""
@@ -553,6 +558,8 @@ class ChatService:
             if spoke:
                 raise
             log.info("conversation %s: too long for the model unfolded; folding", conv.id)
+            # Read again: the first try may have stored a fold.
+            conv = await self.conversations.get(conv.id)
             return await self._answer(conv, saying, fold=True)
 
     async def _answer(
@@ -562,7 +569,6 @@ class ChatService:
         over context_tokens, whatever a fold made ahead would do."""
         # Read once: the summary's fit, the prompt and the saving all come from it.
         everything = await self.conversations.messages(conv.id)
-        conv = await self.conversations.get(conv.id)
         summary, upto = conv.summary, conv.summary_upto
         folded = await self._folded_for_turn(conv, _after(everything, upto), fold)
         if folded is not None:
@@ -611,9 +617,7 @@ class ChatService:
         limit = self._settings.context_tokens
         if not self._over(conv.summary, recent, limit):
             return None
-        made = self._made.get(conv.id)
-        if made is not None and made.over != conv.summary_upto:
-            made = None
+        made = self._waiting(conv)
         coming = made is not None or conv.id in self._folds
         if coming and not fold and not self._over(conv.summary, recent, self._unfolded_max()):
             return None

@@ -226,11 +226,11 @@ _GRAMMAR_CACHE = 32
 # A prompt shorter than this is read again rather than looked up in the prefix cache,
 # and a saved prefix is copied back only if it saves this many tokens over the live one.
 _MIN_PREFIX_TOKENS = 64
+_MIN_GAIN = 32
 # A call nobody waits on reads its prompt in chunks this many times smaller than
 # prompt_chunk_tokens: a turn that stops it waits for less (16 tokens, ~60 ms, against
 # ~120 ms), at ~6 % more time for the read (docs/benchmarks.md).
 _BACKGROUND_CHUNK_SHARE = 2
-_MIN_GAIN = 32
 # How much of a call that could not be read is quoted back to the model.
 _QUOTED_CHARS = 200
 # Schema keywords whose value is a schema, a list of schemas, or a map of them.
@@ -927,10 +927,8 @@ class LlamaCppBackend:
         assert self._prefixes is not None
         ctx = self._llm._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        if not self._prefixes.worth_keeping(held, size):
-            return
-        if keep is not None and size + len(keep.state) > self._prefixes.capacity:
-            return  # before copying: the copy would not be kept
+        if not self._prefixes.worth_keeping(held, size, keep):
+            return  # asked before copying: the copy would not be kept
         # Kept as llama.cpp wrote it, in memory of its own: a copy into bytes would
         # double the peak, and a buffer from malloc (in the arena of whichever thread
         # generated) need not go back to the system when dropped: a 16-turn

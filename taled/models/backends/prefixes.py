@@ -66,9 +66,13 @@ class PrefixCache:
         """Bytes of the snapshots held."""
         return sum(len(s.state) for s in self._kept.values())
 
-    def worth_keeping(self, tokens: Sequence[int], state_bytes: int) -> bool:
-        """Whether a snapshot of ``tokens`` would be kept (long enough, and it fits)."""
-        return len(tokens) >= self.min_tokens and 0 < state_bytes <= self.capacity
+    def worth_keeping(
+        self, tokens: Sequence[int], state_bytes: int, keep: Snapshot | None = None
+    ) -> bool:
+        """Whether a snapshot of ``tokens`` would be kept: long enough, and it fits, beside
+        ``keep`` if that is held (the copy about to be restored is never dropped for it)."""
+        beside = len(keep.state) if keep is not None and keep.tokens in self._kept else 0
+        return len(tokens) >= self.min_tokens and 0 < state_bytes <= self.capacity - beside
 
     def best(self, prompt: Sequence[int]) -> tuple[Snapshot | None, int]:
         """The snapshot sharing the longest prefix with ``prompt``, and that length."""
@@ -90,14 +94,7 @@ class PrefixCache:
         would make way for what replaced it (a summary read ahead) just when the
         conversation's next turn needs it back.
         """
-        size = len(snapshot.state)
-        if not self.worth_keeping(snapshot.tokens, size):
-            return
-        if (
-            keep is not None
-            and keep.tokens in self._kept
-            and size + len(keep.state) > self.capacity
-        ):
+        if not self.worth_keeping(snapshot.tokens, len(snapshot.state), keep):
             return
         n = len(snapshot.tokens)
         for tokens in [t for t in self._kept if len(t) <= n and snapshot.tokens[: len(t)] == t]:
