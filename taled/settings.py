@@ -88,6 +88,8 @@ __all__ = [
 _STRICT = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 Role = Literal["ux", "task"]
+# How the kernel schedules llama.cpp's threads (LlamaCppSettings.cpu_policy).
+CpuPolicy = Literal["normal", "idle"]
 """The model roles: ``ux`` answers people, ``task`` does the work."""
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -349,6 +351,13 @@ class LlamaCppSettings(BaseModel):
     the task model generates was 11.3 ms at the default, 7.7 ms at 10,000 and 4.1 ms at 0,
     but prompts were read 13 % slower at 10,000 and replies took twice as long at 0
     (docs/benchmarks.md). An environment's own GOMP_SPINCOUNT wins."""
+    cpu_policy: CpuPolicy = "normal"
+    """How the kernel schedules llama.cpp's threads (all models share one compute thread
+    and its OpenMP team): normal, or idle (Linux SCHED_IDLE: they run only on CPU time
+    nothing else on the machine wants). Idle keeps the daemon's socket quick while a task
+    generates (get_task's p99 4.1-4.7 ms against ~11 ms on 2 cores, docs/benchmarks.md),
+    but every other busy program on the machine then slows replies and tasks, and an
+    unprivileged daemon cannot leave idle once in it; for a machine tale has to itself."""
     prefix_cache_mb: int = Field(default=32, ge=0, le=65_536)
     """Memory per instance for copies of its KV cache, so a conversation's history is
     not read again after another call used the instance in between; 0 turns it off."""
@@ -481,7 +490,8 @@ class PoolSettings(BaseModel):
     unexpected_load_ms: float = Field(default=1000.0, ge=0)
     """A pinned model's call that reports a load longer than this was unloaded behind our back."""
     ux_priority: bool = True
-    """While the UX model answers someone, embedded models of other roles pause between tokens."""
+    """While the UX model answers someone, embedded models of other roles pause between
+    tokens (off: their steps and the reply's take turns on the one compute thread)."""
 
 
 class ModelsSettings(BaseModel):

@@ -278,14 +278,17 @@ class ChatService:
         if (reading := self._reads.get(conv.id)) is not None:
             reading.cancel()  # made again after this reply
         async with lock:
-            # Re-read under the lock: a concurrent turn may have changed it.
-            conv = await self.conversations.get(conv.id)
+            if not new:
+                # Re-read under the lock: a concurrent turn may have changed it (nothing
+                # else knows a conversation made just now).
+                conv = await self.conversations.get(conv.id)
             return await self._turn(conv, clean, on_text)
 
     async def _turn(
         self, conv: Conversation, text: str, on_text: Callable[[str], Awaitable[None]]
     ) -> Turn:
-        updates = await self._updates(conv.id)
+        # A conversation with no messages yet has handed nothing off.
+        updates = await self._updates(conv.id) if conv.messages else []
         said: list[str] = []
 
         async def say(piece: str) -> None:
@@ -339,7 +342,7 @@ class ChatService:
         # taled.models.repetition): the conversation stores what it keeps.
         said[streamed:] = [completion.text]
         turn = await self._finish(conv.id, intent, said, updates, completion=completion)
-        turn.summarised = summarised or await self._fold_ahead(conv.id)
+        turn.summarised = summarised or await self._fold_ahead(conv.id, conv.messages + 2)
         if not turn.summarised and conv.id not in self._reads:
             read = asyncio.create_task(self._read_on(conv.id))
             self._reads[conv.id] = read
@@ -360,12 +363,15 @@ class ChatService:
         conv = await self.conversations.get(conversation_id)
         await self._read_ahead(conversation_id, conv.summary, conv.summary_upto)
 
-    async def _fold_ahead(self, conversation_id: str) -> bool:
+    async def _fold_ahead(self, conversation_id: str, messages: int) -> bool:
         """Start folding the history in the background if it is past the ahead share
-        (or a summary made ahead is still to be read); True if a fold is on its way."""
+        (or a summary made ahead is still to be read); True if a fold is on its way.
+        ``messages``: how many the conversation holds now."""
         share = self._settings.summarise_ahead_share
         if conversation_id in self._folds:
             return True
+        if conversation_id not in self._made and messages <= self._settings.keep_recent_messages:
+            return False  # nothing old enough to fold (the history is not read for it)
         if share >= 1:
             return False
         summary, recent = await self._unfolded(conversation_id)
@@ -574,7 +580,7 @@ class ChatService:
         if folded is not None:
             summary, upto = folded
         messages = self._history(summary, _after(everything, upto))
-        handed = await self._handed_off(conv.id)
+        handed = await self._handed_off(conv.id) if conv.messages else ""
         if handed:
             # Just before the newest message, not in the system prompt: the tasks' states
             # change between turns, and anything that changes is read again with all

@@ -283,7 +283,7 @@ class Database:
         results: list[tuple[_WriteOp, Any, BaseException | None]] = []
         committed = False
         try:
-            async with conn.begin():
+            async with conn.begin() as transaction:
                 rows: dict[InsertMany, list[_WriteOp]] = {}
                 for op in batch:
                     if op.insert is not None and op.row is not None:
@@ -293,6 +293,18 @@ class Database:
                     results.extend((op, None, None) for op in ops)
                 for op in batch:
                     if op.fn is None:
+                        continue
+                    if len(batch) == 1:
+                        # Alone in its batch, a write needs no savepoint of its own (two
+                        # round trips to the driver's thread, ~0.7 ms): if it fails, the
+                        # whole transaction is rolled back.
+                        try:
+                            value = await op.fn(conn)
+                        except (TaleError, SQLAlchemyError) as exc:
+                            await transaction.rollback()
+                            results.append((op, None, self._write_error(exc)))
+                        else:
+                            results.append((op, value, None))
                         continue
                     savepoint = await conn.begin_nested()
                     try:

@@ -3,7 +3,8 @@
 ``learning.embeddings`` names the model in the ``[models]`` forms:
 
     llamacpp:NAME       an embedded llama.cpp model, in a ``Llama`` instance of its own
-                        (embedding mode is fixed when a context is made), run in a thread
+                        (embedding mode is fixed when a context is made), run on the
+                        compute thread the chat models share
     ollama:NAME         Ollama's ``/api/embed``, through the official client's ``embed``
     openai:URL#MODEL    ``POST URL/embeddings`` in OpenAI's format, over httpx
 
@@ -24,6 +25,7 @@ unknown model) or answers something that is not embeddings.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ import numpy.typing as npt
 from ollama import AsyncClient
 
 from taled.errors import BackendDown, ModelError, ModelTimeout, TaleError
+from taled.models.backends.compute import COMPUTE
 from taled.models.backends.llamacpp import machine_threads, model_params, resolve_model_path
 from taled.models.backends.ollama import (
     DEFAULT_HOST,
@@ -139,7 +142,8 @@ class LlamaCppEmbedder:
     nomic-embed-text does); otherwise mean pooling over the tokens' last hidden
     states, as a chat model such as SmolLM2 has none (llama.cpp would give one vector
     per token). One instance is not safe for concurrent use: calls take a lock and
-    run in a thread, one text at a time (llama-cpp-python's batch of several texts
+    run on the chat models' compute thread (taled.models.backends.compute: one OpenMP
+    team for the process), one text at a time (llama-cpp-python's batch of several texts
     needs a context with as many sequences).
     """
 
@@ -214,7 +218,8 @@ class LlamaCppEmbedder:
                 await anyio.to_thread.run_sync(llm.close)
 
     async def embed(self, texts: Sequence[str]) -> Matrix:
-        """Each text's mean-pooled (or the model's own) embedding, computed in a thread.
+        """Each text's mean-pooled (or the model's own) embedding, computed a text a step
+        on the compute thread (a reply waits for at most one text).
 
         The lock is taken per text, so a lookup waits behind at most one text of a
         backfill. llama.cpp cannot be interrupted mid-decode: a call past its timeout
@@ -226,7 +231,7 @@ class LlamaCppEmbedder:
             async with self._lock:
                 llm = await self._ensure()
                 try:
-                    rows.append(await anyio.to_thread.run_sync(_llama_embed, llm, [text]))
+                    rows.append(await COMPUTE.run(functools.partial(_llama_embed, llm, [text])))
                 except (ValueError, RuntimeError) as exc:
                     # A failed decode leaves the context in an unknown state: load afresh.
                     self._llm = None

@@ -1,13 +1,15 @@
 """The embedded llama.cpp backend (llama-cpp-python, in-process).
 
 One ``Llama`` instance is not safe for concurrent use, so each backend holds
-one asyncio lock and runs inference in a worker thread while holding it. A
-stream is cancelled between tokens through llama.cpp's stopping criteria, and while
-its prompt is read, between chunks of ``prompt_chunk_tokens`` (llama.cpp reads a
-whole prompt before it asks the criteria, which made a 600-token read ahead hold
-the model from a person for 2 s); if
-the awaiting coroutine is cancelled, the thread is told to stop and awaited
-before the lock is released, so a model is never used by two threads at once.
+one asyncio lock and, while holding it, runs inference as a job on the process's one
+compute thread (``taled.models.backends.compute``: every instance shares one OpenMP
+team, a step at a time). A stream is cancelled between tokens through llama.cpp's
+stopping criteria, and while its prompt is read, between chunks of
+``prompt_chunk_tokens`` (llama.cpp reads a whole prompt before it asks the criteria,
+which made a 600-token read ahead hold the model from a person for 2 s); those are
+also the steps at which another instance's job takes its turn, and at which a paused
+one waits. If the awaiting coroutine is cancelled, the job is told to stop and awaited
+before the lock is released, so a model is never used by two calls at once.
 
 Streamed chunks carry no token usage, so counts come from the model's own
 tokenizer: the prompt as rendered by the GGUF's chat template, and the answer's
@@ -41,7 +43,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ import anyio
 
 from taled.errors import BackendDown, ContextOverflow, ModelError
 from taled.models.backends.base import CancelToken, ChatMessage, Completion, Memory, new_call_id
+from taled.models.backends.compute import COMPUTE
 from taled.models.backends.prefixes import PrefixCache, Snapshot, shared_prefix
 from taled.settings import LlamaCppSettings
 from taled.tools.base import ToolCall, ToolSpec
@@ -616,8 +619,6 @@ def parse_tool_call(text: str, *, cut: bool) -> ToolCall:
 _DONE = object()
 # How often a probe looks for a busy instance's next token (a token takes ~25 ms).
 _PROBE_POLL_SECONDS = 0.02
-# While paused for the UX model, how often a generation checks for a cancel.
-_YIELD_POLL_SECONDS = 0.05
 
 
 class LlamaCppBackend:
@@ -838,32 +839,31 @@ class LlamaCppBackend:
                 )
             budget = min(max_tokens, self._settings.n_ctx - prompt_tokens)
             done = threading.Event()
-            # Stops the thread when our consumer goes away, without touching the
+            # Stops the job when our consumer goes away, without touching the
             # caller's token (whose state means "the user cancelled").
             abandon = CancelToken()
-            worker = threading.Thread(
-                target=self._generate,
-                args=(
-                    prompt,
-                    # A grammar ends the reply itself; a stop string could cut its JSON.
-                    [] if grammar is not None else stop,
-                    budget,
-                    temperature,
-                    (cancel, abandon),
-                    result,
-                    chunks,
-                    loop,
-                    done,
-                    grammar,
-                    bool(tools),
-                    keep_prefix,
-                    background,
-                ),
-                name=f"llama-{self.model}",
-                daemon=True,
+            job = self._generate(
+                prompt,
+                # A grammar ends the reply itself; a stop string could cut its JSON.
+                [] if grammar is not None else stop,
+                budget,
+                temperature,
+                (cancel, abandon),
+                result,
+                chunks,
+                loop,
+                done,
+                grammar,
+                bool(tools),
+                keep_prefix,
+                background,
             )
             result.prompt_tokens = prompt_tokens
-            worker.start()
+            # Paused while a person's reply runs on the UX model; a stopped job runs on,
+            # to its end, at once.
+            COMPUTE.start(
+                job, lambda: not self._yielding() or cancel.cancelled or abandon.cancelled
+            )
             try:
                 finished = False
                 while not finished:
@@ -890,8 +890,8 @@ class LlamaCppBackend:
                         yield "".join(text)
             finally:
                 if not done.is_set():
-                    # Our consumer went away (cancelled, timed out): stop the thread
-                    # and wait for it, so the lock guards the model until it is idle.
+                    # Our consumer went away (cancelled, timed out): stop the job and
+                    # wait for it, so the lock guards the model until it is idle.
                     abandon.cancel()
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(done.wait)
@@ -960,9 +960,12 @@ class LlamaCppBackend:
         llm.n_tokens = n
         return True
 
-    def _read(self, wanted: list[int], held: int, chunk: int, stopped: Callable[[], bool]) -> bool:
+    def _read(
+        self, wanted: list[int], held: int, chunk: int, stopped: Callable[[], bool]
+    ) -> Generator[None, None, bool]:
         """Read ``wanted`` into the KV cache after its first ``held`` tokens, ``chunk`` at
-        a time, looking at ``stopped`` between chunks; False if it said stop.
+        a time (one step each), looking at ``stopped`` between chunks; returns False if
+        it said stop.
 
         create_completion then finds all of it cached and reads only the prompt's last
         token. What was read before a stop stays in the cache, and is copied out like
@@ -976,6 +979,7 @@ class LlamaCppBackend:
                 return False
             llm.eval(wanted[start : start + chunk])
             self._beats += 1
+            yield
         return True
 
     def _generate(
@@ -993,8 +997,9 @@ class LlamaCppBackend:
         calls: bool,
         keep_prefix: bool,
         background: bool,
-    ) -> None:
-        """Generate in this thread. ``calls``: the reply is a tool call, parsed into
+    ) -> Iterator[None]:
+        """Generate, one step (a chunk of the prompt, a piece of the reply) each time the
+        compute thread advances it. ``calls``: the reply is a tool call, parsed into
         ``result.tool_calls`` and not handed over as text."""
         from llama_cpp import StoppingCriteriaList
 
@@ -1002,11 +1007,8 @@ class LlamaCppBackend:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
         def stopped() -> bool:
-            # Called by llama.cpp between tokens, in this thread: the place to pause.
-            if self._yield_to is not None:
-                while not self._yield_to.wait(_YIELD_POLL_SECONDS):
-                    if any(t.cancelled for t in tokens):
-                        return True
+            # Asked by llama.cpp between tokens. Pausing is the compute thread's: it does
+            # not advance this job while the UX model answers someone.
             return any(t.cancelled for t in tokens)
 
         started = time.perf_counter()
@@ -1023,7 +1025,7 @@ class LlamaCppBackend:
             chunk = self._settings.prompt_chunk_tokens
             if background:
                 chunk = max(1, chunk // _BACKGROUND_CHUNK_SHARE)
-            if self._read(wanted, result.cached_tokens, chunk, stopped):
+            if (yield from self._read(wanted, result.cached_tokens, chunk, stopped)):
                 pieces = self._llm.create_completion(
                     prompt,
                     max_tokens=max_tokens,
@@ -1044,6 +1046,7 @@ class LlamaCppBackend:
                         put(choice["text"])
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
+                yield
             answer = "".join(text)
             end = time.perf_counter()
             first = first if first is not None else end
