@@ -104,11 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"taled: cannot open the log file {args.log_file}: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     from taled.app import App
-    from taled.models.backends.compute import COMPUTE
 
     log = logging.getLogger("taled")
     spin_threads_as_set(settings, os.environ)
-    COMPUTE.policy = settings.models.llamacpp.cpu_policy
     try:
         anyio.run(App(settings).serve)
     except AlreadyRunning as exc:

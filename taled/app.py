@@ -54,6 +54,7 @@ from taled.db.store import Store
 from taled.errors import TaleError
 from taled.learning.embeddings import EmbeddingService
 from taled.learning.engine import LearningEngine
+from taled.models.backends.compute import COMPUTE
 from taled.models.pool import ModelPool
 from taled.models.routing import Router
 from taled.notify.service import Notifications
@@ -96,6 +97,8 @@ class App:
             paths.data_dir() / "tale.db", settings.store, settings.queue.write_batch_max
         )
         self.queue = TaskQueue(self.store, settings.queue)
+        # The process's one compute thread reads it when it starts, at the first job.
+        COMPUTE.policy = settings.models.llamacpp.cpu_policy
         self.pool = ModelPool(settings.models, self.store, loops=settings.loops)
         # Optional: similar tasks found by meaning as well as words (learning.embeddings).
         self.embeddings = (

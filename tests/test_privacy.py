@@ -37,7 +37,10 @@ def _loose_modes(root: Path) -> list[str]:
     """Everything under ``root`` (itself included) that its group or others can use."""
     found = []
     for path in [root, *root.rglob("*")]:
-        info = path.lstat()
+        try:
+            info = path.lstat()
+        except FileNotFoundError:  # gone since listed (a backup's journal, say)
+            continue
         if stat.S_ISLNK(info.st_mode):
             continue
         mode = stat.S_IMODE(info.st_mode)
