@@ -617,6 +617,9 @@ def parse_tool_call(text: str, *, cut: bool) -> ToolCall:
 
 
 _DONE = object()
+# How often generated text is handed to the event loop (see _generate): the chat
+# server sends it at most every chat.stream_interval_ms (40) anyway.
+_HAND_OVER_SECONDS = 0.03
 # How often a probe looks for a busy instance's next token (a token takes ~25 ms).
 _PROBE_POLL_SECONDS = 0.02
 
@@ -1006,6 +1009,20 @@ class LlamaCppBackend:
         def put(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
+        # Text is handed to the event loop at most every _HAND_OVER_SECONDS (the first
+        # piece at once): each hand-over wakes the loop, and on a small machine a wake
+        # per token takes a core from llama.cpp's threads mid-token.
+        unsent: list[str] = []
+        handed = -math.inf
+
+        def hand_over(*, now: bool = False) -> None:
+            nonlocal handed
+            at = time.perf_counter()
+            if unsent and (now or at - handed >= _HAND_OVER_SECONDS):
+                put("".join(unsent))
+                unsent.clear()
+                handed = at
+
         def stopped() -> bool:
             # Asked by llama.cpp between tokens. Pausing is the compute thread's: it does
             # not advance this job while the UX model answers someone.
@@ -1043,7 +1060,8 @@ class LlamaCppBackend:
                 if choice["text"]:
                     text.append(choice["text"])
                     if not calls:
-                        put(choice["text"])
+                        unsent.append(choice["text"])
+                        hand_over()
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
                 yield
@@ -1066,8 +1084,10 @@ class LlamaCppBackend:
                 # A call the caller stopped half-way is nobody's to answer.
                 if result.finish_reason != "cancelled" or not call.error:
                     result.tool_calls = [call]
+            hand_over(now=True)
             put(_DONE)
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine, which raises it
+            hand_over(now=True)
             put(exc)
         finally:
             done.set()
