@@ -70,6 +70,33 @@ def test_the_cut_ends_where_a_sentence_ends() -> None:
     assert guard.trimmed(text).endswith("rules the world.")
 
 
+@given(
+    st.lists(_WORDS, max_size=12).map(" ".join),
+    st.lists(_WORDS, min_size=3, max_size=12, unique=True)
+    .map(lambda w: " ".join(w) + ". ")
+    .filter(lambda u: len(u) >= _S.min_chars),
+    st.integers(min_value=0, max_value=6),
+    st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=60),
+)
+def test_the_guard_sees_the_same_loop_however_the_stream_is_split(
+    prose: str, unit: str, copies: int, sizes: list[int]
+) -> None:
+    """A character at a time or in pieces of any size (a lagging consumer's are merged):
+    the same verdict, cut at the same place."""
+    text = prose + " " + unit * copies
+
+    def fed(pieces: list[int]) -> tuple[bool, int | None]:
+        guard = LoopGuard.from_settings(_S)
+        end, looped, i = 0, False, 0
+        while end < len(text) and not looped:
+            end = min(len(text), end + pieces[i % len(pieces)])
+            i += 1
+            looped = guard.looped(text[:end])
+        return looped, guard.cut
+
+    assert fed(sizes) == fed([1])
+
+
 # Tasks the small model often answers and then repeats itself on, at temperature 0
 # (which ones loop depends on the machine's arithmetic, so there are several).
 _LOOPY = (

@@ -102,14 +102,17 @@ class LoopGuard:
         """Whether ``text`` (the answer so far) has started looping."""
         if self.cut is not None:
             return True
-        if len(text) - self._checked < self.check_every:
-            return False
-        self._checked = len(text)
-        found = _loop(text, self.min_chars, self.max_chars, self.repeats, self.long_chars)
-        if found is None or _asked_for(found[1], self.request):
-            return False
-        self.cut = found[0]
-        return True
+        # Looked at every check_every characters exactly, whatever the pieces: the
+        # verdict and the cut do not depend on how the stream was split (a lagging
+        # consumer gets merged pieces).
+        while len(text) - self._checked >= self.check_every:
+            self._checked += self.check_every
+            seen = text[: self._checked]
+            found = _loop(seen, self.min_chars, self.max_chars, self.repeats, self.long_chars)
+            if found is not None and not _asked_for(found[1], self.request):
+                self.cut = found[0]
+                return True
+        return False
 
     def trimmed(self, text: str) -> str:
         """The answer without its loop (unchanged if none was seen)."""
