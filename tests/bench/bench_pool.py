@@ -247,9 +247,9 @@ class Plan:
 
 
 FULL = Plan(runs=30, overhead_runs=30, conversation_turns=30, switch_runs=10)
-QUICK = Plan(runs=8, overhead_runs=6, conversation_turns=0, switch_runs=3)
+QUICK = Plan(runs=8, overhead_runs=20, conversation_turns=0, switch_runs=3)
 QUICK_NOTES = [
-    "--quick: 8 replies per measure, 6 paired overhead runs, 3 model switches",
+    "--quick: 8 replies per measure, 20 paired overhead runs, 3 model switches",
     "--quick: no conversation part (bench_conversation.py measures it)",
 ]
 
