@@ -39,11 +39,18 @@ def test_text_without_repeats_is_not_a_loop(words: list[str]) -> None:
     assert loop_start(" ".join(words), **_KW) is None
 
 
-@given(
-    st.lists(_WORDS, max_size=12).map(" ".join),
+# Prose, and a sentence that could repeat.
+_PROSE = st.lists(_WORDS, max_size=12).map(" ".join)
+_UNIT = (
     st.lists(_WORDS, min_size=3, max_size=12, unique=True)
     .map(lambda w: " ".join(w) + ". ")
-    .filter(lambda u: len(u) >= _S.min_chars),
+    .filter(lambda u: len(u) >= _S.min_chars)
+)
+
+
+@given(
+    _PROSE,
+    _UNIT,
     st.integers(min_value=3, max_value=6),
 )
 def test_a_unit_repeated_is_cut_after_one_copy(prose: str, unit: str, copies: int) -> None:
@@ -71,10 +78,8 @@ def test_the_cut_ends_where_a_sentence_ends() -> None:
 
 
 @given(
-    st.lists(_WORDS, max_size=12).map(" ".join),
-    st.lists(_WORDS, min_size=3, max_size=12, unique=True)
-    .map(lambda w: " ".join(w) + ". ")
-    .filter(lambda u: len(u) >= _S.min_chars),
+    _PROSE,
+    _UNIT,
     st.integers(min_value=0, max_value=6),
     st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=60),
 )

@@ -294,26 +294,18 @@ class Database:
                 for op in batch:
                     if op.fn is None:
                         continue
-                    if len(batch) == 1:
-                        # Alone in its batch, a write needs no savepoint of its own (two
-                        # round trips to the driver's thread, ~0.7 ms): if it fails, the
-                        # whole transaction is rolled back.
-                        try:
-                            value = await op.fn(conn)
-                        except (TaleError, SQLAlchemyError) as exc:
-                            await transaction.rollback()
-                            results.append((op, None, self._write_error(exc)))
-                        else:
-                            results.append((op, value, None))
-                        continue
-                    savepoint = await conn.begin_nested()
+                    # Alone in its batch, a write needs no savepoint of its own (two
+                    # round trips to the driver's thread, ~0.7 ms): if it fails, the
+                    # whole transaction is rolled back.
+                    undo = transaction if len(batch) == 1 else await conn.begin_nested()
                     try:
                         value = await op.fn(conn)
                     except (TaleError, SQLAlchemyError) as exc:
-                        await savepoint.rollback()
+                        await undo.rollback()
                         results.append((op, None, self._write_error(exc)))
                     else:
-                        await savepoint.commit()
+                        if undo is not transaction:
+                            await undo.commit()
                         results.append((op, value, None))
             committed = True
         except SQLAlchemyError as exc:
