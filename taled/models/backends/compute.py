@@ -5,8 +5,8 @@ region a team of its own. Its idle threads spin (and so answer the next op at on
 only while the threads it manages number no more than the CPUs; past that every team
 sleeps on a futex between ops. With a thread per call, or one per instance, a second
 team exists whenever two instances have worked (or the embedder has), and on this
-2-core machine a 20-token reply took 1.5x as long (docs/benchmarks.md, 2026-12-05
-night: 152 ms on one thread, 277-318 ms on a second beside it); a new thread per call
+2-core machine a 20-token reply took about 1.5x as long on a second thread beside
+the first one's team (docs/benchmarks.md, 2026-12-05 night); a new thread per call
 also paid ~10 ms for its team on every first token.
 
 So every instance's work runs here, on one thread with one team, as a job: an
