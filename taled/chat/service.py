@@ -342,6 +342,7 @@ class ChatService:
         # taled.models.repetition): the conversation stores what it keeps.
         said[streamed:] = [completion.text]
         turn = await self._finish(conv.id, intent, said, updates, completion=completion)
+        # The conversation now holds this turn's message and its reply besides.
         turn.summarised = summarised or await self._fold_ahead(conv.id, conv.messages + 2)
         if not turn.summarised and conv.id not in self._reads:
             read = asyncio.create_task(self._read_on(conv.id))
