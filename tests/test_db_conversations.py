@@ -39,6 +39,22 @@ def test_a_new_conversation_reads_back_empty(tmp_path: Path) -> None:
     _run(tmp_path, body)
 
 
+def test_a_draft_is_stored_with_its_first_message_and_not_before(tmp_path: Path) -> None:
+    """A draft conversation is nobody's until its first message is added with it: then
+    both are stored (in one write), the header active as of that message."""
+
+    async def body(_store: Store, records: ConversationRecords) -> None:
+        draft = records.draft("hello")
+        assert not draft.stored and await records.get(draft.id) is None
+        first = await records.add(NewMessage(draft.id, "user", "hello"), draft=draft)
+        header = await records.get(draft.id)
+        assert header is not None and header.stored
+        assert (header.title, header.messages, header.updated_at) == ("hello", 1, first.at)
+        assert await records.messages(draft.id) == [first]
+
+    _run(tmp_path, body)
+
+
 def test_messages_are_appended_in_order_and_counted(tmp_path: Path) -> None:
     """Added messages come back in order after a seq, and the header counts them and
     moves its ``updated_at`` to the last one."""

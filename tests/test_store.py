@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,148 @@ def test_watchers_are_told_of_committed_moves_only_in_order(tmp_path: Path) -> N
 
     assert asyncio.run(run()) is TaskState.COMPLETED
     assert seen == [("queued", "running"), ("running", "completed")]
+
+
+def test_a_lone_failing_write_is_undone_and_the_rows_beside_it_commit(tmp_path: Path) -> None:
+    """The one write of a batch runs without a savepoint: when it fails, what it did is
+    undone with the transaction, and the rows that shared the batch (a submit) are
+    written again on their own."""
+    from taled.db import schema
+
+    async def half_then_fail(conn: Any) -> None:
+        await conn.execute(
+            schema.conversations.insert().values(
+                id="c0", title="half", created_at=0.0, updated_at=0.0
+            )
+        )
+        raise TaleError("changed its mind")
+
+    async def run() -> Sequence[object]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            return await asyncio.gather(
+                store.submit("beside a failing write", 50),
+                store.write(half_then_fail),
+                return_exceptions=True,
+            )
+        finally:
+            await store.close()
+
+    outcomes = asyncio.run(run())
+    assert isinstance(outcomes[1], TaleError)
+    assert getattr(outcomes[0], "text", None) == "beside a failing write"
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute("SELECT text FROM tasks").fetchall() == [("beside a failing write",)]
+        assert db.execute("SELECT count(*) FROM conversations").fetchone()[0] == 0
+
+
+def _raw_insert(cid: str, fail: bool = False) -> Any:
+    def apply(conn: sqlite3.Connection) -> str:
+        conn.execute(
+            "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, 't', 0, 0)",
+            (cid,),
+        )
+        if fail:  # after writing: the write must be undone
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+        return cid
+
+    return apply
+
+
+def _conversation_ids(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [r[0] for r in db.execute("SELECT id FROM conversations ORDER BY id")]
+
+
+def test_a_failing_raw_write_is_undone_alone_or_beside_others(tmp_path: Path) -> None:
+    """A raw write that fails leaves nothing and answers with the store's error, whether
+    alone in its batch (the transaction is its undo) or beside other raw writes and a
+    write through SQLAlchemy (a savepoint of its own): the others commit."""
+
+    async def run() -> tuple[object, Sequence[object]]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            alone = await asyncio.gather(
+                store.write_raw(_raw_insert("a0", fail=True)), return_exceptions=True
+            )
+            task = await store.submit("a task", 50)
+            together = await asyncio.gather(
+                store.write_raw(_raw_insert("b1")),
+                store.write_raw(_raw_insert("b2", fail=True)),
+                store.transition(task.id, TaskState.CANCELLED, "beside raw writes"),
+                store.write_raw(_raw_insert("b3")),
+                return_exceptions=True,
+            )
+            return alone[0], together
+        finally:
+            await store.close()
+
+    alone, together = asyncio.run(run())
+    assert isinstance(alone, TaleError) and "no such table" in str(alone)
+    assert together[0] == "b1" and together[3] == "b3"
+    assert isinstance(together[1], TaleError) and "no such table" in str(together[1])
+    assert together[2] == TaskState.QUEUED
+    assert _conversation_ids(tmp_path / "t.db") == ["b1", "b3"]
+
+
+def _trips_to_sqlite(
+    tmp_path: Path,
+    before: Callable[[Store], Awaitable[Any]],
+    measured: Callable[[Store], Awaitable[Any]],
+) -> int:
+    """How many jobs ``measured`` hands to SQLite's threads (taled.db.driver), after
+    ``before`` (which opens the connections it needs)."""
+    from taled.db import driver
+
+    trips = 0
+    run_job = driver.Connection.run
+
+    async def counted(self: driver.Connection, fn: Any, *args: Any) -> Any:
+        nonlocal trips
+        trips += 1
+        return await run_job(self, fn, *args)
+
+    async def run() -> int:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            await before(store)
+            start = trips
+            await measured(store)
+            return trips - start
+        finally:
+            await store.close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver.Connection, "run", counted)
+        return asyncio.run(run())
+
+
+def test_a_batch_of_raw_writes_is_one_trip_to_the_database_thread(tmp_path: Path) -> None:
+    """BEGIN, every raw write of the batch and COMMIT run in one job on SQLite's thread."""
+
+    async def nothing(_store: Store) -> None:
+        pass
+
+    async def three(store: Store) -> None:
+        await asyncio.gather(*(store.write_raw(_raw_insert(f"c{i}")) for i in range(3)))
+
+    assert _trips_to_sqlite(tmp_path, nothing, three) == 1
+    assert _conversation_ids(tmp_path / "t.db") == ["c0", "c1", "c2"]
+
+
+def test_a_statement_is_one_trip_to_the_database_thread(tmp_path: Path) -> None:
+    """A read's statement runs and fetches its rows in one job on SQLite's thread
+    (taled.db.driver), not one per cursor step."""
+    ids: list[str] = []
+
+    async def submit_and_read(store: Store) -> None:
+        ids.append((await store.submit("counted", 50)).id)
+        await store.get_task(ids[0])  # a reader connection is open from here on
+
+    async def read(store: Store) -> None:
+        await store.get_task(ids[0])  # one statement
+
+    assert _trips_to_sqlite(tmp_path, submit_and_read, read) == 1

@@ -33,9 +33,9 @@ class Conversations:
         self._records = ConversationRecords(store)
         self._title_chars = title_chars
 
-    async def create(self, first_text: str) -> Conversation:
-        """A new, empty conversation titled after its first message."""
-        return await self._records.create(one_line(first_text, self._title_chars))
+    def draft(self, first_text: str) -> Conversation:
+        """A new conversation titled after its first message, stored with it (``add``)."""
+        return self._records.draft(one_line(first_text, self._title_chars))
 
     async def get(self, conversation_id: str) -> Conversation:
         """One conversation's header; NotFound if there is none by that id."""
@@ -69,8 +69,10 @@ class Conversations:
         confidence: float | None = None,
         action: str | None = None,
         task_id: str | None = None,
+        draft: Conversation | None = None,
     ) -> Message:
-        """Append a message (durably) and mark the conversation active."""
+        """Append a message (durably) and mark the conversation active; ``draft``: the
+        conversation, not stored yet, to store with it."""
         return await self._records.add(
             NewMessage(
                 conversation_id=conversation_id,
@@ -80,7 +82,8 @@ class Conversations:
                 confidence=confidence,
                 action=action,
                 task_id=task_id,
-            )
+            ),
+            draft=draft,
         )
 
     async def set_pending(self, conversation_id: str, pending: Pending | None) -> None:

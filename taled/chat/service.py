@@ -260,11 +260,11 @@ class ChatService:
         """One turn: stream the reply to ``on_text`` and return what happened."""
         clean = self.validate(text)
         if new:
-            conv = await self.conversations.create(clean)
+            conv = self.conversations.draft(clean)
         elif conversation is not None:
             conv = await self.conversations.get(conversation)
         else:
-            conv = await self.conversations.latest() or await self.conversations.create(clean)
+            conv = await self.conversations.latest() or self.conversations.draft(clean)
         lock = self._locks.setdefault(conv.id, asyncio.Lock())
         fold = self._folds.get(conv.id)
         if fold is not None and await self._must_fold(conv.id, clean):
@@ -278,7 +278,7 @@ class ChatService:
         if (reading := self._reads.get(conv.id)) is not None:
             reading.cancel()  # made again after this reply
         async with lock:
-            if not new:
+            if conv.stored:
                 # Re-read under the lock: a concurrent turn may have changed it (nothing
                 # else knows a conversation made just now).
                 conv = await self.conversations.get(conv.id)
@@ -309,7 +309,7 @@ class ChatService:
                 {"chat": 0.0, "task": 1.0, "unclear": 0.0},
                 features=("confirmed the clarifying question",),
             )
-            message = await self._add_user(conv.id, text, intent)
+            message = await self._add_user(conv, text, intent)
             return await self._hand_off(conv, pending.text, intent, message, say, said, updates)
         if pending is not None and _NO.match(lowered):
             intent = Intent(
@@ -318,12 +318,12 @@ class ChatService:
                 {"chat": 1.0, "task": 0.0, "unclear": 0.0},
                 features=("declined the clarifying question",),
             )
-            await self._add_user(conv.id, text, intent)
+            await self._add_user(conv, text, intent)
             await say("Alright, I won't queue it. What would you like instead?")
             return await self._finish(conv.id, intent, said, updates)
 
         intent = await self.detect(text, conv.id)
-        message = await self._add_user(conv.id, text, intent)
+        message = await self._add_user(conv, text, intent)
         if intent.kind == "task" and intent.confidence >= self._settings.handoff_min_confidence:
             return await self._hand_off(conv, text, intent, message, say, said, updates)
         if intent.kind in ("task", "unclear"):
@@ -337,7 +337,7 @@ class ChatService:
             await say(answer.text)
             return await self._finish(conv.id, intent, said, updates, task=answer.task)
         streamed = len(said)
-        completion, summarised = await self._reply(conv, say)
+        completion, summarised = await self._reply(conv, message, say)
         # A reply stopped for repeating itself streamed more than it keeps (see
         # taled.models.repetition): the conversation stores what it keeps.
         said[streamed:] = [completion.text]
@@ -469,14 +469,17 @@ class ChatService:
             self._on_ux[conversation_id] = token
         return token
 
-    async def _add_user(self, conversation_id: str, text: str, intent: Intent) -> Message:
+    async def _add_user(self, conv: Conversation, text: str, intent: Intent) -> Message:
+        """Store the user's message (and its conversation with it, if new): every way
+        through a turn does so first, and before this a new conversation is a draft."""
         return await self.conversations.add(
-            conversation_id,
+            conv.id,
             "user",
             text,
             intent=intent.kind,
             confidence=intent.confidence,
             action=intent.action,
+            draft=None if conv.stored else conv,
         )
 
     async def _finish(
@@ -548,7 +551,7 @@ class ChatService:
         return lines
 
     async def _reply(
-        self, conv: Conversation, say: Callable[[str], Awaitable[None]]
+        self, conv: Conversation, message: Message, say: Callable[[str], Awaitable[None]]
     ) -> tuple[Completion, bool]:
         spoke = False
 
@@ -558,7 +561,7 @@ class ChatService:
             await say(piece)
 
         try:
-            return await self._answer(conv, saying, fold=False)
+            return await self._answer(conv, message, saying, fold=False)
         except ContextOverflow:
             # The unfolded history was too long for the model after all (the budget's
             # characters per token are learned, not exact): fold, and answer again.
@@ -567,15 +570,21 @@ class ChatService:
             log.info("conversation %s: too long for the model unfolded; folding", conv.id)
             # Read again: the first try may have stored a fold.
             conv = await self.conversations.get(conv.id)
-            return await self._answer(conv, saying, fold=True)
+            return await self._answer(conv, message, saying, fold=True)
 
     async def _answer(
-        self, conv: Conversation, say: Callable[[str], Awaitable[None]], fold: bool
+        self,
+        conv: Conversation,
+        message: Message,
+        say: Callable[[str], Awaitable[None]],
+        fold: bool,
     ) -> tuple[Completion, bool]:
-        """Stream the reply; whether the history was folded for it. ``fold``: fold if
-        over context_tokens, whatever a fold made ahead would do."""
-        # Read once: the summary's fit, the prompt and the saving all come from it.
-        everything = await self.conversations.messages(conv.id)
+        """Stream the reply to ``message``; whether the history was folded for it.
+        ``fold``: fold if over context_tokens, whatever a fold made ahead would do."""
+        # Read once: the summary's fit, the prompt and the saving all come from it. A
+        # conversation that had no messages (``conv`` is read before ``message`` was
+        # added, under the lock) has this one alone.
+        everything = [message] if conv.messages == 0 else await self.conversations.messages(conv.id)
         summary, upto = conv.summary, conv.summary_upto
         folded = await self._folded_for_turn(conv, _after(everything, upto), fold)
         if folded is not None:

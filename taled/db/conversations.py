@@ -9,14 +9,16 @@ it is the business of ``taled.chat``; this module stores and reads it.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taled.db.engine import raw_sql
 from taled.db.schema import conversation_tasks, conversations, messages
 from taled.db.store import Store, new_task_id
 
@@ -77,6 +79,8 @@ class Conversation:
     """Messages up to this seq are folded into ``summary``."""
     pending: Pending | None
     messages: int
+    stored: bool = True
+    """False for a draft (``ConversationRecords.draft``): stored with its first message."""
 
 
 def _pending(raw: str | None) -> Pending | None:
@@ -98,6 +102,24 @@ def _message(row: Any) -> Message:
         action=row.action,
         task_id=row.task_id,
     )
+
+
+def _conversation_row(conv: Conversation) -> dict[str, Any]:
+    return {
+        "id": conv.id,
+        "title": conv.title,
+        "created_at": conv.created_at,
+        "updated_at": conv.updated_at,
+    }
+
+
+_INSERT_CONVERSATION = raw_sql(conversations.insert(), ["id", "title", "created_at", "updated_at"])
+_INSERT_MESSAGE = raw_sql(messages.insert(), [f.name for f in fields(NewMessage)] + ["at"])
+_TOUCH = raw_sql(
+    conversations.update()
+    .where(conversations.c.id == sa.bindparam("conversation_id"))
+    .values(updated_at=sa.bindparam("at"))
+)
 
 
 def _headers() -> sa.Select[Any]:
@@ -132,18 +154,22 @@ class ConversationRecords:
     def __init__(self, store: Store) -> None:
         self._store = store
 
+    def draft(self, title: str) -> Conversation:
+        """A new, empty conversation, not stored yet: ``add`` stores it with its first
+        message, in one transaction (a turn's first write, and the one fsync it waits
+        for before the model, instead of two)."""
+        now = time.time()
+        return Conversation(new_task_id(), title, now, now, None, 0, None, 0, stored=False)
+
     async def create(self, title: str) -> Conversation:
         """A new, empty conversation, durably."""
-        now = time.time()
-        cid = new_task_id()
+        made = self.draft(title)
 
         async def apply(conn: AsyncConnection) -> None:
-            await conn.execute(
-                conversations.insert().values(id=cid, title=title, created_at=now, updated_at=now)
-            )
+            await conn.execute(conversations.insert().values(**_conversation_row(made)))
 
         await self._store.write(apply)
-        return Conversation(cid, title, now, now, None, 0, None, 0)
+        return replace(made, stored=True)
 
     async def get(self, conversation_id: str) -> Conversation | None:
         """One conversation's header, None if there is none by that id."""
@@ -177,22 +203,28 @@ class ConversationRecords:
             ).all()
         return [_message(r) for r in rows]
 
-    async def add(self, new: NewMessage) -> Message:
-        """Append a message (durably) and mark its conversation active, in one transaction."""
+    async def add(self, new: NewMessage, *, draft: Conversation | None = None) -> Message:
+        """Append a message (durably) and mark its conversation active, in one transaction;
+        with ``draft`` (its conversation, not stored yet) the conversation is stored too.
+
+        A raw write (one trip to SQLite's thread): a chat turn waits for two of these.
+        """
+        assert draft is None or draft.id == new.conversation_id
         now = time.time()
         values = {**asdict(new), "at": now}
 
-        async def apply(conn: AsyncConnection) -> int:
-            seq = (await conn.execute(messages.insert().values(**values))).inserted_primary_key
-            await conn.execute(
-                conversations.update()
-                .where(conversations.c.id == new.conversation_id)
-                .values(updated_at=now)
-            )
+        def apply(conn: sqlite3.Connection) -> int:
+            if draft is not None:
+                conn.execute(
+                    _INSERT_CONVERSATION, _conversation_row(replace(draft, updated_at=now))
+                )
+            seq = conn.execute(_INSERT_MESSAGE, values).lastrowid
+            if draft is None:
+                conn.execute(_TOUCH, values)
             assert seq is not None
-            return int(seq[0])
+            return seq
 
-        seq = await self._store.write(apply)
+        seq = await self._store.write_raw(apply)
         return Message(seq=seq, at=now, **asdict(new))
 
     async def set_pending(self, conversation_id: str, pending: Pending | None) -> None:

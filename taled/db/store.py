@@ -17,19 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.engine import Database
+from taled.db.engine import Database, raw_sql
 from taled.db.ids import IdMessages, by_prefix, normalise
 from taled.db.schema import approvals, model_calls, task_deps, tasks, transitions
 from taled.errors import IllegalTransition, InvalidInput, NotFound
@@ -256,7 +258,8 @@ class Store:
     # -- the writer --------------------------------------------------------
 
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``fn`` inside the next group commit, in its own savepoint."""
+        """Run ``fn`` inside the next group commit; if it fails, none of it is kept and
+        the batch's other writes are."""
         if not self._watchers:
             return await self._db.write(fn)
 
@@ -272,6 +275,11 @@ class Store:
             return value
 
         return await self._db.write(tracked)
+
+    async def write_raw(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with SQLite's own connection inside the next group commit, in one
+        trip to its thread (``Database.write_raw``): for writes a person waits for."""
+        return await self._db.write_raw(fn)
 
     # -- watching state changes ------------------------------------------
 
@@ -742,10 +750,7 @@ class Store:
         row["step"] = call.key.step if call.key is not None else None
         row["attempt"] = call.key.number if call.key is not None else 1
 
-        async def apply(conn: AsyncConnection) -> None:
-            await conn.execute(model_calls.insert().values(**row))
-
-        future = self._db.write_nowait(apply)
+        future = self._db.write_raw_nowait(functools.partial(_insert_call, row))
         if future is None:
             log.error("ledger row for %s:%s dropped: the store is closed", call.backend, call.model)
             return
@@ -828,6 +833,16 @@ class Store:
     async def replace_backups(self, directory: Path, *, take: bool) -> Path | None:
         """Replace the backups in ``directory`` by one taken now (``take``) or by none."""
         return await self._db.replace_backups(directory, take=take)
+
+
+_INSERT_CALL = raw_sql(
+    model_calls.insert(),
+    [f.name for f in fields(CallRecord) if f.name != "key"] + ["step", "attempt"],
+)
+
+
+def _insert_call(row: dict[str, Any], conn: sqlite3.Connection) -> None:
+    conn.execute(_INSERT_CALL, row)
 
 
 async def _insert_submitted(
