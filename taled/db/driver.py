@@ -55,7 +55,7 @@ class _Cursor:
         return self
 
     async def executemany(self, sql: str, parameters: Sequence[Sequence[Any]]) -> _Cursor:
-        outcome = await self._connection.run(_run_many, self._connection, sql, parameters)
+        outcome = await self._connection.run(_run, self._connection, sql, parameters, many=True)
         self._take(outcome)
         return self
 
@@ -79,22 +79,17 @@ class _Cursor:
         self._rows = []
 
 
-def _run(connection: Connection, sql: str, parameters: Sequence[Any] | None) -> _Outcome:
+def _run(
+    connection: Connection, sql: str, parameters: Sequence[Any] | None, *, many: bool = False
+) -> _Outcome:
     cursor = connection._conn.cursor()
     try:
-        if parameters is None:
+        if many:
+            cursor.executemany(sql, parameters or ())
+        elif parameters is None:
             cursor.execute(sql)
         else:
             cursor.execute(sql, parameters)
-        return _outcome(cursor)
-    finally:
-        cursor.close()
-
-
-def _run_many(connection: Connection, sql: str, parameters: Sequence[Sequence[Any]]) -> _Outcome:
-    cursor = connection._conn.cursor()
-    try:
-        cursor.executemany(sql, parameters)
         return _outcome(cursor)
     finally:
         cursor.close()

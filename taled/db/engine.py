@@ -322,9 +322,10 @@ class Database:
         assert conn is not None and self._driver is not None
         rows = [op for op in batch if op.insert is not None]
         writes = [op for op in batch if op.fn is not None or op.raw is not None]
-        # A write gets a savepoint of its own (two round trips to the driver's thread,
-        # ~0.7 ms) only beside another write: alone, the transaction is its undo, and
-        # the rows it takes with it when it fails are written again on their own.
+        # A write through SQLAlchemy gets a savepoint of its own (two more statements,
+        # each a round trip to the driver's thread) only beside another write: alone,
+        # the transaction is its undo, and the rows it takes with it when it fails are
+        # written again on their own.
         isolate = len(writes) > 1
         results: list[tuple[_WriteOp, Any, BaseException | None]] = []
         committed = False
@@ -338,9 +339,8 @@ class Database:
                     await insert(conn, [op.row for op in ops if op.row is not None])
                 for op in writes:
                     if op.raw is not None:
-                        # In a savepoint of its own on the thread, which costs no trip.
                         [(value, error)] = await self._driver.call(
-                            functools.partial(_apply_raw, fns=[op.raw], isolate=True)
+                            functools.partial(_apply_raw, fns=[op.raw])
                         )
                         results.append((op, value, error and self._write_error(error)))
                         continue
@@ -487,17 +487,11 @@ class Database:
             return await asyncio.to_thread(replace_backups, self.path, directory, take=take)
 
 
-def _apply_raw(
-    conn: sqlite3.Connection, fns: Sequence[RawWrite], *, isolate: bool
-) -> list[_Outcome]:
-    """Run raw writes on SQLite's thread, inside an open transaction: each in a
-    savepoint of its own when ``isolate`` (a failure is then its outcome), else a
-    failure is raised."""
+def _apply_raw(conn: sqlite3.Connection, fns: Sequence[RawWrite]) -> list[_Outcome]:
+    """Run raw writes on SQLite's thread, inside an open transaction, each in a
+    savepoint of its own (on the thread it costs no trip): a failure is its outcome."""
     outcomes: list[_Outcome] = []
     for fn in fns:
-        if not isolate:
-            outcomes.append((fn(conn), None))
-            continue
         conn.execute("SAVEPOINT raw_write")
         try:
             value = fn(conn)
@@ -520,12 +514,12 @@ def _transact_raw(conn: sqlite3.Connection, fns: Sequence[RawWrite]) -> tuple[bo
     try:
         if len(fns) == 1:
             try:
-                outcomes = _apply_raw(conn, fns, isolate=False)
+                outcomes: list[_Outcome] = [(fns[0](conn), None)]
             except (sqlite3.Error, TaleError) as exc:
                 conn.execute("ROLLBACK")
                 return False, [(None, exc)]
         else:
-            outcomes = _apply_raw(conn, fns, isolate=True)
+            outcomes = _apply_raw(conn, fns)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
