@@ -176,8 +176,8 @@ def test_every_embedded_model_and_the_embedder_compute_on_one_openmp_team() -> N
         asyncio.run(embedder.stop())
 
 
-def _policies(pid: int, name: str) -> list[int]:
-    """The scheduling policy of each of ``pid``'s threads called ``name``."""
+def _threads_sched(pid: int, name: str) -> list[tuple[int, int]]:
+    """(scheduling policy, niceness) of each of ``pid``'s threads called ``name``."""
     found = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -187,9 +187,27 @@ def _policies(pid: int, name: str) -> list[int]:
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         if comm == name:
-            # Fields after the name, from the state (3rd): policy is the 41st.
-            found.append(int(stat[stat.rindex(")") + 2 :].split()[41 - 3]))
+            # Fields after the name, from the state (3rd): nice is the 19th, policy the 41st.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            found.append((int(fields[41 - 3]), int(fields[19 - 3])))
     return found
+
+
+def _compute_threads_sched(env: dict[str, str]) -> tuple[set[tuple[int, int]], int]:
+    """How a daemon's compute threads are scheduled after a chat reply, and its main
+    thread's (the event loop's) niceness."""
+    home = Home(env)
+    daemon = Daemon(home).start()
+    try:
+        daemon.call("chat", text="Say yes.", new=True)
+        assert daemon.proc is not None
+        threads = _threads_sched(daemon.proc.pid, COMPUTE._name)
+        loop_nice = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
+    finally:
+        daemon.stop()
+        home.cleanup()
+    assert len(threads) >= 2  # the compute thread and its OpenMP threads
+    return set(threads), loop_nice
 
 
 @pytest.mark.parametrize(
@@ -198,14 +216,17 @@ def _policies(pid: int, name: str) -> list[int]:
 def test_models_llamacpp_cpu_policy_sets_how_the_compute_threads_are_scheduled(
     policy: str, expected: int
 ) -> None:
-    home = Home({"TALE_MODELS__LLAMACPP__CPU_POLICY": policy})
-    daemon = Daemon(home).start()
-    try:
-        daemon.call("chat", text="Say yes.", new=True)
-        assert daemon.proc is not None
-        policies = _policies(daemon.proc.pid, COMPUTE._name)
-    finally:
-        daemon.stop()
-        home.cleanup()
-    assert len(policies) >= 2  # the compute thread and its OpenMP threads
-    assert set(policies) == {expected}
+    threads, _loop_nice = _compute_threads_sched({"TALE_MODELS__LLAMACPP__CPU_POLICY": policy})
+    assert {p for p, _nice in threads} == {expected}
+
+
+@pytest.mark.parametrize(("nice", "expected"), [(None, 10), ("0", 0), ("19", 19)])
+def test_models_llamacpp_nice_ranks_the_compute_threads_below_the_event_loop(
+    nice: str | None, expected: int
+) -> None:
+    """The compute thread and its OpenMP threads run at the daemon's niceness plus
+    models.llamacpp.nice (10 by default); the event loop keeps the daemon's own."""
+    env = {} if nice is None else {"TALE_MODELS__LLAMACPP__NICE": nice}
+    threads, loop_nice = _compute_threads_sched(env)
+    assert loop_nice == os.getpriority(os.PRIO_PROCESS, 0)
+    assert threads == {(os.SCHED_OTHER, min(19, loop_nice + expected))}

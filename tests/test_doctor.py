@@ -163,16 +163,19 @@ def test_flipped_bytes_in_a_table_page_stop_start_up(copy: Home) -> None:
     _one_line_naming(log, str(_db(copy)), "malformed")
 
 
+@pytest.mark.parametrize("command", ["list", "status"])
 def test_a_damaged_page_found_by_a_query_reaches_the_client_as_a_clear_error(
-    copy: Home,
+    copy: Home, command: str
 ) -> None:
-    """With the start-up check off, `tale list` over a damaged page fails with a message
-    naming the file and `tale doctor`, never the SQL statement."""
+    """With the start-up check off, `tale list` (read on a reader's thread) or `tale
+    status` (read on the event loop's, Database.read_now) over a damaged page fails with
+    a message naming the file and `tale doctor`, never the SQL statement."""
     copy.write_config("[store]\ncheck_on_start = false\n")
+    args = [command] if command == "list" else [command, min(_task_ids(_db(copy)))]
     _flip_page(_db(copy), "tasks")
     daemon = Daemon(copy).start()
     try:
-        result = copy.tale("list")
+        result = copy.tale(*args)
     finally:
         daemon.kill_if_running()
     assert result.returncode == 1, result

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 
 from taled.db.schema import MIGRATIONS, SCHEMA_VERSION
-from taled.db.store import AttemptKey, CallRecord, Store
+from taled.db.store import AttemptKey, CallRecord, Store, TaskRecord
 from taled.errors import NotFound, TaleError
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import TaskState
@@ -382,12 +384,14 @@ def _trips_to_sqlite(
     from taled.db import driver
 
     trips = 0
-    run_job = driver.Connection.run
+    # Every job aiosqlite hands its thread goes through _execute (a commit's, a
+    # rollback's, a statement's); the counter still runs it.
+    run_job = aiosqlite.Connection._execute
 
-    async def counted(self: driver.Connection, fn: Any, *args: Any) -> Any:
+    async def counted(self: driver.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
         nonlocal trips
         trips += 1
-        return await run_job(self, fn, *args)
+        return await run_job(self, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     async def run() -> int:
         store = _store(tmp_path / "t.db")
@@ -401,7 +405,7 @@ def _trips_to_sqlite(
             await store.close()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(driver.Connection, "run", counted)
+        patch.setattr(driver.Connection, "_execute", counted)
         return asyncio.run(run())
 
 
@@ -418,16 +422,63 @@ def test_a_batch_of_raw_writes_is_one_trip_to_the_database_thread(tmp_path: Path
     assert _conversation_ids(tmp_path / "t.db") == ["c0", "c1", "c2"]
 
 
-def test_a_statement_is_one_trip_to_the_database_thread(tmp_path: Path) -> None:
+def test_a_read_through_sqlalchemy_is_one_trip_to_the_database_thread(tmp_path: Path) -> None:
     """A read's statement runs and fetches its rows in one job on SQLite's thread
-    (taled.db.driver), not one per cursor step."""
+    (taled.db.driver), not one per cursor step; and giving its connection back to the
+    pool costs none (no rollback of a transaction the read never began)."""
     ids: list[str] = []
 
     async def submit_and_read(store: Store) -> None:
         ids.append((await store.submit("counted", 50)).id)
-        await store.get_task(ids[0])  # a reader connection is open from here on
+        await store.pending_restores()  # a reader connection is open from here on
 
     async def read(store: Store) -> None:
-        await store.get_task(ids[0])  # one statement
+        await store.pending_restores()  # one statement
 
     assert _trips_to_sqlite(tmp_path, submit_and_read, read) == 1
+
+
+def test_get_task_is_read_on_the_event_loops_thread_with_no_trip(tmp_path: Path) -> None:
+    """A task and its subtasks, the reads `tale status` polls, are read at once on the
+    event loop's thread (Database.read_now): no job waits for SQLite's threads."""
+    got: list[TaskRecord] = []
+
+    async def submit(store: Store) -> None:
+        got.append(await store.submit("polled", 50))
+
+    async def poll(store: Store) -> None:
+        got.append(await store.get_task(got[0].id))
+        assert await store.children(got[0].id) == []
+
+    assert _trips_to_sqlite(tmp_path, submit, poll) == 0
+    assert got[1].id == got[0].id
+    assert got[1].text == "polled"
+    assert [t.to_state for t in got[1].transitions] == [TaskState.QUEUED]
+
+
+def test_a_point_read_refused_for_a_lock_runs_on_a_readers_thread(tmp_path: Path) -> None:
+    """The loop's connection never waits for a lock: a read SQLite refuses as busy
+    (SQLITE_BUSY) there is run again on a reader's thread, which waits as readers do."""
+    threads: list[str] = []
+
+    def read(conn: sqlite3.Connection) -> int:
+        threads.append(threading.current_thread().name)
+        if threading.current_thread() is threading.main_thread():
+            busy = sqlite3.OperationalError("database is locked")
+            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY
+            raise busy
+        return int(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+
+    async def run() -> int:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            await store.submit("counted", 50)
+            return await store._db.read_now(read)
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == 1
+    assert len(threads) == 2
+    assert threads[0] == threading.main_thread().name
+    assert threads[1] != threads[0]

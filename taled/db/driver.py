@@ -106,6 +106,17 @@ class Connection(aiosqlite.Connection):
     def cursor(self) -> _Cursor:  # type: ignore[override]
         return _Cursor(self)
 
+    async def rollback(self) -> None:
+        """Roll back the open transaction, if there is one.
+
+        SQLAlchemy ends every use of a connection with a rollback, even a lone read's
+        that began no transaction (the reader engine sends no BEGIN); that would be a
+        trip to the thread for nothing. ``in_transaction`` is SQLite's autocommit flag,
+        safe to read here: no job of this connection runs while its user asks this.
+        """
+        if self._conn.in_transaction:
+            await super().rollback()
+
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(connection)`` on the connection's thread, with SQLite's own connection."""
         return await self.run(_with_connection, self, fn)

@@ -6,7 +6,8 @@ transaction, each operation inside its own savepoint when it has company, so a b
 of writes costs one fsync instead of one each. Rows written with ``write_row`` go
 further: those waiting for the same insert share one ``executemany``. Reads use a small
 pool of separate connections and never wait behind the writer. Every statement is one
-round trip to SQLite's thread (``taled.db.driver``).
+round trip to SQLite's thread (``taled.db.driver``). A point read a person polls for
+(``get_task``) skips even that: ``read_now`` runs it on the event loop's own thread.
 
 Every connection runs with ``secure_delete``: what a delete or an update frees is
 overwritten with zeros, so a forgotten task's text does not linger in free space
@@ -28,17 +29,18 @@ What a task is, and every other table's meaning, is the repositories' business
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import ClauseElement, event
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import BindParameter, ClauseElement, event
+from sqlalchemy.dialects.sqlite.base import SQLiteCompiler, SQLiteDialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -48,7 +50,7 @@ from taled.doctor import DOCTOR_HINT, is_damage, replace_backups, take_backup
 from taled.errors import DiskFull, StoreDamaged, TaleError, Unavailable, is_no_space
 from taled.settings import StoreSettings
 
-__all__ = ["Database", "InsertMany", "RawWrite", "raw_sql"]
+__all__ = ["Database", "InsertMany", "RawRead", "RawWrite", "fetch", "raw_sql"]
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,58 @@ InsertMany = Callable[[AsyncConnection, Sequence[dict[str, Any]]], Awaitable[Non
 RawWrite = Callable[[sqlite3.Connection], Any]
 """A write on SQLite's own connection, run on its thread (see ``Database.write_raw``)."""
 
+RawRead = Callable[[sqlite3.Connection], T]
+"""A read on SQLite's own connection (see ``Database.read_now``)."""
+
 _Outcome = tuple[Any, BaseException | None]
 
-_NAMED = sqlite.dialect(paramstyle="named")
+
+class _RawCompiler(SQLiteCompiler):
+    """SQLite's compiler, with the statement's own constants written into the SQL.
+
+    A raw statement is run with only the parameters its caller names, so a constant
+    (``state NOT IN ('failed', ...)``, which SQLAlchemy would expand at execution)
+    must be part of its text. Named ``bindparam``s stay ``:name`` placeholders."""
+
+    def visit_bindparam(  # type: ignore[override]
+        self, bindparam: BindParameter[Any], literal_binds: bool = False, **kw: Any
+    ) -> str:
+        # unique: an anonymous value given in the statement itself, not a :name.
+        literal = literal_binds or bindparam.unique
+        text: str = super().visit_bindparam(  # type: ignore[no-untyped-call]
+            bindparam, literal_binds=literal, **kw
+        )
+        return text
+
+
+class _RawDialect(SQLiteDialect):
+    statement_compiler = _RawCompiler
+
+
+_NAMED = _RawDialect(paramstyle="named")
 
 
 def raw_sql(statement: ClauseElement, columns: Sequence[str] = ()) -> str:
-    """A SQLAlchemy statement as SQL text for a raw write (``:name`` parameters): the
-    schema stays the one source of table and column names. ``columns``: an insert's."""
+    """A SQLAlchemy statement as SQL text for a raw read or write (``:name``
+    parameters, constants written in): the schema stays the one source of table and
+    column names. ``columns``: an insert's."""
     return str(statement.compile(dialect=_NAMED, column_keys=list(columns) or None))
+
+
+def fetch(conn: sqlite3.Connection, sql: str, params: Mapping[str, Any]) -> list[Any]:
+    """The rows of a raw read, each a named tuple (``row.state``, as SQLAlchemy's rows)."""
+    cursor = conn.execute(sql, params)
+    try:
+        row_type = _row_type(tuple(column[0] for column in cursor.description))
+        return [row_type._make(values) for values in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
+@functools.cache
+def _row_type(columns: tuple[str, ...]) -> Any:
+    # One class per statement's columns, made once (making one costs ~0.4 ms).
+    return collections.namedtuple("Row", columns)
 
 
 @dataclass
@@ -109,6 +154,8 @@ class Database:
         self._wconn: AsyncConnection | None = None
         # The writer's own aiosqlite connection, under SQLAlchemy's (for raw writes).
         self._driver: driver.Connection | None = None
+        # The event loop's own connection, for read_now.
+        self._now: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[_WriteOp] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
@@ -134,7 +181,8 @@ class Database:
             raw = await self._wconn.get_raw_connection()
             assert isinstance(raw.driver_connection, driver.Connection)
             self._driver = raw.driver_connection
-        except SQLAlchemyError as exc:
+            self._now = self._loop_connection()
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             # Start-up's check (taled.doctor) catches most damage first; this is the rest.
             damaged = self._damaged(exc)
             if damaged is None:
@@ -153,9 +201,25 @@ class Database:
         if self._wconn is not None:
             await self._wconn.close()
             self._wconn = None
+        if self._now is not None:
+            self._now.close()
+            self._now = None
         for engine in (self._writer_engine, self._reader_engine):
             if engine is not None:
                 await engine.dispose()
+
+    def _loop_connection(self) -> sqlite3.Connection:
+        """The connection ``read_now`` reads with, on the event loop's thread.
+
+        It never waits for a lock (``timeout=0``: the loop must not stall) and cannot
+        write (``query_only``); the file is in WAL mode already (``_migrate``)."""
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _engine(self, url: str, *, begin: str | None, pool_size: int) -> AsyncEngine:
         engine = create_async_engine(
@@ -456,6 +520,37 @@ class Database:
                 raise
             raise damaged from exc
 
+    async def read_now(self, fn: RawRead[T]) -> T:
+        """Run ``fn`` with SQLite's own connection at once, on the event loop's thread.
+
+        For the point reads a person polls (a task by its id, and its subtasks). SQLite
+        answers one from its cache in tens of µs, less than the loop spends on a trip to
+        a reader's thread; and the answer waits for no other thread to be scheduled,
+        which on a machine whose cores llama.cpp holds takes milliseconds
+        (docs/benchmarks.md). Never for a read that scans: the loop waits for it.
+
+        A read the file refuses for the moment (SQLITE_BUSY: a checkpoint truncating the
+        log, a recovery) is run again on a reader's thread, which waits as readers do.
+        """
+        if self._now is None:
+            raise Unavailable("the store is not open")
+        try:
+            return fn(self._now)
+        except sqlite3.Error as exc:
+            if not _busy(exc):
+                raise self._read_error(exc) from exc
+        async with self.read() as conn:
+            raw = await conn.get_raw_connection()
+            assert isinstance(raw.driver_connection, driver.Connection)
+            try:
+                return await raw.driver_connection.call(fn)
+            except sqlite3.Error as exc:
+                raise self._read_error(exc) from exc
+
+    def _read_error(self, exc: sqlite3.Error) -> TaleError:
+        """A raw read's error as the store's own (StoreDamaged for a damaged file)."""
+        return self._damaged(exc) or TaleError(f"the store could not read {self.path}: {exc}")
+
     def _damaged(self, exc: BaseException) -> StoreDamaged | None:
         """StoreDamaged when a driver's error says the file is damaged (logged once)."""
         cause = getattr(exc, "orig", None) or exc
@@ -526,6 +621,12 @@ def _transact_raw(conn: sqlite3.Connection, fns: Sequence[RawWrite]) -> tuple[bo
             conn.execute("ROLLBACK")
         raise
     return True, outcomes
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite refused for a lock held elsewhere (SQLITE_BUSY or SQLITE_LOCKED)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _disk_full(error: BaseException) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taled.db.engine import Database, raw_sql
+from taled.db.engine import Database, fetch, raw_sql
 from taled.db.ids import IdMessages, by_prefix, normalise
 from taled.db.schema import approvals, model_calls, task_deps, tasks, transitions
 from taled.errors import IllegalTransition, InvalidInput, NotFound
@@ -186,7 +186,8 @@ class CallRecord:
     """When the call ended (it started ``total_ms`` earlier)."""
 
 
-def _row_to_task(row: sa.Row[Any]) -> TaskRecord:
+def _row_to_task(row: Any) -> TaskRecord:
+    # A SQLAlchemy row or a raw read's (taled.db.engine.fetch): both name their columns.
     return TaskRecord(
         id=row.id,
         text=row.text,
@@ -557,9 +558,14 @@ class Store:
         return [_row_to_task(r) for r in rows]
 
     async def get_task(self, task_id: str) -> TaskRecord:
-        """One task with its transitions and token totals; NotFound if unknown."""
-        async with self.read() as conn:
-            row = (await conn.execute(_TASK_BY_ID, {"task_id": task_id})).first()
+        """One task with its transitions and token totals; NotFound if unknown.
+
+        A point read on the event loop's thread (``Database.read_now``): `tale status`
+        and watchers poll it while llama.cpp holds the cores."""
+        rows = await self._db.read_now(
+            functools.partial(fetch, sql=_TASK_BY_ID_SQL, params={"task_id": task_id})
+        )
+        row = rows[0] if rows else None
         if row is None:
             raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
         return _full_row_to_task(row)
@@ -661,8 +667,7 @@ class Store:
     async def children(self, parent_id: str, plan_round: int | None = None) -> list[TaskRecord]:
         """A task's subtasks in plan order, each with the ids it needs."""
         params: dict[str, Any] = {"parent_id": parent_id, "round": plan_round}
-        async with self.read() as conn:
-            rows = (await conn.execute(_CHILDREN, params)).all()
+        rows = await self._db.read_now(functools.partial(fetch, sql=_CHILDREN_SQL, params=params))
         return [_full_row_to_task(r) for r in rows]
 
     async def wake_parent(self, parent_id: str, reason: str) -> bool:
@@ -985,9 +990,12 @@ _INTERRUPTED = sa.select(tasks.c.id, tasks.c.state, tasks.c.crashes).where(
     )
 )
 _TASKS_NEWEST_IN_STATE = _TASKS_NEWEST.where(tasks.c.state == sa.bindparam("state"))
+# The point reads get_task polls, as SQL for Database.read_now.
+_TASK_BY_ID_SQL = raw_sql(_TASK_BY_ID)
+_CHILDREN_SQL = raw_sql(_CHILDREN)
 
 
-def _full_row_to_task(row: sa.Row[Any]) -> TaskRecord:
+def _full_row_to_task(row: Any) -> TaskRecord:
     # SQLite 3.40 has no ORDER BY inside aggregates: sort by seq here.
     history = sorted(json.loads(row.history)) if row.history else []
     return replace(
