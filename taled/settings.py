@@ -363,7 +363,7 @@ class LlamaCppSettings(BaseModel):
     niceness, added to the daemon's; with cpu_policy normal). The event loop, which
     answers the socket, then gets a core as soon as it has work instead of waiting for
     the scheduler's next tick behind the model's threads: on 2 cores get_task's p99
-    while a task generates was 0.8-2.7 ms at 10 and 6-8 ms at 0, with no cost to replies
+    while a task generates was 0.8-4.4 ms at 10 and 6-8 ms at 0, with no cost to replies
     (docs/benchmarks.md). The loop needs little CPU, so within the daemon the models lose
     nothing. Where the kernel shares CPU between sessions or cgroups (autogroup,
     systemd's units) it ranks only the daemon's own threads; elsewhere a busy program
