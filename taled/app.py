@@ -99,7 +99,6 @@ class App:
         self.queue = TaskQueue(self.store, settings.queue)
         # The process's one compute thread reads it when it starts, at the first job.
         COMPUTE.policy = settings.models.llamacpp.cpu_policy
-        COMPUTE.nice = settings.models.llamacpp.nice
         self.pool = ModelPool(settings.models, self.store, loops=settings.loops)
         # Optional: similar tasks found by meaning as well as words (learning.embeddings).
         self.embeddings = (

@@ -358,17 +358,6 @@ class LlamaCppSettings(BaseModel):
     generates (get_task's p99 4.1-6.1 ms against ~11 ms on 2 cores, docs/benchmarks.md),
     but every other busy program on the machine then slows replies and tasks, and an
     unprivileged daemon cannot leave idle once in it; for a machine tale has to itself."""
-    nice: int = Field(default=10, ge=0, le=19)
-    """How far below the daemon's other threads the kernel ranks llama.cpp's (Linux
-    niceness, added to the daemon's; with cpu_policy normal). The event loop, which
-    answers the socket, then gets a core as soon as it has work instead of waiting for
-    the scheduler's next tick behind the model's threads: on 2 cores get_task's p99
-    while a task generates was 0.8-4.4 ms at 10 and 6-8 ms at 0, with no cost to replies
-    (docs/benchmarks.md). The loop needs little CPU, so within the daemon the models lose
-    nothing. Where the kernel shares CPU between sessions or cgroups (autogroup,
-    systemd's units) it ranks only the daemon's own threads; elsewhere a busy program
-    at niceness 0 also runs ahead of tale's models. An unprivileged daemon cannot raise
-    its threads' rank again: the value holds for the compute thread's life."""
     prefix_cache_mb: int = Field(default=32, ge=0, le=65_536)
     """Memory per instance for copies of its KV cache, so a conversation's history is
     not read again after another call used the instance in between; 0 turns it off."""

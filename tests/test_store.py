@@ -11,7 +11,11 @@ from typing import Any
 
 import aiosqlite
 import pytest
+import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from taled.db.engine import raw_sql
 from taled.db.schema import MIGRATIONS, SCHEMA_VERSION
 from taled.db.store import AttemptKey, CallRecord, Store, TaskRecord
 from taled.errors import NotFound, TaleError
@@ -454,6 +458,84 @@ def test_get_task_is_read_on_the_event_loops_thread_with_no_trip(tmp_path: Path)
     assert got[1].id == got[0].id
     assert got[1].text == "polled"
     assert [t.to_state for t in got[1].transitions] == [TaskState.QUEUED]
+
+
+# Values a statement may hold as constants: text without NUL (SQLite's literals end at
+# it) or lone surrogates (not encodable), integers, None and booleans.
+_CONSTANTS = st.one_of(
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.none(),
+    st.booleans(),
+)
+
+
+# SQLAlchemy warns when it writes a NULL where a comparison could meet it; here it is
+# only selected.
+@pytest.mark.filterwarnings("ignore:Bound parameter .* rendering literal NULL")
+@settings(max_examples=200, deadline=None)
+@given(
+    constants=st.lists(_CONSTANTS, min_size=1, max_size=5),
+    words=st.lists(_CONSTANTS.filter(lambda v: isinstance(v, str)), min_size=1, max_size=5),
+    named=st.text(max_size=20),
+)
+def test_raw_sql_writes_a_statements_constants_into_its_text(
+    constants: list[Any], words: list[str], named: str
+) -> None:
+    """raw_sql writes the values a statement holds into its SQL, quoted, so SQLite
+    gives them back as they were (in an IN list too, as `state NOT IN (...)` has
+    them), and keeps a named parameter a :name placeholder."""
+    statement = sa.select(
+        *(sa.literal(value) for value in constants),
+        sa.bindparam("named", type_=sa.Text),
+        sa.literal(words[-1]).in_(words),
+        sa.literal(words[-1] + "!").in_(words),
+    )
+    sql = raw_sql(statement)
+    assert ":named" in sql
+    with sqlite3.connect(":memory:") as db:
+        row = db.execute(sql, {"named": named}).fetchone()
+    *values, back, found, not_found = row
+    assert values == [_as_sqlite(v) for v in constants]
+    assert back == named
+    assert (found, not_found) == (1, 0)
+
+
+@given(value=st.floats(allow_nan=False, allow_infinity=False))
+def test_raw_sql_refuses_a_float_constant_it_cannot_write_exactly(value: float) -> None:
+    """SQLite reads a float written as text back to within its last digit (found by the
+    test above: 2.941505202154424e-294 came back as ...237e-294), so raw_sql refuses a
+    float constant and says to give it as a named parameter."""
+    with pytest.raises(TypeError, match="named parameter"):
+        raw_sql(sa.select(sa.literal(value)))
+
+
+def _as_sqlite(value: Any) -> Any:
+    # SQLite has no boolean: True and False are stored as 1 and 0.
+    return int(value) if isinstance(value, bool) else value
+
+
+def test_the_reads_get_task_polls_search_indexes_and_scan_no_table(tmp_path: Path) -> None:
+    """get_task's reads run on the event loop's thread, which waits for them: every
+    part of them (the task or its subtasks, transitions, ledger sums, dependencies) is
+    an index search, never a scan that grows with the tables."""
+    from taled.db.store import _CHILDREN_SQL, _TASK_BY_ID_SQL
+
+    async def create() -> None:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        await store.close()
+
+    asyncio.run(create())
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql, params in (
+            (_TASK_BY_ID_SQL, {"task_id": "t"}),
+            (_CHILDREN_SQL, {"parent_id": "t", "round": None}),
+        ):
+            plan = [row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+            searches = [step for step in plan if step.startswith("SEARCH")]
+            assert searches, plan
+            assert not [step for step in plan if step.startswith("SCAN")], plan
 
 
 def test_a_point_read_refused_for_a_lock_runs_on_a_readers_thread(tmp_path: Path) -> None:

@@ -80,6 +80,12 @@ class _RawCompiler(SQLiteCompiler):
     ) -> str:
         # unique: an anonymous value given in the statement itself, not a :name.
         literal = literal_binds or bindparam.unique
+        if literal and isinstance(bindparam.effective_value, float):
+            # SQLite reads a float's text back to within its last digit, not exactly.
+            raise TypeError(
+                f"raw_sql cannot write the float {bindparam.effective_value!r} into SQL "
+                "exactly: give it as a named parameter (sa.bindparam)"
+            )
         text: str = super().visit_bindparam(  # type: ignore[no-untyped-call]
             bindparam, literal_binds=literal, **kw
         )

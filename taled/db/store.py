@@ -873,8 +873,10 @@ async def _insert_submitted(
 def _full_tasks() -> sa.Select[Any]:
     """Tasks with their history and token totals in one statement.
 
-    Every statement is a thread hop through aiosqlite (~1 ms here), so a task's
-    transitions (as a JSON array) and ledger sums come back in the same row.
+    One statement rather than one per part: a task's transitions (as a JSON array)
+    and ledger sums come back in the same row. Every part is an index search
+    (tests/test_store.py pins it), which ``get_task`` needs: it reads on the event
+    loop's thread (``Database.read_now``).
     """
     history = (
         sa.select(

@@ -60,9 +60,8 @@ class Compute:
 
     def __init__(self, name: str = "llama") -> None:
         self._name = name
-        # models.llamacpp.cpu_policy and .nice; read when the thread starts (the first job).
+        # models.llamacpp.cpu_policy; read when the thread starts (the first job).
         self.policy: CpuPolicy = "normal"
-        self.nice = 0
         self._jobs: deque[_Job] = deque()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -135,8 +134,6 @@ class Compute:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             except OSError as exc:
                 log.warning("cannot run llama.cpp at idle priority: %s", exc)
-        elif self.nice:
-            _lower_this_thread(self.nice)
         while True:
             with self._changed:
                 job = self._next()
@@ -164,16 +161,4 @@ def _name_this_thread(name: str) -> None:
 
 
 # The process's one: every embedded instance and embedder runs on it.
-def _lower_this_thread(nice: int) -> None:
-    """Add ``nice`` to this thread's niceness (Linux ranks threads, not processes), and
-    so to the OpenMP threads it makes afterwards: the event loop, at the daemon's own,
-    then gets a core the moment it has work, where at equal rank it waited for the
-    scheduler's next tick (4 ms) behind llama.cpp's threads (docs/benchmarks.md)."""
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError as exc:
-        log.warning("cannot lower llama.cpp's priority: %s", exc)
-
-
 COMPUTE = Compute()
