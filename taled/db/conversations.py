@@ -104,16 +104,15 @@ def _message(row: Any) -> Message:
     )
 
 
+# What a conversation's row holds when it is made (the rest is filled in later).
+_CONVERSATION_COLUMNS = ("id", "title", "created_at", "updated_at")
+
+
 def _conversation_row(conv: Conversation) -> dict[str, Any]:
-    return {
-        "id": conv.id,
-        "title": conv.title,
-        "created_at": conv.created_at,
-        "updated_at": conv.updated_at,
-    }
+    return {column: getattr(conv, column) for column in _CONVERSATION_COLUMNS}
 
 
-_INSERT_CONVERSATION = raw_sql(conversations.insert(), ["id", "title", "created_at", "updated_at"])
+_INSERT_CONVERSATION = raw_sql(conversations.insert(), _CONVERSATION_COLUMNS)
 _INSERT_MESSAGE = raw_sql(messages.insert(), [f.name for f in fields(NewMessage)] + ["at"])
 _TOUCH = raw_sql(
     conversations.update()

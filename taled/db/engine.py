@@ -184,9 +184,7 @@ class Database:
         try:
             self._wconn = await self._writer_engine.connect()
             await self._migrate(self._wconn)
-            raw = await self._wconn.get_raw_connection()
-            assert isinstance(raw.driver_connection, driver.Connection)
-            self._driver = raw.driver_connection
+            self._driver = await _driver_of(self._wconn)
             self._now = self._loop_connection()
         except (SQLAlchemyError, sqlite3.Error) as exc:
             # Start-up's check (taled.doctor) catches most damage first; this is the rest.
@@ -546,10 +544,9 @@ class Database:
             if not _busy(exc):
                 raise self._read_error(exc) from exc
         async with self.read() as conn:
-            raw = await conn.get_raw_connection()
-            assert isinstance(raw.driver_connection, driver.Connection)
+            reader = await _driver_of(conn)
             try:
-                return await raw.driver_connection.call(fn)
+                return await reader.call(fn)
             except sqlite3.Error as exc:
                 raise self._read_error(exc) from exc
 
@@ -586,6 +583,13 @@ class Database:
         goes with the others."""
         async with self._backing_up:
             return await asyncio.to_thread(replace_backups, self.path, directory, take=take)
+
+
+async def _driver_of(conn: AsyncConnection) -> driver.Connection:
+    """The aiosqlite connection (``taled.db.driver``) under a SQLAlchemy connection."""
+    raw = await conn.get_raw_connection()
+    assert isinstance(raw.driver_connection, driver.Connection)
+    return raw.driver_connection
 
 
 def _apply_raw(conn: sqlite3.Connection, fns: Sequence[RawWrite]) -> list[_Outcome]:
