@@ -80,8 +80,7 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 
 # Primary result codes that mean the file itself is damaged (not busy, full or locked).
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
+_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 class Kind(StrEnum):
@@ -128,14 +127,21 @@ class Report:
 # -- the database ----------------------------------------------------------------
 
 
+def sqlite_code(exc: BaseException) -> int | None:
+    """SQLite's primary result code behind a sqlite3 error (SQLITE_BUSY, SQLITE_FULL, ...),
+    or None for an error SQLite did not report (one the sqlite3 module raises itself,
+    such as using a closed connection). Decisions go by this code, never by the
+    message's wording."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(exc, sqlite3.Error) or not isinstance(code, int):
+        return None
+    # The extended code carries the primary one in its low byte.
+    return code & 0xFF
+
+
 def is_damage(exc: BaseException) -> bool:
     """Whether a sqlite3 error says the database file is damaged (not busy, full, locked)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return (
-        isinstance(exc, sqlite3.DatabaseError)
-        and isinstance(code, int)
-        and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    )
+    return isinstance(exc, sqlite3.DatabaseError) and sqlite_code(exc) in _DAMAGE_CODES
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import pytest
 from dulwich.repo import Repo
 
 from taled.__main__ import EXIT_STARTUP
-from taled.doctor import take_backup
+from taled.doctor import is_damage, sqlite_code, take_backup
 from tests.harness import Daemon, Home
 
 
@@ -438,3 +438,33 @@ def test_a_backup_is_skipped_when_nothing_changed(copy: Home, tmp_path: Path) ->
     assert take_backup(_db(copy), target, keep=3) is not None
     assert len(list(target.glob("tale-*.db"))) == 2
     assert not [p for p in target.iterdir() if p.name.startswith(".")]
+
+
+def test_sqlite_errors_are_read_by_their_primary_result_code(tmp_path: Path) -> None:
+    """The checks that decide busy, full or damaged read SQLite's result code (an
+    extended code counts as its primary one), never the message's wording; an error
+    SQLite did not report has no code."""
+    path = tmp_path / "codes.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        holder.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(sqlite3.IntegrityError) as duplicate:
+            holder.execute("INSERT INTO t VALUES (1)")
+        # SQLITE_CONSTRAINT_PRIMARYKEY (1555) is a SQLITE_CONSTRAINT.
+        assert duplicate.value.sqlite_errorcode != sqlite3.SQLITE_CONSTRAINT
+        assert sqlite_code(duplicate.value) == sqlite3.SQLITE_CONSTRAINT
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite3.OperationalError) as busy:
+            other.execute("SELECT * FROM t")
+        assert sqlite_code(busy.value) == sqlite3.SQLITE_BUSY
+        assert not is_damage(busy.value)
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+        other.close()
+    with pytest.raises(sqlite3.ProgrammingError) as closed:
+        holder.execute("SELECT 1")
+    assert sqlite_code(closed.value) is None
+    assert sqlite_code(OSError("database or disk is full")) is None

@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from taled.db import driver
 from taled.db.schema import MIGRATIONS, SCHEMA_VERSION
-from taled.doctor import DOCTOR_HINT, is_damage, replace_backups, take_backup
+from taled.doctor import DOCTOR_HINT, is_damage, replace_backups, sqlite_code, take_backup
 from taled.errors import DiskFull, StoreDamaged, TaleError, Unavailable, is_no_space
 from taled.settings import StoreSettings
 
@@ -635,15 +635,11 @@ def _transact_raw(conn: sqlite3.Connection, fns: Sequence[RawWrite]) -> tuple[bo
 
 def _busy(error: sqlite3.Error) -> bool:
     """Whether SQLite refused for a lock held elsewhere (SQLITE_BUSY or SQLITE_LOCKED)."""
-    code = getattr(error, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return sqlite_code(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _disk_full(error: BaseException) -> bool:
     """Whether a database error is SQLite's SQLITE_FULL or an OS "no space" error."""
     if isinstance(error, sqlite3.Error):
-        code = getattr(error, "sqlite_errorcode", None)
-        if isinstance(code, int):
-            return bool(code & 0xFF == sqlite3.SQLITE_FULL)
-        return "database or disk is full" in str(error)
+        return sqlite_code(error) == sqlite3.SQLITE_FULL
     return is_no_space(error)
