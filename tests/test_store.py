@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from taled.db.engine import raw_sql
 from taled.db.schema import MIGRATIONS, SCHEMA_VERSION
-from taled.db.store import AttemptKey, CallRecord, Store, TaskRecord
+from taled.db.store import AttemptKey, CallRecord, Store, SubtaskSpec, TaskRecord
 from taled.errors import NotFound, TaleError
 from taled.settings import StoreSettings
 from taled.tasks.lifecycle import TaskState
@@ -515,11 +515,62 @@ def _as_sqlite(value: Any) -> Any:
     return int(value) if isinstance(value, bool) else value
 
 
+def test_a_plans_subtree_is_every_level_of_its_current_rounds_in_one_read(
+    tmp_path: Path,
+) -> None:
+    """subtree reads what children() gives level by level (each of its parent's current
+    round, in plan order) in one point read on the loop's thread: no trip to a reader."""
+    seen: dict[str, Any] = {}
+
+    async def plan(store: Store) -> None:
+        await store.submit("top", 0)
+        top = await store.claim_next()
+        assert top is not None
+        specs = [SubtaskSpec(f"s{i}", f"step {i}", f"do {i}", ()) for i in (1, 2, 3)]
+        await store.add_subtasks(top, 1, specs, "planned")
+        first = await store.claim_next()
+        assert first is not None
+        seen["first"] = first.id
+        inner = [SubtaskSpec(k, k, f"do {k}", ()) for k in ("a", "b")]
+        await store.add_subtasks(first, 1, inner, "planned")
+        seen["top"] = top.id
+        # Step s3 as a step of a round its parent has since replaced.
+        with sqlite3.connect(tmp_path / "t.db") as db:
+            db.execute("UPDATE tasks SET round = 0 WHERE step = 's3'")
+
+    async def read(store: Store) -> None:
+        top = await store.get_task(seen["top"])
+        seen["subtree"] = await store.subtree(top)
+
+    assert _trips_to_sqlite(tmp_path, plan, read) == 0
+    under = seen["subtree"]
+    assert [t.step for t in under[seen["top"]]] == ["s1", "s2"]
+    assert [t.step for t in under[seen["first"]]] == ["a", "b"]
+    assert set(under) == {seen["top"], seen["first"]}
+
+    async def level_by_level() -> dict[str, list[TaskRecord]]:
+        store = _store(tmp_path / "t.db")
+        await store.open()
+        try:
+            out: dict[str, list[TaskRecord]] = {}
+            todo = [await store.get_task(seen["top"])]
+            while todo:
+                task = todo.pop()
+                if kids := await store.children(task.id, task.round):
+                    out[task.id] = kids
+                    todo += kids
+            return out
+        finally:
+            await store.close()
+
+    assert asyncio.run(level_by_level()) == under
+
+
 def test_the_reads_get_task_polls_search_indexes_and_scan_no_table(tmp_path: Path) -> None:
     """get_task's reads run on the event loop's thread, which waits for them: every
     part of them (the task or its subtasks, transitions, ledger sums, dependencies) is
     an index search, never a scan that grows with the tables."""
-    from taled.db.store import _CHILDREN_SQL, _TASK_BY_ID_SQL
+    from taled.db.store import _CHILDREN_SQL, _SUBTREE_SQL, _TASK_BY_ID_SQL
 
     async def create() -> None:
         store = _store(tmp_path / "t.db")
@@ -531,11 +582,13 @@ def test_the_reads_get_task_polls_search_indexes_and_scan_no_table(tmp_path: Pat
         for sql, params in (
             (_TASK_BY_ID_SQL, {"task_id": "t"}),
             (_CHILDREN_SQL, {"parent_id": "t", "round": None}),
+            (_SUBTREE_SQL, {"root": "t"}),
         ):
             plan = [row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
             searches = [step for step in plan if step.startswith("SEARCH")]
             assert searches, plan
-            assert not [step for step in plan if step.startswith("SCAN")], plan
+            # The subtree's own rows (a recursive CTE, "under") are read whole; no table is.
+            assert not [s for s in plan if s.startswith("SCAN") and s != "SCAN under"], plan
 
 
 def test_a_point_read_refused_for_a_lock_runs_on_a_readers_thread(tmp_path: Path) -> None:

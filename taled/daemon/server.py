@@ -673,10 +673,15 @@ class _Tools:
         return await self.s.acting.status()
 
     async def get_task(self, args: TaskIdArgs, _call: Call) -> dict[str, Any]:
-        return await self._tree(await self.s.store.get_task(args.id))
+        return await self._whole(await self.s.store.get_task(args.id))
 
-    async def _tree(self, task: TaskRecord) -> dict[str, Any]:
-        """A task with its progress and, recursively, its subtasks (current plan round)."""
+    async def _whole(self, task: TaskRecord) -> dict[str, Any]:
+        """A task's wire form with every subtask under it (one read for all levels)."""
+        return await self._tree(task, await self.s.store.subtree(task))
+
+    async def _tree(self, task: TaskRecord, under: dict[str, list[TaskRecord]]) -> dict[str, Any]:
+        """A task with its progress and, recursively, its subtasks (each of its parent's
+        current plan round; ``under`` maps a task's id to them)."""
         out = task_to_json(task, self.s.progress.get(task.id))
         if task.parent_id is None:
             # The learning engine's estimate, from memory (no query): level, tokens, budget.
@@ -695,9 +700,7 @@ class _Tools:
                 for c in await self.s.acting.records.calls(task.id)
             ]
             out["approvals"] = [approval_to_json(a) for a in await self.s.acting.pending(task.id)]
-        out["subtasks"] = [
-            await self._tree(child) for child in await self.s.store.children(task.id, task.round)
-        ]
+        out["subtasks"] = [await self._tree(child, under) for child in under.get(task.id, [])]
         return out
 
     async def watch_task(self, args: TaskIdArgs, call: Call) -> dict[str, Any]:
@@ -748,7 +751,7 @@ class _Tools:
                 last, sent = line, time.monotonic()
                 await call.progress(step, line, total)
             if task.state in FINAL_STATES:
-                return await self._tree(task)
+                return await self._whole(task)
             seen = await self.s.progress.wait_change(seen, 1.0)
             await asyncio.sleep(self.s.stream_interval)
 

@@ -670,6 +670,20 @@ class Store:
         rows = await self._db.read_now(functools.partial(fetch, sql=_CHILDREN_SQL, params=params))
         return [_full_row_to_task(r) for r in rows]
 
+    async def subtree(self, task: TaskRecord) -> dict[str, list[TaskRecord]]:
+        """Every subtask under ``task``, at every depth, each of its own parent's current
+        plan round: ``{parent id: its subtasks in plan order}`` (``children`` for each,
+        in one point read on the event loop's thread rather than one per level)."""
+        rows = await self._db.read_now(
+            functools.partial(fetch, sql=_SUBTREE_SQL, params={"root": task.id})
+        )
+        out: dict[str, list[TaskRecord]] = {}
+        for row in rows:
+            child = _full_row_to_task(row)
+            assert child.parent_id is not None, "the subtree holds subtasks only"
+            out.setdefault(child.parent_id, []).append(child)
+        return out
+
     async def wake_parent(self, parent_id: str, reason: str) -> bool:
         """Queue a waiting parent whose subtasks of its round all finished; True if moved."""
 
@@ -969,6 +983,29 @@ _CHILDREN = (
     )
     .order_by(tasks.c.round, tasks.c.created_at, tasks.c.step, tasks.c.id)
 )
+
+
+def _current_subtree() -> sa.Select[Any]:
+    """Every subtask under the task ``root``, each of its parent's current round, in
+    ``_CHILDREN``'s order within a parent. Each level is an index search on parent_id."""
+    parent = tasks.alias("parent")
+    anchor = sa.select(tasks.c.id).where(tasks.c.id == sa.bindparam("root"))
+    under = anchor.cte("under", recursive=True)
+    child = tasks.alias("child")
+    under = under.union_all(
+        sa.select(child.c.id)
+        .join(under, child.c.parent_id == under.c.id)
+        .join(parent, parent.c.id == under.c.id)
+        .where(child.c.round == parent.c.round)
+    )
+    return (
+        _full_tasks()
+        .where(tasks.c.id.in_(sa.select(under.c.id)), tasks.c.id != sa.bindparam("root"))
+        .order_by(tasks.c.parent_id, tasks.c.round, tasks.c.created_at, tasks.c.step, tasks.c.id)
+    )
+
+
+_SUBTREE = _current_subtree()
 # The most urgent queued task whose dependencies have all completed.
 _NEXT_READY = (
     sa.select(tasks)
@@ -995,6 +1032,7 @@ _TASKS_NEWEST_IN_STATE = _TASKS_NEWEST.where(tasks.c.state == sa.bindparam("stat
 # The point reads get_task polls, as SQL for Database.read_now.
 _TASK_BY_ID_SQL = raw_sql(_TASK_BY_ID)
 _CHILDREN_SQL = raw_sql(_CHILDREN)
+_SUBTREE_SQL = raw_sql(_SUBTREE)
 
 
 def _full_row_to_task(row: Any) -> TaskRecord:
