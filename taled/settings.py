@@ -332,8 +332,8 @@ class LlamaCppSettings(BaseModel):
     n_ctx: int = Field(default=2048, ge=256, le=131_072)
     """Context window; llama-cpp-python's own default (512) is too small for real tasks."""
     n_threads: int = Field(default=0, ge=0, le=256)
-    """CPU threads per model instance; 0 means one per physical core this process may use
-    (its CPU affinity, hyper-threads not counted)."""
+    """CPU threads per model instance, for reading prompts and for generating; 0 means one
+    per physical core this process may use (its CPU affinity, hyper-threads not counted)."""
     role_threads: dict[Role, Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
     """Threads for one role's instance, overriding n_threads, e.g. {ux = 1, task = 1}."""
     n_batch: int = Field(default=256, ge=16, le=8192)

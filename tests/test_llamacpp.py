@@ -311,6 +311,47 @@ def test_repacking_on_makes_the_amx_copy_on_an_amx_cpu() -> None:
     assert after == "restored"
 
 
+_THREADS_OF_A_PROMPT_READ = """
+import asyncio, pathlib
+from taled.models.backends.base import CancelToken, ChatMessage, Completion
+from taled.models.backends.llamacpp import LlamaCppBackend
+from taled.settings import LlamaCppSettings
+
+def compute_threads() -> int:
+    # The compute thread is named "llama"; the OpenMP threads it starts inherit the name.
+    tasks = pathlib.Path("/proc/self/task").iterdir()
+    return sum((t / "comm").read_text().strip() == "llama" for t in tasks)
+
+async def main() -> None:
+    b = LlamaCppBackend("smollm2-135m", LlamaCppSettings(seed=1))
+    await b.load()
+    long = "Summarise this note about the garden. " * 40
+    pieces = b.stream(
+        [ChatMessage(role="user", content=long)], max_tokens=1, temperature=0,
+        cancel=CancelToken(), result=Completion.empty(),
+    )
+    async for _ in pieces:
+        pass
+    print(compute_threads())
+
+asyncio.run(main())
+"""
+
+
+def test_a_prompt_is_read_on_the_instances_own_threads() -> None:
+    """Reading a prompt uses the instance's threads, as generating does: pinned to one
+    CPU, a long prompt is read by the compute thread alone, with no OpenMP team sized
+    by the machine's CPU count."""
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", _THREADS_OF_A_PROMPT_READ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pinned.returncode == 0, pinned.stderr[-2000:]
+    assert pinned.stdout.split()[-1] == "1", pinned.stdout
+
+
 def test_instances_default_to_the_cores_this_process_may_use() -> None:
     """n_threads 0 follows the CPU affinity (a container's or taskset's limit), not the
     machine's total."""

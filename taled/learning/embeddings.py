@@ -196,6 +196,8 @@ class LlamaCppEmbedder:
                     n_batch=_LLAMA_CONTEXT_TOKENS,
                     n_ubatch=_LLAMA_CONTEXT_TOKENS,
                     n_threads=self._threads,
+                    # Embedding a text is a prompt read (left unset: every CPU).
+                    n_threads_batch=self._threads,
                     verbose=False,
                 )
 

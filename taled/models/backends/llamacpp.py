@@ -692,6 +692,10 @@ class LlamaCppBackend:
                 model_path=str(path),
                 n_ctx=s.n_ctx,
                 n_threads=self._threads,
+                # Reading a prompt takes as many threads as generating: left unset,
+                # llama-cpp-python takes the machine's CPU count, hyper-threads and CPUs
+                # outside the affinity included.
+                n_threads_batch=self._threads,
                 n_batch=s.n_batch,
                 seed=s.seed if s.seed >= 0 else 0xFFFFFFFF,
                 verbose=False,
