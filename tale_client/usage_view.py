@@ -171,7 +171,9 @@ def _prediction(report: dict[str, Any]) -> list[Any]:
     if curve:
         lines.append(f"  learning curve, oldest to newest: {curve}{trend}")
     lines.append(
-        f"  truncated answers: {_n(t['truncated'])} of {_n(t['tasks'])} task(s) "
+        # Cuts at the learned budget (continued up to the ceiling), not at max_tokens.
+        f"  answers cut at their learned budget: {_n(t['truncated'])} of {_n(t['tasks'])} "
+        "task(s) "
         f"({_pct(t['rate_pct'])}), {_n(t['truncations'])} truncation(s), "
         f"{_n(t['retries'])} retr(y/ies)"
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import statistics
 import sys
 import time
@@ -177,13 +178,36 @@ def paired_overhead(daemon: Daemon, text: str, runs: int) -> dict[str, float]:
             "daemon_overhead_pct": nan,
             "overhead_failed": float(failed),
         }
-    diffs = [a - b for a, b in zip(via_socket, direct, strict=True)]
+    low, high = overhead_interval(via_socket, direct)
     return {
         "reply_via_socket_p50_s": statistics.median(via_socket),
         "reply_direct_p50_s": statistics.median(direct),
-        "daemon_overhead_pct": statistics.median(diffs) / statistics.median(direct) * 100,
+        "daemon_overhead_pct": overhead_pct(via_socket, direct),
+        "daemon_overhead_low_pct": low,
+        "daemon_overhead_high_pct": high,
+        "overhead_pairs": float(len(direct)),
         "overhead_failed": float(failed),
     }
+
+
+def overhead_pct(via_socket: list[float], direct: list[float]) -> float:
+    """The median of the pairs' differences, as a share of the median direct reply."""
+    diffs = [a - b for a, b in zip(via_socket, direct, strict=True)]
+    return statistics.median(diffs) / statistics.median(direct) * 100
+
+
+def overhead_interval(
+    via_socket: list[float], direct: list[float], resamples: int = 2000
+) -> tuple[float, float]:
+    """A 95 % bootstrap interval of ``overhead_pct`` (pairs resampled whole, seeded):
+    what a run's point estimate alone does not say is how far another run's could land."""
+    rng = random.Random(0)
+    pairs = list(zip(via_socket, direct, strict=True))
+    estimates = sorted(
+        overhead_pct(*map(list, zip(*rng.choices(pairs, k=len(pairs)), strict=True)))
+        for _ in range(resamples)
+    )
+    return estimates[int(0.025 * resamples)], estimates[int(0.975 * resamples) - 1]
 
 
 def busy_latencies(daemon: Daemon, runs: int) -> tuple[dict[str, float], bool]:
@@ -246,10 +270,12 @@ class Plan:
     switch_runs: int
 
 
-FULL = Plan(runs=30, overhead_runs=30, conversation_turns=30, switch_runs=10)
-QUICK = Plan(runs=8, overhead_runs=20, conversation_turns=0, switch_runs=3)
+# Overhead pairs: at 20, the same build's estimate moved between +2 % and +11 % over
+# runs (the target is 5 %); 60 pairs add ~1.5 minutes.
+FULL = Plan(runs=30, overhead_runs=60, conversation_turns=30, switch_runs=10)
+QUICK = Plan(runs=8, overhead_runs=60, conversation_turns=0, switch_runs=3)
 QUICK_NOTES = [
-    "--quick: 8 replies per measure, 20 paired overhead runs, 3 model switches",
+    "--quick: 8 replies per measure, 60 paired overhead runs, 3 model switches",
     "--quick: no conversation part (bench_conversation.py measures it)",
 ]
 
@@ -343,7 +369,9 @@ def main() -> None:
     )
     print(
         f"| daemon overhead on a chat reply | {r['daemon_overhead_pct']:+.1f} % "
-        f"({r['reply_via_socket_p50_s']:.3f} s vs {r['reply_direct_p50_s']:.3f} s direct) "
+        f"(95 % interval {r['daemon_overhead_low_pct']:+.1f} to "
+        f"{r['daemon_overhead_high_pct']:+.1f} %, {r['overhead_pairs']:.0f} pairs; "
+        f"{r['reply_via_socket_p50_s']:.3f} s vs {r['reply_direct_p50_s']:.3f} s direct) "
         "| <= 5 % |"
     )
     print(
