@@ -47,6 +47,17 @@ def _tokens_table(title: str, key: str, rows: list[tuple[str, dict[str, Any]]]) 
     return table
 
 
+def _add_free_text(table: Table, name: str) -> None:
+    """A last column of free text (a task's, a title) that gives way on a narrow
+    terminal: rich narrows a column that may wrap before any other, so the numbers keep
+    their width; each cell is one line cut with an ellipsis (``_line``)."""
+    table.add_column(name, justify="left", no_wrap=False)
+
+
+def _line(text: str) -> Text:
+    return Text(text, no_wrap=True, overflow="ellipsis")
+
+
 def _period(report: dict[str, Any]) -> str:
     if report.get("days") is None:
         return "all history"
@@ -118,7 +129,7 @@ def _tasks(report: dict[str, Any]) -> list[Any]:
     tasks = report.get("by_task", [])
     if tasks:
         table = _table("Top tasks by tokens", "task", "level", "tokens", "calls", "subtasks")
-        table.add_column("text", justify="left", overflow="ellipsis", no_wrap=True)
+        _add_free_text(table, "text")
         for r in tasks:
             table.add_row(
                 r["id"],
@@ -126,7 +137,7 @@ def _tasks(report: dict[str, Any]) -> list[Any]:
                 _n(r["total_tokens"]),
                 _n(r["calls"]),
                 _n(r["subtasks"]),
-                r["text"],
+                _line(r["text"]),
             )
         out.append(table)
     return out
@@ -144,7 +155,7 @@ def _conversations(report: dict[str, Any]) -> list[Any]:
         "tokens",
         "summary saved",
     )
-    table.add_column("title", justify="left", overflow="ellipsis", no_wrap=True)
+    _add_free_text(table, "title")
     for r in rows:
         table.add_row(
             r["id"],
@@ -152,7 +163,7 @@ def _conversations(report: dict[str, Any]) -> list[Any]:
             _n(r["answered_from_store"]),
             _n(r["total_tokens"]),
             _n(r["saved_tokens"]),
-            r["title"] or "",
+            _line(r["title"] or ""),
         )
     return [table]
 

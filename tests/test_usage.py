@@ -181,6 +181,25 @@ def test_usage_prints_tables_a_person_reads(used: tuple[Daemon, dict[str, Any]])
     assert ids["task"] in proc.stdout
 
 
+def test_usage_keeps_every_number_on_an_80_column_terminal(
+    used: tuple[Daemon, dict[str, Any]],
+) -> None:
+    """On 80 columns the free text gives way, not the numbers: the top tasks' columns
+    keep their headings and the task id prints whole."""
+    daemon, ids = used
+    daemon.home.env["COLUMNS"] = "80"
+    try:
+        proc = daemon.home.tale("usage")
+    finally:
+        del daemon.home.env["COLUMNS"]
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.split("Top tasks by tokens", 1)[1]
+    heading = table.splitlines()[2].split()
+    assert heading == ["task", "level", "tokens", "calls", "subtasks", "text"], table
+    assert ids["task"] in table
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
