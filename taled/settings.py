@@ -355,9 +355,10 @@ class LlamaCppSettings(BaseModel):
     """How the kernel schedules llama.cpp's threads (all models share one compute thread
     and its OpenMP team): normal, or idle (Linux SCHED_IDLE: they run only on CPU time
     nothing else on the machine wants). Idle keeps the daemon's socket quick while a task
-    generates (get_task's p99 4.1-6.1 ms against ~11 ms on 2 cores, docs/benchmarks.md),
-    but every other busy program on the machine then slows replies and tasks, and an
-    unprivileged daemon cannot leave idle once in it; for a machine tale has to itself."""
+    generates (get_task's p99 0.8-1.0 ms against ~6 ms at normal on 2 cores,
+    docs/benchmarks.md), but every other busy program on the machine then slows replies
+    and tasks, and an unprivileged daemon cannot leave idle once in it; for a machine
+    tale has to itself."""
     prefix_cache_mb: int = Field(default=32, ge=0, le=65_536)
     """Memory per instance for copies of its KV cache, so a conversation's history is
     not read again after another call used the instance in between; 0 turns it off."""
