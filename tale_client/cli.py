@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import re
 import sys
@@ -1624,6 +1625,24 @@ def daemon_config(
     argv = ["taled", "--print-config"]
     argv += ["--config", config] if config is not None else []
     _run_daemon_code("tale daemon config", argv)
+
+
+def _summaries_on_one_line(group: typer.Typer) -> None:
+    """List each command by its docstring's first paragraph on one line.
+
+    Typer's rich help keeps that paragraph's line breaks in a group's command list (a
+    command's own --help joins them), so `tale --help` broke summaries mid-sentence.
+    """
+    for info in group.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback) or ""
+        if info.short_help is None and doc:
+            info.short_help = " ".join(doc.split("\n\n")[0].split())
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _summaries_on_one_line(sub.typer_instance)
+
+
+_summaries_on_one_line(app)
 
 
 def main() -> None:

@@ -54,9 +54,9 @@ def command_paths() -> list[tuple[str, ...]]:
     return paths
 
 
-def render_help(path: tuple[str, ...]) -> str:
+def render_help(path: tuple[str, ...], columns: int = 100) -> str:
     """``tale <path> --help`` as the real CLI prints it, unstyled, without trailing blanks."""
-    env = {"PATH": os.environ.get("PATH", ""), **_HELP_ENV}
+    env = {"PATH": os.environ.get("PATH", ""), **_HELP_ENV, "COLUMNS": str(columns)}
     result = subprocess.run(
         [sys.executable, "-m", "tale_client.cli", *path, "--help"],
         env=env,
@@ -116,3 +116,29 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_a_command_list_gives_each_summary_on_one_line() -> None:
+    """`tale --help` (and each group's) lists a command by its docstring's first
+    paragraph as one line where the terminal is wide enough: not broken where the
+    docstring's source lines were."""
+    from tale_client.cli import app
+
+    def groups(cmd: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
+        found = [(path, cmd)] if getattr(cmd, "commands", None) else []
+        for name, sub in getattr(cmd, "commands", {}).items():
+            found += groups(sub, (*path, name))
+        return found
+
+    checked = 0
+    for path, group in groups(typer.main.get_command(app), ()):
+        listing = render_help(path, columns=400)
+        for name, sub in group.commands.items():
+            if sub.hidden or not sub.help:
+                continue
+            summary = " ".join(sub.help.split("\n\n")[0].split())
+            assert any(summary in line for line in listing.splitlines()), (
+                f"tale {' '.join(path)} --help does not list {name!r} on one line"
+            )
+            checked += 1
+    assert checked >= 30  # every group's commands were looked at
