@@ -54,6 +54,8 @@ FINAL = protocol.FINAL_STATES
 app = typer.Typer(
     name="tale",
     help="tale: a personal AI worker on your own machine.",
+    epilog="An ID (a task's, an approval's, a schedule's) may be shortened to a unique "
+    "prefix of at least 4 of its hex digits.",
     no_args_is_help=True,
     # --install-completion / --show-completion; ids complete from the daemon (below).
     add_completion=True,

@@ -287,6 +287,17 @@ def test_bad_after_input_exits_2_and_writes_nothing(
     assert _rows(after.home) == before
 
 
+def test_a_prefix_two_task_ids_start_with_names_neither(after: After) -> None:
+    """`tale status abcd` with abcd00000001 and abcd00000002 seeded: exit 2, both named,
+    and `tale cancel` of it changes nothing."""
+    status = after.home.tale("status", "abcd")
+    assert status.returncode == 2, status.stdout
+    assert "more than one task id starts with abcd (abcd00000001, abcd00000002" in status.stderr
+    before = _rows(after.home)
+    assert after.home.tale("cancel", "abcd").returncode == 2
+    assert _rows(after.home) == before
+
+
 def test_after_any_accepts_a_dependency_that_already_failed(after: After) -> None:
     """With --after-any a failed dependency is no refusal: the task runs, told of it."""
     done = after.home.tale(

@@ -91,6 +91,27 @@ def test_status_json_has_the_contract_fields(daemon: Daemon) -> None:
     assert task["priority"] == 3
 
 
+def test_a_task_is_named_by_a_unique_prefix_of_its_id(daemon: Daemon) -> None:
+    """`tale status`, `tale priority` and `tale cancel` take the first digits of an id,
+    as `--after` and `tale approve` do; a short or unknown prefix exits 2 saying why."""
+    task_id = daemon.call("submit_task", text="Say hi", priority=1)["id"]
+    status = daemon.home.tale("status", task_id[:6], "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["id"] == task_id
+    assert daemon.home.tale("priority", task_id[:5], "7").returncode == 0
+    cancelled = daemon.home.tale("cancel", task_id[:4], "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    task = json.loads(cancelled.stdout)
+    assert (task["id"], task["priority"]) == (task_id, 7)
+    short = daemon.home.tale("status", task_id[:3])
+    assert short.returncode == 2, short.stderr
+    assert "or a unique prefix of at least 4" in short.stderr
+    unknown = "0000" if not task_id.startswith("0000") else "ffff"
+    missing = daemon.home.tale("status", unknown)
+    assert missing.returncode == 2, missing.stderr
+    assert f"no task id starts with {unknown}" in missing.stderr
+
+
 def test_status_without_id_summarises(daemon: Daemon) -> None:
     """`tale status` with no id shows tasks by state, workers and models."""
     daemon.call("submit_task", text="Say hi")

@@ -255,3 +255,38 @@ def test_after_ids_are_refused_in_the_words_they_always_were(tmp_path: Path) -> 
             "give more digits",
         ),
     ]
+
+
+def test_a_task_is_named_by_its_id_or_a_unique_prefix_of_it(tmp_path: Path) -> None:
+    """A whole id is taken as it is; a prefix of 4+ digits (any case, spaces around)
+    names the one task it starts."""
+
+    async def body(store: Store) -> list[str]:
+        await _add_tasks(store, "abcd00000001", "abcd00000002", "beef00000001")
+        return [await store.task_id(ref) for ref in ("abcd00000002", "BEEF", " abcd00000001 ")]
+
+    assert _store(tmp_path, body) == ["abcd00000002", "beef00000001", "abcd00000001"]
+
+
+def test_a_task_prefix_that_is_bad_unknown_or_ambiguous_is_refused_saying_so(
+    tmp_path: Path,
+) -> None:
+    """`tale status abc`, `tale cancel ffff`, `tale pause abcd` when two ids start so."""
+
+    async def body(store: Store) -> list[tuple[str, str]]:
+        await _add_tasks(store, "abcd00000001", "abcd00000002")
+        return [await _message(store.task_id(ref)) for ref in ("abc", "ffff", "abcd")]
+
+    assert _store(tmp_path, body) == [
+        (
+            "InvalidInput",
+            "'abc' is not a task id: give it, or at least 4 of its hex digits (`tale list` "
+            "shows the ids)",
+        ),
+        ("NotFound", "no task id starts with ffff; `tale list` shows the ids"),
+        (
+            "InvalidInput",
+            "more than one task id starts with abcd (abcd00000001, abcd00000002, ...); give "
+            "more digits",
+        ),
+    ]

@@ -45,8 +45,9 @@ from taled.daemon.resources import (
     subscribable,
 )
 from taled.db.acting import Approval, ApprovalState
+from taled.db.ids import MIN_PREFIX
 from taled.db.schedules import MissedPolicy, Schedule, ScheduleRun, ScheduleState
-from taled.db.store import Moved, Store, TaskRecord
+from taled.db.store import TASK_ID_DIGITS, Moved, Store, TaskRecord
 from taled.errors import IllegalTransition, InvalidInput, NotFound, TaleError
 from taled.reporting.metrics import Metrics
 from taled.reporting.usage import UsageReport
@@ -64,7 +65,9 @@ __all__ = ["PROMPTS", "TOOLS", "Call", "Services", "ToolDef", "build_server", "t
 
 log = logging.getLogger(__name__)
 
-TASK_ID_PATTERN = r"^[0-9a-f]{12}$"
+TASK_ID_PATTERN = rf"^[0-9a-f]{{{TASK_ID_DIGITS}}}$"
+# A task named by a person: its id or a unique prefix, resolved before the tool runs.
+TASK_REF_PATTERN = rf"^[0-9a-f]{{{MIN_PREFIX},{TASK_ID_DIGITS}}}$"
 # watch_task repeats an unchanged line this often (clients time out reads at 30 s).
 _HEARTBEAT_SECONDS = 10.0
 
@@ -152,7 +155,11 @@ class SubmitTaskArgs(_Args):
 class TaskIdArgs(_Args):
     """Arguments naming one task."""
 
-    id: str = Field(pattern=TASK_ID_PATTERN, description="A task id: 12 lowercase hex digits.")
+    id: str = Field(
+        pattern=TASK_REF_PATTERN,
+        description="A task's id (12 lowercase hex digits), or a unique prefix of at least 4 "
+        "of them.",
+    )
 
 
 class ListTasksArgs(_Args):
@@ -1457,7 +1464,8 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
             )
         elif err["type"] == "string_pattern_mismatch" and field == "id":
             parts.append(
-                f"{err['input']!r} is not a task id (12 lowercase hex digits, as `tale list` shows)"
+                f"{err['input']!r} is not a task id (12 lowercase hex digits, or a unique prefix "
+                "of at least 4, as `tale list` shows)"
             )
         else:
             parts.append(
@@ -1826,6 +1834,10 @@ def build_server(services: Services) -> Server[Any]:
         async def elicit(message: str, schema: dict[str, Any]) -> types.ElicitResult:
             return await ctx.session.elicit_form(message, schema, ctx.request_id)
 
+        if isinstance(args, TaskIdArgs) and len(args.id) < TASK_ID_DIGITS:
+            # Every tool naming a task takes a unique prefix of its id, as `--after`,
+            # approvals and schedules do: resolved here, once, so each sees a whole id.
+            args = args.model_copy(update={"id": await services.store.task_id(args.id)})
         if isinstance(args, TaskIdArgs) and name == "watch_task":
             session.tasks.add(args.id)
         call = Call(progress=_Rising(report), elicit=elicit if _can_elicit(ctx) else None)

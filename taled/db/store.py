@@ -41,6 +41,7 @@ from taled.tasks.workstate import AttemptKey
 from taled.text import one_line
 
 __all__ = [
+    "TASK_ID_DIGITS",
     "AttemptKey",  # a ledger row's key, for services that see the ledger but not tasks
     "CallRecord",
     "Moved",
@@ -76,9 +77,13 @@ _MOVES: contextvars.ContextVar[list[Moved] | None] = contextvars.ContextVar(
 )
 
 
+TASK_ID_DIGITS = 12
+"""How many lowercase hex digits a task id has."""
+
+
 def new_task_id() -> str:
-    """A short random task id: 12 lowercase hex digits."""
-    return secrets.token_hex(6)
+    """A short random task id: ``TASK_ID_DIGITS`` lowercase hex digits."""
+    return secrets.token_hex(TASK_ID_DIGITS // 2)
 
 
 @dataclass(frozen=True)
@@ -569,6 +574,15 @@ class Store:
         if row is None:
             raise NotFound(f"no task with id {task_id}; `tale list` shows the ids")
         return _full_row_to_task(row)
+
+    async def task_id(self, given: str) -> str:
+        """The id of the one task whose id starts with ``given`` (a full id, or at least
+        ``MIN_PREFIX`` of its hex digits); NotFound / InvalidInput saying which."""
+        ref = normalise(given, _TASK_IDS)
+        if len(ref) == TASK_ID_DIGITS:
+            return ref  # whole: the caller's read says whether it exists
+        async with self.read() as conn:
+            return str((await by_prefix(conn, tasks.c.id, ref, _TASK_IDS)).id)
 
     async def dependencies(self, task_id: str) -> list[TaskRecord]:
         """The tasks a task waits for (``needs``), oldest first."""
@@ -1106,6 +1120,12 @@ async def _move(
 
 
 # What ``--after`` says when a task id it was given names none, or several.
+_TASK_IDS = IdMessages(
+    invalid="{given!r} is not a task id: give it, or at least {min} of its hex digits "
+    "(`tale list` shows the ids)",
+    missing="no task id starts with {ref}; `tale list` shows the ids",
+    ambiguous="more than one task id starts with {ref} ({first}, {second}, ...); give more digits",
+)
 _AFTER_IDS = IdMessages(
     invalid="after {given!r}: give a task id, or at least {min} of its hex digits "
     "(`tale list` shows the ids)",
