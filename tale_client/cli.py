@@ -726,7 +726,7 @@ def checkpoints(
         emit_json(found)
         return
     if not found["checkpoints"]:
-        emit(f"task {task_id} has no checkpoints yet")
+        emit(f"task {found['task_id']} has no checkpoints yet")
         return
     emit(f"{'COMMIT':<12}  {'TIME':<24}  {'STEP':<14}  {'KIND':<14}  MESSAGE")
     for c in found["checkpoints"]:
@@ -765,7 +765,8 @@ def restore(
         emit_json(done)
         return
     c = done["checkpoint"]
-    emit(f"task {task_id} {done['task']['state']}: {c['message']} (checkpoint {c['commit'][:12]})")
+    task = done["task"]
+    emit(f"task {task['id']} {task['state']}: {c['message']} (checkpoint {c['commit'][:12]})")
 
 
 @app.command(rich_help_panel="Tasks")
@@ -1045,7 +1046,7 @@ def diff(
         emit_json(found)
         return
     if not found["diff"]:
-        emit(f"task {task_id} changed nothing")
+        emit(f"task {found['task_id']} changed nothing")
         return
     # The diff shows files a model wrote: control sequences in them must not reach the
     # terminal (emit strips them, keeping lines).
@@ -1066,8 +1067,11 @@ def apply_(
     if json_out:
         emit_json(done)
         return
+    if not done["applied"] and not done["unchanged"]:
+        emit(f"nothing to apply: task {done['task_id']} changed nothing")
+        return
     if not done["applied"]:
-        emit(f"nothing to apply: {done['target']} already has task {task_id}'s change")
+        emit(f"nothing to apply: {done['target']} already has task {done['task_id']}'s change")
         return
     for c in done["applied"]:
         emit(f"{c['kind']:<9} {c['path']}")

@@ -192,6 +192,33 @@ def test_diff_shows_the_change_and_apply_brings_it_back(
     assert (project / "keep.txt").read_text() == "untouched\n"
 
 
+def test_diff_and_apply_say_when_a_task_changed_nothing(
+    acting: tuple[Daemon, ScriptedServer, Home], project: Path
+) -> None:
+    """A task that only looked: diff and apply say it changed nothing (not that the
+    directory "already has" its change), naming it by its whole id."""
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:repeat]] look around", workspace=str(project))
+    daemon.wait_for(task["id"])
+    diff = home.tale("diff", task["id"][:6])
+    assert (diff.returncode, diff.stdout) == (0, f"task {task['id']} changed nothing\n")
+    applied = home.tale("apply", task["id"][:6])
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout == f"nothing to apply: task {task['id']} changed nothing\n"
+
+
+def test_apply_twice_says_the_directory_already_has_the_change(
+    acting: tuple[Daemon, ScriptedServer, Home], project: Path
+) -> None:
+    daemon, _server, home = acting
+    task = daemon.call("submit_task", text="[[script:write]] tidy up", workspace=str(project))
+    daemon.wait_for(task["id"])
+    assert home.tale("apply", task["id"]).returncode == 0
+    again = home.tale("apply", task["id"])
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"nothing to apply: {project} already has task {task['id']}'s change\n"
+
+
 def test_apply_refuses_when_the_users_file_changed_and_writes_nothing(
     acting: tuple[Daemon, ScriptedServer, Home], project: Path
 ) -> None:
