@@ -1288,6 +1288,16 @@ def ask(
     A request for work is queued as a task (the reply names its id); questions
     like "how is my task doing?" are answered from the task store.
     """
+    if conversation is not None and not re.fullmatch(
+        rf"[0-9a-f]{{{protocol.ID_DIGITS}}}", conversation
+    ):
+        # `tale ask -c "next question"` reads as "continue": say what -c takes.
+        raise CliError(
+            f"--conversation takes a conversation's id ({protocol.ID_DIGITS} hex digits, as "
+            f"`tale ask --json` shows), not {conversation!r}; without it `tale ask` "
+            "continues the most recent conversation",
+            Exit.USAGE,
+        )
     text = _read_text(text, file, "chat message")
     if not text.strip():
         raise CliError("chat message is empty; say something", Exit.USAGE)

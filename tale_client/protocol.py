@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "CONFLICT",
     "FINAL_STATES",
+    "ID_DIGITS",
     "ILLEGAL_TRANSITION",
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
@@ -29,6 +30,9 @@ __all__ = [
 TASK_STATES = ("queued", "running", "waiting", "paused", "completed", "failed", "cancelled")
 # taled.tasks.lifecycle.FINAL_STATES: a task in one of these never moves again by itself.
 FINAL_STATES = ("completed", "failed", "cancelled")
+# taled.db.store.TASK_ID_DIGITS: every id the daemon makes (task, conversation,
+# approval, schedule) is this many lowercase hex digits.
+ID_DIGITS = 12
 # taled.db.schedules.ScheduleState
 SCHEDULE_STATES = ("active", "paused", "done")
 

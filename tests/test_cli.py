@@ -207,6 +207,16 @@ def test_ask_dash_with_empty_stdin_exits_2_sending_nothing(home: Home) -> None:
     assert not home.socket.exists()
 
 
+def test_ask_c_with_a_question_instead_of_an_id_says_what_c_takes(home: Home) -> None:
+    """`tale ask -c "what did I ask?"` (read as "continue"): exit 2 saying -c takes a
+    conversation's id and that `tale ask` continues the latest one, before any daemon."""
+    proc = home.tale("ask", "-c", "what did I ask?")
+    assert proc.returncode == 2
+    assert "--conversation takes a conversation's id (12 hex digits" in proc.stderr
+    assert "continues the most recent conversation" in proc.stderr
+    assert not home.socket.exists()
+
+
 def test_submit_missing_file_exits_2_naming_it(home: Home) -> None:
     """`tale submit --file` of a file that does not exist exits 2 naming the path."""
     missing = home.root / "no-such.txt"

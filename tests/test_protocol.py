@@ -9,6 +9,7 @@ from __future__ import annotations
 from tale_client import protocol
 from taled import errors
 from taled.db.schedules import ScheduleState
+from taled.db.store import TASK_ID_DIGITS, new_task_id
 from taled.tasks.lifecycle import FINAL_STATES, TaskState
 
 
@@ -22,6 +23,10 @@ def test_final_states_are_the_daemons() -> None:
 
 def test_schedule_states_are_the_daemons() -> None:
     assert tuple(s.value for s in ScheduleState) == protocol.SCHEDULE_STATES
+
+
+def test_the_id_length_is_the_daemons() -> None:
+    assert protocol.ID_DIGITS == TASK_ID_DIGITS == len(new_task_id())
 
 
 def test_error_codes_are_the_daemons() -> None:
