@@ -766,7 +766,8 @@ def restore(
         return
     c = done["checkpoint"]
     task = done["task"]
-    emit(f"task {task['id']} {task['state']}: {c['message']} (checkpoint {c['commit'][:12]})")
+    # The message names the checkpoint gone back to; the commit is the restore's own.
+    emit(f"task {task['id']} {task['state']}: {c['message']}; saved as {c['commit'][:12]}")
 
 
 @app.command(rich_help_panel="Tasks")

@@ -238,6 +238,7 @@ def test_restore_rewinds_a_paused_task_to_a_checkpoint_and_requeues_it(
     assert "restored to checkpoint" in task["transitions"][-3]["reason"]
     newest = d.call("list_checkpoints", id=task_id)["checkpoints"]
     assert [c["step"] for c in newest[:3]] == ["done", "answer", "restore"]
+    assert proc.stdout.rstrip().endswith(f"; saved as {newest[2]['commit'][:12]}")
     # Restored to before the pause: the answer started over, without the partial text.
     state = json.loads(_git(d, "show", f"{newest[2]['commit']}:state.json"))
     assert state["partial"] is None and state["phase"] == "answer"
