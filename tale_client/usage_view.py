@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich import box
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -24,6 +25,21 @@ def _n(value: Any) -> str:
 
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:g} %"
+
+
+def _count(value: Any, one: str, many: str) -> str:
+    """``value`` and the noun that goes with it: "1 task", "5 retries"."""
+    return f"{_n(value)} {one if value == 1 else many}"
+
+
+# The lines under a section's heading are indented this much, wrapped lines too.
+_INDENT = 2
+
+
+def _indented(*parts: str | tuple[str, str]) -> Padding:
+    """A line under a heading: on a narrow terminal it wraps under itself, not under
+    the heading."""
+    return Padding(Text.assemble(*parts), (0, 0, 0, _INDENT))
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -62,7 +78,7 @@ def _period(report: dict[str, Any]) -> str:
     if report.get("days") is None:
         return "all history"
     since = str(report.get("since") or "")[:10]
-    return f"the last {report['days']} day(s), since {since}"
+    return f"the last {_count(report['days'], 'day', 'days')}, since {since}"
 
 
 def render(report: dict[str, Any]) -> list[Any]:
@@ -174,21 +190,26 @@ def _prediction(report: dict[str, Any]) -> list[Any]:
         return [Text("Budget prediction: no finished tasks with an outcome yet.")]
     curve = " → ".join(_pct(c["mape_pct"]) for c in p["curve"])
     trend = {True: ", falling", False: ", not falling", None: ""}[p["falling"]]
-    lines = [
-        Text.assemble(("Budget prediction", "bold")),
-        f"  error (MAPE) {_pct(p['mape_pct'])} over {_n(p['predicted'])} predicted task(s) "
-        f"of {_n(p['outcomes'])}; complexity as predicted for {_pct(p['classified_right_pct'])}",
+    lines: list[Any] = [
+        Text("Budget prediction", style="bold"),
+        _indented(
+            f"error (MAPE) {_pct(p['mape_pct'])} over "
+            f"{_count(p['predicted'], 'predicted task', 'predicted tasks')} of "
+            f"{_n(p['outcomes'])}; complexity as predicted for {_pct(p['classified_right_pct'])}"
+        ),
     ]
     if curve:
-        lines.append(f"  learning curve, oldest to newest: {curve}{trend}")
+        lines.append(_indented(f"learning curve, oldest to newest: {curve}{trend}"))
     lines.append(
         # Cuts at the learned budget (continued up to the ceiling), not at max_tokens.
-        f"  answers cut at their learned budget: {_n(t['truncated'])} of {_n(t['tasks'])} "
-        "task(s) "
-        f"({_pct(t['rate_pct'])}), {_n(t['truncations'])} truncation(s), "
-        f"{_n(t['retries'])} retr(y/ies)"
+        _indented(
+            f"answers cut at their learned budget: {_n(t['truncated'])} of "
+            f"{_count(t['tasks'], 'task', 'tasks')} ({_pct(t['rate_pct'])}), "
+            f"{_count(t['truncations'], 'truncation', 'truncations')}, "
+            f"{_count(t['retries'], 'retry', 'retries')}"
+        )
     )
-    return [Text("\n".join(str(x) for x in lines))]
+    return lines
 
 
 def _savings(s: dict[str, Any]) -> list[Any]:
@@ -217,22 +238,29 @@ def _savings(s: dict[str, Any]) -> list[Any]:
     ratio = f"{e['chars_per_token']:g} chars/token" + (
         "" if e["chars_per_token_measured"] else ", guessed"
     )
-    text = Text.assemble(
-        ("Estimated", "bold"),
-        " savings against a naive single-model design (an estimate, not a measurement; "
-        f"{ratio}; method in --json and docs/usage.md):\n"
-        f"  task-model tokens {_n(tale['task_model_tokens'])} vs "
-        f"{_n(naive['task_model_tokens'])} naive: {_n(saved['task_model_tokens'])} saved "
-        f"({_pct(saved['task_model_pct'])})\n"
-        f"  all tokens        {_n(tale['total_tokens'])} vs {_n(naive['total_tokens'])} naive: "
-        f"{_n(saved['total_tokens'])} saved ({_pct(saved['total_pct'])})",
-    )
+    out: list[Any] = [
+        table,
+        Text.assemble(
+            ("Estimated", "bold"),
+            " savings against a naive single-model design (an estimate, not a measurement; "
+            f"{ratio}; method in --json and docs/usage.md):",
+        ),
+        _indented(
+            f"task-model tokens {_n(tale['task_model_tokens'])} vs "
+            f"{_n(naive['task_model_tokens'])} naive: {_n(saved['task_model_tokens'])} saved "
+            f"({_pct(saved['task_model_pct'])})"
+        ),
+        _indented(
+            f"all tokens        {_n(tale['total_tokens'])} vs {_n(naive['total_tokens'])} "
+            f"naive: {_n(saved['total_tokens'])} saved ({_pct(saved['total_pct'])})"
+        ),
+    ]
     st = s.get("stateless")  # an older daemon does not report it
     if st and st["direct"]:
         per = st["extra_tokens_per_rescue"]
-        text.append_text(
+        out += [
+            Text(""),
             Text.assemble(
-                "\n\n",
                 ("Against one fresh call per task", "bold"),
                 f" (the honest baseline; an estimate): {_n(st['direct'])} tasks cost "
                 f"{_n(st['tale_tokens'])} tokens vs {_n(st['stateless_tokens'])} for their "
@@ -240,9 +268,9 @@ def _savings(s: dict[str, Any]) -> list[Any]:
                 f"{_n(st['first_passed'])} passed on that first answer; the extra "
                 f"{_n(st['extra_tokens'])} tokens carried {_n(st['rescued'])} more"
                 + (f" ({_n(per)} tokens each)." if per is not None else "."),
-            )
-        )
-    return [table, text]
+            ),
+        ]
+    return out
 
 
 def _when(iso: str) -> str:

@@ -198,6 +198,10 @@ def test_usage_keeps_every_number_on_an_80_column_terminal(
     assert heading == ["task", "level", "tokens", "calls", "subtasks", "text"], table
     assert ids["task"] in table
     assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    # The budget's lines are long: wrapped, they stay under their heading's indent.
+    budget = proc.stdout.split("Budget prediction\n", 1)[1].split("Savings", 1)[0]
+    assert len(budget.splitlines()) > 3, budget  # some did wrap at 80
+    assert all(line.startswith("  ") for line in budget.splitlines()), budget
 
 
 @pytest.mark.parametrize(
