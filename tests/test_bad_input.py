@@ -153,6 +153,45 @@ def test_malformed_task_id_is_invalid_params_describing_an_id(shared_daemon: Dae
     assert "12 lowercase hex digits" in error.message
 
 
+@pytest.mark.parametrize(
+    ("tool", "arguments", "says"),
+    [
+        ("get_task", {"id": "zz"}, "'zz' is not a task id"),
+        ("cancel_task", {"id": "abc"}, "'abc' is not a task id"),
+        ("list_approvals", {"task": "zz"}, "'zz' is not a task id"),
+        ("approve", {"id": "zz"}, "'zz' is not an approval id"),
+        ("deny", {"id": "zz"}, "'zz' is not an approval id"),
+        ("answer", {"id": "zz", "text": "yes"}, "'zz' is not an approval id"),
+        ("get_schedule", {"id": "zz"}, "'zz' is not a schedule id"),
+        ("get_conversation", {"id": "zz"}, "'zz' is not a conversation id"),
+        ("chat", {"text": "hi", "conversation": "zz"}, "'zz' is not a conversation id"),
+    ],
+)
+def test_a_malformed_id_is_refused_naming_the_kind_of_id_wanted(
+    shared_daemon: Daemon, tool: str, arguments: dict[str, Any], says: str
+) -> None:
+    """An approval's id is not called a task id: each id argument says what it names."""
+    error = _rejected(shared_daemon, tool, **arguments)
+    assert error.code == INVALID_PARAMS
+    assert says in error.message
+
+
+def test_every_id_argument_says_what_it_names() -> None:
+    """A tool argument shaped like an id (lowercase hex) is listed in its arguments'
+    ``id_kinds``, so a malformed one is told what it should be."""
+    from taled.daemon.server import TOOLS
+
+    unnamed = [
+        (name, field)
+        for name, tool in TOOLS.items()
+        for field, info in tool.args.model_fields.items()
+        for meta in info.metadata
+        if str(getattr(meta, "pattern", "")).startswith("^[0-9a-f]{")
+        and field not in tool.args.id_kinds
+    ]
+    assert unnamed == []
+
+
 def test_unknown_task_id_is_not_found_naming_the_id(shared_daemon: Daemon) -> None:
     """A well-formed id that names no task is -32001 with the id and a pointer to `tale list`."""
     error = _rejected(shared_daemon, "get_task", id=UNKNOWN_ID)

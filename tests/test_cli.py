@@ -99,6 +99,8 @@ def test_a_task_is_named_by_a_unique_prefix_of_its_id(daemon: Daemon) -> None:
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["id"] == task_id
     assert daemon.home.tale("priority", task_id[:5], "7").returncode == 0
+    waiting = daemon.home.tale("approvals", task_id[:4])
+    assert (waiting.returncode, waiting.stdout) == (0, "nothing is waiting for you\n")
     cancelled = daemon.home.tale("cancel", task_id[:4], "--json")
     assert cancelled.returncode == 0, cancelled.stderr
     task = json.loads(cancelled.stdout)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import anyio
 import mcp_types as types
@@ -72,8 +72,20 @@ TASK_REF_PATTERN = rf"^[0-9a-f]{{{MIN_PREFIX},{TASK_ID_DIGITS}}}$"
 _HEARTBEAT_SECONDS = 10.0
 
 
+# What an id argument that is not one is told it should be, by the kind of id.
+_ID_SHAPES = {
+    "task": "a task id (12 lowercase hex digits, or a unique prefix of at least 4, as "
+    "`tale list` shows)",
+    "schedule": "a schedule id (4 to 12 lowercase hex digits, as `tale schedules` shows)",
+    "approval": "an approval id (4 to 12 lowercase hex digits, as `tale approvals` shows)",
+    "conversation": "a conversation id (12 lowercase hex digits, as `list_conversations` shows)",
+}
+
+
 class _Args(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    id_kinds: ClassVar[dict[str, str]] = {}
+    """Which arguments are ids, and of what (a key of ``_ID_SHAPES``)."""
 
 
 class SubmitTaskArgs(_Args):
@@ -155,6 +167,8 @@ class SubmitTaskArgs(_Args):
 class TaskIdArgs(_Args):
     """Arguments naming one task."""
 
+    id_kinds: ClassVar[dict[str, str]] = {"id": "task"}
+
     id: str = Field(
         pattern=TASK_REF_PATTERN,
         description="A task's id (12 lowercase hex digits), or a unique prefix of at least 4 "
@@ -203,6 +217,8 @@ class NoArgs(_Args):
 class ScheduleIdArgs(_Args):
     """Arguments naming one schedule."""
 
+    id_kinds: ClassVar[dict[str, str]] = {"id": "schedule"}
+
     id: str = Field(
         pattern=r"^[0-9a-f]{4,12}$",
         description="A schedule's id, or a unique prefix of at least 4 of its hex digits.",
@@ -229,13 +245,19 @@ APPROVAL_ID = Field(
 class ApprovalsArgs(_Args):
     """Which approvals to list."""
 
+    id_kinds: ClassVar[dict[str, str]] = {"task": "task"}
+
     task: str | None = Field(
-        default=None, pattern=TASK_ID_PATTERN, description="Only this task's (12 hex digits)."
+        default=None,
+        pattern=TASK_REF_PATTERN,
+        description="Only this task's: its id, or a unique prefix of at least 4 of its digits.",
     )
 
 
 class ApproveArgs(_Args):
     """An approval to grant."""
+
+    id_kinds: ClassVar[dict[str, str]] = {"id": "approval"}
 
     id: str = APPROVAL_ID
     always: bool | None = Field(
@@ -246,6 +268,8 @@ class ApproveArgs(_Args):
 
 class DenyArgs(_Args):
     """An approval to refuse, and why (the model reads the reason)."""
+
+    id_kinds: ClassVar[dict[str, str]] = {"id": "approval"}
 
     id: str = APPROVAL_ID
     reason: str | None = Field(
@@ -258,6 +282,8 @@ class DenyArgs(_Args):
 
 class AnswerArgs(_Args):
     """The answer to a task's question (its model called ask_user)."""
+
+    id_kinds: ClassVar[dict[str, str]] = {"id": "approval"}
 
     id: str = APPROVAL_ID
     text: str = Field(min_length=1, max_length=10_000, description="The answer.")
@@ -290,6 +316,8 @@ CONVERSATION_ID = Field(
 class ChatArgs(_Args):
     """One chat message for the UX agent."""
 
+    id_kinds: ClassVar[dict[str, str]] = {"conversation": "conversation"}
+
     text: str = Field(min_length=1, description="What you say: 1..4,000 characters once trimmed.")
     conversation: str | None = CONVERSATION_ID
     new: bool = Field(default=False, description="Start a new conversation with this message.")
@@ -303,6 +331,8 @@ class DetectIntentArgs(_Args):
 
 class ConversationArgs(_Args):
     """Arguments naming one conversation."""
+
+    id_kinds: ClassVar[dict[str, str]] = {"id": "conversation"}
 
     id: str = Field(
         pattern=TASK_ID_PATTERN, description="A conversation id: 12 lowercase hex digits."
@@ -613,7 +643,8 @@ class _Tools:
     # -- acting ------------------------------------------------------------
 
     async def list_approvals(self, args: ApprovalsArgs, _call: Call) -> dict[str, Any]:
-        return {"approvals": [approval_to_json(a) for a in await self.s.acting.pending(args.task)]}
+        task = None if args.task is None else await self.s.store.task_id(args.task)
+        return {"approvals": [approval_to_json(a) for a in await self.s.acting.pending(task)]}
 
     async def approve(self, args: ApproveArgs, _call: Call) -> dict[str, Any]:
         decided = await self.s.acting.decide(
@@ -1457,16 +1488,9 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
             )
         elif err["type"] == "missing":
             parts.append(f"missing required argument {field!r}")
-        elif err["type"] == "string_pattern_mismatch" and field == "id" and "schedule" in tool:
-            parts.append(
-                f"{err['input']!r} is not a schedule id (4 to 12 lowercase hex digits, as "
-                "`tale schedules` shows)"
-            )
-        elif err["type"] == "string_pattern_mismatch" and field == "id":
-            parts.append(
-                f"{err['input']!r} is not a task id (12 lowercase hex digits, or a unique prefix "
-                "of at least 4, as `tale list` shows)"
-            )
+        elif err["type"] == "string_pattern_mismatch" and field in TOOLS[tool].args.id_kinds:
+            shape = _ID_SHAPES[TOOLS[tool].args.id_kinds[field]]
+            parts.append(f"{err['input']!r} is not {shape}")
         else:
             parts.append(
                 f"{field!r}: {err['msg']} (got {json.dumps(err.get('input'), default=str)[:80]})"
