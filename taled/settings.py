@@ -346,11 +346,11 @@ class LlamaCppSettings(BaseModel):
     batches of 256 (64: 0.24 s, 2 %; docs/benchmarks.md); a bigger model may want fewer."""
     omp_spin_count: int = Field(default=-1, ge=-1)
     """How long llama.cpp's idle OpenMP threads spin before they sleep (GOMP_SPINCOUNT);
-    -1 leaves libgomp's default (300,000). Spinning threads of the instance that just
-    computed take the cores from the daemon's own loop: on 2 cores, get_task's p99 while
-    the task model generates was 11.3 ms at the default, 7.7 ms at 10,000 and 4.1 ms at 0,
-    but prompts were read 13 % slower at 10,000 and replies took twice as long at 0
-    (docs/benchmarks.md). An environment's own GOMP_SPINCOUNT wins."""
+    -1 leaves libgomp's default (300,000). Spinning threads take the cores from the
+    daemon's own loop: on 2 cores, get_task's p99 while the task model generates was
+    7.0-7.6 ms at the default, 5.7-6.0 ms at 10,000 and 2.4-3.2 ms at 0, but at 0 a short
+    reply while a task generates took 1.4-1.8 s instead of 0.3 s (docs/benchmarks.md,
+    2026-12-06). An environment's own GOMP_SPINCOUNT wins."""
     cpu_policy: CpuPolicy = "normal"
     """How the kernel schedules llama.cpp's threads (all models share one compute thread
     and its OpenMP team): normal, or idle (Linux SCHED_IDLE: they run only on CPU time
