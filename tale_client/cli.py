@@ -1093,6 +1093,12 @@ def tools(json_out: JsonOpt = False) -> None:
     for server in found["servers"]:
         error = f"  ({server['last_error']})" if server.get("last_error") else ""
         emit(f"mcp:{server['name']:<8} {server['state']:<8} {server.get('tools', 0)} tools{error}")
+        # A server's own descriptions can run to paragraphs: their first line.
+        for t in server.get("offered", []):  # an older daemon sends the count only
+            about = (t["description"].strip().splitlines() or [""])[0]
+            emit(f"  {t['name']:<22} {t['policy']:<6} {about}")
+        for refused in server.get("notes", []):
+            emit(f"  not offered: {refused}")
     for key, decision in sorted(found.get("rules", {}).items()):
         emit(f"rule {key} = {decision} (added with --always)")
 

@@ -566,6 +566,25 @@ def test_tools_lists_the_builtins_and_their_rules(
     assert lines["run"] == "ask"
 
 
+def test_tools_lists_each_mcp_tool_with_its_rule_and_the_ones_refused(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    """`tale tools` names a server's tools as a rule takes them ("bench.add"), each with
+    the decision that applies now, and says which tools were not offered and why."""
+    daemon, _server, home = acting
+    _mcp_up(daemon)
+    listed = home.tale("tools")
+    assert listed.returncode == 0, listed.stderr
+    rules = {
+        line.split()[0]: line.split()[1]
+        for line in listed.stdout.splitlines()
+        if line.startswith("  bench.")
+    }
+    assert rules["bench.add"] == "allow"  # its own rule
+    assert rules["bench.fail"] == "ask"  # every MCP tool asks by default
+    assert "  not offered: tool 'bad name!' refused" in listed.stdout
+
+
 def test_status_shows_the_tool_calls_and_what_waits(
     acting: tuple[Daemon, ScriptedServer, Home],
 ) -> None:

@@ -398,5 +398,20 @@ class Acting:
             }
             for b in BUILTIN.values()
         ]
-        servers = [] if self.mcp is None else [s.as_json() for s in self.mcp.status()]
+        servers: list[dict[str, Any]] = []
+        if self.mcp is not None:
+            # Each server's tools under the names a rule takes ("NAME.tool"), with the
+            # rule that decides them now.
+            offered = self.mcp.tools()
+            for status in self.mcp.status():
+                tools = [
+                    {
+                        "name": t.name,
+                        "description": t.description,
+                        "policy": policy.decide(ToolCall("", t.name), status.name).decision,
+                    }
+                    for t in offered
+                    if self.mcp.server_of(t.name) == status.name
+                ]
+                servers.append({**status.as_json(), "offered": tools})
         return {"builtin": builtins, "servers": servers, "rules": await self.records.rules()}
