@@ -1193,9 +1193,15 @@ def schedules(
         text = " ".join(s["text"].split())
         text = text if len(text) <= 40 else text[:39] + "…"
         emit(
-            f"{s['id']:<12}  {_local(s['next_run']):<24}  {_when(s):<{width}}  "
+            f"{s['id']:<12}  {_next_run(s):<24}  {_when(s):<{width}}  "
             f"{s['state']:<6}  {s['runs']:>4}  {text}"
         )
+
+
+def _next_run(s: dict[str, Any]) -> str:
+    """When a schedule runs next, in local time; "-" while paused (its stored time is
+    the one it stopped at: resuming takes the first one after now)."""
+    return "-" if s["state"] == "paused" else _local(s["next_run"])
 
 
 def _when(s: dict[str, Any]) -> str:
@@ -1220,7 +1226,8 @@ def schedules_show(schedule_id: ScheduleId, json_out: JsonOpt = False) -> None:
     emit(f"id        {s['id']}")
     emit(f"when      {_when(s)}  ({cron}{s['timezone']})")
     emit(f"state     {s['state']}")
-    emit(f"next run  {_local(s['next_run'])}")
+    paused = f" (`tale schedules resume {s['id']}` runs it again)" if s["state"] == "paused" else ""
+    emit(f"next run  {_next_run(s)}{paused}")
     last = f", last task {s['last_task_id']}" if s["last_task_id"] else ""
     emit(f"runs      {s['runs']}{last}")
     emit(f"missed    {s['missed_runs']} (policy {s['missed_policy']})")

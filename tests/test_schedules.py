@@ -716,6 +716,11 @@ def test_submit_every_is_listed_with_its_next_run_and_can_be_paused_resumed_dele
     table = home.tale("schedules").stdout
     assert sid in table and "every mon-fri 08:30" in table
     assert home.tale("schedules", "pause", sid[:6]).stdout.strip() == f"schedule {sid} paused"
+    # Paused, its stored time is no promise: the table shows none, `show` says how to resume.
+    paused_row = next(x for x in home.tale("schedules").stdout.splitlines() if x.startswith(sid))
+    assert paused_row.split()[1] == "-"
+    paused = home.tale("schedules", "show", sid).stdout
+    assert f"next run  - (`tale schedules resume {sid}`" in paused
     assert "active, next run" in home.tale("schedules", "resume", sid).stdout
     shown = home.tale("schedules", "show", sid)
     assert "cron 30 8 * * 1-5" in shown.stdout
