@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tale_client.rpc import RpcError
 from taled.db.store import Store
-from taled.reporting.monitor import Monitor
+from taled.reporting.monitor import Monitor, describe
 from taled.reporting.usage import UsageReport, learning_curve, since_days
 from taled.settings import ChatSettings, MetricsSettings, StoreSettings, UsageSettings
 from tests.harness import Daemon, Home, running_daemon
@@ -319,6 +319,16 @@ def test_status_violations_are_one_row_per_interval_counting_occurrences(home: H
     # The first is recorded at once; the rest are counted and written at the latest on stop.
     assert len(rows) == 2
     assert sum(json.loads(r[4])["occurrences"] for r in rows) == 6
+
+
+def test_a_violations_context_reads_as_a_person_would_say_it() -> None:
+    """ "get_task, once since 04:58:21 UTC", not "1 time(s) since 2026-...T04:58:21+00:00"."""
+    since = "2026-12-06T04:58:21+00:00"
+    one = {"tool": "get_task", "occurrences": 1, "since": since}
+    assert describe("status_ms", one) == "get_task, once since 04:58:21 UTC"
+    six = {"tool": "get_task", "occurrences": 6, "since": since}
+    assert describe("status_ms", six) == "get_task, 6 times since 04:58:21 UTC"
+    assert describe("status_ms", {"tool": "get_task"}) == "get_task, once"
 
 
 def test_ready_over_its_target_is_recorded_at_start(home: Home) -> None:

@@ -50,13 +50,22 @@ def describe(metric: str, context: dict[str, Any]) -> str:
     if "tool" in context:
         parts.append(str(context["tool"]))
     if context.get("occurrences", 1) != 1 or metric in ("status_ms", "rss_mb"):
-        since = context.get("since")
-        parts.append(
-            f"{context.get('occurrences', 1)} time(s)" + (f" since {since}" if since else "")
-        )
+        count = context.get("occurrences", 1)
+        parts.append(("once" if count == 1 else f"{count} times") + _since(context.get("since")))
     if "pid" in context:
         parts.append(f"pid {context['pid']}")
     return ", ".join(parts)
+
+
+def _since(stamp: object) -> str:
+    """An interval's start as words to append: since HH:MM:SS UTC (the row's own time
+    gives the day); nothing without one."""
+    if not isinstance(stamp, str):
+        return ""
+    try:
+        return f" since {datetime.fromisoformat(stamp).astimezone(UTC):%H:%M:%S} UTC"
+    except ValueError:
+        return f" since {stamp}"  # written by another version: shown as it is
 
 
 def violation_json(row: Violation) -> dict[str, Any]:
