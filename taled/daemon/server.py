@@ -74,11 +74,14 @@ _HEARTBEAT_SECONDS = 10.0
 
 # What an id argument that is not one is told it should be, by the kind of id.
 _ID_SHAPES = {
-    "task": "a task id (12 lowercase hex digits, or a unique prefix of at least 4, as "
-    "`tale list` shows)",
-    "schedule": "a schedule id (4 to 12 lowercase hex digits, as `tale schedules` shows)",
-    "approval": "an approval id (4 to 12 lowercase hex digits, as `tale approvals` shows)",
-    "conversation": "a conversation id (12 lowercase hex digits, as `list_conversations` shows)",
+    "task": f"a task id ({TASK_ID_DIGITS} lowercase hex digits, or a unique prefix of at "
+    f"least {MIN_PREFIX}, as `tale list` shows)",
+    "schedule": f"a schedule id ({MIN_PREFIX} to {TASK_ID_DIGITS} lowercase hex digits, as "
+    "`tale schedules` shows)",
+    "approval": f"an approval id ({MIN_PREFIX} to {TASK_ID_DIGITS} lowercase hex digits, as "
+    "`tale approvals` shows)",
+    "conversation": f"a conversation id ({TASK_ID_DIGITS} lowercase hex digits, as "
+    "`list_conversations` shows)",
 }
 
 
@@ -643,8 +646,7 @@ class _Tools:
     # -- acting ------------------------------------------------------------
 
     async def list_approvals(self, args: ApprovalsArgs, _call: Call) -> dict[str, Any]:
-        task = None if args.task is None else await self.s.store.task_id(args.task)
-        return {"approvals": [approval_to_json(a) for a in await self.s.acting.pending(task)]}
+        return {"approvals": [approval_to_json(a) for a in await self.s.acting.pending(args.task)]}
 
     async def approve(self, args: ApproveArgs, _call: Call) -> dict[str, Any]:
         decided = await self.s.acting.decide(
@@ -1858,10 +1860,18 @@ def build_server(services: Services) -> Server[Any]:
         async def elicit(message: str, schema: dict[str, Any]) -> types.ElicitResult:
             return await ctx.session.elicit_form(message, schema, ctx.request_id)
 
-        if isinstance(args, TaskIdArgs) and len(args.id) < TASK_ID_DIGITS:
-            # Every tool naming a task takes a unique prefix of its id, as `--after`,
-            # approvals and schedules do: resolved here, once, so each sees a whole id.
-            args = args.model_copy(update={"id": await services.store.task_id(args.id)})
+        # Every argument naming a task takes a unique prefix of its id, as `--after`,
+        # approvals and schedules do: resolved here, once, so each tool sees a whole id.
+        shortened = {
+            field: value
+            for field, kind in tool.args.id_kinds.items()
+            if kind == "task"
+            and isinstance(value := getattr(args, field), str)
+            and len(value) < TASK_ID_DIGITS
+        }
+        if shortened:
+            whole = {f: await services.store.task_id(v) for f, v in shortened.items()}
+            args = args.model_copy(update=whole)
         if isinstance(args, TaskIdArgs) and name == "watch_task":
             session.tasks.add(args.id)
         call = Call(progress=_Rising(report), elicit=elicit if _can_elicit(ctx) else None)

@@ -1119,13 +1119,15 @@ async def _move(
         await _fail_dependents(conn, task_id, target, fields.get("error") or reason)
 
 
-# What ``--after`` says when a task id it was given names none, or several.
+# What a task named by a prefix of its id (`tale status 403e`) is told when it names
+# none, or several.
 _TASK_IDS = IdMessages(
     invalid="{given!r} is not a task id: give it, or at least {min} of its hex digits "
     "(`tale list` shows the ids)",
     missing="no task id starts with {ref}; `tale list` shows the ids",
     ambiguous="more than one task id starts with {ref} ({first}, {second}, ...); give more digits",
 )
+# What ``--after`` says when a task id it was given names none, or several.
 _AFTER_IDS = IdMessages(
     invalid="after {given!r}: give a task id, or at least {min} of its hex digits "
     "(`tale list` shows the ids)",
