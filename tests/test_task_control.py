@@ -64,6 +64,18 @@ def test_pausing_a_running_task_stops_its_model_call_and_resume_runs_it_again(
     assert path == ["queued", "running", "paused", "queued", "running", "completed"]
 
 
+def test_a_pause_right_after_submit_pauses_the_task_a_worker_just_claimed(
+    one_worker: Daemon,
+) -> None:
+    """Submit, then pause at once: the idle worker claims the task between the pause's
+    read (queued) and its write, and the pause follows it to running instead of
+    refusing with "no longer queued"."""
+    for _ in range(5):
+        task_id = one_worker.call("submit_task", text="Say hi")["id"]
+        assert one_worker.call("pause_task", id=task_id)["state"] == "paused"
+        one_worker.call("cancel_task", id=task_id)
+
+
 def test_raising_a_queued_tasks_priority_moves_it_ahead(one_worker: Daemon) -> None:
     """`tale priority ID 90` makes a low-priority queued task run before a higher one."""
     blocker = one_worker.call("submit_task", text=LONG)["id"]

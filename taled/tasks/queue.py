@@ -26,6 +26,8 @@ MAX_AFTER = 20
 """Most tasks one task may be submitted to run after (``--after``)."""
 
 _PAUSABLE = frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING})
+# Times a pause reads a task again when it moved on between the read and the write.
+_MOVED_RETRIES = 3
 _LIVE = frozenset(set(TaskState) - FINAL_STATES)
 
 
@@ -206,19 +208,31 @@ class TaskQueue:
         A paused task is not picked up until resumed; one paused mid-answer
         starts its answer again when resumed.
         """
-        current = await self._store.get_task(task_id)
-        if current.state not in _PAUSABLE:
-            raise IllegalTransition(
-                f"task {task_id} is {current.state}; only queued, running or waiting tasks "
-                "can be paused"
-            )
-        reason = "paused by the user"
-        if current.state != TaskState.QUEUED:
-            reason += (
-                f" while {current.state}; its partial answer is checkpointed and continued "
-                "on resume"
-            )
-        await self._store.transition(task_id, TaskState.PAUSED, reason, expect=current.state)
+        for attempt in range(1, _MOVED_RETRIES + 1):
+            current = await self._store.get_task(task_id)
+            if current.state not in _PAUSABLE:
+                raise IllegalTransition(
+                    f"task {task_id} is {current.state}; only queued, running or waiting tasks "
+                    "can be paused"
+                )
+            reason = "paused by the user"
+            if current.state != TaskState.QUEUED:
+                reason += (
+                    f" while {current.state}; its partial answer is checkpointed and continued "
+                    "on resume"
+                )
+            try:
+                await self._store.transition(
+                    task_id, TaskState.PAUSED, reason, expect=current.state
+                )
+                break
+            except IllegalTransition:
+                # The reason names the state it was read in; a task that moved on between
+                # the read and the write (a worker claimed it just after its submit, a
+                # step ended) is decided again on its new state.
+                moved = (await self._store.get_task(task_id)).state != current.state
+                if not moved or attempt == _MOVED_RETRIES:
+                    raise
         await self._cascade(task_id, TaskState.PAUSED, _PAUSABLE, "its parent was paused")
         return await self._stopped(task_id)
 
