@@ -15,6 +15,8 @@ from enum import StrEnum
 
 import mcp_types as types
 
+from taled.db.ids import MIN_PREFIX
+from taled.db.store import TASK_ID_DIGITS
 from taled.errors import NotFound
 
 __all__ = [
@@ -96,8 +98,8 @@ TEMPLATES = [
 ]
 
 _STATIC = {r.uri: ResourceRef(ResourceKind(r.name)) for r in RESOURCES}
-_TASK_ID = re.compile(r"[0-9a-f]{12}")
-_SCHEDULE_ID = re.compile(r"[0-9a-f]{4,12}")
+_TASK_ID = re.compile(rf"[0-9a-f]{{{TASK_ID_DIGITS}}}")
+_SCHEDULE_ID = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},{TASK_ID_DIGITS}}}")
 
 
 def parse_uri(uri: str) -> ResourceRef:

@@ -66,8 +66,9 @@ __all__ = ["PROMPTS", "TOOLS", "Call", "Services", "ToolDef", "build_server", "t
 log = logging.getLogger(__name__)
 
 TASK_ID_PATTERN = rf"^[0-9a-f]{{{TASK_ID_DIGITS}}}$"
-# A task named by a person: its id or a unique prefix, resolved before the tool runs.
-TASK_REF_PATTERN = rf"^[0-9a-f]{{{MIN_PREFIX},{TASK_ID_DIGITS}}}$"
+# An id a person types (a task's, a schedule's, an approval's): the whole id or a unique
+# prefix of it (taled.db.ids), resolved before the tool acts.
+ID_REF_PATTERN = rf"^[0-9a-f]{{{MIN_PREFIX},{TASK_ID_DIGITS}}}$"
 # watch_task repeats an unchanged line this often (clients time out reads at 30 s).
 _HEARTBEAT_SECONDS = 10.0
 
@@ -173,7 +174,7 @@ class TaskIdArgs(_Args):
     id_kinds: ClassVar[dict[str, str]] = {"id": "task"}
 
     id: str = Field(
-        pattern=TASK_REF_PATTERN,
+        pattern=ID_REF_PATTERN,
         description="A task's id (12 lowercase hex digits), or a unique prefix of at least 4 "
         "of them.",
     )
@@ -223,7 +224,7 @@ class ScheduleIdArgs(_Args):
     id_kinds: ClassVar[dict[str, str]] = {"id": "schedule"}
 
     id: str = Field(
-        pattern=r"^[0-9a-f]{4,12}$",
+        pattern=ID_REF_PATTERN,
         description="A schedule's id, or a unique prefix of at least 4 of its hex digits.",
     )
 
@@ -240,7 +241,7 @@ class ListSchedulesArgs(_Args):
 
 
 APPROVAL_ID = Field(
-    pattern=r"^[0-9a-f]{4,12}$",
+    pattern=ID_REF_PATTERN,
     description="An approval's id, or a unique prefix of at least 4 of its hex digits.",
 )
 
@@ -252,7 +253,7 @@ class ApprovalsArgs(_Args):
 
     task: str | None = Field(
         default=None,
-        pattern=TASK_REF_PATTERN,
+        pattern=ID_REF_PATTERN,
         description="Only this task's: its id, or a unique prefix of at least 4 of its digits.",
     )
 
