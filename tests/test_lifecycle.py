@@ -105,3 +105,10 @@ def test_cancelling_a_completed_task_is_rejected_by_the_daemon(shared_daemon: Da
     assert task_id in caught.value.message
     assert "completed" in caught.value.message
     assert shared_daemon.call("get_task", id=task_id)["state"] == "completed"
+
+
+def test_every_state_a_pause_accepts_may_become_paused() -> None:
+    """TaskQueue.pause reads a refused write as "the task moved on" and reads again."""
+    from taled.tasks.queue import _PAUSABLE
+
+    assert all(TaskState.PAUSED in TRANSITIONS[s] for s in _PAUSABLE)

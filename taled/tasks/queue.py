@@ -227,11 +227,10 @@ class TaskQueue:
                 )
                 break
             except IllegalTransition:
-                # The reason names the state it was read in; a task that moved on between
-                # the read and the write (a worker claimed it just after its submit, a
-                # step ended) is decided again on its new state.
-                moved = (await self._store.get_task(task_id)).state != current.state
-                if not moved or attempt == _MOVED_RETRIES:
+                # Every pausable state may become paused, so the write was refused because
+                # the task moved on after the read (a worker claimed it just after its
+                # submit, a step ended); the reason names the state read: read again.
+                if attempt == _MOVED_RETRIES:
                     raise
         await self._cascade(task_id, TaskState.PAUSED, _PAUSABLE, "its parent was paused")
         return await self._stopped(task_id)
