@@ -36,10 +36,10 @@ def _count(value: Any, one: str, many: str) -> str:
 _INDENT = 2
 
 
-def _indented(*parts: str | tuple[str, str]) -> Padding:
+def _indented(line: str) -> Padding:
     """A line under a heading: on a narrow terminal it wraps under itself, not under
     the heading."""
-    return Padding(Text.assemble(*parts), (0, 0, 0, _INDENT))
+    return Padding(Text(line), (0, 0, 0, _INDENT))
 
 
 def _table(title: str, *columns: str) -> Table:
