@@ -105,8 +105,20 @@ def repo(tmp_path: Path) -> Path:
 
 def found(home: Home, marker: str) -> list[str]:
     """Where ``marker`` is: raw files under the data directory and the daemon's log, and
-    every checkpoint object, decompressed."""
-    needle = marker.encode()
+    every checkpoint object, decompressed.
+
+    A running daemon may delete or repack files while they are read (the retention
+    sweep does exactly that); a scan that meets a vanished file is not evidence either
+    way, so it starts again rather than count the file as clean."""
+    for _ in range(20):
+        try:
+            return _scan(home, marker.encode())
+        except (FileNotFoundError, KeyError):
+            time.sleep(0.05)
+    raise AssertionError("the data directory kept changing under every scan")
+
+
+def _scan(home: Home, needle: bytes) -> list[str]:
     where = [
         str(path.relative_to(home.root))
         for path in [*sorted(home.data.rglob("*")), home.root / "taled.log"]
