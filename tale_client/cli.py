@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from tale_client import __version__, paths, protocol
+from tale_client import __version__, human, paths, protocol
 from tale_client.output import (
     CliError,
     Exit,
@@ -442,17 +442,9 @@ def _submit_schedule(args: dict[str, Any], json_out: bool) -> None:
         return
     emit(schedule["id"])
     note(
-        f"scheduled ({_when(schedule)}): next run {_local(schedule['next_run'])}; "
+        f"scheduled ({_when(schedule)}): next run {human.local_day(schedule['next_run'])}; "
         "`tale schedules` lists it"
     )
-
-
-def _local(stamp: str | None) -> str:
-    """A UTC timestamp from the daemon in this machine's local time, or "-"."""
-    if not stamp:
-        return "-"
-    when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone()
-    return when.strftime("%a %Y-%m-%d %H:%M %Z")
 
 
 def _follow(conn: Connection, task_id: str, quiet: bool) -> dict[str, Any]:
@@ -513,13 +505,8 @@ def _ended(task: dict[str, Any], quiet: bool, ring: bool) -> None:
     if ring:
         bell()
     if task["state"] == "completed" and not quiet and sys.stderr.isatty():
-        took = ""
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            start, end = (
-                datetime.fromisoformat(task[k].replace("Z", "+00:00"))
-                for k in ("created_at", "updated_at")
-            )
-            took = f" in {(end - start).total_seconds():.0f} s"
+        start, end = (human.parse(task.get(k)) for k in ("created_at", "updated_at"))
+        took = f" in {(end - start).total_seconds():.0f} s" if start and end else ""
         note(f"task {task['id']} completed{took}")
 
 
@@ -595,7 +582,7 @@ def _print_task(task: dict[str, Any]) -> None:
     emit(f"id        {task['id']}")
     emit(f"state     {task['state']}")
     emit(f"priority  {task['priority']}")
-    emit(f"created   {task['created_at']}")
+    emit(f"created   {human.local_moment(task['created_at'])}")
     emit(f"tokens    {tokens.get('prompt', 0)} prompt + {tokens.get('completion', 0)} completion")
     emit(f"text      {task['text']}")
     if task.get("criteria"):
@@ -632,8 +619,12 @@ def _print_task(task: dict[str, Any]) -> None:
         emit("subtasks")
         _print_tree(task["subtasks"], "  ")
     emit("history")
-    for t in task.get("transitions", []):
-        emit(f"  {t['at']}  {t['from'] or '-':>9} → {t['to']:<9} {t['reason']}")
+    transitions = task.get("transitions", [])
+    # A task that ran past midnight has dated times among plain ones: one column still.
+    times = [human.clock(t["at"]) for t in transitions]
+    width = max(map(len, times), default=0)
+    for at, t in zip(times, transitions, strict=True):
+        emit(f"  {at:<{width}}  {t['from'] or '-':>9} → {t['to']:<9} {t['reason']}")
     if task.get("error"):
         emit(f"error     {task['error']}")
     if task.get("result") is not None:
@@ -652,7 +643,7 @@ def _print_tree(subtasks: list[dict[str, Any]], indent: str) -> None:
         )
         last = (t.get("transitions") or [{}])[-1]
         if last.get("reason"):
-            emit(f"{indent}     {last.get('at', '')}  {last['reason']}")
+            emit(f"{indent}     {human.clock(last.get('at'))}  {last['reason']}")
         if t.get("subtasks"):
             _print_tree(t["subtasks"], indent + "  ")
 
@@ -696,7 +687,10 @@ def list_(
 
 
 def _age(stamp: str, now: datetime) -> str:
-    seconds = (now - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds()
+    then = human.parse(stamp)
+    if then is None:
+        return "-"
+    seconds = (now - then).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
@@ -728,10 +722,12 @@ def checkpoints(
     if not found["checkpoints"]:
         emit(f"task {found['task_id']} has no checkpoints yet")
         return
-    emit(f"{'COMMIT':<12}  {'TIME':<24}  {'STEP':<14}  {'KIND':<14}  MESSAGE")
-    for c in found["checkpoints"]:
+    times = [human.clock(c["at"]) for c in found["checkpoints"]]
+    width = max(len("TIME"), *map(len, times))
+    emit(f"{'COMMIT':<12}  {'TIME':<{width}}  {'STEP':<14}  {'KIND':<14}  MESSAGE")
+    for at, c in zip(times, found["checkpoints"], strict=True):
         kind = c.get("kind", "")  # a daemon before checkpoint kinds sends none
-        emit(f"{c['commit'][:12]:<12}  {c['at']:<24}  {c['step']:<14}  {kind:<14}  {c['message']}")
+        emit(f"{c['commit'][:12]:<12}  {at:<{width}}  {c['step']:<14}  {kind:<14}  {c['message']}")
 
 
 @app.command(rich_help_panel="Tasks")
@@ -864,7 +860,7 @@ def delete(
         emit_json(done)
         return
     subtasks = len(done["tasks"]) - 1
-    more = f" and its {subtasks} subtask(s)" if subtasks else ""
+    more = f" and its {human.count(subtasks, 'subtask', 'subtasks')}" if subtasks else ""
     emit(f"task {done['id']}{more} forgotten; token counts kept")
     _scrub_notes(done["scrubbed"])
 
@@ -903,11 +899,12 @@ def purge(
         return
     for t in done["tasks"]:
         text = f"  {t['text']}" if "text" in t else ""
-        emit(f"{t['id']:<12}  {t['state']:<9}  {t['updated_at']}{text}")
+        emit(f"{t['id']:<12}  {t['state']:<9}  {human.clock(t['updated_at']):<19}{text}".rstrip())
     for s in done["skipped"]:
         note(f"kept {s['id']}: {s['reason']}")
     verb = "would forget" if done["dry_run"] else "forgot"
-    note(f"{verb} {len(done['tasks'])} task(s) last updated before {done['cutoff']}")
+    tasks = human.count(len(done["tasks"]), "task", "tasks")
+    note(f"{verb} {tasks} last updated before {human.local_moment(done['cutoff'])}")
     if done.get("scrubbed"):
         _scrub_notes(done["scrubbed"])
 
@@ -1076,7 +1073,7 @@ def apply_(
         return
     for c in done["applied"]:
         emit(f"{c['kind']:<9} {c['path']}")
-    emit(f"applied {len(done['applied'])} change(s) to {done['target']}")
+    emit(f"applied {human.count(len(done['applied']), 'change', 'changes')} to {done['target']}")
 
 
 @app.command(rich_help_panel="Acting")
@@ -1201,7 +1198,7 @@ def schedules(
 def _next_run(s: dict[str, Any]) -> str:
     """When a schedule runs next, in local time; "-" while paused (its stored time is
     the one it stopped at: resuming takes the first one after now)."""
-    return "-" if s["state"] == "paused" else _local(s["next_run"])
+    return "-" if s["state"] == "paused" else human.local_day(s["next_run"])
 
 
 def _when(s: dict[str, Any]) -> str:
@@ -1237,7 +1234,7 @@ def schedules_show(schedule_id: ScheduleId, json_out: JsonOpt = False) -> None:
         for r in s["history"]:
             task = f"task {r['task_id']}" if r["task_id"] else "no task"
             missed = f"  ({r['missed']} missed)" if r["missed"] else ""
-            emit(f"  due {_local(r['due_at']):<24}  {r['outcome']:<9}  {task}{missed}")
+            emit(f"  due {human.local_day(r['due_at']):<24}  {r['outcome']:<9}  {task}{missed}")
 
 
 @schedules_app.command("pause")
@@ -1267,9 +1264,10 @@ def _schedule_action(tool: str, schedule_id: str, json_out: bool) -> None:
     if json_out:
         emit_json(s)
     elif s.get("deleted"):
-        emit(f"schedule {s['id']} deleted (the {s['runs']} task(s) it ran stay)")
+        ran = human.count(s["runs"], "task", "tasks")
+        emit(f"schedule {s['id']} deleted ({ran} it ran kept)")
     elif s["state"] == "active":
-        emit(f"schedule {s['id']} active, next run {_local(s['next_run'])}")
+        emit(f"schedule {s['id']} active, next run {human.local_day(s['next_run'])}")
     else:
         emit(f"schedule {s['id']} {s['state']}")
 
@@ -1377,11 +1375,11 @@ def _model_details(r: dict[str, Any]) -> list[str]:
     if r["vram_bytes"]:
         lines.append(f"{r['vram_bytes'] / 2**20:.0f} MiB of it in VRAM")
     events = [
-        f"{r[key]} {label}"
-        for key, label in (
-            ("reloads", "reload(s)"),
-            ("unexpected_loads", "unexpected backend reload(s)"),
-            ("evictions", "eviction(s)"),
+        human.count(r[key], one, f"{one}s")
+        for key, one in (
+            ("reloads", "reload"),
+            ("unexpected_loads", "unexpected backend reload"),
+            ("evictions", "eviction"),
         )
         if r[key]
     ]

@@ -13,6 +13,8 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from tale_client.human import clock, count
+
 __all__ = ["render"]
 
 # Days listed in the by-day table; --json has them all.
@@ -25,11 +27,6 @@ def _n(value: Any) -> str:
 
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:g} %"
-
-
-def _count(value: Any, one: str, many: str) -> str:
-    """``value`` and the noun that goes with it: "1 task", "5 retries"."""
-    return f"{_n(value)} {one if value == 1 else many}"
 
 
 # The lines under a section's heading are indented this much, wrapped lines too.
@@ -78,7 +75,7 @@ def _period(report: dict[str, Any]) -> str:
     if report.get("days") is None:
         return "all history"
     since = str(report.get("since") or "")[:10]
-    return f"the last {_count(report['days'], 'day', 'days')}, since {since}"
+    return f"the last {count(report['days'], 'day', 'days')}, since {since}"
 
 
 def render(report: dict[str, Any]) -> list[Any]:
@@ -194,7 +191,7 @@ def _prediction(report: dict[str, Any]) -> list[Any]:
         Text("Budget prediction", style="bold"),
         _indented(
             f"error (MAPE) {_pct(p['mape_pct'])} over "
-            f"{_count(p['predicted'], 'predicted task', 'predicted tasks')} of "
+            f"{count(p['predicted'], 'predicted task', 'predicted tasks')} of "
             f"{_n(p['outcomes'])}; complexity as predicted for {_pct(p['classified_right_pct'])}"
         ),
     ]
@@ -204,9 +201,9 @@ def _prediction(report: dict[str, Any]) -> list[Any]:
         # Cuts at the learned budget (continued up to the ceiling), not at max_tokens.
         _indented(
             f"answers cut at their learned budget: {_n(t['truncated'])} of "
-            f"{_count(t['tasks'], 'task', 'tasks')} ({_pct(t['rate_pct'])}), "
-            f"{_count(t['truncations'], 'truncation', 'truncations')}, "
-            f"{_count(t['retries'], 'retry', 'retries')}"
+            f"{count(t['tasks'], 'task', 'tasks')} ({_pct(t['rate_pct'])}), "
+            f"{count(t['truncations'], 'truncation', 'truncations')}, "
+            f"{count(t['retries'], 'retry', 'retries')}"
         )
     )
     return lines
@@ -273,24 +270,20 @@ def _savings(s: dict[str, Any]) -> list[Any]:
     return out
 
 
-def _when(iso: str) -> str:
-    return iso[:19].replace("T", " ")
-
-
 def _violations(v: dict[str, Any]) -> list[Any]:
     if not v["counts"]:
         return [Text("Performance targets: no recorded violations.")]
-    table = _table("Recorded target violations", "metric", "times", "worst", "target", "last (UTC)")
+    table = _table("Recorded target violations", "metric", "times", "worst", "target", "last")
     for r in v["counts"]:
         table.add_row(
             r["name"],
             _n(r["occurrences"]),
             f"{r['worst']:g}",
             f"{r['target']:g}",
-            _when(r["last_at"]),
+            clock(r["last_at"]),
         )
-    recent = _table("Most recent violations", "at (UTC)", "metric", "value")
+    recent = _table("Most recent violations", "at", "metric", "value")
     recent.add_column("context", justify="left")
     for r in v["recent"]:
-        recent.add_row(_when(r["at"]), r["name"], f"{r['value']:g}", r["context"])
+        recent.add_row(clock(r["at"]), r["name"], f"{r['value']:g}", r["context"])
     return [table, recent]

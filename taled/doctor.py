@@ -52,6 +52,7 @@ import anyio.to_thread
 from taled import paths
 from taled.checkpoints.repo import CheckpointStore, RefDamage
 from taled.errors import CheckpointDamaged, DaemonError, StoreDamaged, TaleError
+from taled.text import count
 
 __all__ = [
     "BACKUP_GLOB",
@@ -244,7 +245,11 @@ async def check_checkpoints_on_start(checkpoints: CheckpointStore) -> None:
     if not damaged:
         return
     first = damaged[0]
-    more = f" (and {len(damaged) - 1} more damaged ref(s))" if len(damaged) > 1 else ""
+    more = (
+        f" (and {count(len(damaged) - 1, 'more damaged ref', 'more damaged refs')})"
+        if len(damaged) > 1
+        else ""
+    )
     raise CheckpointDamaged(
         f"the checkpoint repository {checkpoints.path} is damaged: ref {first.ref} "
         f"{first.problem}{more}; {DOCTOR_HINT}"
@@ -559,8 +564,8 @@ async def _check_checkpoints(
     try:
         damaged = await store.verify(deep=True)
         if not damaged:
-            count = len(await store.task_ids())
-            report.checked.append(f"checkpoints  {repo}: {count} task ref(s) ok")
+            refs = count(len(await store.task_ids()), "task ref", "task refs")
+            report.checked.append(f"checkpoints  {repo}: {refs} ok")
         for damage in damaged:
             problem = Problem(
                 Kind.CHECKPOINTS,
@@ -602,15 +607,17 @@ def _render(report: Report, repair: bool) -> str:
         else:
             lines.append(f"  repair     {p.repair}")
     left = [p for p in report.problems if p.repaired is None]
+    problems = count(len(left), "problem", "problems")
     if not report.problems:
         lines.append("healthy")
     elif not left:
-        lines.append(f"repaired {len(report.problems)} problem(s); taled can start")
+        repaired = count(len(report.problems), "problem", "problems")
+        lines.append(f"repaired {repaired}; taled can start")
     elif repair:
-        lines.append(f"{len(left)} problem(s) not repaired; see above")
+        lines.append(f"{problems} not repaired; see above")
     else:
         stop = " (stop the daemon first: tale daemon stop)" if report.daemon_pid else ""
-        lines.append(f"{len(left)} problem(s); repair with: tale doctor --repair{stop}")
+        lines.append(f"{problems}; repair with: tale doctor --repair{stop}")
     return "\n".join(lines)
 
 

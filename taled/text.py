@@ -1,10 +1,10 @@
-"""Checking text that people send (task texts, chat messages)."""
+"""Text people send (task texts, chat messages) checked, and counts said as words."""
 
 from __future__ import annotations
 
 from taled.errors import InvalidInput
 
-__all__ = ["clean_text", "one_line", "word_set"]
+__all__ = ["clean_text", "count", "one_line", "word_set"]
 
 
 def clean_text(text: str, *, what: str, limit: int, empty_hint: str, too_long_hint: str) -> str:
@@ -29,3 +29,8 @@ def one_line(text: str, limit: int) -> str:
     an ellipsis: how a conversation is titled after its first message."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+def count(value: int, one: str, many: str) -> str:
+    """``value`` and the noun that goes with it: "1 problem", "3 task refs"."""
+    return f"{value} {one if value == 1 else many}"

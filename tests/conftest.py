@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Daemon, Home, running_daemon
+from tests.harness import LOCAL_ZONE, Daemon, Home, in_zone, running_daemon
 
 
 @pytest.fixture
@@ -58,3 +58,10 @@ def login_runtime_dir() -> Iterator[Path]:
             path.rmdir()
         if made_root:
             root.rmdir()
+
+
+@pytest.fixture
+def local_zone() -> Iterator[None]:
+    """Local time is India's (UTC+05:30, abbreviated IST) for the test."""
+    with in_zone(LOCAL_ZONE):
+        yield

@@ -18,8 +18,10 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from tale_client.rpc import Connection, DaemonUnreachable
 
@@ -225,3 +227,34 @@ def git(cwd: Path, *args: str, check: bool = True) -> str:
     if check:
         assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
     return done.stdout
+
+
+# A zone half an hour off UTC, without summer time: a time shown in UTC, or converted by
+# whole hours, cannot pass for it.
+LOCAL_ZONE = "Asia/Kolkata"
+
+
+@contextlib.contextmanager
+def in_zone(name: str) -> Iterator[None]:
+    """This process's local time zone is ``name`` inside the block."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = name
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def local_clock(stamp: str, zone: str | None = None) -> str:
+    """What the CLI should print for a daemon time: the time of day in ``zone`` (this
+    process's own when None), dated when it is not today there. Worked out here with
+    zoneinfo, apart from the client's code, so a test can hold the client to it."""
+    tz = ZoneInfo(zone) if zone else None
+    at = datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(tz)
+    today = datetime.now(tz).astimezone(tz).date()
+    return f"{at:%H:%M:%S}" if at.date() == today else f"{at:%Y-%m-%d %H:%M:%S}"

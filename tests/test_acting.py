@@ -187,6 +187,7 @@ def test_diff_shows_the_change_and_apply_brings_it_back(
     assert "-a draft note" in diff.stdout and "+a final note" in diff.stdout
     applied = home.tale("apply", task["id"])
     assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines()[-1] == f"applied 2 changes to {project}"
     assert (project / "hello.txt").read_text() == "hello\n"
     assert (project / "notes.md").read_text() == "a final note\n"
     assert (project / "keep.txt").read_text() == "untouched\n"

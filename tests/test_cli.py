@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
-from tests.harness import Daemon, Home
+from tests.harness import LOCAL_ZONE, Daemon, Home, local_clock
 
 
 def test_version_prints_the_version(home: Home) -> None:
@@ -113,6 +115,26 @@ def test_a_task_is_named_by_a_unique_prefix_of_its_id(daemon: Daemon) -> None:
     missing = daemon.home.tale("status", unknown)
     assert missing.returncode == 2, missing.stderr
     assert f"no task id starts with {unknown}" in missing.stderr
+
+
+def test_status_prints_its_times_in_local_time(daemon: Daemon) -> None:
+    """`tale status ID` says when the task was made (date, time, zone) and when each
+    transition happened in this machine's local time, as `tale schedules` does; --json
+    keeps the daemon's UTC."""
+    task_id = daemon.call("submit_task", text="Say hi", priority=1)["id"]
+    daemon.call("pause_task", id=task_id)
+    daemon.home.env["TZ"] = LOCAL_ZONE
+    proc = daemon.home.tale("status", task_id)
+    assert proc.returncode == 0, proc.stderr
+    task = json.loads(daemon.home.tale("status", task_id, "--json").stdout)
+    assert task["created_at"].endswith("Z")
+    created = datetime.fromisoformat(task["created_at"].replace("Z", "+00:00"))
+    made = created.astimezone(ZoneInfo(LOCAL_ZONE))
+    assert f"created   {made:%Y-%m-%d %H:%M:%S} IST\n" in proc.stdout
+    history = proc.stdout.split("history\n", 1)[1].splitlines()
+    for line, t in zip(history, task["transitions"], strict=False):
+        shown = local_clock(t["at"], LOCAL_ZONE)
+        assert line.startswith(f"  {shown} ") and f"→ {t['to']}" in line, line
 
 
 def test_status_without_id_summarises(daemon: Daemon) -> None:

@@ -296,9 +296,13 @@ def test_doctor_repair_rebuilds_a_damaged_full_text_index(copy: Home) -> None:
     code, report = _doctor(copy)
     assert code == 1
     assert [p["kind"] for p in report["problems"]] == ["full_text_index"]  # type: ignore[union-attr]
+    said = copy.tale("doctor").stdout.splitlines()
+    assert said[-1] == "1 problem; repair with: tale doctor --repair", said
+    assert any(line.endswith(" task refs ok") for line in said), said
 
-    code, report = _doctor(copy, "--repair")
-    assert code == 0, report
+    repaired = copy.tale("doctor", "--repair")
+    assert repaired.returncode == 0, repaired
+    assert repaired.stdout.splitlines()[-1] == "repaired 1 problem; taled can start"
     assert _fts_ok(_db(copy))
     with sqlite3.connect(_db(copy)) as conn:
         found = conn.execute("SELECT count(*) FROM task_memory WHERE task_memory MATCH 'hello'")

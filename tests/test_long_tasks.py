@@ -18,7 +18,7 @@ from datetime import datetime
 import pytest
 
 from taled.checkpoints.repo import CheckpointKind, CheckpointStore
-from tests.harness import Daemon, running_daemon
+from tests.harness import Daemon, local_clock, running_daemon
 
 # Three independent deliverables: the plan is a DAG with a parallel layer and a
 # step that combines them. The planner builds it from the text (plan_attempts=0),
@@ -153,7 +153,10 @@ def test_every_step_is_checkpointed_and_tale_checkpoints_lists_them(
     # Written while the daemon runs, the repository is valid git all along.
     _git(planner_daemon, "fsck", "--strict")
     table = planner_daemon.home.tale("checkpoints", task_id)
-    assert table.stdout.splitlines()[0].split() == ["COMMIT", "TIME", "STEP", "KIND", "MESSAGE"]
+    header, newest = table.stdout.splitlines()[:2]
+    assert header.split() == ["COMMIT", "TIME", "STEP", "KIND", "MESSAGE"]
+    shown = local_clock(listed[0]["at"])
+    assert newest.startswith(f"{listed[0]['commit'][:12]}  {shown}  "), newest
     kinds = [c["kind"] for c in reversed(listed)]
     assert kinds[0] == "start" and kinds[1] == "plan" and kinds[-1] == "done"
     assert "step-done" in kinds

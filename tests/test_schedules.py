@@ -455,10 +455,12 @@ def test_runs_missed_while_down_run_once_at_start_and_are_recorded(tmp_path: Pat
         s = await rig.schedules.create(_request(rig.queue, every="hourly"))
         restarted = rig.restart(5 * 3600 + 60)
         tick = await restarted.tick()
-        return s, tick, await restarted.records.get(s.id), await rig.task_rows()
+        task = await rig.store.get_task(tick.runs[0].task_id or "")
+        return s, tick, await restarted.records.get(s.id), await rig.task_rows(), task
 
-    s, tick, after, rows = _run(tmp_path, body)
+    s, tick, after, rows, task = _run(tmp_path, body)
     assert [(r.outcome, r.missed) for r in tick.runs] == [(RunOutcome.CAUGHT_UP, 5)]
+    assert "missed 5 runs while the daemon was down" in task.transitions[0].reason
     assert rows == [(tick.runs[0].task_id, s.id)]
     assert (after.runs, after.missed_runs) == (1, 5)
     assert _local(after.next_run or 0) == "2026-12-05 16:00 CET"

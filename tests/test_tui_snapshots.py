@@ -11,8 +11,6 @@ Update after an intended change of layout with::
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from tale_client.tui.model import (
     TaskDiff,
 )
 from tale_client.tui.screens import ApprovalScreen, TaskScreen
+from tests.harness import in_zone
 
 SIZE = (140, 40)
 SOCKET = Path("/run/user/1000/tale/taled.sock")
@@ -45,15 +44,8 @@ SnapCompare = Callable[..., bool]
 @pytest.fixture(autouse=True)
 def utc() -> Iterator[None]:
     """Local time is UTC while a snapshot renders."""
-    before = os.environ.get("TZ")
-    os.environ["TZ"] = "UTC"
-    time.tzset()
-    yield
-    if before is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = before
-    time.tzset()
+    with in_zone("UTC"):
+        yield
 
 
 def _transitions(*steps: tuple[str | None, str, str, str]) -> list[dict[str, Any]]:

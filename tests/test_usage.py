@@ -321,13 +321,14 @@ def test_status_violations_are_one_row_per_interval_counting_occurrences(home: H
     assert sum(json.loads(r[4])["occurrences"] for r in rows) == 6
 
 
-def test_a_violations_context_reads_as_a_person_would_say_it() -> None:
-    """ "get_task, once since 04:58:21 UTC", not "1 time(s) since 2026-...T04:58:21+00:00"."""
+def test_a_violations_context_reads_as_a_person_would_say_it(local_zone: None) -> None:
+    """ "get_task, once since 10:28:21 IST" (local time, as `tale usage` prints the rest),
+    not "1 time(s) since 2026-...T04:58:21+00:00"."""
     since = "2026-12-06T04:58:21+00:00"
     one = {"tool": "get_task", "occurrences": 1, "since": since}
-    assert describe("status_ms", one) == "get_task, once since 04:58:21 UTC"
+    assert describe("status_ms", one) == "get_task, once since 10:28:21 IST"
     six = {"tool": "get_task", "occurrences": 6, "since": since}
-    assert describe("status_ms", six) == "get_task, 6 times since 04:58:21 UTC"
+    assert describe("status_ms", six) == "get_task, 6 times since 10:28:21 IST"
     assert describe("status_ms", {"tool": "get_task"}) == "get_task, once"
 
 

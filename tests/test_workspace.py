@@ -518,6 +518,7 @@ def test_apply_refuses_when_the_user_changed_a_file(
     with pytest.raises(Conflict, match=r"README\.md \(changed since the copy\)") as raised:
         apply_tree(objects, base, new, source, [])
     assert raised.value.paths == ("README.md",)
+    assert raised.value.message.startswith(f"1 path in {source} changed since the task copied")
     assert "nothing was applied" in raised.value.message
     assert tree_of(source) == before
 

@@ -8,11 +8,12 @@ ignored. Screens render from these objects, so tests can feed them fixed data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from tale_client import protocol
+from tale_client.human import parse
 from tale_client.sanitize import printable, printable_doc
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "UsageRow",
     "Violation",
     "board_column",
-    "parse_time",
 ]
 
 FINAL_STATES = frozenset(protocol.FINAL_STATES)
@@ -64,17 +64,6 @@ def board_column(state: str) -> str:
         if state in states:
             return column
     return "failed"
-
-
-def parse_time(stamp: str | None) -> datetime | None:
-    """An ISO time from the daemon (``...Z``) as an aware datetime, or None."""
-    if not stamp:
-        return None
-    try:
-        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # Every string the screens show passes through these two: a model's answer must not
@@ -337,7 +326,7 @@ class Task:
 
     def took_seconds(self) -> float | None:
         """From creation to the last update (the whole run, for a finished task)."""
-        start, end = parse_time(self.created_at), parse_time(self.updated_at)
+        start, end = parse(self.created_at), parse(self.updated_at)
         if start is None or end is None:
             return None
         return (end - start).total_seconds()
@@ -641,11 +630,11 @@ class Metrics:
         """Total tokens per minute over the window, oldest first, 0 for quiet minutes."""
         totals: dict[datetime, int] = {}
         for p in self.tokens_per_minute:
-            minute = parse_time(p.minute)
+            minute = parse(p.minute)
             if minute is not None:
                 minute = minute.replace(second=0, microsecond=0)
                 totals[minute] = totals.get(minute, 0) + p.tokens
-        end = parse_time(self.at) or max(totals, default=None)
+        end = parse(self.at) or max(totals, default=None)
         if end is None:
             return []
         end = end.replace(second=0, microsecond=0)

@@ -59,6 +59,7 @@ from taled.errors import (
     Unavailable,
     is_no_space,
 )
+from taled.text import count
 
 __all__ = ["Checkpoint", "CheckpointKind", "CheckpointStore", "GcReport", "RefDamage"]
 
@@ -655,7 +656,8 @@ class CheckpointStore:
         if unreadable:
             more = " ..." if len(unreadable) > 5 else ""
             faults.append(
-                f"has checkpoint(s) whose state is missing or unreadable: "
+                f"has {'a checkpoint' if len(unreadable) == 1 else 'checkpoints'} whose state "
+                "is missing or unreadable: "
                 f"{', '.join(unreadable[:5])}{more}"
             )
         if not faults:
@@ -686,7 +688,7 @@ class CheckpointStore:
         self._retry_locked(lambda: refs.set_if_equals(name, None, target))
         return (
             f"held {damage.held}; moved it to {_hex(target)}, keeping "
-            f"{len(keep)} readable checkpoint(s)"
+            f"{count(len(keep), 'readable checkpoint', 'readable checkpoints')}"
         )
 
     def _walk_ids(self, head: ObjectID) -> Iterator[ObjectID]:

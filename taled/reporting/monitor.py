@@ -58,12 +58,13 @@ def describe(metric: str, context: dict[str, Any]) -> str:
 
 
 def _since(stamp: object) -> str:
-    """An interval's start as words to append: since HH:MM:SS UTC (the row's own time
-    gives the day); nothing without one."""
+    """An interval's start as words to append: since HH:MM:SS in this machine's zone,
+    the one `tale usage` prints the row's own time in (that time gives the day); nothing
+    without one."""
     if not isinstance(stamp, str):
         return ""
     try:
-        return f" since {datetime.fromisoformat(stamp).astimezone(UTC):%H:%M:%S} UTC"
+        return f" since {datetime.fromisoformat(stamp).astimezone():%H:%M:%S %Z}"
     except ValueError:
         return f" since {stamp}"  # written by another version: shown as it is
 

@@ -47,6 +47,7 @@ from taled.schedules.timing import (
 )
 from taled.settings import ScheduleSettings
 from taled.tasks.queue import TaskQueue
+from taled.text import count
 
 __all__ = ["ScheduleRequest", "Schedules", "Tick", "describe"]
 
@@ -291,16 +292,18 @@ class Schedules:
         if not missed:
             reason = f"scheduled: {what}, due {when}"
             if later:
-                reason += f"; {later} later due time(s) passed before it ran and get no run"
+                passed = count(later, "later due time", "later due times")
+                reason += f"; {passed} passed before it ran and get no run"
             return Firing(schedule.id, due, RunOutcome.RAN, later, next_run, reason)
-        count = 1 + later
+        missed_runs = 1 + later
         if schedule.missed_policy == MissedPolicy.SKIP:
-            return Firing(schedule.id, due, RunOutcome.SKIPPED, count, next_run, "")
+            return Firing(schedule.id, due, RunOutcome.SKIPPED, missed_runs, next_run, "")
         reason = (
-            f"scheduled: {what} missed {count} run(s) while the daemon was down (first due "
+            f"scheduled: {what} missed {count(missed_runs, 'run', 'runs')} while the daemon was "
+            "down (first due "
             f"{when}); this one run stands for them (missed policy run_once)"
         )
-        return Firing(schedule.id, due, RunOutcome.CAUGHT_UP, count, next_run, reason)
+        return Firing(schedule.id, due, RunOutcome.CAUGHT_UP, missed_runs, next_run, reason)
 
     def _log_run(self, schedule: Schedule, run: ScheduleRun) -> None:
         zone = zone_or_utc(schedule.timezone)

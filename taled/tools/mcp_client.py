@@ -161,9 +161,15 @@ class McpServers:
         """Close every session and end every server's processes (no orphans)."""
         await asyncio.gather(*(s.stop() for s in self._servers.values()))
 
-    def tools(self) -> list[ToolSpec]:
-        """The tools of every server that is up, named ``NAME.tool``."""
-        return [spec for s in self._servers.values() if s.is_up for spec in s.tools]
+    def tools(self, server: str | None = None) -> list[ToolSpec]:
+        """The tools of every server that is up (or only of the one named), named
+        ``NAME.tool``."""
+        return [
+            spec
+            for name, s in self._servers.items()
+            if s.is_up and server in (None, name)
+            for spec in s.tools
+        ]
 
     def server_of(self, tool_name: str) -> str | None:
         """The configured server a ``NAME.tool`` name belongs to, or None."""

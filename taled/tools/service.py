@@ -402,7 +402,6 @@ class Acting:
         if self.mcp is not None:
             # Each server's tools under the names a rule takes ("NAME.tool"), with the
             # rule that decides them now.
-            offered = self.mcp.tools()
             for status in self.mcp.status():
                 tools = [
                     {
@@ -410,8 +409,7 @@ class Acting:
                         "description": t.description,
                         "policy": policy.decide(ToolCall("", t.name), status.name).decision,
                     }
-                    for t in offered
-                    if self.mcp.server_of(t.name) == status.name
+                    for t in self.mcp.tools(status.name)
                 ]
                 servers.append({**status.as_json(), "offered": tools})
         return {"builtin": builtins, "servers": servers, "rules": await self.records.rules()}

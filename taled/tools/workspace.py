@@ -48,6 +48,7 @@ from dulwich.diff_tree import TreeChange, tree_changes
 from dulwich.objects import Blob, ObjectID, Tree
 
 from taled.errors import Conflict, DiskFull, InvalidInput, TaleError, is_no_space
+from taled.text import count
 
 if TYPE_CHECKING:
     from dulwich.object_store import BaseObjectStore
@@ -689,7 +690,8 @@ def apply_tree(
         if len(conflicts) > _CONFLICTS_SHOWN:
             shown.append(f"  ... and {len(conflicts) - _CONFLICTS_SHOWN} more")
         raise Conflict(
-            f"{len(conflicts)} path(s) in {target} changed since the task copied it; "
+            f"{count(len(conflicts), 'path', 'paths')} in {target} changed since the task "
+            "copied it; "
             "nothing was applied:\n" + "\n".join(shown),
             tuple(path for path, _ in conflicts),
         )

@@ -16,11 +16,11 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Markdown, OptionList, Static
 from textual.widgets.option_list import Option
 
+from tale_client.human import clock
 from tale_client.tui.api import Api
 from tale_client.tui.client import DaemonUnreachable, RpcError
 from tale_client.tui.model import ChatReply, Conversation, ConversationInfo, Task, TaskRef
 from tale_client.tui.screens._base import TaleScreen
-from tale_client.tui.screens.task import clock
 from tale_client.tui.widgets.messages import AssistantMessage, TaskMarker, UserMessage
 from tale_client.tui.widgets.task_card import short_text
 

@@ -18,9 +18,10 @@ from textual.containers import Horizontal, ScrollableContainer, Vertical, Vertic
 from textual.widgets import DataTable, Footer, Markdown, Static, TabbedContent, TabPane, Tree
 from textual.widgets.tree import TreeNode
 
+from tale_client.human import clock
 from tale_client.tui.api import Api
 from tale_client.tui.messages import OpenTask
-from tale_client.tui.model import Checkpoint, Task, TaskDiff, ToolCall, parse_time
+from tale_client.tui.model import Checkpoint, Task, TaskDiff, ToolCall
 from tale_client.tui.screens._base import TaleScreen
 from tale_client.tui.screens.approval import ask_person
 from tale_client.tui.screens.board import PRIORITY_STEP
@@ -42,14 +43,6 @@ STATE_ICONS = {
 REFRESH_SECONDS = 1.0
 # The tabs only an acting task has.
 _ACTING_TABS = ("tab-tools", "tab-diff")
-
-
-def clock(stamp: str) -> str:
-    """A daemon time as local ``HH:MM:SS`` (the date too when it is not today)."""
-    moment = parse_time(stamp)
-    if moment is None:
-        return stamp or "-"
-    return moment.astimezone().strftime("%H:%M:%S")
 
 
 def _keys(task: Task) -> tuple[bool, bool]:
