@@ -614,3 +614,32 @@ def test_the_checkpoint_repository_stays_consistent(
         env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"},
     )
     assert fsck.returncode == 0, fsck.stderr
+
+
+def test_an_acting_task_stays_on_the_task_model_while_simple_tasks_explore_ux(
+    project: Path,
+) -> None:
+    """With every simple task sent to ux (explore_rate 1), an acting task that looks as
+    simple still runs on the task model: ux's record is of answers, not of tool loops,
+    and a person's chat replies need the ux model."""
+    home = Home({"TALE_LEARNING__EXPLORE_RATE": "1"})
+    try:
+        with scripted_server(SCRIPT) as server:
+            home.env["TALE_MODELS__TASK"] = server.spec
+            daemon = Daemon(home).start()
+            try:
+                answer = daemon.call("submit_task", text="Say hi")
+                acting = daemon.call(
+                    "submit_task",
+                    text="[[script:classified]] make hi.txt",
+                    workspace=str(project),
+                )
+                answered = daemon.wait_for(answer["id"])
+                acted = daemon.wait_for(acting["id"])
+            finally:
+                daemon.kill_if_running()
+    finally:
+        home.cleanup()
+    assert (answered["estimate"]["level"], answered["estimate"]["role"]) == ("simple", "ux")
+    assert acted["estimate"]["level"] == "simple"
+    assert (acted["state"], acted["estimate"]["role"]) == ("completed", "task"), acted

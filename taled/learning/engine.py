@@ -206,8 +206,12 @@ class LearningEngine:
 
     # -- assessing -----------------------------------------------------------
 
-    async def assess(self, task: TaskRecord) -> Assessment:
-        """Classify a new top-level task and predict its tokens, route and thinking."""
+    async def assess(self, task: TaskRecord, *, acts: bool = False) -> Assessment:
+        """Classify a new top-level task and predict its tokens, route and thinking.
+
+        ``acts``: the task runs the agent loop. It stays on the task model whatever its
+        text looks like: ux's record is of answers, not of tool loops, and an acting task
+        on ux would hold the model a person's chat replies need."""
         feats = planner.features(task.text)
         estimate = self._classifier.predict(task.text, feats)
         choice = self._selector.choose(task.text, estimate.level, _spec_key(self._models.ux))
@@ -216,7 +220,10 @@ class LearningEngine:
             reason = "per-task model override"
         elif not self.enabled:
             reason = "learning disabled: tasks run on the task model"
-        role: Role = choice.role if task.model is None and self.enabled else "task"
+        elif acts:
+            reason = "acting tasks run on the task model"
+        routed = task.model is None and self.enabled and not acts
+        role: Role = choice.role if routed else "task"
         spec = task.model or (self._models.ux if role == "ux" else self._models.task)
         key = _spec_key(spec)
         found = await self._memory.lookup(task.text, self.settings.neighbours)

@@ -757,7 +757,7 @@ class Runner:
             return None
         assessment = ws.estimate
         if assessment is None:
-            assessment = await self._learning.assess(task)
+            assessment = await self._learning.assess(task, acts=self._acts(task))
             # Saved with the task's next checkpoint (its "start" one for a new task).
             ws.estimate = assessment
         self._learning.remember(task.id, assessment)
