@@ -410,6 +410,13 @@ def _iso(at: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
+def _local(iso: str) -> str:
+    """A UTC time of ours as a person reads it, in this machine's zone (as the CLI
+    prints times): ``2026-12-05 00:08:54 CET``."""
+    at = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(at))
+
+
 def _taken_at(path: Path, fallback: float) -> str:
     """When a backup was taken: its name says (its mtime is the database's then)."""
     # tale-20261204T230854.123Z (or, before milliseconds, tale-20261204T230854Z)
@@ -471,7 +478,7 @@ async def diagnose(data: Path, *, repair: bool, daemon_pid: int | None) -> Repor
     good = next((b for b in report.backups if b["ok"]), None)
     report.checked.append(
         f"backups      {saved}: {len(report.backups)}"
-        + (f", newest good one taken {good['taken_at']}" if good else ", none good")
+        + (f", newest good one taken {_local(good['taken_at'])}" if good else ", none good")
     )
 
     db_ok = await _check_database(report, db, saved, good, read_only=read_only, repair=repair)
@@ -506,7 +513,7 @@ async def _check_database(
     if good is not None:
         fix = (
             f"move it aside and restore the newest good backup, {good['path']} "
-            f"(taken {good['taken_at']}; changes made after it are lost)"
+            f"(taken {_local(good['taken_at'])}; changes made after it are lost)"
         )
     else:
         fix = (

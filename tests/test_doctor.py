@@ -15,14 +15,16 @@ import sqlite3
 import stat
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from dulwich.repo import Repo
 
 from taled.__main__ import EXIT_STARTUP
 from taled.doctor import is_damage, sqlite_code, take_backup
-from tests.harness import Daemon, Home
+from tests.harness import LOCAL_ZONE, Daemon, Home
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +247,18 @@ def test_doctor_finds_a_healthy_home_healthy(copy: Home) -> None:
     assert code == 0, report
     assert report["healthy"] is True and report["problems"] == []
     assert report["daemon_pid"] is None
+
+
+def test_doctor_says_when_the_backup_was_taken_in_local_time(copy: Home) -> None:
+    """The text names the newest good backup's time in this machine's zone, as the CLI
+    prints every time; --json keeps it in UTC."""
+    _code, report = _doctor(copy)
+    newest = report["backups"][0]  # type: ignore[index]
+    taken = datetime.fromisoformat(newest["taken_at"].replace("Z", "+00:00"))
+    copy.env["TZ"] = LOCAL_ZONE
+    said = copy.tale("doctor").stdout
+    local = taken.astimezone(ZoneInfo(LOCAL_ZONE))
+    assert f"newest good one taken {local:%Y-%m-%d %H:%M:%S} IST\n" in said, said
 
 
 def test_doctor_checks_while_the_daemon_runs(copy: Home) -> None:
