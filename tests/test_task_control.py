@@ -48,12 +48,17 @@ def test_pausing_a_running_task_stops_its_model_call_and_resume_runs_it_again(
     one_worker: Daemon,
 ) -> None:
     """A running task paused mid-answer stops generating; resumed, it answers from the start."""
+    # One task done first: the model's speed is known, so a running task has an ETA.
+    one_worker.wait_for(one_worker.call("submit_task", text="Say yes")["id"])
     task_id = one_worker.call("submit_task", text=LONG)["id"]
     one_worker.wait_for(task_id, ("running",))
     time.sleep(0.3)
     paused = json.loads(one_worker.home.tale("pause", task_id, "--json").stdout)
     assert paused["state"] == "paused"
     assert "continued on resume" in paused["transitions"][-1]["reason"]
+    # Where it got to is shown, but no ETA: a paused task is not counting down.
+    shown = one_worker.home.tale("status", task_id).stdout
+    assert "progress  step 1/1 · answering" in shown and "ETA" not in shown, shown
     # The worker is free at once: another task runs while this one is paused.
     other = one_worker.call("submit_task", text="Say yes", priority=100)["id"]
     assert one_worker.wait_for(other, timeout=60)["state"] == "completed"

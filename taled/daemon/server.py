@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -363,8 +363,18 @@ class PurgeTasksArgs(_Args):
     dry_run: bool = Field(default=False, description="Only list the tasks that would be forgotten.")
 
 
+def shown_progress(task: TaskRecord, progress: Progress | None) -> Progress | None:
+    """A task's progress as it is shown: no ETA while the task is paused or back in
+    the queue, where nothing counts down. (A task waiting for its subtasks keeps it:
+    they are its steps.)"""
+    if progress is None or task.state not in (TaskState.PAUSED, TaskState.QUEUED):
+        return progress
+    return replace(progress, eta_seconds=None)
+
+
 def task_to_json(task: TaskRecord, progress: Progress | None = None) -> dict[str, Any]:
     """The wire form of a task (the CLI's --json contract)."""
+    progress = shown_progress(task, progress)
     return {
         "id": task.id,
         "parent_id": task.parent_id,
@@ -765,7 +775,7 @@ class _Tools:
         sent = time.monotonic()
         while True:
             task = await self.s.store.get_task(task_id)
-            progress = self.s.progress.get(task.id)
+            progress = shown_progress(task, self.s.progress.get(task.id))
             if progress is not None and task.state not in FINAL_STATES:
                 line = f"{task.state} · {progress.line()}"
                 step, total = float(progress.step), float(progress.steps)
