@@ -201,6 +201,10 @@ def _ledger(db: Path, task_id: str) -> tuple[float, int, int]:
     return float(row[0]), int(row[1]), int(row[2])
 
 
+def _one_line(text: str, limit: int = 160) -> str:
+    return " ".join(text.split())[:limit]
+
+
 def run(model: str, limit: int | None, out: Path, max_steps: int, max_tokens: int) -> None:
     items = workload()[:limit] if limit else workload()
     home = Home({"TALE_RUNNER__TEMPERATURE": "0"})
@@ -244,6 +248,8 @@ def run(model: str, limit: int | None, out: Path, max_steps: int, max_tokens: in
                             "why": why,
                             "tool_calls": len(calls),
                             "tools": [c["tool"] for c in calls],
+                            # What each call did or why it failed: how a model goes wrong.
+                            "details": [_one_line(c.get("detail") or "") for c in calls],
                             "turns": turns,
                             "tokens": tokens,
                             "wall_ms": round(wall_ms, 1),
