@@ -57,6 +57,7 @@ SCRIPT: dict[str, Any] = {
     ],
     "loop": [_call("read_file", path=f"missing-{i}.txt") for i in range(50)],
     "repeat": [_call("list_files", path=".")] * 50,
+    "repeat-missing": [_call("read_file", path="missing.txt")] * 50,
     "slow": [
         _call("run", command=f"echo start >> log.txt; {SLEEP}; echo end >> log.txt"),
         _finish("after the interruption"),
@@ -355,6 +356,22 @@ def test_a_model_that_repeats_the_same_call_is_told_then_stopped(
     assert (
         "You made exactly this call just before" in _tool_messages(server, "[[script:repeat]]")[1]
     )
+
+
+def test_a_repeated_failing_call_shows_a_person_the_tools_own_error(
+    acting: tuple[Daemon, ScriptedServer, Home],
+) -> None:
+    """The model is told it repeats itself; `tale status` shows each call's own error,
+    not that nudge (it is for the model)."""
+    daemon, server, home = acting
+    task = daemon.call("submit_task", text="[[script:repeat-missing]] read it", act=True)
+    done = daemon.wait_for(task["id"])
+    assert "You made exactly this call" in _tool_messages(server, "[[script:repeat-missing]]")[1]
+    details = [c["detail"] for c in done["tool_calls"]]
+    assert len(details) == 2 and all("missing.txt" in d for d in details), details
+    assert not any("You made" in d for d in details), details
+    shown = home.tale("status", task["id"]).stdout
+    assert "You made" not in shown, shown
 
 
 def test_ask_user_waits_for_an_answer_that_reaches_the_model(

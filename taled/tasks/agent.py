@@ -429,7 +429,9 @@ class AgentLoop:
                 digest=arguments_digest(call.arguments),
                 outcome=outcome,
                 duration_ms=step.duration_ms,
-                detail=step.result[:200] if step.is_error else None,
+                # A person reads the tool's own result, not the nudge the loop put in
+                # front of it for the model.
+                detail=step.result.removeprefix(_REPEATED)[:200] if step.is_error else None,
             )
         )
 
