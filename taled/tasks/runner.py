@@ -59,7 +59,7 @@ from taled.tasks.planning.needs_tools import needs_tools
 from taled.tasks.progress import ProgressHub
 from taled.tasks.queue import TaskQueue
 from taled.tasks.workstate import AgentState, Attempt, AttemptKey, Partial, WorkState
-from taled.text import one_line
+from taled.text import count, one_line
 from taled.tools.base import ToolSpec
 from taled.tools.service import Acting
 from taled.tools.workspace import Workspace
@@ -1478,12 +1478,12 @@ class Runner:
             return
         if outcome is not None:
             log.info(
-                "task %s learned: %d tokens (predicted %s), %d steps, %d retries, %d cut",
+                "task %s learned: %d tokens (predicted %s), %s, %s, %d cut",
                 task_id,
                 outcome.completion_tokens,
                 outcome.predicted_tokens,
-                outcome.steps,
-                outcome.retries,
+                count(outcome.steps, "step", "steps"),
+                count(outcome.retries, "retry", "retries"),
                 outcome.truncations,
             )
 

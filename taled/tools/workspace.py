@@ -821,7 +821,7 @@ def _plan_copy(
     excluded = frozenset(os.fsencode(name) for name in exclude)
     limit_bytes = settings.max_copy_mb * _MIB
     plan = _Plan(dirs=[], files=[], links=[], skipped=[])
-    count = 0
+    entries = 0
     size = 0
     todo: list[bytes] = [b""]
     while todo:
@@ -861,8 +861,8 @@ def _plan_copy(
             else:
                 plan.skipped.append(Skipped(_show(child), f"special file ({_special(st)})"))
                 continue
-            count += 1
-            if count > settings.max_files:
+            entries += 1
+            if entries > settings.max_files:
                 raise InvalidInput(
                     f"{source} holds more than {settings.max_files} files (excluded "
                     "directories left out), the most a workspace copy takes "
