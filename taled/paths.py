@@ -21,6 +21,8 @@ from pathlib import Path
 
 from platformdirs import PlatformDirs
 
+from taled.text import count
+
 __all__ = [
     "PathError",
     "config_file",
@@ -147,5 +149,6 @@ def secure_data_dir(root: Path | None = None) -> int:
             except PermissionError:
                 log.warning("cannot make %s private: it is not yours", path)
     if changed:
-        log.info("made %d file(s) under %s private to you (0700/0600)", changed, root)
+        made = count(changed, "file", "files")
+        log.info("made %s under %s private to you (0700/0600)", made, root)
     return changed

@@ -260,7 +260,7 @@ def test_a_warning_repeated_in_a_loop_is_logged_a_few_times_then_counted(home: H
     refused = [line for line in daemon.log_text().splitlines() if "refused a connection" in line]
     assert len(refused) == 3
     assert "more in the next" in refused[2]
-    assert "57 more warning(s) from taled.daemon.transport" in daemon.log_text()
+    assert "57 more warnings were not logged from taled.daemon.transport" in daemon.log_text()
 
 
 class _Clock:
@@ -287,7 +287,7 @@ def test_the_first_record_after_the_window_carries_the_dropped_count() -> None:
     late = _record("write failed: %s", "disk full")
     assert limiter.filter(late)
     assert late.getMessage() == (
-        "write failed: disk full [8 more like this were not logged before this one]"
+        "write failed: disk full [8 more records were not logged before this one]"
     )
     assert limiter.pending() == []
 
@@ -298,9 +298,7 @@ def test_records_from_different_places_are_limited_separately() -> None:
     assert limiter.filter(_record("a", line=10))
     assert not limiter.filter(_record("a", line=10))
     assert limiter.filter(_record("b", line=20))
-    assert limiter.pending() == [
-        "1 more error(s) from taled.db.store (store.py:10) were not logged"
-    ]
+    assert limiter.pending() == ["1 more error was not logged from taled.db.store (store.py:10)"]
 
 
 def test_different_exceptions_from_one_place_are_limited_separately() -> None:

@@ -18,6 +18,7 @@ from taled.checkpoints.repo import CheckpointStore
 from taled.db.store import Store
 from taled.errors import TaleError
 from taled.settings import CheckpointSettings
+from taled.text import count
 
 __all__ = ["Retention"]
 
@@ -60,5 +61,5 @@ class Retention:
             removed += await self._checkpoints.compact(task_id, self._settings.keep_finished)
             self._compacted.add(task_id)
         if removed:
-            log.info("compacted %d checkpoint(s) of finished tasks", removed)
+            log.info("compacted %s of finished tasks", count(removed, "checkpoint", "checkpoints"))
         return removed

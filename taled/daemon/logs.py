@@ -35,6 +35,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from taled.settings import DaemonSettings
+from taled.text import count
 
 __all__ = [
     "QUIET_LOGGERS",
@@ -70,6 +71,11 @@ class _Window:
     dropped: int = 0
 
 
+def _more(dropped: int, what: str) -> str:
+    """``dropped`` more ``what`` (a noun): "1 more error was", "57 more warnings were"."""
+    return count(dropped, f"more {what} was", f"more {what}s were")
+
+
 class RepeatFilter(logging.Filter):
     """Let through ``burst`` warnings or errors per call site per ``window`` seconds.
 
@@ -101,7 +107,7 @@ class RepeatFilter(logging.Filter):
             dropped = site.dropped if site is not None else 0
             site = self._sites[key] = _Window(start=now)
             if dropped:
-                self._note(record, f"{dropped} more like this were not logged before this one")
+                self._note(record, f"{_more(dropped, 'record')} not logged before this one")
         site.seen += 1
         if site.seen > self._burst:
             site.dropped += 1
@@ -117,9 +123,9 @@ class RepeatFilter(logging.Filter):
     def pending(self) -> list[str]:
         """A line for each call site with dropped records not yet reported."""
         return [
-            f"{site.dropped} more {logging.getLevelName(level).lower()}(s) "
+            f"{_more(site.dropped, logging.getLevelName(level).lower())} not logged "
             + (f"({error}) " if error else "")
-            + f"from {name} ({os.path.basename(path)}:{line}) were not logged"
+            + f"from {name} ({os.path.basename(path)}:{line})"
             for (name, level, path, line, error), site in self._sites.items()
             if site.dropped
         ]

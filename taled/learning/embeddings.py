@@ -113,7 +113,7 @@ def normalised(raw: Sequence[Sequence[float]] | Matrix, count: int, key: str) ->
         raise ModelError(f"{key} answered something that is not a list of vectors: {exc}") from exc
     if matrix.ndim != 2 or matrix.shape[0] != count or matrix.shape[1] == 0:
         raise ModelError(
-            f"{key} answered embeddings of shape {matrix.shape} for {count} text(s); "
+            f"{key} answered embeddings of shape {matrix.shape} for {count} texts; "
             "one vector per text was expected (is it an embedding model?)"
         )
     if not np.isfinite(matrix).all():

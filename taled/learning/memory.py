@@ -42,6 +42,7 @@ import numpy.typing as npt
 from taled.db.learning import LearningRecords, PastTask, Vector
 from taled.db.store import Store
 from taled.settings import LearningSettings
+from taled.text import count
 
 if TYPE_CHECKING:
     from taled.learning.embeddings import EmbeddingService
@@ -425,7 +426,8 @@ class SimilarTasks:
         rows = await self._records.unembedded(self._index.model, self._settings.history_limit)
         if not rows:
             return 0
-        log.info("similar tasks: embedding %d older task(s) in the background", len(rows))
+        older = count(len(rows), "older task", "older tasks")
+        log.info("similar tasks: embedding %s in the background", older)
         made = 0
         model = self._index.model
         for start in range(0, len(rows), _BACKFILL_BATCH):

@@ -45,6 +45,7 @@ from taled.learning.engine import LearningEngine
 from taled.retention.age import parse_age
 from taled.tasks.progress import ProgressHub
 from taled.tasks.runner import Runner
+from taled.text import count
 from taled.tools.service import Acting
 
 __all__ = ["Forgetting", "Forgot", "Scrubbed"]
@@ -195,7 +196,8 @@ class Forgetting:
                     if done:
                         scrubbed = await self._finish(ids)
         if done:
-            log.info("purged %d task(s) last updated before %s", len(done), _iso(cutoff))
+            purged = count(len(done), "task", "tasks")
+            log.info("purged %s last updated before %s", purged, _iso(cutoff))
         return {
             "cutoff": _iso(cutoff),
             "dry_run": False,
@@ -218,7 +220,8 @@ class Forgetting:
                 self._write_journal(gone)
                 if not gone:
                     return
-                log.info("finishing the forgetting of %d task(s) a stop cut off", len(gone))
+                tasks = count(len(gone), "task", "tasks")
+                log.info("finishing the forgetting of %s a stop cut off", tasks)
                 await self._remove_files(gone)
                 await self._finish(list(gone))
 

@@ -312,19 +312,19 @@ class Schedules:
             log.info("schedule %s due %s: task %s queued", schedule.id, due, run.task_id)
         elif run.outcome == RunOutcome.CAUGHT_UP:
             log.warning(
-                "schedule %s missed %d run(s) while the daemon was down (first due %s): "
+                "schedule %s missed %s while the daemon was down (first due %s): "
                 "task %s queued once for them",
                 schedule.id,
-                run.missed,
+                count(run.missed, "run", "runs"),
                 due,
                 run.task_id,
             )
         else:
             log.warning(
-                "schedule %s missed %d run(s) while the daemon was down (first due %s): "
+                "schedule %s missed %s while the daemon was down (first due %s): "
                 "skipped (missed policy skip)",
                 schedule.id,
-                run.missed,
+                count(run.missed, "run", "runs"),
                 due,
             )
 

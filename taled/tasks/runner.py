@@ -267,9 +267,8 @@ class Runner:
         )
         if requeued:
             log.warning(
-                "requeued %d task(s) interrupted by a crash; each resumes from its latest "
-                "checkpoint",
-                len(requeued),
+                "requeued %s interrupted by a crash; each resumes from its latest checkpoint",
+                count(len(requeued), "task", "tasks"),
             )
         for task in await self._store.pending_restores():
             assert task.restore_to is not None
@@ -300,7 +299,8 @@ class Runner:
         # A daemon killed mid-gate leaves its run's scratch directory behind.
         left = await asyncio.to_thread(sandbox.remove_leftovers, self._scratch)
         if left:
-            log.info("removed %d scratch director(ies) a stopped run left behind", left)
+            dirs = count(left, "scratch directory", "scratch directories")
+            log.info("removed %s a stopped run left behind", dirs)
         self._workers = [
             asyncio.create_task(self._supervise(i), name=f"worker-{i}")
             for i in range(self._n_workers)
@@ -315,7 +315,8 @@ class Runner:
             return
         _done, pending = await asyncio.wait(self._workers, timeout=grace)
         if pending:
-            log.info("stopping %d running task(s) after %.1f s grace", len(self._running), grace)
+            running = count(len(self._running), "running task", "running tasks")
+            log.info("stopping %s after %.1f s grace", running, grace)
             for token, _released in self._running.values():
                 token.cancel()
             await asyncio.wait(pending)
