@@ -293,7 +293,7 @@ class Schedules:
             reason = f"scheduled: {what}, due {when}"
             if later:
                 passed = count(later, "later due time", "later due times")
-                reason += f"; {passed} passed before it ran and get no run"
+                reason += f"; no run for {passed} that passed before it ran"
             return Firing(schedule.id, due, RunOutcome.RAN, later, next_run, reason)
         missed_runs = 1 + later
         if schedule.missed_policy == MissedPolicy.SKIP:
