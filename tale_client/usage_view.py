@@ -13,7 +13,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from tale_client.human import clock, count
+from tale_client.human import clock, count, parse
 
 __all__ = ["render"]
 
@@ -74,7 +74,10 @@ def _line(text: str) -> Text:
 def _period(report: dict[str, Any]) -> str:
     if report.get("days") is None:
         return "all history"
-    since = str(report.get("since") or "")[:10]
+    # The period starts at a local midnight, sent in UTC: east of Greenwich that is the
+    # day before's date, so the date is read back in local time.
+    start = parse(report.get("since"))
+    since = f"{start.astimezone():%Y-%m-%d}" if start else "-"
     return f"the last {count(report['days'], 'day', 'days')}, since {since}"
 
 

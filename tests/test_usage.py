@@ -7,9 +7,10 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,7 @@ from taled.db.store import Store
 from taled.reporting.monitor import Monitor, describe
 from taled.reporting.usage import UsageReport, learning_curve, since_days
 from taled.settings import ChatSettings, MetricsSettings, StoreSettings, UsageSettings
-from tests.harness import Daemon, Home, running_daemon
+from tests.harness import LOCAL_ZONE, Daemon, Home, running_daemon
 
 TOKENS = "SUM(prompt_tokens), SUM(completion_tokens), COUNT(*)"
 
@@ -169,6 +170,16 @@ def test_usage_for_one_day_covers_today(used: tuple[Daemon, dict[str, Any]]) -> 
     assert [r["day"] for r in report["by_day"]] == [date.today().isoformat()]
     assert report["total"] == daemon.call("usage")["total"]
     assert len(report["by_task"]) <= 1 and len(report["by_conversation"]) <= 1
+
+
+def test_a_period_starts_on_todays_local_date_east_of_greenwich() -> None:
+    """`tale usage --days 1` in India says since today's date there: the period starts at
+    local midnight, which is yesterday in UTC."""
+    with running_daemon({"TZ": LOCAL_ZONE}) as daemon:  # the daemon and the CLI
+        shown = daemon.home.tale("usage", "--days", "1")
+    assert shown.returncode == 0, shown.stderr
+    today = datetime.now(ZoneInfo(LOCAL_ZONE)).date()
+    assert f"Usage over the last 1 day, since {today:%Y-%m-%d}:" in shown.stdout, shown.stdout
 
 
 def test_usage_prints_tables_a_person_reads(used: tuple[Daemon, dict[str, Any]]) -> None:
