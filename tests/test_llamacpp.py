@@ -16,7 +16,7 @@ import pytest
 from taled.db.store import Store
 from taled.errors import ModelError
 from taled.models.backends.base import CancelToken, ChatMessage, Completion
-from taled.models.backends.llamacpp import LlamaCppBackend, embedded_model_path
+from taled.models.backends.llamacpp import WEIGHTS, LlamaCppBackend, embedded_model_path
 from taled.models.pool import ModelCall, ModelPool
 from taled.settings import LlamaCppSettings, ModelsSettings, StoreSettings
 from tests.harness import Daemon, Home
@@ -386,3 +386,55 @@ def test_idle_llama_threads_spin_as_configured_unless_the_environment_says() -> 
     assert spun(10_000, {"GOMP_SPINCOUNT": "5"}) == {"GOMP_SPINCOUNT": "5"}
     assert spun(-1, {}) == {}
     assert Settings().models.llamacpp.omp_spin_count == -1
+
+
+# -- weights shared between instances ---------------------------------------------------
+
+
+def _answer(b: LlamaCppBackend) -> str:
+    out = Completion.empty()
+    return asyncio.run(
+        _collect(b.stream(MESSAGES, max_tokens=8, temperature=0, cancel=CancelToken(), result=out))
+    )
+
+
+def _weights_held(path: Path) -> int:
+    """Holds on the weights loaded from ``path`` (0: not loaded in this process)."""
+    real = str(path.resolve())
+    return sum(n for key, n in WEIGHTS.holds().items() if key[0] == real)
+
+
+def test_two_instances_of_one_gguf_share_its_weights_until_the_last_closes() -> None:
+    """A second instance of the same file takes a hold on the loaded weights; closing one
+    (a role reloaded after a hang, say) leaves the other answering; the last frees them."""
+    path = embedded_model_path()
+    before = _weights_held(path)  # the module's own backend may hold them already
+    first = LlamaCppBackend("smollm2-135m", LlamaCppSettings(seed=1))
+    second = LlamaCppBackend("smollm2-135m", LlamaCppSettings(seed=1))
+    asyncio.run(first.load())
+    asyncio.run(second.load())
+    assert _weights_held(path) == before + 2
+    assert first._llm._model.model == second._llm._model.model  # one llama_model
+    expected = _answer(first)
+    asyncio.run(first.unload())
+    assert _answer(second) == expected
+    asyncio.run(first.load())
+    assert _answer(first) == expected
+    asyncio.run(first.unload())
+    asyncio.run(second.unload())
+    assert _weights_held(path) == before
+
+
+def test_a_daemon_with_both_roles_on_one_gguf_maps_it_once(home: Home) -> None:
+    """The default config's two roles load the same file: its pages are mapped into the
+    daemon once, not once per role (which counted 92 MB twice in its RSS)."""
+    daemon = Daemon(home).start()
+    try:
+        assert daemon.proc is not None
+        maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+        models = {m["role"]: m["model"] for m in daemon.call("daemon_status")["models"]}
+    finally:
+        daemon.stop()
+    assert models == {"ux": "smollm2-135m", "task": "smollm2-135m"}
+    name = embedded_model_path().name
+    assert len({line.split()[0] for line in maps.splitlines() if line.endswith(name)}) == 1

@@ -58,7 +58,9 @@ from taled.tools.base import ToolCall, ToolSpec
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "WEIGHTS",
     "LlamaCppBackend",
+    "SharedWeights",
     "bounded_schema",
     "embedded_model_path",
     "integer_rule",
@@ -125,34 +127,125 @@ def resolve_model_path(model: str, settings: LlamaCppSettings) -> Path:
     return path
 
 
-# Loads that swap llama-cpp-python's default model params wait for each other.
+# Loads that swap llama-cpp-python's defaults wait for each other.
 _PARAMS_LOCK = threading.Lock()
+
+
+class SharedWeights:
+    """GGUF weights loaded once per file and model params, and shared by every ``Llama``
+    in the process that loads them (each keeps its own context: KV cache, batch, threads).
+
+    The default config gives both roles the same file: loaded twice, its pages are held
+    once by the kernel but mapped, and counted in the daemon's RSS, twice (92 MB for
+    SmolLM2-135M). A model is read-only once loaded, so contexts on other threads may use
+    it at once; it is freed when the last ``Llama`` holding it closes, so a role reloaded
+    after a hang does not free the weights under the other.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[object, ...], tuple[Any, int]] = {}
+
+    def hold(self, key: tuple[object, ...], load: Callable[[], Any]) -> _Hold:
+        """A hold on the weights ``key`` names, loading them (``load()``) if none is held."""
+        with self._lock:
+            model, holds = self._held.get(key, (None, 0))
+            if model is None:
+                model = load()
+            self._held[key] = (model, holds + 1)
+        return _Hold(self, key, model)
+
+    def release(self, key: tuple[object, ...]) -> None:
+        """Let go of one hold; the last one frees the weights."""
+        with self._lock:
+            model, holds = self._held[key]
+            if holds > 1:
+                self._held[key] = (model, holds - 1)
+                return
+            del self._held[key]
+        model.close()
+
+    def holds(self) -> dict[tuple[object, ...], int]:
+        """How many holds each loaded model has (for tests and status)."""
+        with self._lock:
+            return {key: holds for key, (_model, holds) in self._held.items()}
+
+
+class _Hold:
+    """What a ``Llama`` takes for its model: the shared one in every respect but
+    closing, which lets go of this hold (once)."""
+
+    def __init__(self, owner: SharedWeights, key: tuple[object, ...], model: Any) -> None:
+        self._owner = owner
+        self._key = key
+        self._model = model
+        self._closed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner.release(self._key)
+
+
+WEIGHTS = SharedWeights()
 
 
 @contextlib.contextmanager
 def model_params(*, repack: bool) -> Iterator[None]:
-    """Around a ``Llama(...)`` load: llama.cpp's weight repacking on or off.
+    """Around a ``Llama(...)`` load: llama.cpp's weight repacking on or off, and weights
+    already loaded with the same params shared (``SharedWeights``) instead of loaded again.
 
     llama-cpp-python builds llama.cpp's model params inside ``Llama()`` from
     ``llama_model_default_params()`` and takes no argument for ``use_extra_bufts``
     (the repacked copies: AMX on Intel Xeons, about 95 MB per SmolLM2 instance), so
-    for the load the defaults it reads have the flag set as asked.
+    for the load the defaults it reads have the flag set as asked; and it loads its own
+    ``LlamaModel``, so for the load that class hands out holds on shared weights.
     """
+    import llama_cpp._internals as internals
     import llama_cpp.llama_cpp as native
 
     with _PARAMS_LOCK:
         default = native.llama_model_default_params
+        load_model = internals.LlamaModel
+        taken: list[_Hold] = []
 
         def params() -> Any:
             p = default()
             p.use_extra_bufts = repack
             return p
 
+        def shared(*, path_model: str, params: Any, verbose: bool = True) -> _Hold:
+            key = (
+                os.path.realpath(path_model),
+                params.use_extra_bufts,
+                params.use_mmap,
+                params.use_mlock,
+                params.vocab_only,
+                params.n_gpu_layers,
+            )
+            hold = WEIGHTS.hold(
+                key, lambda: load_model(path_model=path_model, params=params, verbose=verbose)
+            )
+            taken.append(hold)
+            return hold
+
         native.llama_model_default_params = params
+        # The class is swapped for a factory for the load's length (under the lock).
+        internals.LlamaModel = shared  # type: ignore[misc,assignment]
         try:
             yield
+        except BaseException:
+            # A load that failed after taking its hold (its context could not be made)
+            # never closes: let go of the hold here.
+            for hold in taken:
+                hold.close()
+            raise
         finally:
             native.llama_model_default_params = default
+            internals.LlamaModel = load_model  # type: ignore[misc]
 
 
 # llama.cpp's own messages go through logging, to the ``llama.cpp`` logger (held at
