@@ -366,8 +366,9 @@ class LlamaCppSettings(BaseModel):
     """Sampling seed; -1 draws a random one."""
     repack_weights: bool = False
     """Let llama.cpp copy the weights into the CPU's fastest layout (AMX on recent Intel
-    Xeons: about 2x the tokens/s, and about 95 MB more memory per instance for
-    SmolLM2); off keeps the daemon within its 500 MB with both roles loaded."""
+    Xeons: about 2x the tokens/s, and about 95 MB more memory per loaded GGUF for
+    SmolLM2; roles naming the same file share it); off leaves the daemon well within its
+    500 MB with both roles loaded."""
     models: dict[str, str] = Field(default_factory=dict)
     """Extra model names mapped to GGUF paths, e.g. {qwen = "/models/qwen.gguf"}."""
 

@@ -24,8 +24,10 @@ import argparse
 import contextlib
 import json
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,13 +223,19 @@ def busy_latencies(daemon: Daemon, runs: int) -> tuple[dict[str, float], bool]:
 
 
 def switch_overhead(runs: int) -> dict[str, float]:
-    """Task wall time on an optional model that must load first vs one already loaded."""
-    gguf = str(embedded_model_path())
+    """Task wall time on an optional model that must load first vs one already loaded.
+
+    Each optional model is its own copy of the embedded GGUF: the roles' file would be
+    shared with them (SharedWeights), and a switch would then load no weights at all."""
+    scratch = Path(tempfile.mkdtemp(prefix="tale-switch-"))
+    copies = {name: scratch / f"{name}.gguf" for name in ("alt-a", "alt-b")}
+    for copy in copies.values():
+        shutil.copyfile(embedded_model_path(), copy)
     env = {
         **ENV,
         "TALE_RUNNER__MAX_TOKENS": "8",
         "TALE_RUNNER__TEMPERATURE": "0",
-        "TALE_MODELS__LLAMACPP__MODELS": json.dumps({"alt-a": gguf, "alt-b": gguf}),
+        "TALE_MODELS__LLAMACPP__MODELS": json.dumps({k: str(v) for k, v in copies.items()}),
         "TALE_MODELS__POOL__MEMORY_FLOOR_MB": str(1 << 30),
         "TALE_MODELS__POOL__HEALTH_INTERVAL_SECONDS": "3600",
     }
@@ -251,6 +259,7 @@ def switch_overhead(runs: int) -> dict[str, float]:
     finally:
         daemon.stop()
         home.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)
     return {
         "switch_load_p50_ms": pct(loads, 50),
         "switch_load_p95_ms": pct(loads, 95),
