@@ -166,7 +166,7 @@ class SharedWeights:
         model.close()
 
     def holds(self) -> dict[tuple[object, ...], int]:
-        """How many holds each loaded model has (for tests and status)."""
+        """How many holds each loaded model has (for tests)."""
         with self._lock:
             return {key: holds for key, (_model, holds) in self._held.items()}
 
@@ -200,9 +200,12 @@ def model_params(*, repack: bool) -> Iterator[None]:
 
     llama-cpp-python builds llama.cpp's model params inside ``Llama()`` from
     ``llama_model_default_params()`` and takes no argument for ``use_extra_bufts``
-    (the repacked copies: AMX on Intel Xeons, about 95 MB per SmolLM2 instance), so
-    for the load the defaults it reads have the flag set as asked; and it loads its own
+    (the repacked copies: AMX on Intel Xeons, about 95 MB per loaded SmolLM2), so for
+    the load the defaults it reads have the flag set as asked; and it loads its own
     ``LlamaModel``, so for the load that class hands out holds on shared weights.
+
+    The block must be the ``Llama(...)`` call alone: when it raises, the holds it took
+    are let go, which must not happen under an instance that was made.
     """
     import llama_cpp._internals as internals
     import llama_cpp.llama_cpp as native
