@@ -620,11 +620,9 @@ def _print_task(task: dict[str, Any]) -> None:
         _print_tree(task["subtasks"], "  ")
     emit("history")
     transitions = task.get("transitions", [])
-    # A task that ran past midnight has dated times among plain ones: one column still.
-    times = [human.clock(t["at"]) for t in transitions]
-    width = max(map(len, times), default=0)
+    times = human.clocks([t["at"] for t in transitions])
     for at, t in zip(times, transitions, strict=True):
-        emit(f"  {at:<{width}}  {t['from'] or '-':>9} → {t['to']:<9} {t['reason']}")
+        emit(f"  {at}  {t['from'] or '-':>9} → {t['to']:<9} {t['reason']}")
     if task.get("error"):
         emit(f"error     {task['error']}")
     if task.get("result") is not None:
@@ -722,12 +720,11 @@ def checkpoints(
     if not found["checkpoints"]:
         emit(f"task {found['task_id']} has no checkpoints yet")
         return
-    times = [human.clock(c["at"]) for c in found["checkpoints"]]
-    width = max(len("TIME"), *map(len, times))
-    emit(f"{'COMMIT':<12}  {'TIME':<{width}}  {'STEP':<14}  {'KIND':<14}  MESSAGE")
+    times = human.clocks([c["at"] for c in found["checkpoints"]], header="TIME")
+    emit(f"{'COMMIT':<12}  {'TIME':<{len(times[0])}}  {'STEP':<14}  {'KIND':<14}  MESSAGE")
     for at, c in zip(times, found["checkpoints"], strict=True):
         kind = c.get("kind", "")  # a daemon before checkpoint kinds sends none
-        emit(f"{c['commit'][:12]:<12}  {at:<{width}}  {c['step']:<14}  {kind:<14}  {c['message']}")
+        emit(f"{c['commit'][:12]:<12}  {at}  {c['step']:<14}  {kind:<14}  {c['message']}")
 
 
 @app.command(rich_help_panel="Tasks")
@@ -897,9 +894,10 @@ def purge(
     if json_out:
         emit_json(done)
         return
-    for t in done["tasks"]:
+    times = human.clocks([t["updated_at"] for t in done["tasks"]])
+    for at, t in zip(times, done["tasks"], strict=True):
         text = f"  {t['text']}" if "text" in t else ""
-        emit(f"{t['id']:<12}  {t['state']:<9}  {human.clock(t['updated_at']):<19}{text}".rstrip())
+        emit(f"{t['id']:<12}  {t['state']:<9}  {at}{text}".rstrip())
     for s in done["skipped"]:
         note(f"kept {s['id']}: {s['reason']}")
     verb = "would forget" if done["dry_run"] else "forgot"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
-__all__ = ["clock", "count", "local_day", "local_moment", "parse"]
+__all__ = ["clock", "clocks", "count", "local_day", "local_moment", "parse"]
 
 
 def parse(stamp: str | None) -> datetime | None:
@@ -37,21 +37,32 @@ def clock(stamp: str | None, today: date | None = None) -> str:
     return here.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def clocks(stamps: list[str | None], header: str = "") -> list[str]:
+    """``clock`` of each stamp, padded to one width (``header``'s at least) so a table's
+    column stays straight when some times are dated and others are not."""
+    shown = [clock(stamp) for stamp in stamps]
+    width = max([len(header), *map(len, shown)])
+    return [text.ljust(width) for text in shown]
+
+
 def local_moment(stamp: str | None) -> str:
     """Local date, time to the second and zone: ``2026-12-06 08:56:55 CET``."""
-    moment = parse(stamp)
-    if moment is None:
-        return stamp or "-"
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    return _local(stamp, "%Y-%m-%d %H:%M:%S %Z")
 
 
 def local_day(stamp: str | None) -> str:
     """Local weekday, date, minute and zone, for what is planned: ``Sun 2026-12-06 08:56
     CET``."""
+    return _local(stamp, "%a %Y-%m-%d %H:%M %Z")
+
+
+def _local(stamp: str | None, layout: str) -> str:
+    """``stamp`` in local time laid out as ``layout``; as it came when it is not a time,
+    "-" when empty."""
     moment = parse(stamp)
     if moment is None:
         return stamp or "-"
-    return moment.astimezone().strftime("%a %Y-%m-%d %H:%M %Z")
+    return moment.astimezone().strftime(layout)
 
 
 def count(value: int | None, one: str, many: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tale_client.human import clock, count, local_day, local_moment, parse
+from tale_client.human import clock, clocks, count, local_day, local_moment, parse
 
 # 2026-12-06 04:58:21 UTC is 10:28:21 the same day in India (the tests' zone, UTC+05:30).
 STAMP = "2026-12-06T04:58:21.250Z"
@@ -73,3 +73,15 @@ def test_every_iso_time_the_daemon_writes_is_read_back_as_the_same_moment(
 )
 def test_a_count_takes_the_noun_that_goes_with_it(value: int | None, said: str) -> None:
     assert count(value, "task", "tasks") == said
+
+
+def test_a_column_of_times_is_one_width_when_some_are_dated(local_zone: None) -> None:
+    """Dated and undated times, and a header, padded to the widest of them."""
+    today = datetime.now().astimezone().replace(hour=12, minute=0, second=0)
+    stamps = [today.isoformat(), (today - timedelta(days=2)).isoformat()]
+    shown = clocks(stamps, header="TIME")
+    assert [s.rstrip() for s in shown] == [clock(stamps[0]), clock(stamps[1])]
+    assert len(shown[0]) == len(shown[1]) == len("YYYY-MM-DD HH:MM:SS")
+    assert clocks([today.isoformat()], header="A LONGER HEADER") == [
+        clock(today.isoformat()).ljust(len("A LONGER HEADER"))
+    ]
